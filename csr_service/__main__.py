@@ -1,0 +1,3 @@
+from csr_service.cli import main
+
+main()

@@ -1,0 +1,329 @@
+"""The one typed, validated configuration, built once at start-up.
+
+Every setting is declared as an :class:`~csr_service.options.Option` (here for the core,
+in ``issuers/<name>/options.py`` for each backend). :func:`resolve` merges flags,
+environment and config file; :meth:`Config.from_values` validates and freezes the result.
+Errors name the flag, so the operator knows exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from csr_service.errors import ConfigError
+from csr_service.issuers import BACKENDS, backend_options
+from csr_service.options import Option
+from csr_service.pki.keys import KeyType
+
+__all__ = ["CORE_OPTIONS", "AuthConfig", "Config", "PipelineConfig", "ServerConfig", "all_options", "resolve"]
+
+CORE_OPTIONS: list[Option] = [
+    # --- general / dev
+    Option("config", "TOML file with settings (keys are the flag names without dashes).", "", kind="path"),
+    Option(
+        "dev",
+        "Zero-config local run: generate a root CA and JWT key in --state-dir, listen on 127.0.0.1 only.",
+        False,
+        kind="bool",
+    ),
+    Option("state-dir", "Where --dev keeps its CA, JWT key and trust bundle.", ".dev-state", kind="path"),
+    Option("log-level", "Log level: debug, info, warning, error.", "info"),
+    Option("log-format", "Log format: text or json.", "text"),
+    # --- gRPC transport
+    Option("grpc-listen", "Address of the TLS gRPC listener.", "0.0.0.0:6443", group="server", metavar="HOST:PORT"),
+    Option(
+        "insecure-grpc-listen",
+        "INSECURE: also serve gRPC in plaintext on this address (tokens travel in the clear). Empty: off.",
+        "",
+        group="server",
+        metavar="HOST:PORT",
+    ),
+    Option(
+        "workers",
+        "gRPC worker processes sharing the port (SO_REUSEPORT); 0 means one per available CPU.",
+        0,
+        group="server",
+        kind="int",
+    ),
+    Option(
+        "serving-dns-names",
+        "DNS names in the serving certificate (the host part of Istio's caAddress).",
+        ("csr-service.cert-manager.svc",),
+        group="server",
+        kind="list",
+    ),
+    Option("serving-ip-addresses", "IP addresses in the serving certificate.", (), group="server", kind="list"),
+    Option(
+        "serving-certificate-duration",
+        "Lifetime of the serving certificate; renewed when a third of it is left.",
+        timedelta(hours=1),
+        group="server",
+        kind="duration",
+    ),
+    Option(
+        "serving-key-type",
+        "Serving key: rsa2048, rsa3072, rsa4096, ec-p256, ec-p384.",
+        "ec-p256",
+        group="server",
+    ),
+    Option(
+        "request-timeout",
+        "Server-side deadline for one CreateCertificate call (Istio sends none).",
+        timedelta(seconds=10),
+        group="server",
+        kind="duration",
+    ),
+    Option(
+        "max-concurrent-requests",
+        "Requests in flight per worker before new ones get RESOURCE_EXHAUSTED (clients retry).",
+        2048,
+        group="server",
+        kind="int",
+    ),
+    # --- request pipeline
+    Option("trust-domain", "SPIFFE trust domain of the mesh.", "cluster.local", group="pipeline"),
+    Option(
+        "cluster-id",
+        "Cluster id; the clusterid request metadata must be empty or equal to it.",
+        "Kubernetes",
+        group="pipeline",
+    ),
+    Option(
+        "max-certificate-duration",
+        "Upper bound on issued workload certificate lifetimes (requests are clamped).",
+        timedelta(hours=1),
+        group="pipeline",
+        kind="duration",
+    ),
+    Option(
+        "default-certificate-duration",
+        "Lifetime when a request asks for none (validity_duration <= 0); empty: the maximum.",
+        "",
+        group="pipeline",
+    ),
+    Option(
+        "root-ca-file",
+        "PEM trust bundle (one or more roots) published to workloads and used to verify every issued "
+        "chain. Empty: the local issuer's own roots (other issuers require it).",
+        "",
+        group="pipeline",
+        kind="path",
+    ),
+    # --- authentication
+    Option("authenticator", "How callers are authenticated: jwt.", "jwt", group="auth"),
+    Option(
+        "token-audiences",
+        "Audiences accepted in caller tokens (Istio's TOKEN_AUDIENCES).",
+        ("istio-ca",),
+        group="auth",
+        kind="list",
+    ),
+    Option("jwt-jwks-file", "JWKS file with the public keys that sign caller tokens.", "", group="auth", kind="path"),
+    Option("jwt-issuer", "Required iss claim of caller tokens; empty: not checked.", "", group="auth"),
+    Option(
+        "jwt-leeway",
+        "Clock-skew allowance for exp/nbf/iat.",
+        timedelta(seconds=30),
+        group="auth",
+        kind="duration",
+    ),
+    # --- issuer
+    Option("issuer", "Signing backend: " + ", ".join(sorted(BACKENDS)) + ".", "local", group="issuer"),
+]
+
+
+def all_options() -> list[Option]:
+    """Core options followed by every registered backend's options."""
+    opts = list(CORE_OPTIONS)
+    for name in sorted(BACKENDS):
+        opts.extend(backend_options(name))
+    return opts
+
+
+def resolve(flag_values: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Merge flags > environment > config file > defaults into ``{option name: typed value}``.
+
+    ``flag_values`` holds only options actually given on the command line (raw strings or
+    already-typed values), keyed by option name.
+    """
+    env = os.environ if env is None else env
+    options = {o.name: o for o in all_options()}
+    config_path = flag_values.get("config") or env.get(options["config"].env, "")
+    file_values: dict[str, Any] = {}
+    if config_path:
+        try:
+            file_values = tomllib.loads(Path(config_path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"--config: cannot read {config_path}: {exc}") from exc
+        unknown = sorted(set(file_values) - set(options))
+        if unknown:
+            raise ConfigError(f"--config: unknown setting(s) in {config_path}: {', '.join(unknown)}")
+
+    values: dict[str, Any] = {}
+    for name, opt in options.items():
+        source, raw = "default", None
+        if name in flag_values:
+            source, raw = f"--{name}", flag_values[name]
+        elif opt.env in env:
+            source, raw = opt.env, env[opt.env]
+        elif name in file_values:
+            source, raw = f"{name} in {config_path}", file_values[name]
+        if raw is None:
+            values[name] = opt.default
+            continue
+        try:
+            values[name] = opt.parse(raw)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+    return values
+
+
+def _host_port(value: str, flag: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--{flag}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    grpc_listen: str
+    insecure_grpc_listen: str | None
+    workers: int
+    serving_dns_names: tuple[str, ...]
+    serving_ip_addresses: tuple[str, ...]
+    serving_certificate_duration: timedelta
+    serving_key_type: KeyType
+    request_timeout: timedelta
+    max_concurrent_requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    trust_domain: str
+    cluster_id: str
+    max_certificate_duration: timedelta
+    default_certificate_duration: timedelta
+    root_ca_file: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    authenticator: str
+    token_audiences: tuple[str, ...]
+    jwt_jwks_file: str | None
+    jwt_issuer: str | None
+    jwt_leeway: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything csr-service needs to run, validated. ``issuer_options`` are the backend's own."""
+
+    server: ServerConfig
+    pipeline: PipelineConfig
+    auth: AuthConfig
+    issuer: str
+    issuer_options: Mapping[str, Any] = field(repr=False)
+    dev: bool = False
+    state_dir: str = ".dev-state"
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @classmethod
+    def from_values(cls, v: Mapping[str, Any]) -> Config:
+        """Validate resolved option values (see :func:`resolve`) and build the config."""
+        _host_port(v["grpc-listen"], "grpc-listen")
+        if v["insecure-grpc-listen"]:
+            _host_port(v["insecure-grpc-listen"], "insecure-grpc-listen")
+        workers = v["workers"]
+        if workers < 0:
+            raise ConfigError("--workers: must be >= 0")
+        if workers == 0:
+            workers = max(1, len(os.sched_getaffinity(0)))
+        for ip in v["serving-ip-addresses"]:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError as exc:
+                raise ConfigError(f"--serving-ip-addresses: {exc}") from exc
+        try:
+            serving_key = KeyType(v["serving-key-type"])
+        except ValueError as exc:
+            raise ConfigError(
+                f"--serving-key-type: {v['serving-key-type']!r}; choose one of {', '.join(k.value for k in KeyType)}"
+            ) from exc
+        if not v["serving-dns-names"] and not v["serving-ip-addresses"]:
+            raise ConfigError("--serving-dns-names/--serving-ip-addresses: the serving certificate needs a name")
+        dur = v["serving-certificate-duration"]
+        if dur < timedelta(seconds=10):
+            raise ConfigError("--serving-certificate-duration: must be at least 10s")
+        if v["request-timeout"] <= timedelta(0):
+            raise ConfigError("--request-timeout: must be positive")
+        if v["max-concurrent-requests"] < 1:
+            raise ConfigError("--max-concurrent-requests: must be >= 1")
+        max_dur = v["max-certificate-duration"]
+        if max_dur < timedelta(minutes=1):
+            raise ConfigError("--max-certificate-duration: must be at least 1m")
+        default_dur = max_dur
+        if v["default-certificate-duration"]:
+            from csr_service.durations import parse_duration
+
+            try:
+                default_dur = parse_duration(v["default-certificate-duration"])
+            except ValueError as exc:
+                raise ConfigError(f"--default-certificate-duration: {exc}") from exc
+            if default_dur <= timedelta(0):
+                raise ConfigError("--default-certificate-duration: must be positive")
+            default_dur = min(default_dur, max_dur)
+        if v["authenticator"] not in {"jwt"}:
+            raise ConfigError(f"--authenticator: unknown {v['authenticator']!r}; choose jwt")
+        if not v["token-audiences"]:
+            raise ConfigError("--token-audiences: at least one audience is required")
+        if v["issuer"] not in BACKENDS:
+            raise ConfigError(f"--issuer: unknown {v['issuer']!r}; choose one of {', '.join(sorted(BACKENDS))}")
+        if v["log-format"] not in {"text", "json"}:
+            raise ConfigError("--log-format: choose text or json")
+        if v["log-level"].lower() not in {"debug", "info", "warning", "error"}:
+            raise ConfigError("--log-level: choose debug, info, warning or error")
+        issuer_opts = {o.name: v[o.name] for o in backend_options(v["issuer"])}
+        return cls(
+            server=ServerConfig(
+                grpc_listen=v["grpc-listen"],
+                insecure_grpc_listen=v["insecure-grpc-listen"] or None,
+                workers=workers,
+                serving_dns_names=tuple(v["serving-dns-names"]),
+                serving_ip_addresses=tuple(v["serving-ip-addresses"]),
+                serving_certificate_duration=dur,
+                serving_key_type=serving_key,
+                request_timeout=v["request-timeout"],
+                max_concurrent_requests=v["max-concurrent-requests"],
+            ),
+            pipeline=PipelineConfig(
+                trust_domain=v["trust-domain"],
+                cluster_id=v["cluster-id"],
+                max_certificate_duration=max_dur,
+                default_certificate_duration=default_dur,
+                root_ca_file=v["root-ca-file"] or None,
+            ),
+            auth=AuthConfig(
+                authenticator=v["authenticator"],
+                token_audiences=tuple(v["token-audiences"]),
+                jwt_jwks_file=v["jwt-jwks-file"] or None,
+                jwt_issuer=v["jwt-issuer"] or None,
+                jwt_leeway=v["jwt-leeway"],
+            ),
+            issuer=v["issuer"],
+            issuer_options=MappingProxyType(issuer_opts),
+            dev=v["dev"],
+            state_dir=v["state-dir"],
+            log_level=v["log-level"].lower(),
+            log_format=v["log-format"],
+        )

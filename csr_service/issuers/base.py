@@ -1,0 +1,141 @@
+"""The issuer contract: the one interface every signing backend implements.
+
+An issuer turns an already-authorised signing request into a certificate chain. The request
+pipeline has done everything else (authentication, CSR validation, deciding the lifetime)
+before it calls :meth:`Issuer.sign`, and verifies what comes back afterwards; an issuer
+therefore holds no policy of its own beyond what its backend enforces.
+
+The contract (every backend MUST, and ``tests/conformance`` checks it):
+
+1. ``sign`` is a coroutine and MUST NOT block the event loop for more than a few
+   milliseconds: run CPU-heavy work or synchronous client libraries in a thread.
+2. The issued leaf MUST carry the public key of ``request.csr``, and exactly the names in
+   ``request.uris``, ``request.dns_names`` and ``request.ip_addresses`` as its
+   SubjectAltName (for workloads: the single SPIFFE URI; nothing from the CSR is copied
+   blindly).
+3. ``request.ttl`` is the lifetime the pipeline decided (already clamped to the configured
+   maximum and to the signing CA's NotAfter when known). The issuer MAY issue a shorter
+   certificate (its backend may truncate) but MUST NOT issue a longer one; NotAfter
+   MUST NOT exceed ``now + ttl`` (plus the two-minute backdating of NotBefore aside).
+4. :attr:`IssuedChain.chain` holds the certificates above the leaf in order: the first
+   one signed the leaf and each signed the one before it. It MAY end with a root; the
+   pipeline removes roots and appends the configured trust bundle itself.
+5. Failures are raised as :mod:`csr_service.errors` classes, translated from the backend's
+   own exceptions with ``raise ... from exc``:
+   - backend unreachable, sealed, timed out, 5xx → :class:`~csr_service.errors.UnavailableError`
+   - backend rate limit → :class:`~csr_service.errors.ResourceExhaustedError`
+   - backend refuses a CSR that passed our checks (misconfigured role/issuer), CA expired
+     → :class:`~csr_service.errors.FailedPreconditionError`, ``public`` says what to fix
+   - a request explicitly denied (e.g. cert-manager Denied) → ``PermissionDeniedError``
+   - not signed in time → ``DeadlineExceededError``
+   - unparseable backend output → ``InternalError``
+   Anything else is a bug and surfaces as INTERNAL.
+6. ``public`` messages never include tokens, keys or the CSR; ``detail`` may name paths,
+   roles and backend messages.
+
+Optional abilities are separate protocols, checked with ``isinstance``:
+:class:`RootsProvider` (the issuer can tell which roots it chains to), :class:`SigningCAInfo`
+(it knows the signing CA's NotAfter so the pipeline can cap TTLs up front),
+:class:`Startable` and :class:`Closable` (lifecycle), :class:`HealthReporter` (readiness).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol, runtime_checkable
+
+from cryptography import x509
+
+__all__ = [
+    "Closable",
+    "HealthReporter",
+    "IssuedChain",
+    "Issuer",
+    "RootsProvider",
+    "SigningCAInfo",
+    "SigningRequest",
+    "Startable",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SigningRequest:
+    """An authorised request to sign: the CSR (its key) plus exactly the names to certify."""
+
+    csr: x509.CertificateSigningRequest
+    csr_pem: bytes
+    ttl: timedelta
+    uris: Sequence[str] = ()
+    dns_names: Sequence[str] = ()
+    ip_addresses: Sequence[str] = ()
+    #: Correlates log lines across the pipeline and the backend (never secret).
+    request_id: str = "-"
+    #: "workload" for CreateCertificate; "serving"/"istiod" for certificates we need ourselves.
+    purpose: str = "workload"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedChain:
+    """What an issuer returns: the leaf and the CA certificates above it, leaf's issuer first."""
+
+    leaf: x509.Certificate
+    chain: Sequence[x509.Certificate] = field(default_factory=tuple)
+
+
+@runtime_checkable
+class Issuer(Protocol):
+    """A signing backend. See the module docstring for the full contract."""
+
+    #: Backend name as used in ``--issuer`` (e.g. ``local``, ``vault``, ``cert-manager``).
+    name: str
+
+    async def sign(self, request: SigningRequest) -> IssuedChain:
+        """Sign ``request`` and return the leaf with its chain, or raise a csr_service error."""
+        ...
+
+
+@runtime_checkable
+class RootsProvider(Protocol):
+    """The issuer can report the root certificates its chains end in."""
+
+    async def roots(self) -> Sequence[x509.Certificate]:
+        """Roots the issuer's chains end in. Only trusted when the operator chose so."""
+        ...
+
+
+@runtime_checkable
+class SigningCAInfo(Protocol):
+    """The issuer knows when its signing CA expires (TTL caps are applied before signing)."""
+
+    def signing_ca_not_after(self) -> datetime | None:
+        """NotAfter of the current signing CA certificate, if known."""
+        ...
+
+
+@runtime_checkable
+class Startable(Protocol):
+    """The issuer needs to connect/log in/load before its first ``sign``."""
+
+    async def start(self) -> None:
+        """Prepare the backend; raise a csr_service error if it cannot be used."""
+        ...
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """The issuer holds resources (clients, watches, threads) to release at shutdown."""
+
+    async def aclose(self) -> None:
+        """Release resources; idempotent."""
+        ...
+
+
+@runtime_checkable
+class HealthReporter(Protocol):
+    """The issuer can say, without blocking, whether it is usable (for /readyz)."""
+
+    def health(self) -> tuple[bool, str]:
+        """(usable, human-readable reason). Must be cheap: never call the backend here."""
+        ...

@@ -1,0 +1,118 @@
+"""Chain building and verification against a trust bundle.
+
+We verify signatures link by link with ``verify_directly_issued_by`` rather than running a
+full RFC 5280 path validation: the leaves we check are ones we (or our backend) just issued,
+and what matters is that they chain, by signature and name, to a root we publish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+
+__all__ = ["ChainError", "build_path", "fingerprint", "is_self_signed", "order_chain"]
+
+_MAX_DEPTH = 8
+_SHA256 = hashes.SHA256()
+
+
+class ChainError(ValueError):
+    """The certificates do not form a valid path to the trust bundle."""
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 fingerprint of the DER encoding, lowercase hex (how operators pin roots)."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """True when ``parent`` issued ``child`` (names match and the signature verifies)."""
+    if child.issuer != parent.subject:
+        return False
+    try:
+        child.verify_directly_issued_by(parent)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+def is_self_signed(cert: x509.Certificate) -> bool:
+    return signed_by(cert, cert)
+
+
+def _check_time(cert: x509.Certificate, now: datetime, what: str) -> None:
+    if now < cert.not_valid_before_utc:
+        raise ChainError(f"{what} {cert.subject.rfc4514_string()!r} is not valid before {cert.not_valid_before_utc}")
+    if now > cert.not_valid_after_utc:
+        raise ChainError(f"{what} {cert.subject.rfc4514_string()!r} expired at {cert.not_valid_after_utc}")
+
+
+def build_path(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    *,
+    now: datetime,
+    check_leaf_time: bool = True,
+) -> list[x509.Certificate]:
+    """Return the path ``[leaf, intermediates..., root]`` or raise :class:`ChainError`.
+
+    Intermediates may come in any order and may include roots or unrelated certificates;
+    only those on the path are used. Every CA on the path must be valid at ``now``.
+    """
+    if not roots:
+        raise ChainError("the trust bundle is empty")
+    if check_leaf_time:
+        _check_time(leaf, now, "certificate")
+    path = [leaf]
+    current = leaf
+    pool = list(intermediates)
+    for _ in range(_MAX_DEPTH):
+        for root in roots:
+            if signed_by(current, root):
+                _check_time(root, now, "root")
+                path.append(root)
+                return path
+        for cand in pool:
+            if signed_by(current, cand):
+                _check_time(cand, now, "intermediate")
+                path.append(cand)
+                pool.remove(cand)
+                current = cand
+                break
+        else:
+            raise ChainError(
+                f"no certificate in the chain or trust bundle issued {current.subject.rfc4514_string() or '<leaf>'!r}"
+                f" (issuer {current.issuer.rfc4514_string()!r})"
+            )
+    raise ChainError("certificate chain is too long")
+
+
+def order_chain(leaf: x509.Certificate, certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
+    """De-duplicate ``certs`` and order them from the leaf's issuer upwards.
+
+    Certificates not on the leaf's path are dropped. Used to tidy what a backend returns
+    (e.g. Vault's ``certificate`` + ``ca_chain`` + ``issuing_ca``, which overlap).
+    """
+    unique: dict[bytes, x509.Certificate] = {}
+    for c in certs:
+        unique.setdefault(c.fingerprint(_SHA256), c)
+    unique.pop(leaf.fingerprint(_SHA256), None)
+    ordered: list[x509.Certificate] = []
+    current = leaf
+    while unique:
+        nxt = next((c for c in unique.values() if signed_by(current, c)), None)
+        if nxt is None or nxt is current:
+            break
+        ordered.append(nxt)
+        unique.pop(nxt.fingerprint(_SHA256))
+        if is_self_signed(nxt):
+            break
+        current = nxt
+    return ordered
+

@@ -1,0 +1,139 @@
+"""The issuer conformance suite: what every backend must do (csr_service.issuers.base).
+
+A backend's test module subclasses :class:`IssuerConformance` and provides two fixtures:
+
+- ``issuer_factory``: a zero-argument callable returning a *fresh, unstarted* issuer. Each
+  test builds, starts, uses and closes its own inside one event loop, so backends holding
+  loop-bound resources (clients, watches) are exercised the way the server uses them.
+- ``trust_roots``: the root certificates the backend's chains must end in.
+
+Set ``supports_dns_names = False`` for backends whose policy only allows SPIFFE URIs (a
+Vault role for workloads, say). Run with the marker of the backend's peer (vault, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from csr_service.errors import CSRServiceError
+from csr_service.issuers.base import Closable, IssuedChain, Issuer, SigningRequest, Startable
+from csr_service.pki.chain import build_path
+from csr_service.pki.keys import KeyType, generate_key
+from tests.support.certs import WORKLOAD, assert_is_leaf, csr_pem, uri_sans
+
+IssuerFactory = Callable[[], Issuer]
+
+
+async def _with_issuer(factory: IssuerFactory, body: Callable[[Issuer], Awaitable[Any]]) -> Any:
+    issuer = factory()
+    if isinstance(issuer, Startable):
+        await issuer.start()
+    try:
+        return await body(issuer)
+    finally:
+        if isinstance(issuer, Closable):
+            await issuer.aclose()
+
+
+def _request(key_type: KeyType = KeyType.EC_P256, ttl: timedelta = timedelta(minutes=30), **kw: Any) -> SigningRequest:
+    key = generate_key(key_type)
+    uris = kw.pop("uris", (WORKLOAD,))
+    pem = csr_pem(key, uris=uris)
+    return SigningRequest(csr=x509.load_pem_x509_csr(pem), csr_pem=pem, ttl=ttl, uris=uris, **kw)
+
+
+def _pub(obj: Any) -> bytes:
+    return obj.public_key().public_bytes(  # type: ignore[no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+class IssuerConformance:
+    """Inherit and provide ``issuer_factory`` and ``trust_roots`` fixtures."""
+
+    supports_dns_names = True
+
+    @pytest.mark.parametrize("key_type", [KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA2048])
+    def test_signs_csr_key_with_exact_identity(
+        self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate], key_type: KeyType
+    ) -> None:
+        req = _request(key_type)
+        issued: IssuedChain = asyncio.run(_with_issuer(issuer_factory, lambda i: i.sign(req)))
+        assert _pub(issued.leaf) == _pub(req.csr), "leaf must carry the CSR's public key"
+        assert uri_sans(issued.leaf) == [WORKLOAD]
+        san = issued.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == []
+        assert san.get_values_for_type(x509.IPAddress) == []
+        assert_is_leaf(issued.leaf)
+
+    def test_chain_links_to_trust_roots(
+        self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate]
+    ) -> None:
+        issued: IssuedChain = asyncio.run(_with_issuer(issuer_factory, lambda i: i.sign(_request())))
+        chain = list(issued.chain)
+        assert chain, "the chain must hold at least the leaf's issuer"
+        assert issued.leaf.issuer == chain[0].subject, "chain[0] must be the leaf's issuer"
+        for child, parent in zip(chain, chain[1:], strict=False):
+            assert child.issuer == parent.subject, "chain must be ordered leaf-issuer first"
+        path = build_path(issued.leaf, chain, trust_roots, now=datetime.now(UTC))
+        assert path[-1] in trust_roots
+
+    def test_ttl_is_an_upper_bound(
+        self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate]
+    ) -> None:
+        ttl = timedelta(minutes=20)
+        before = datetime.now(UTC)
+        issued: IssuedChain = asyncio.run(_with_issuer(issuer_factory, lambda i: i.sign(_request(ttl=ttl))))
+        after = datetime.now(UTC)
+        assert issued.leaf.not_valid_after_utc <= after + ttl + timedelta(seconds=1)
+        assert issued.leaf.not_valid_before_utc <= before + timedelta(seconds=1)
+        # A backend may shorten, but a certificate that is already useless is a bug.
+        assert issued.leaf.not_valid_after_utc > after + timedelta(minutes=5)
+
+    def test_dns_and_ip_names_for_serving_certificates(
+        self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate]
+    ) -> None:
+        if not self.supports_dns_names:
+            pytest.skip("this backend's policy only allows SPIFFE URIs")
+        req = _request(uris=(), dns_names=("csr-service.cert-manager.svc",), ip_addresses=("127.0.0.1",))
+        issued: IssuedChain = asyncio.run(_with_issuer(issuer_factory, lambda i: i.sign(req)))
+        san = issued.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == ["csr-service.cert-manager.svc"]
+        assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+    def test_concurrent_requests_get_distinct_certificates(
+        self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate]
+    ) -> None:
+        reqs = [_request() for _ in range(12)]
+
+        async def body(issuer: Issuer) -> list[IssuedChain]:
+            return list(await asyncio.gather(*(issuer.sign(r) for r in reqs)))
+
+        results: list[IssuedChain] = asyncio.run(_with_issuer(issuer_factory, body))
+        assert len({r.leaf.serial_number for r in results}) == len(reqs)
+        for req, res in zip(reqs, results, strict=True):
+            assert _pub(res.leaf) == _pub(req.csr)
+
+    def test_serial_numbers_are_random_and_large(
+        self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate]
+    ) -> None:
+        issued: IssuedChain = asyncio.run(_with_issuer(issuer_factory, lambda i: i.sign(_request())))
+        assert issued.leaf.serial_number.bit_length() >= 64 - 8  # >= 64 random bits, leading zeros aside
+
+    def test_failures_are_csr_service_errors(self, unusable_issuer_factory: IssuerFactory | None) -> None:
+        """An issuer whose backend is unusable raises a classified error, never a raw exception."""
+        if unusable_issuer_factory is None:
+            pytest.skip("no unusable variant provided")
+
+        async def body(issuer: Issuer) -> None:
+            await issuer.sign(_request())
+
+        with pytest.raises(CSRServiceError):
+            asyncio.run(_with_issuer(unusable_issuer_factory, body))
