@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from csr_service.errors import ConfigError
@@ -27,7 +26,7 @@ __all__ = ["CORE_OPTIONS", "AuthConfig", "Config", "PipelineConfig", "ServerConf
 
 CORE_OPTIONS: list[Option] = [
     # --- general / dev
-    Option("config", "TOML file with settings (keys are the flag names without dashes).", "", kind="path"),
+    Option("config", "TOML file with settings; keys are the flag names without the leading dashes.", "", kind="path"),
     Option(
         "dev",
         "Zero-config local run: generate a root CA and JWT key in --state-dir, listen on 127.0.0.1 only.",
@@ -148,12 +147,19 @@ def all_options() -> list[Option]:
     return opts
 
 
-def resolve(flag_values: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def resolve(
+    flag_values: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Merge flags > environment > config file > defaults into ``{option name: typed value}``.
 
     ``flag_values`` holds only options actually given on the command line (raw strings or
-    already-typed values), keyed by option name.
+    already-typed values), keyed by option name. ``defaults`` replaces built-in defaults
+    (dev mode uses it), still below every explicit setting.
     """
+    defaults = defaults or {}
     env = os.environ if env is None else env
     options = {o.name: o for o in all_options()}
     config_path = flag_values.get("config") or env.get(options["config"].env, "")
@@ -177,7 +183,7 @@ def resolve(flag_values: Mapping[str, Any], env: Mapping[str, str] | None = None
         elif name in file_values:
             source, raw = f"{name} in {config_path}", file_values[name]
         if raw is None:
-            values[name] = opt.default
+            values[name] = defaults.get(name, opt.default)
             continue
         try:
             values[name] = opt.parse(raw)
@@ -321,7 +327,7 @@ class Config:
                 jwt_leeway=v["jwt-leeway"],
             ),
             issuer=v["issuer"],
-            issuer_options=MappingProxyType(issuer_opts),
+            issuer_options=issuer_opts,
             dev=v["dev"],
             state_dir=v["state-dir"],
             log_level=v["log-level"].lower(),

@@ -1,0 +1,239 @@
+"""Wiring: build the components from a :class:`Config` and run them.
+
+One process runs one event loop with the gRPC server and the pipeline. With
+``--workers N > 1`` the supervisor (this module's :func:`run`) starts N such processes
+sharing the port through SO_REUSEPORT, restarts a worker that dies, and stops them all on
+SIGTERM/SIGINT. Everything a worker needs is derived from the same frozen Config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from csr_service.config import Config
+from csr_service.errors import ConfigError, CSRServiceError
+from csr_service.issuers import IssuerContext, create_issuer
+from csr_service.issuers.base import Closable, Issuer, RootsProvider, Startable
+from csr_service.logs import setup_logging
+from csr_service.pipeline.authn import Authenticator
+from csr_service.pipeline.authn.jwt import JWTAuthenticator, StaticKeySource
+from csr_service.pipeline.handler import CertificatePipeline, IssuerSlot, PipelineSettings
+from csr_service.pipeline.trust import TrustBundle
+from csr_service.transport.grpc_server import GrpcServer
+from csr_service.transport.serving_cert import ServingCertificate
+from csr_service.transport.servicer import IstioCertificateServicer
+
+__all__ = ["Service", "build_service", "run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    """The assembled, not yet started, service of one worker."""
+
+    config: Config
+    issuer: Issuer
+    trust: TrustBundle
+    pipeline: CertificatePipeline
+    serving: ServingCertificate
+    server: GrpcServer | None = None
+
+    async def start(self) -> None:
+        """Start the issuer, settle the trust bundle, get a serving certificate, listen."""
+        if isinstance(self.issuer, Startable):
+            await self.issuer.start()
+        await _init_trust(self.config, self.issuer, self.trust)
+        await self.serving.start()
+        servicer = IstioCertificateServicer(self.pipeline, timeout=self.config.server.request_timeout)
+        self.server = GrpcServer(
+            servicer,
+            self.serving,
+            listen=self.config.server.grpc_listen,
+            insecure_listen=self.config.server.insecure_grpc_listen,
+            max_concurrent_rpcs=self.config.server.max_concurrent_requests,
+        )
+        await self.server.start()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+        await self.serving.aclose()
+        if isinstance(self.issuer, Closable):
+            await self.issuer.aclose()
+
+
+def _authenticator(config: Config) -> Authenticator:
+    if not config.auth.jwt_jwks_file:
+        raise ConfigError("--jwt-jwks-file: required with --authenticator jwt (or use --dev)")
+    return JWTAuthenticator(
+        StaticKeySource.from_file(config.auth.jwt_jwks_file),
+        trust_domain=config.pipeline.trust_domain,
+        audiences=config.auth.token_audiences,
+        issuer=config.auth.jwt_issuer,
+        leeway=config.auth.jwt_leeway,
+    )
+
+
+async def _init_trust(config: Config, issuer: Issuer, trust: TrustBundle) -> None:
+    if config.pipeline.root_ca_file:
+        return  # static bundle, loaded in build_service
+    # Only the local issuer's roots are configuration (files the operator gave us); roots
+    # of remote backends would be trust-on-first-use, which needs an explicit choice.
+    if issuer.name != "local" or not isinstance(issuer, RootsProvider):
+        raise ConfigError(f"--root-ca-file: required with --issuer {issuer.name}")
+    trust.update(await issuer.roots())
+    add = getattr(issuer, "add_change_listener", None)
+    if callable(add):
+        add(lambda material: trust.update(material.roots))
+
+
+def build_service(config: Config) -> Service:
+    """Construct every component (no I/O beyond reading config files)."""
+    issuer = create_issuer(
+        config.issuer,
+        config.issuer_options,
+        IssuerContext(trust_domain=config.pipeline.trust_domain, dev=config.dev, state_dir=config.state_dir),
+    )
+    trust = TrustBundle.from_file(config.pipeline.root_ca_file) if config.pipeline.root_ca_file else TrustBundle()
+    slot = IssuerSlot(issuer)
+    pipeline = CertificatePipeline(
+        authenticator=_authenticator(config),
+        issuers=slot,
+        trust=trust,
+        settings=PipelineSettings(
+            trust_domain=config.pipeline.trust_domain,
+            cluster_ids=frozenset({config.pipeline.cluster_id}),
+            max_duration=config.pipeline.max_certificate_duration,
+            default_duration=config.pipeline.default_certificate_duration,
+        ),
+    )
+    serving = ServingCertificate(
+        slot,
+        trust,
+        dns_names=config.server.serving_dns_names,
+        ip_addresses=config.server.serving_ip_addresses,
+        duration=config.server.serving_certificate_duration,
+        key_type=config.server.serving_key_type,
+    )
+    return Service(config=config, issuer=issuer, trust=trust, pipeline=pipeline, serving=serving)
+
+
+async def serve_forever(config: Config, on_ready: Callable[[int], None] | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT."""
+    service = build_service(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    assert service.server is not None
+    if on_ready:
+        on_ready(service.server.port)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests")
+    await service.stop()
+
+
+# --- supervisor -----------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: a worker must not outlive a supervisor that was SIGKILLed.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def _worker_main(config: Config, conn: multiprocessing.connection.Connection, index: int) -> None:
+    _die_with_parent()
+    setup_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(serve_forever(config, on_ready=lambda port: conn.send(("ready", port))))
+    except (ConfigError, CSRServiceError, OSError) as exc:
+        logging.getLogger(__name__).error("worker %d cannot start: %s", index, exc)
+        conn.send(("error", str(exc)))
+        raise SystemExit(2) from exc
+
+
+def run(config: Config, on_ready: Callable[[int], None] | None = None) -> int:
+    """Run the service (in-process for one worker, supervised processes otherwise)."""
+    workers = config.server.workers
+    port_zero = config.server.grpc_listen.rsplit(":", 1)[1] == "0"
+    if workers == 1 or port_zero:
+        asyncio.run(serve_forever(config, on_ready))
+        return 0
+    return _supervise(config, workers, on_ready)
+
+
+def _supervise(config: Config, workers: int, on_ready: Callable[[int], None] | None) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    procs: dict[int, tuple[Any, multiprocessing.connection.Connection]] = {}
+    stopping = False
+
+    def start(i: int) -> None:
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_worker_main, args=(config, child, i), name=f"csr-service-worker-{i}", daemon=False)
+        p.start()
+        child.close()
+        procs[i] = (p, parent)
+
+    def handle(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    for i in range(workers):
+        start(i)
+    ready: set[int] = set()
+    port = 0
+    restarts: dict[int, float] = {}
+    while not stopping:
+        for i, (p, conn) in list(procs.items()):
+            if conn.poll():
+                try:
+                    kind, value = conn.recv()
+                except EOFError:
+                    kind, value = "eof", None
+                if kind == "ready":
+                    ready.add(i)
+                    port = value
+                    if len(ready) == workers and on_ready:
+                        on_ready(port)
+                        on_ready = None
+                elif kind == "error":
+                    log.error("worker %d failed to start: %s; stopping", i, value)
+                    stopping = True
+            if not p.is_alive() and not stopping:
+                if i not in ready:
+                    log.error("worker %d exited during start-up (code %s); stopping", i, p.exitcode)
+                    stopping = True
+                    break
+                # Restart a crashed worker, but not in a tight loop.
+                if time.monotonic() - restarts.get(i, 0.0) < 5:
+                    time.sleep(1)
+                log.error("worker %d died (code %s); restarting", i, p.exitcode)
+                restarts[i] = time.monotonic()
+                ready.discard(i)
+                start(i)
+        time.sleep(0.1)
+    for p, _ in procs.values():
+        if p.is_alive() and p.pid:
+            os.kill(p.pid, signal.SIGTERM)
+    failed = False
+    for p, _ in procs.values():
+        p.join(15)
+        if p.is_alive():
+            p.kill()
+        failed |= p.exitcode not in (0, -signal.SIGTERM)
+    return 1 if failed else 0

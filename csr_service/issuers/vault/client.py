@@ -1,0 +1,409 @@
+"""One long-lived, authenticated Vault client, shared by every request.
+
+hvac has no lifetime watcher, so this module keeps the token alive itself, the way SPIRE's
+Vault plugin does (and unlike cert-manager's Vault issuer, which logs in on every sign and
+builds up leases, cert-manager#1430):
+
+- log in once at start (token file + ``lookup-self``, kubernetes, or approle);
+- renew at about two thirds of the lease (``renew-self``); log in again when renewal is
+  refused, the token is not renewable, or renewal stops extending it (max TTL reached);
+- when Vault answers 403/401 to a call, log in again *once* (whichever request notices
+  first; the others reuse the new token) and retry that call once;
+- when Vault is unreachable, probe it in the background with back-off so readiness recovers
+  without traffic and without restarting csr-service.
+
+hvac is synchronous: calls run in a dedicated thread pool sized like the HTTP connection
+pool (``--vault-max-connections``), because a sign is one network round trip and 64 requests
+in flight must not queue behind each other. Every hvac or requests exception leaving this
+module is translated into a :mod:`csr_service.errors` class by :func:`translate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import hvac
+import requests
+from hvac import exceptions as hv
+from requests.adapters import HTTPAdapter
+
+from csr_service.errors import (
+    CSRServiceError,
+    FailedPreconditionError,
+    InternalError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from csr_service.issuers.vault.settings import AppRoleAuth, ConnectionSettings, KubernetesAuth, TokenAuth
+
+__all__ = ["VaultClient", "response_object", "response_warnings", "translate"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Renew (or log in again) when this fraction of the lease has passed.
+RENEW_FRACTION = 2 / 3
+#: Never schedule maintenance closer than this (a nearly expired, non-renewable token).
+MIN_MAINTENANCE = 1.0
+#: Background probe back-off while Vault is unreachable.
+PROBE_BACKOFF_MAX = 30.0
+#: How often to look again when there is nothing to renew (a root or periodic-less token).
+IDLE_CHECK = 300.0
+
+_UNAVAILABLE_HV = (
+    hv.InternalServerError,
+    hv.VaultDown,
+    hv.BadGateway,
+    hv.VaultNotInitialized,
+    hv.UnexpectedError,
+    hv.PreconditionFailed,  # performance standby not caught up: transient
+)
+_REJECTED_HV = (hv.InvalidRequest, hv.InvalidPath, hv.UnsupportedOperation)
+_AUTH_HV = (hv.Forbidden, hv.Unauthorized)
+
+
+def _short(exc: BaseException, limit: int = 400) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def translate(
+    exc: BaseException,
+    *,
+    operation: str,
+    rejected: Callable[[str], CSRServiceError] | None = None,
+) -> CSRServiceError:
+    """Map an hvac/requests exception to the csr-service error table (BACKENDS.md).
+
+    ``operation`` names what was attempted (for the log). ``rejected`` builds the error for a
+    400/404 answer, which means different things per caller (a role refusing a CSR, a
+    missing KV secret); the default is a generic FAILED_PRECONDITION.
+    """
+    if isinstance(exc, CSRServiceError):
+        return exc
+    detail = f"Vault {operation}: {_short(exc)}"
+    if isinstance(exc, hv.RateLimitExceeded):
+        return ResourceExhaustedError("the certificate authority is rate-limiting requests; retry later", detail=detail)
+    if isinstance(exc, _UNAVAILABLE_HV):
+        return UnavailableError("the certificate authority is temporarily unavailable", detail=detail)
+    if isinstance(exc, _AUTH_HV):
+        return FailedPreconditionError(
+            "csr-service is not authorised by Vault; check its Vault credentials and policy", detail=detail
+        )
+    if isinstance(exc, _REJECTED_HV):
+        if rejected is not None:
+            return rejected(detail)
+        return FailedPreconditionError("Vault rejected the request; check the Vault configuration", detail=detail)
+    if isinstance(exc, requests.Timeout):
+        return UnavailableError("the certificate authority did not answer in time", detail=detail)
+    if isinstance(exc, requests.RequestException | hv.VaultError | ConnectionError):
+        return UnavailableError("the certificate authority is unreachable", detail=detail)
+    return InternalError("unexpected failure talking to the certificate authority", detail=detail)
+
+
+def _read_secret_file(path: str, flag: str) -> str:
+    """Read a credential file fresh (they are rotated); never echo its content."""
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as exc:
+        raise FailedPreconditionError(
+            "csr-service cannot read its Vault credentials", detail=f"--{flag}: cannot read {path}: {exc.strerror}"
+        ) from exc
+    if not value:
+        raise FailedPreconditionError("csr-service cannot read its Vault credentials", detail=f"--{flag}: {path} is empty")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """What Vault told us about the current token; times are ``time.monotonic()``."""
+
+    obtained: float
+    ttl: float  # seconds; 0 means the token never expires (root / no TTL)
+    renewable: bool
+    #: The lease granted at login; a renewal giving much less means the max TTL is near.
+    granted: float
+    at_max: bool = False
+
+    @property
+    def renew_at(self) -> float | None:
+        return None if self.ttl <= 0 else self.obtained + self.ttl * RENEW_FRACTION
+
+    @property
+    def expires_at(self) -> float | None:
+        return None if self.ttl <= 0 else self.obtained + self.ttl
+
+
+class VaultClient:
+    """The shared authenticated hvac client with renewal, re-login and error translation.
+
+    ``call(fn)`` runs ``fn(hvac_client)`` in the client's thread pool. Start with
+    :meth:`start` (logs in, starts the maintenance task) and release with :meth:`aclose`.
+    """
+
+    def __init__(self, settings: ConnectionSettings, *, name: str = "vault") -> None:
+        self.settings = settings
+        self._name = name
+        self._session = requests.Session()
+        # One pooled connection per worker thread: no request waits for a socket.
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=settings.max_connections)
+        self._session.mount("https://", adapter)
+        self._session.mount("http://", adapter)
+        verify: bool | str = settings.ca_bundle or True
+        cert = (settings.client_cert, settings.client_key) if settings.client_cert else None
+        common: dict[str, Any] = dict(
+            url=settings.address,
+            verify=verify,
+            cert=cert,
+            timeout=settings.timeout.total_seconds(),
+            session=self._session,
+            namespace=settings.namespace,
+        )
+        # token="" rather than None: hvac would otherwise fall back to VAULT_TOKEN / ~/.vault-token.
+        self._hvac = hvac.Client(token="", **common)
+        # Logins go out without any token: a revoked token in X-Vault-Token must not spoil them.
+        self._login_hvac = hvac.Client(token="", **common)
+        self._executor = ThreadPoolExecutor(max_workers=settings.max_connections, thread_name_prefix=name)
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._lease: _Lease | None = None
+        self._last_error: str | None = None
+        self._failures = 0
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"VaultClient(address={self.settings.address!r}, auth={self.settings.auth.describe()!r})"
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Log in (raise a csr_service error if that fails) and start renewing in the background."""
+        if self._lease is None:
+            try:
+                await self._run(self._ensure_login)
+            except Exception as exc:
+                self._note_failure(exc)
+                raise translate(exc, operation="login") from exc
+        if self._task is None:
+            self._task = asyncio.create_task(self._maintain(), name=f"{self._name}-token-maintenance")
+
+    async def aclose(self) -> None:
+        """Stop maintenance, revoke a token we obtained by logging in, close connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._lease is not None and not isinstance(self.settings.auth, TokenAuth):
+            # Tokens from logins are ours alone: revoke so leases do not pile up in Vault.
+            # A token from a file belongs to the operator (or Vault Agent): leave it.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.to_thread(self._hvac.auth.token.revoke_self), timeout=2)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._session.close()
+
+    # --- calls ------------------------------------------------------------------------
+    async def call(
+        self,
+        fn: Callable[[hvac.Client], T],
+        *,
+        operation: str,
+        rejected: Callable[[str], CSRServiceError] | None = None,
+    ) -> T:
+        """Run ``fn(client)`` in the pool; on 403/401 log in again once and retry once.
+
+        Raises the translated :mod:`csr_service.errors` class (see :func:`translate`).
+        """
+        if self._closed:
+            raise UnavailableError("the certificate authority client is shut down", detail=f"{self!r} is closed")
+        try:
+            result = await self._run(self._call_sync, fn, operation)
+        except Exception as exc:
+            self._note_failure(exc)
+            raise translate(exc, operation=operation, rejected=rejected) from exc
+        self._last_error = None
+        self._failures = 0
+        return result
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()  # keep the request id for log lines
+        return await loop.run_in_executor(self._executor, ctx.run, fn, *args)
+
+    def _call_sync(self, fn: Callable[[hvac.Client], T], operation: str) -> T:
+        generation = self._ensure_login()
+        try:
+            return fn(self._hvac)
+        except _AUTH_HV as exc:
+            log.warning("Vault refused the token on %s (%s); logging in again and retrying once", operation, _short(exc))
+            self._relogin(seen_generation=generation)
+            return fn(self._hvac)
+
+    def _note_failure(self, exc: BaseException) -> None:
+        # Only "Vault is not there" makes us unhealthy; a refused CSR says nothing about Vault.
+        if isinstance(exc, _UNAVAILABLE_HV | requests.RequestException | ConnectionError):
+            self._last_error = _short(exc, 200)
+            self._failures += 1
+
+    # --- authentication (runs in pool threads) ------------------------------------------------
+    def _ensure_login(self) -> int:
+        lease = self._lease
+        now = time.monotonic()
+        if lease is not None and (lease.expires_at is None or now < lease.expires_at):
+            return self._generation
+        with self._lock:
+            lease = self._lease
+            if lease is None or (lease.expires_at is not None and time.monotonic() >= lease.expires_at):
+                self._login_locked("no valid token" if lease is None else "token expired")
+            return self._generation
+
+    def _relogin(self, *, seen_generation: int) -> None:
+        with self._lock:
+            if self._generation == seen_generation:  # nobody else logged in meanwhile
+                self._login_locked("token refused")
+
+    def _login_locked(self, reason: str) -> None:
+        auth = self.settings.auth
+        started = time.monotonic()
+        if isinstance(auth, TokenAuth):
+            token = _read_secret_file(auth.token_file, "vault-token-file")
+            # lookup-self with the candidate token: learns TTL/renewability and proves it works.
+            info = self._login_hvac.adapter.get("/v1/auth/token/lookup-self", headers={"X-Vault-Token": token})
+            data = response_object(info, "data", "auth/token/lookup-self")
+            ttl = float(data.get("ttl") or 0)
+            renewable = bool(data.get("renewable"))
+        else:
+            if isinstance(auth, KubernetesAuth):
+                jwt = _read_secret_file(auth.token_file, "vault-kubernetes-token-file")
+                resp = self._login_hvac.auth.kubernetes.login(auth.role, jwt, use_token=False, mount_point=auth.mount)
+            else:
+                assert isinstance(auth, AppRoleAuth)
+                role_id = _read_secret_file(auth.role_id_file, "vault-approle-role-id-file")
+                secret_id = _read_secret_file(auth.secret_id_file, "vault-approle-secret-id-file")
+                resp = self._login_hvac.auth.approle.login(role_id, secret_id, use_token=False, mount_point=auth.mount)
+            data = response_object(resp, "auth", f"{auth.mount} login")
+            token = str(data.get("client_token") or "")
+            if not token:
+                raise InternalError("Vault login returned no token", detail=f"{auth.describe()}: no client_token")
+            ttl = float(data.get("lease_duration") or 0)
+            renewable = bool(data.get("renewable"))
+        self._hvac.token = token
+        self._generation += 1
+        self._lease = _Lease(obtained=started, ttl=ttl, renewable=renewable, granted=ttl)
+        log.info(
+            "logged in to Vault at %s with %s (%s): token TTL %s, %srenewable",
+            self.settings.address,
+            auth.describe(),
+            reason,
+            f"{ttl:.0f}s" if ttl else "none",
+            "" if renewable else "not ",
+        )
+
+    def _renew_locked(self, lease: _Lease) -> None:
+        started = time.monotonic()
+        resp = self._hvac.auth.token.renew_self()
+        data = response_object(resp, "auth", "auth/token/renew-self")
+        ttl = float(data.get("lease_duration") or 0)
+        # Vault caps renewals at the max TTL (with a warning); once a renewal no longer
+        # restores at least half the original lease, log in again instead of renewing.
+        at_max = lease.granted > 0 and ttl < lease.granted / 2
+        self._lease = _Lease(
+            obtained=started, ttl=ttl, renewable=bool(data.get("renewable")), granted=lease.granted, at_max=at_max
+        )
+        for warning in response_warnings(resp):
+            log.info("Vault warning on token renewal: %s", warning)
+        log.debug("renewed the Vault token: TTL %.0fs%s", ttl, " (max TTL reached)" if at_max else "")
+
+    # --- background maintenance -----------------------------------------------------------------
+    def _next_delay(self) -> float:
+        if self._last_error is not None or self._lease is None:
+            return min(PROBE_BACKOFF_MAX, MIN_MAINTENANCE * 2 ** min(self._failures, 5))
+        renew_at = self._lease.renew_at
+        if renew_at is None:
+            return IDLE_CHECK
+        return max(MIN_MAINTENANCE, renew_at - time.monotonic())
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self._next_delay())
+            try:
+                await self._run(self._maintain_sync)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the loop must survive anything; it is our only renewer
+                self._note_failure(exc)
+                self._failures = max(self._failures, 1)
+                log.warning("Vault token maintenance failed (will retry): %s", translate(exc, operation="renewal"))
+
+    def _maintain_sync(self) -> None:
+        with self._lock:
+            lease = self._lease
+            if lease is None:
+                self._login_locked("not logged in")
+            elif self._last_error is not None:
+                self._probe_locked()
+            elif lease.renew_at is not None and time.monotonic() >= lease.renew_at:
+                if lease.renewable and not lease.at_max:
+                    try:
+                        self._renew_locked(lease)
+                    except (*_AUTH_HV, *_REJECTED_HV) as exc:
+                        log.info("Vault refused to renew the token (%s); logging in again", _short(exc))
+                        self._login_locked("renewal refused")
+                else:
+                    self._login_locked("max TTL reached" if lease.at_max else "token not renewable")
+        self._last_error = None
+        self._failures = 0
+
+    def _probe_locked(self) -> None:
+        """After failures: is Vault back, and is our token still good?"""
+        try:
+            self._hvac.auth.token.lookup_self()
+        except _AUTH_HV:
+            # e.g. a dev server restarted, or the token was revoked while Vault was away.
+            self._login_locked("token refused after an outage")
+        log.info("Vault at %s is reachable again", self.settings.address)
+
+    # --- readiness ------------------------------------------------------------------------
+    def health(self) -> tuple[bool, str]:
+        """(usable, reason) from what we already know; never calls Vault."""
+        where = f"Vault at {self.settings.address}"
+        if self._last_error is not None:
+            return False, f"{where} is unavailable: {self._last_error}"
+        if self._lease is None:
+            return False, f"not logged in to {where} ({self.settings.auth.describe()})"
+        return True, f"logged in to {where} with {self.settings.auth.describe()}"
+
+    # --- plain reads for other users of the client (roots, Vault KV) -------------------------------
+    @staticmethod
+    def read(path: str) -> Callable[[hvac.Client], Any]:
+        """A ``call``-able that GETs ``/v1/<path>`` and returns the decoded JSON."""
+        return lambda c: c.adapter.get(f"/v1/{path.lstrip('/')}")
+
+
+def response_object(resp: Any, key: str, what: str) -> dict[str, Any]:
+    """``resp[key]`` as a dict, or InternalError: hvac returns a Response for non-JSON answers."""
+    if not isinstance(resp, dict) or not isinstance(resp.get(key), dict):
+        raise InternalError("unexpected answer from Vault", detail=f"{what}: no {key!r} object in the response")
+    value: dict[str, Any] = resp[key]
+    return value
+
+
+def response_warnings(resp: Any) -> list[str]:
+    """The top-level ``warnings`` of a Vault answer (e.g. a TTL truncated to the role's max_ttl)."""
+    if isinstance(resp, dict) and isinstance(resp.get("warnings"), list):
+        return [str(w) for w in resp["warnings"]]
+    return []

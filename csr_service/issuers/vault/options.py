@@ -1,0 +1,102 @@
+"""Options of the Vault / OpenBao PKI issuer (no heavy imports here; see csr_service.issuers).
+
+The connection and authentication options (``CONNECTION_OPTIONS``) are shared with the
+local issuer's Vault-KV CA source, which reads the CA keypair through the same client.
+"""
+
+from datetime import timedelta
+
+from csr_service.options import Option
+
+__all__ = ["CONNECTION_OPTIONS", "ISSUER_OPTIONS", "OPTIONS"]
+
+_G = "vault"
+
+CONNECTION_OPTIONS = [
+    Option("vault-address", "Vault/OpenBao address, e.g. https://vault.vault.svc:8200.", "", group=_G, metavar="URL"),
+    Option("vault-namespace", "Vault Enterprise namespace (X-Vault-Namespace); empty: none.", "", group=_G),
+    Option(
+        "vault-ca-bundle",
+        "PEM CA bundle to verify Vault's TLS certificate; empty: the system trust store.",
+        "",
+        group=_G,
+        kind="path",
+    ),
+    Option("vault-client-cert", "PEM client certificate for mutual TLS to Vault (optional).", "", group=_G, kind="path"),
+    Option("vault-client-key", "PEM key of --vault-client-cert.", "", group=_G, kind="path"),
+    Option("vault-timeout", "Timeout of one HTTP request to Vault.", timedelta(seconds=5), group=_G, kind="duration"),
+    Option(
+        "vault-max-connections",
+        "Concurrent requests to Vault (threads and pooled connections): a sign is one HTTP round trip.",
+        64,
+        group=_G,
+        kind="int",
+    ),
+    Option("vault-auth", "How to log in to Vault: token, kubernetes or approle.", "token", group=_G),
+    Option(
+        "vault-token-file",
+        "File holding a Vault token (--vault-auth token); re-read when Vault refuses the token.",
+        "",
+        group=_G,
+        kind="path",
+    ),
+    Option("vault-kubernetes-role", "Vault role for kubernetes auth (--vault-auth kubernetes).", "", group=_G),
+    Option("vault-kubernetes-mount", "Mount path of Vault's kubernetes auth method.", "kubernetes", group=_G),
+    Option(
+        "vault-kubernetes-token-file",
+        "Service-account token presented at kubernetes login (re-read at every login: it is rotated).",
+        "/var/run/secrets/kubernetes.io/serviceaccount/token",
+        group=_G,
+        kind="path",
+    ),
+    Option("vault-approle-mount", "Mount path of Vault's approle auth method.", "approle", group=_G),
+    Option("vault-approle-role-id-file", "File holding the approle role_id.", "", group=_G, kind="path"),
+    Option(
+        "vault-approle-secret-id-file",
+        "File holding the approle secret_id (re-read at every login).",
+        "",
+        group=_G,
+        kind="path",
+    ),
+]
+
+ISSUER_OPTIONS = [
+    Option("vault-mount", "Mount path of the PKI secrets engine.", "pki", group=_G),
+    Option("vault-role", "PKI role that signs workload certificates (<mount>/sign/<role>).", "", group=_G),
+    Option(
+        "vault-serving-role",
+        "PKI role for csr-service's own serving certificate (DNS/IP names); empty: --vault-role.",
+        "",
+        group=_G,
+    ),
+    Option(
+        "vault-issuer-ref",
+        "Pin a PKI issuer (name or id): sign at <mount>/issuer/<ref>/sign/<role>; empty: the mount's default.",
+        "",
+        group=_G,
+    ),
+    Option(
+        "vault-sign-verbatim",
+        "Sign with sign-verbatim instead of sign. DANGER: bypasses the role's name policy; "
+        "csr-service's own CSR checks are then the only ones.",
+        False,
+        group=_G,
+        kind="bool",
+    ),
+    Option(
+        "vault-roots-from-vault",
+        "Trust the roots Vault reports (trust on first use) instead of only --root-ca-file.",
+        False,
+        group=_G,
+        kind="bool",
+    ),
+    Option(
+        "vault-root-fingerprints",
+        "SHA-256 fingerprints (hex, colons allowed) the roots fetched from Vault must match.",
+        (),
+        group=_G,
+        kind="list",
+    ),
+]
+
+OPTIONS = [*CONNECTION_OPTIONS, *ISSUER_OPTIONS]

@@ -1,0 +1,200 @@
+"""JWT authentication: verify a projected service-account token against a JWKS.
+
+Checks, in order: an asymmetric ``alg`` we allow (never ``none``, never HMAC — an HMAC
+"verified" with a public key is the classic JWT forgery); a key from the key set whose type
+matches the alg; the signature; ``exp``/``nbf``/``iat`` with a small leeway; an audience
+from the configured list; the issuer if configured; a ``sub`` of the form
+``system:serviceaccount:<ns>:<sa>``. The SPIFFE identity is built from ``sub``.
+
+Trade-off (documented for operators): a JWT is checked offline, so a token of a deleted pod
+or service account stays valid until it expires. The TokenReview authenticator asks the
+apiserver instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import jwt
+from jwt import PyJWK, PyJWKSet
+
+from csr_service.cpu import run_cpu
+from csr_service.errors import AuthenticationError, ConfigError
+from csr_service.identity import SpiffeId, service_account_from_username
+from csr_service.pipeline.authn import Caller
+from csr_service.pipeline.context import RequestContext
+
+__all__ = ["ALLOWED_ALGORITHMS", "JWTAuthenticator", "KeySource", "StaticKeySource"]
+
+#: Asymmetric algorithms only. Maps alg → the JWK key type it needs.
+ALLOWED_ALGORITHMS: Mapping[str, str] = {
+    "RS256": "RSA",
+    "RS384": "RSA",
+    "RS512": "RSA",
+    "PS256": "RSA",
+    "PS384": "RSA",
+    "PS512": "RSA",
+    "ES256": "EC",
+    "ES384": "EC",
+    "ES512": "EC",
+    "EdDSA": "OKP",
+}
+_EC_CURVE_FOR_ALG = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
+#: A projected token is ~1 KiB; anything this big is not one.
+MAX_TOKEN_BYTES = 16 * 1024
+
+
+class KeySource(Protocol):
+    """Where verification keys come from (a file today; the apiserver's JWKS later)."""
+
+    async def get(self, kid: str | None) -> PyJWK | None:
+        """The key with this ``kid`` (or the only key when ``kid`` is None), else None."""
+        ...
+
+
+class StaticKeySource:
+    """Keys from a JWKS document loaded once (file or dict)."""
+
+    def __init__(self, jwks: Mapping[str, Any]) -> None:
+        try:
+            self._set = PyJWKSet.from_dict(dict(jwks))
+        except (jwt.PyJWKSetError, jwt.InvalidKeyError, KeyError, TypeError) as exc:
+            raise ConfigError(f"--jwt-jwks-file: not a usable JWKS: {exc}") from exc
+        self._by_kid = {k.key_id: k for k in self._set.keys if k.key_id}
+
+    @classmethod
+    def from_file(cls, path: str) -> StaticKeySource:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--jwt-jwks-file: cannot read {path}: {exc}") from exc
+        return cls(data)
+
+    async def get(self, kid: str | None) -> PyJWK | None:
+        if kid is not None:
+            return self._by_kid.get(kid)
+        return self._set.keys[0] if len(self._set.keys) == 1 else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    alg: str
+    kid: str | None
+
+
+def _fail(public: str, detail: str | None = None) -> AuthenticationError:
+    return AuthenticationError(f"authentication failed: {public}", detail=detail or public)
+
+
+class JWTAuthenticator:
+    """Authenticates callers by their service-account JWT (see module docstring)."""
+
+    name = "jwt"
+
+    def __init__(
+        self,
+        keys: KeySource,
+        *,
+        trust_domain: str,
+        audiences: Sequence[str] = ("istio-ca",),
+        issuer: str | None = None,
+        leeway: timedelta = timedelta(seconds=30),
+    ) -> None:
+        self._keys = keys
+        self._trust_domain = trust_domain
+        self._audiences = list(audiences)
+        self._issuer = issuer
+        self._leeway = leeway
+
+    async def authenticate(self, ctx: RequestContext) -> Caller:
+        token = ctx.bearer_token()
+        if token is None:
+            raise _fail("no bearer token in the authorization metadata")
+        if len(token) > MAX_TOKEN_BYTES:
+            raise _fail("token too large")
+        header = self._header(token)
+        key = await self._keys.get(header.kid)
+        if key is None:
+            raise _fail("token signed by an unknown key", f"no verification key with kid={header.kid!r}")
+        self._check_key_matches(header.alg, key)
+        claims = await run_cpu(self._decode, token, key, header.alg)
+        return self._caller(claims)
+
+    @staticmethod
+    def _header(token: str) -> _Header:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError as exc:
+            raise _fail("malformed token", f"malformed token: {exc}") from exc
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
+            raise _fail("token algorithm not allowed", f"token alg {str(alg)[:20]!r} is not an allowed algorithm")
+        kid = header.get("kid")
+        return _Header(alg=alg, kid=kid if isinstance(kid, str) else None)
+
+    @staticmethod
+    def _check_key_matches(alg: str, key: PyJWK) -> None:
+        kty = key.key_type
+        if kty != ALLOWED_ALGORITHMS[alg]:
+            raise _fail("token algorithm does not match its key", f"alg {alg} with a {kty} key")
+        if kty == "EC":
+            curve = getattr(key, "_jwk_data", {}).get("crv")
+            if curve is not None and curve != _EC_CURVE_FOR_ALG[alg]:
+                raise _fail("token algorithm does not match its key", f"alg {alg} with curve {curve}")
+
+    def _decode(self, token: str, key: PyJWK, alg: str) -> dict[str, Any]:
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.key,
+                algorithms=[alg],
+                audience=self._audiences,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={"require": ["exp", "iat", "sub", "aud"], "verify_iss": self._issuer is not None},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise _fail("token expired") from exc
+        except jwt.ImmatureSignatureError as exc:
+            raise _fail("token not yet valid", f"token not yet valid: {exc}") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise _fail(
+                "token audience not accepted", f"token audience not in {self._audiences}: {exc}"
+            ) from exc
+        except jwt.InvalidIssuerError as exc:
+            raise _fail("token issuer not accepted", f"token iss is not {self._issuer!r}") from exc
+        except jwt.MissingRequiredClaimError as exc:
+            raise _fail(f"token lacks the {exc.claim} claim") from exc
+        except jwt.InvalidSignatureError as exc:
+            raise _fail("token signature invalid") from exc
+        except jwt.InvalidTokenError as exc:
+            raise _fail("invalid token", f"invalid token: {type(exc).__name__}: {exc}") from exc
+        return claims
+
+    def _caller(self, claims: Mapping[str, Any]) -> Caller:
+        sub = claims.get("sub")
+        try:
+            ns, sa = service_account_from_username(sub if isinstance(sub, str) else "")
+        except ValueError as exc:
+            raise _fail("token is not a Kubernetes service-account token", f"sub {str(sub)[:100]!r}: {exc}") from exc
+        pod_name = pod_uid = None
+        k8s = claims.get("kubernetes.io")
+        if isinstance(k8s, Mapping):
+            if k8s.get("namespace", ns) != ns:
+                raise _fail("token claims disagree", "kubernetes.io.namespace differs from sub")
+            pod = k8s.get("pod")
+            if isinstance(pod, Mapping):
+                pod_name, pod_uid = pod.get("name"), pod.get("uid")
+        exp = claims.get("exp")
+        return Caller(
+            identity=SpiffeId(self._trust_domain, ns, sa),
+            pod_name=pod_name if isinstance(pod_name, str) else None,
+            pod_uid=pod_uid if isinstance(pod_uid, str) else None,
+            token_expires_at=datetime.fromtimestamp(exp, UTC) if isinstance(exp, int | float) else None,
+            authenticator=self.name,
+        )

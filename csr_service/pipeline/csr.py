@@ -1,0 +1,177 @@
+"""CSR validation: an ordered list of small rules, each a pure function with its own tests.
+
+The CSR istio-agent sends (pki/util GenCSR): subject ``O=""``, no CN, one critical SAN
+extension with exactly one URI ``spiffe://<td>/ns/<ns>/sa/<sa>``; RSA 2048 (default) or
+ECDSA P-256/P-384. We accept that and close relatives (KeyUsage/EKU extension requests
+with the values Istio's CA would issue anyway) and refuse everything else with a message
+that says which rule failed. The issued certificate never copies anything from the CSR
+except its public key: the names come from the authenticated caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from csr_service.errors import AuthenticationError, InvalidRequestError
+from csr_service.identity import parse_spiffe_id
+from csr_service.pki.pem import count_pem_blocks
+
+__all__ = ["MAX_CSR_BYTES", "RULES", "ValidatedCSR", "parse_csr", "validate_csr"]
+
+#: A P-384 CSR is ~600 bytes, RSA-8192 ~2.5 KiB; refuse anything far beyond before parsing.
+MAX_CSR_BYTES = 64 * 1024
+RSA_MIN_BITS, RSA_MAX_BITS = 2048, 8192
+ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
+ALLOWED_EKUS = {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+ALLOWED_EXTENSIONS = {x509.SubjectAlternativeName, x509.KeyUsage, x509.ExtendedKeyUsage}
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedCSR:
+    """A CSR that passed every rule, with the URI it asks for."""
+
+    csr: x509.CertificateSigningRequest
+    pem: bytes
+    uri: str
+
+
+def _bad(public: str, detail: str | None = None) -> InvalidRequestError:
+    return InvalidRequestError(f"invalid CSR: {public}", detail=f"invalid CSR: {detail or public}")
+
+
+def parse_csr(pem: str | bytes) -> tuple[x509.CertificateSigningRequest, bytes]:
+    """Size cap, exactly one PEM ``CERTIFICATE REQUEST`` block, DER parse."""
+    data = pem.encode("utf-8", "replace") if isinstance(pem, str) else pem
+    if len(data) > MAX_CSR_BYTES:
+        raise _bad(f"larger than {MAX_CSR_BYTES} bytes", f"{len(data)} bytes, limit {MAX_CSR_BYTES}")
+    if not data.strip():
+        raise _bad("empty")
+    blocks = count_pem_blocks(data, "CERTIFICATE REQUEST")
+    if blocks == 0:
+        raise _bad("no PEM CERTIFICATE REQUEST block")
+    if blocks > 1:
+        raise _bad("more than one CERTIFICATE REQUEST in the PEM", f"{blocks} CSR blocks")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError as exc:
+        raise _bad("not a parseable PEM CSR", f"parse error: {exc}") from exc
+    return csr, data
+
+
+def rule_signature(csr: x509.CertificateSigningRequest) -> None:
+    """The CSR must be signed by the key it carries (proof of possession)."""
+    try:
+        ok = csr.is_signature_valid
+    except Exception as exc:  # unsupported algorithms raise various errors
+        raise _bad("signature cannot be checked", f"signature check failed: {exc}") from exc
+    if not ok:
+        raise _bad("signature does not verify")
+
+
+def rule_key(csr: x509.CertificateSigningRequest) -> None:
+    """RSA 2048–8192 or ECDSA P-256/P-384 — the keys Istio generates."""
+    try:
+        key = csr.public_key()
+    except Exception as exc:  # unknown key algorithms
+        raise _bad("unsupported public key", f"unsupported public key: {exc}") from exc
+    if isinstance(key, rsa.RSAPublicKey):
+        if not RSA_MIN_BITS <= key.key_size <= RSA_MAX_BITS:
+            raise _bad(f"RSA key of {key.key_size} bits; allowed {RSA_MIN_BITS}-{RSA_MAX_BITS}")
+        return
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, ALLOWED_CURVES):
+            raise _bad(f"ECDSA curve {key.curve.name} not allowed; use P-256 or P-384")
+        return
+    raise _bad(f"{type(key).__name__.removeprefix('_')} keys are not allowed; use RSA or ECDSA")
+
+
+def rule_subject(csr: x509.CertificateSigningRequest) -> None:
+    """No common name or e-mail in the subject (identity lives in the URI SAN only)."""
+    if csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        raise _bad("subject has a common name (CN); Istio CSRs carry the identity only as a URI SAN")
+    if csr.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS):
+        raise _bad("subject has an e-mail address")
+
+
+def rule_extensions(csr: x509.CertificateSigningRequest) -> None:
+    """Only SAN, KeyUsage and ExtendedKeyUsage, with values a workload certificate may have."""
+    try:
+        extensions = list(csr.extensions)
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise _bad("malformed extensions", f"malformed extensions: {exc}") from exc
+    for ext in extensions:
+        value = ext.value
+        if isinstance(value, x509.BasicConstraints):
+            raise _bad("asks for BasicConstraints; workload certificates are never CAs")
+        if type(value) not in ALLOWED_EXTENSIONS:
+            raise _bad(f"extension {ext.oid.dotted_string} is not allowed")
+        if isinstance(value, x509.KeyUsage):
+            wanted = {n for n in ("key_cert_sign", "crl_sign", "content_commitment", "data_encipherment") if getattr(value, n)}
+            if value.key_agreement:
+                wanted.add("key_agreement")
+            if wanted:
+                raise _bad(f"KeyUsage {', '.join(sorted(wanted))} not allowed")
+        if isinstance(value, x509.ExtendedKeyUsage):
+            extra = [o.dotted_string for o in value if o not in ALLOWED_EKUS]
+            if extra:
+                raise _bad(f"ExtendedKeyUsage {', '.join(extra)} not allowed")
+
+
+def rule_san(csr: x509.CertificateSigningRequest) -> None:
+    """Exactly one SAN entry: a SPIFFE URI. No DNS, IP, e-mail or other names."""
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound as exc:
+        raise _bad("no SubjectAltName; expected one spiffe:// URI") from exc
+    for kind, label in (
+        (x509.DNSName, "DNS"),
+        (x509.IPAddress, "IP"),
+        (x509.RFC822Name, "e-mail"),
+        (x509.DirectoryName, "directory name"),
+        (x509.RegisteredID, "registered ID"),
+        (x509.OtherName, "other name"),
+    ):
+        if san.get_values_for_type(kind):  # type: ignore[arg-type]
+            raise _bad(f"{label} SANs are not allowed; only the workload's spiffe:// URI")
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise _bad(f"expected exactly one URI SAN, found {len(uris)}")
+    try:
+        parse_spiffe_id(uris[0])
+    except ValueError as exc:
+        raise _bad("URI SAN is not a spiffe://<trust-domain>/ns/<ns>/sa/<sa> identity", str(exc)) from exc
+
+
+#: The rules, in the order they run. Cheap structural checks first, the signature last.
+RULES: Sequence[Callable[[x509.CertificateSigningRequest], None]] = (
+    rule_key,
+    rule_subject,
+    rule_extensions,
+    rule_san,
+    rule_signature,
+)
+
+
+def validate_csr(pem: str | bytes, allowed_identities: Sequence[str]) -> ValidatedCSR:
+    """Run every rule, then check the CSR asks for exactly one of ``allowed_identities``.
+
+    Raises InvalidRequestError for a malformed or forbidden CSR, AuthenticationError when a
+    well-formed CSR names another identity than the caller's.
+    """
+    csr, data = parse_csr(pem)
+    for rule in RULES:
+        rule(csr)
+    uri = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier
+    )[0]
+    if uri not in allowed_identities:
+        raise AuthenticationError(
+            "the CSR identity does not match the caller",
+            detail=f"CSR asks for {uri!r}, caller is {', '.join(allowed_identities)}",
+        )
+    return ValidatedCSR(csr=csr, pem=data, uri=uri)

@@ -1,0 +1,109 @@
+"""The request pipeline, read top to bottom: authenticate, check, validate, clamp, sign, verify.
+
+Transport-independent: the gRPC servicer converts the call into these arguments and the
+result (or a csr_service error) back. Benchmarks call it directly for the in-process ceiling.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from csr_service.cpu import run_cpu
+from csr_service.errors import FailedPreconditionError, InvalidRequestError
+from csr_service.issuers.base import Issuer, SigningCAInfo, SigningRequest
+from csr_service.pipeline.authn import Authenticator
+from csr_service.pipeline.clusterid import check_cluster_id
+from csr_service.pipeline.context import RequestContext
+from csr_service.pipeline.csr import validate_csr
+from csr_service.pipeline.duration import decide_ttl
+from csr_service.pipeline.impersonation import IMPERSONATION_KEY, ImpersonationPolicy, NoImpersonation
+from csr_service.pipeline.trust import TrustBundle
+from csr_service.pipeline.verify import ChainVerifier, response_chain
+
+__all__ = ["CertificatePipeline", "IssuerSlot", "PipelineSettings"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    trust_domain: str
+    cluster_ids: frozenset[str]
+    max_duration: timedelta
+    default_duration: timedelta
+
+
+class IssuerSlot:
+    """The active issuer. Swapping it (runtime configuration) leaves in-flight requests on
+    the issuer they started with, because each request reads the slot once."""
+
+    def __init__(self, issuer: Issuer) -> None:
+        self.current = issuer
+
+
+class CertificatePipeline:
+    """Turns one CreateCertificate request into a response chain or a csr_service error."""
+
+    def __init__(
+        self,
+        *,
+        authenticator: Authenticator,
+        issuers: IssuerSlot,
+        trust: TrustBundle,
+        settings: PipelineSettings,
+        impersonation: ImpersonationPolicy | None = None,
+    ) -> None:
+        self.authenticator = authenticator
+        self.issuers = issuers
+        self.trust = trust
+        self.settings = settings
+        self.impersonation = impersonation or NoImpersonation()
+        self._verifier = ChainVerifier()
+
+    async def create_certificate(
+        self, csr: str, validity_seconds: int, metadata: Mapping[str, Any], ctx: RequestContext
+    ) -> list[str]:
+        """Run the pipeline; returns ``[leaf, intermediates..., root bundle]``."""
+        started = time.perf_counter()
+        caller = await self.authenticator.authenticate(ctx)
+        check_cluster_id(ctx, self.settings.cluster_ids)
+        identities = caller.identities
+        requested = metadata.get(IMPERSONATION_KEY)
+        if requested:
+            if not isinstance(requested, str):
+                raise InvalidRequestError(f"{IMPERSONATION_KEY} must be a string")
+            identities = (await self.impersonation.authorize(caller, requested),)
+        validated = await run_cpu(validate_csr, csr, identities)
+
+        issuer = self.issuers.current
+        now = datetime.now(UTC)
+        ca_not_after = issuer.signing_ca_not_after() if isinstance(issuer, SigningCAInfo) else None
+        ttl = decide_ttl(
+            validity_seconds,
+            default=self.settings.default_duration,
+            maximum=self.settings.max_duration,
+            now=now,
+            ca_not_after=ca_not_after,
+        )
+        if ttl <= timedelta(0):
+            raise FailedPreconditionError("the signing CA has expired", detail=f"signing CA NotAfter {ca_not_after}")
+        request = SigningRequest(
+            csr=validated.csr, csr_pem=validated.pem, ttl=ttl, uris=(validated.uri,), request_id=ctx.request_id
+        )
+        issued = await issuer.sign(request)
+        trust = self.trust.current
+        leaf_pem, intermediates = await run_cpu(self._verifier.verify, issued, request, trust, now=now)
+        log.info(
+            "issued certificate identity=%s ttl=%ds not_after=%s issuer=%s took_ms=%.1f",
+            validated.uri,
+            int(ttl.total_seconds()),
+            issued.leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            issuer.name,
+            (time.perf_counter() - started) * 1000,
+        )
+        return response_chain(leaf_pem, intermediates, trust)

@@ -1,0 +1,100 @@
+"""Verifying what an issuer returned before a workload sees it.
+
+A backend bug or misconfiguration (wrong role, wrong intermediate, a TTL it ignored) must
+never reach a workload as a certificate that peers will reject: check the leaf against
+what we asked for and its chain against the trust bundle, and answer INTERNAL otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from csr_service.errors import InternalError
+from csr_service.issuers.base import IssuedChain, SigningRequest
+from csr_service.pipeline.trust import TrustSnapshot
+from csr_service.pki.chain import ChainError, build_path, signed_by
+from csr_service.pki.pem import cert_to_pem
+
+__all__ = ["ChainVerifier"]
+
+#: Allowance for the time between deciding the TTL and the backend stamping NotAfter.
+_TTL_SLACK = timedelta(seconds=30)
+_CACHE_MAX = 64
+
+
+def _spki(obj: x509.Certificate | x509.CertificateSigningRequest) -> bytes:
+    return obj.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+class ChainVerifier:
+    """Verifies issued chains; caches the (rarely changing) CA part of each chain."""
+
+    def __init__(self) -> None:
+        # (chain certs, bundle version) -> (intermediates to return, their PEMs, valid-until)
+        self._cache: dict[tuple[tuple[x509.Certificate, ...], int], tuple[tuple[str, ...], datetime]] = {}
+
+    def verify(
+        self, issued: IssuedChain, request: SigningRequest, trust: TrustSnapshot, *, now: datetime
+    ) -> tuple[str, tuple[str, ...]]:
+        """Return (leaf PEM, intermediate PEMs) or raise InternalError with the reason."""
+        leaf = issued.leaf
+        self._check_leaf(leaf, request, now)
+        chain = tuple(issued.chain)
+        key = (chain, trust.version)
+        cached = self._cache.get(key)
+        if cached is not None and now < cached[1]:
+            issuer_cert = chain[0] if chain else None
+            if issuer_cert is not None and signed_by(leaf, issuer_cert):
+                return cert_to_pem(leaf), cached[0]
+        try:
+            path = build_path(leaf, chain, trust.roots, now=now)
+        except ChainError as exc:
+            raise InternalError(
+                "the issued certificate does not chain to the trust bundle",
+                detail=f"issued chain rejected: {exc}",
+            ) from exc
+        intermediates = path[1:-1]
+        pems = tuple(cert_to_pem(c) for c in intermediates)
+        # Cache only when the leaf's issuer is chain[0]: then checking that one signature
+        # per request re-establishes the whole path.
+        if chain and path[1] == chain[0]:
+            until = min(c.not_valid_after_utc for c in path[1:])
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[key] = (pems, until)
+        return cert_to_pem(leaf), pems
+
+    @staticmethod
+    def _check_leaf(leaf: x509.Certificate, request: SigningRequest, now: datetime) -> None:
+        if _spki(leaf) != _spki(request.csr):
+            raise InternalError("the issued certificate is invalid", detail="issued leaf has another public key than the CSR")
+        try:
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound as exc:
+            raise InternalError("the issued certificate is invalid", detail="issued leaf has no SAN") from exc
+        got_uris = sorted(san.get_values_for_type(x509.UniformResourceIdentifier))
+        got_dns = sorted(san.get_values_for_type(x509.DNSName))
+        if got_uris != sorted(request.uris) or (request.dns_names and got_dns != sorted(request.dns_names)):
+            raise InternalError(
+                "the issued certificate is invalid",
+                detail=f"issued leaf names URIs={got_uris} DNS={got_dns}, asked URIs={list(request.uris)} "
+                f"DNS={list(request.dns_names)}",
+            )
+        if request.purpose == "workload" and (got_dns or san.get_values_for_type(x509.IPAddress)):
+            raise InternalError("the issued certificate is invalid", detail="issued workload leaf carries DNS/IP SANs")
+        if leaf.not_valid_after_utc > now + request.ttl + _TTL_SLACK:
+            raise InternalError(
+                "the issued certificate outlives the requested lifetime",
+                detail=f"issuer returned NotAfter {leaf.not_valid_after_utc}, asked at most {now + request.ttl}",
+            )
+        if leaf.not_valid_after_utc <= now:
+            raise InternalError("the issued certificate is already expired", detail=f"NotAfter {leaf.not_valid_after_utc}")
+
+
+def response_chain(leaf_pem: str, intermediates: Sequence[str], trust: TrustSnapshot) -> list[str]:
+    """``[leaf, intermediates..., root bundle]``: istio-agent takes the LAST element as its roots."""
+    return [leaf_pem, *intermediates, trust.pem]

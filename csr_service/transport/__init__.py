@@ -1,0 +1,1 @@
+"""Transport: the gRPC server (TLS, health, reflection), its thin servicer, serving certificate."""

@@ -1,0 +1,76 @@
+"""The thin gRPC servicer: unpack the call, run the pipeline, map errors, pack the answer.
+
+No crypto and no backend calls here. Every request gets a request id (in every log line
+about it, and in the error message the client sees, so an operator can find the detail)
+and a server-side deadline, because istio-agent sends none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from csr_service._generated import ca_pb2, ca_pb2_grpc
+from csr_service.errors import CSRServiceError, DeadlineExceededError, InternalError, status_code_for
+from csr_service.pipeline.context import REQUEST_ID, RequestContext, new_request_id
+from csr_service.pipeline.handler import CertificatePipeline
+
+__all__ = ["IstioCertificateServicer"]
+
+log = logging.getLogger(__name__)
+
+_CLIENT_ERROR_CODES = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+def _metadata(struct: struct_pb2.Struct) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in struct.fields.items():
+        kind = value.WhichOneof("kind")
+        out[key] = value.string_value if kind == "string_value" else None if kind == "null_value" else kind
+    return out
+
+
+class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
+    """``istio.v1.auth.IstioCertificateService``."""
+
+    def __init__(self, pipeline: CertificatePipeline, *, timeout: timedelta) -> None:
+        self._pipeline = pipeline
+        self._timeout = timeout.total_seconds()
+
+    async def CreateCertificate(  # noqa: N802 (gRPC method name)
+        self, request: ca_pb2.IstioCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ca_pb2.IstioCertificateResponse:
+        rid = new_request_id()
+        REQUEST_ID.set(rid)
+        md = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        ctx = RequestContext(metadata=md, peer=context.peer() or "", request_id=rid)
+        error: CSRServiceError
+        try:
+            async with asyncio.timeout(self._timeout):
+                chain = await self._pipeline.create_certificate(
+                    request.csr, request.validity_duration, _metadata(request.metadata), ctx
+                )
+            return ca_pb2.IstioCertificateResponse(cert_chain=chain)
+        except TimeoutError:
+            error = DeadlineExceededError(
+                "the certificate was not issued in time", detail=f"request exceeded the {self._timeout:g}s deadline"
+            )
+        except CSRServiceError as exc:
+            error = exc
+        except Exception:  # a bug: log it with its traceback, never send it to the client
+            log.exception("unexpected error while handling CreateCertificate")
+            error = InternalError("internal error")
+        code = status_code_for(error)
+        level = logging.WARNING if code in _CLIENT_ERROR_CODES else logging.ERROR
+        log.log(level, "CreateCertificate failed code=%s peer=%s: %s", code.name, ctx.peer, error.detail)
+        await context.abort(code, f"{error.public} (request id {rid})")
+        raise AssertionError("unreachable: abort raises")

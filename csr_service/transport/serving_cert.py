@@ -1,0 +1,191 @@
+"""The gRPC server's own TLS certificate: issued by the active issuer, renewed, hot-swapped.
+
+istio-agent verifies the CA's serving certificate against the root it gets from the
+``istio-ca-root-cert`` ConfigMap, i.e. the trust bundle we publish. So the serving
+certificate is issued by the same issuer as workload certificates and chains to the same
+roots. It is renewed when a third of its life is left (or when the roots change), and the
+new one is handed to gRPC through a dynamic credentials callback that is consulted on each
+new handshake: existing connections are not dropped, new ones get the new certificate.
+
+Renewal failures are retried with backoff while the old certificate is still valid (istio-csr
+#141: a serving certificate that silently expired took a whole mesh down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from csr_service.errors import CSRServiceError
+from csr_service.issuers.base import SigningRequest
+from csr_service.pipeline.handler import IssuerSlot
+from csr_service.pipeline.trust import TrustBundle
+from csr_service.pki.certs import build_csr
+from csr_service.pki.chain import ChainError, build_path
+from csr_service.pki.keys import KeyType, generate_key
+from csr_service.pki.pem import cert_to_pem, key_to_pem
+
+__all__ = ["ServingCertificate", "ServingMaterial"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServingMaterial:
+    chain_pem: bytes
+    key_pem: bytes
+    not_before: datetime
+    not_after: datetime
+
+    def renew_at(self) -> datetime:
+        """When two thirds of the lifetime have passed."""
+        return self.not_before + (self.not_after - self.not_before) * 2 / 3
+
+
+class ServingCertificate:
+    """Obtains, renews and serves (via gRPC dynamic credentials) the TLS serving certificate."""
+
+    def __init__(
+        self,
+        issuers: IssuerSlot,
+        trust: TrustBundle,
+        *,
+        dns_names: Sequence[str],
+        ip_addresses: Sequence[str],
+        duration: timedelta,
+        key_type: KeyType,
+    ) -> None:
+        self._issuers = issuers
+        self._trust = trust
+        self._dns = tuple(dns_names)
+        self._ips = tuple(ip_addresses)
+        self._duration = duration
+        self._key_type = key_type
+        self._material: ServingMaterial | None = None
+        self._lock = threading.Lock()
+        self._fetched: ServingMaterial | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        trust.add_listener(lambda _snapshot: self.request_renewal())
+
+    @property
+    def material(self) -> ServingMaterial | None:
+        return self._material
+
+    async def obtain(self) -> ServingMaterial:
+        """Issue a fresh serving certificate and verify it against the trust bundle."""
+        key = generate_key(self._key_type)
+        csr = build_csr(key, dns_names=self._dns, ip_addresses=self._ips)
+        csr_pem = csr.public_bytes(serialization.Encoding.PEM)
+        issuer = self._issuers.current
+        issued = await issuer.sign(
+            SigningRequest(
+                csr=csr,
+                csr_pem=csr_pem,
+                ttl=self._duration,
+                dns_names=self._dns,
+                ip_addresses=self._ips,
+                request_id="serving-cert",
+                purpose="serving",
+            )
+        )
+        now = datetime.now(UTC)
+        try:
+            path = build_path(issued.leaf, list(issued.chain), self._trust.current.roots, now=now)
+        except ChainError as exc:
+            raise CSRServiceError(
+                "serving certificate does not chain to the trust bundle", detail=f"serving certificate rejected: {exc}"
+            ) from exc
+        chain_pem = "".join(cert_to_pem(c) for c in path[:-1]).encode()
+        material = ServingMaterial(
+            chain_pem=chain_pem,
+            key_pem=key_to_pem(key),
+            not_before=issued.leaf.not_valid_before_utc,
+            not_after=issued.leaf.not_valid_after_utc,
+        )
+        self._set(material, issued.leaf)
+        return material
+
+    def _set(self, material: ServingMaterial, leaf: x509.Certificate) -> None:
+        with self._lock:
+            self._material = material
+        log.info(
+            "serving certificate issued by %s for %s, valid until %s",
+            self._issuers.current.name,
+            ", ".join((*self._dns, *self._ips)),
+            material.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+
+    def request_renewal(self) -> None:
+        """Renew now (e.g. the roots changed). Safe to call from any callback on the loop."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Obtain the first certificate (retrying) and start the renewal loop."""
+        delay = 1.0
+        while self._material is None:
+            try:
+                await self.obtain()
+            except CSRServiceError as exc:
+                log.error("cannot obtain the serving certificate (retrying in %.0fs): %s", delay, exc.detail)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        self._wake.clear()  # the certificate we just got already reflects the current roots
+        self._task = asyncio.create_task(self._renew_loop(), name="serving-cert-renewal")
+
+    async def aclose(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _renew_loop(self) -> None:
+        failures = 0
+        while True:
+            material = self._material
+            assert material is not None
+            wait = (material.renew_at() - datetime.now(UTC)).total_seconds()
+            if failures:
+                wait = min(2.0**failures, 30.0) * (0.5 + random.random() / 2)  # noqa: S311 (jitter)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.0))
+            self._wake.clear()
+            try:
+                await self.obtain()
+                failures = 0
+            except Exception as exc:  # keep serving the old certificate and retry
+                failures += 1
+                left = (material.not_after - datetime.now(UTC)).total_seconds()
+                log.error("serving certificate renewal failed (%d, %.0fs of validity left): %s", failures, left, exc)
+
+    # --- gRPC credentials ---------------------------------------------------------------
+    def _config(self, material: ServingMaterial) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(material.key_pem, material.chain_pem)])
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by gRPC core on its own thread for each new handshake: return a new config
+        # only when the certificate changed, else None ("keep using the current one").
+        with self._lock:
+            material = self._material
+            if material is None or material is self._fetched:
+                return None
+            self._fetched = material
+        return self._config(material)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials whose certificate follows renewals without a restart."""
+        material = self._material
+        if material is None:
+            raise RuntimeError("serving certificate not obtained yet")
+        self._fetched = material
+        return grpc.dynamic_ssl_server_credentials(self._config(material), self._fetch)

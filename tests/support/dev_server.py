@@ -1,0 +1,149 @@
+"""Start ``csr-service serve`` as a subprocess for end-to-end tests, and stop it cleanly.
+
+    with running_dev_server(tmp_path / "state") as srv:
+        token = srv.token("default", "sleep")
+        ...  # srv.address, srv.root_cert
+
+The child gets its own process group and PR_SET_PDEATHSIG, so it never outlives pytest.
+Readiness is the real thing: the gRPC health service reports SERVING over TLS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+__all__ = ["DevServer", "free_port", "running_dev_server", "running_server"]
+
+CSR_SERVICE = [sys.executable, "-m", "csr_service"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _preexec() -> None:
+    os.setpgrp()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+@dataclass
+class DevServer:
+    """A running csr-service: where it listens and what to trust."""
+
+    address: str
+    root_cert: Path
+    state_dir: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def token(self, namespace: str, service_account: str, **kw: str) -> str:
+        """A dev token (``csr-service dev-token``) for namespace/service account."""
+        args = [*CSR_SERVICE, "dev-token", "--state-dir", str(self.state_dir)]
+        args += ["--namespace", namespace, "--service-account", service_account]
+        for key, value in kw.items():
+            args += [f"--{key.replace('_', '-')}", value]
+        return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+
+    def channel(self) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials(root_certificates=self.root_cert.read_bytes())
+        return grpc.secure_channel(self.address, creds)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _wait_ready(srv: DevServer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if srv.proc.poll() is not None:
+            raise RuntimeError(f"csr-service exited with {srv.proc.returncode}:\n{srv.log()[-4000:]}")
+        if srv.root_cert.exists():
+            try:
+                with srv.channel() as ch:
+                    resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as exc:
+                last = str(exc.code())
+        time.sleep(0.1)
+    raise TimeoutError(f"csr-service not ready after {timeout}s ({last}):\n{srv.log()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def running_server(
+    args: Sequence[str],
+    *,
+    root_cert: Path,
+    state_dir: Path,
+    log_path: Path,
+    port: int,
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Iterator[DevServer]:
+    """Run ``csr-service serve <args>`` (args must make it listen on 127.0.0.1:port)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*CSR_SERVICE, "serve", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_preexec,  # noqa: PLW1509 (we need the process group + death signal)
+            env={**os.environ, **(env or {})},
+        )
+    srv = DevServer(address=f"127.0.0.1:{port}", root_cert=root_cert, state_dir=state_dir, proc=proc, log_path=log_path)
+    try:
+        _wait_ready(srv, timeout)
+        yield srv
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def running_dev_server(state_dir: Path, *extra_args: str, workers: int = 1, timeout: float = 60.0) -> Iterator[DevServer]:
+    """``csr-service serve --dev --state-dir state_dir`` on a free loopback port."""
+    port = free_port()
+    args = ["--dev", "--state-dir", str(state_dir), "--grpc-listen", f"127.0.0.1:{port}", "--workers", str(workers)]
+    with running_server(
+        [*args, *extra_args],
+        root_cert=state_dir / "root-cert.pem",
+        state_dir=state_dir,
+        log_path=state_dir.parent / f"{state_dir.name}-server.log",
+        port=port,
+        timeout=timeout,
+    ) as srv:
+        yield srv
