@@ -1,0 +1,159 @@
+"""Local CA material: layouts, checks at load, reload keeping the last good CA."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from csr_service.issuers.local.issuer import DirectorySource, LocalCAIssuer
+from csr_service.issuers.local.material import CAMaterialError, load_ca_dir
+from csr_service.pki.certs import LeafSpec, build_leaf, build_self_signed_ca
+from csr_service.pki.keys import KeyType, generate_key
+from csr_service.pki.pem import cert_to_pem, key_to_pem
+from tests.support.certs import write_ca_dir
+
+
+@pytest.mark.parametrize("layout", ["cacerts", "tls"])
+@pytest.mark.parametrize("intermediate", [False, True])
+def test_layouts_load(tmp_path: Path, layout: str, intermediate: bool) -> None:
+    cert, _, root = write_ca_dir(tmp_path, layout=layout, intermediate=intermediate)
+    m = load_ca_dir(tmp_path)
+    assert m.cert == cert
+    assert m.roots == (root,)
+    assert (m.cert != root) is intermediate
+    assert m.intermediates == ()  # nothing between the signing cert and the root
+
+
+def test_two_level_intermediates(tmp_path: Path) -> None:
+    from csr_service.pki.certs import build_intermediate_ca
+
+    root_key = generate_key(KeyType.EC_P256)
+    root = build_self_signed_ca(root_key, common_name="root", path_length=2)
+    k1 = generate_key(KeyType.EC_P256)
+    i1 = build_intermediate_ca(k1, root, root_key, common_name="i1", path_length=1)
+    k2 = generate_key(KeyType.RSA2048)
+    i2 = build_intermediate_ca(k2, i1, k1, common_name="i2")
+    (tmp_path / "ca-cert.pem").write_text(cert_to_pem(i2))
+    (tmp_path / "ca-key.pem").write_bytes(key_to_pem(k2))
+    (tmp_path / "cert-chain.pem").write_text(cert_to_pem(i2) + cert_to_pem(root) + cert_to_pem(i1))  # any order
+    (tmp_path / "root-cert.pem").write_text(cert_to_pem(root))
+    m = load_ca_dir(tmp_path)
+    assert m.cert == i2
+    assert m.intermediates == (i1,)
+
+
+def test_self_signed_without_root_file(tmp_path: Path) -> None:
+    write_ca_dir(tmp_path, layout="tls")
+    (tmp_path / "ca.crt").unlink()
+    assert len(load_ca_dir(tmp_path).roots) == 1
+
+
+def test_multiple_roots_in_bundle(tmp_path: Path) -> None:
+    write_ca_dir(tmp_path)
+    other = build_self_signed_ca(generate_key(KeyType.EC_P256), common_name="next root")
+    with (tmp_path / "root-cert.pem").open("a") as fh:
+        fh.write(cert_to_pem(other))
+    assert len(load_ca_dir(tmp_path).roots) == 2
+
+
+def test_key_mismatch(tmp_path: Path) -> None:
+    write_ca_dir(tmp_path)
+    (tmp_path / "ca-key.pem").write_bytes(key_to_pem(generate_key(KeyType.EC_P256)))
+    with pytest.raises(CAMaterialError, match="does not match"):
+        load_ca_dir(tmp_path)
+
+
+def test_not_a_ca(tmp_path: Path) -> None:
+    _, _, root = write_ca_dir(tmp_path)
+    root_key = generate_key(KeyType.EC_P256)
+    root = build_self_signed_ca(root_key, common_name="r")
+    leaf_key = generate_key(KeyType.EC_P256)
+    leaf = build_leaf(leaf_key.public_key(), LeafSpec(not_after=datetime.now(UTC) + timedelta(days=1), dns_names=["x"]), root, root_key)
+    (tmp_path / "ca-cert.pem").write_text(cert_to_pem(leaf))
+    (tmp_path / "ca-key.pem").write_bytes(key_to_pem(leaf_key))
+    (tmp_path / "cert-chain.pem").write_text(cert_to_pem(leaf))
+    (tmp_path / "root-cert.pem").write_text(cert_to_pem(root))
+    with pytest.raises(CAMaterialError, match="not a CA"):
+        load_ca_dir(tmp_path)
+
+
+def test_expired(tmp_path: Path) -> None:
+    write_ca_dir(tmp_path, lifetime=timedelta(days=1))
+    with pytest.raises(CAMaterialError, match="expired"):
+        load_ca_dir(tmp_path, now=datetime.now(UTC) + timedelta(days=2))
+
+
+def test_chain_does_not_reach_root(tmp_path: Path) -> None:
+    write_ca_dir(tmp_path, intermediate=True)
+    other = build_self_signed_ca(generate_key(KeyType.EC_P256), common_name="unrelated")
+    (tmp_path / "root-cert.pem").write_text(cert_to_pem(other))
+    with pytest.raises(CAMaterialError, match="does not chain"):
+        load_ca_dir(tmp_path)
+
+
+def test_missing_and_garbage(tmp_path: Path) -> None:
+    with pytest.raises(CAMaterialError, match="neither"):
+        load_ca_dir(tmp_path)
+    write_ca_dir(tmp_path)
+    (tmp_path / "ca-key.pem").write_text("garbage")
+    with pytest.raises(CAMaterialError, match="private key"):
+        load_ca_dir(tmp_path)
+
+
+def test_reload_adopts_good_and_keeps_last_good_on_bad(tmp_path: Path) -> None:
+    first, _, _ = write_ca_dir(tmp_path)
+    issuer = LocalCAIssuer(DirectorySource(str(tmp_path)), reload_interval=timedelta(0))
+    changes: list[x509.Certificate] = []
+    issuer.add_change_listener(lambda m: changes.append(m.cert))
+
+    async def scenario() -> None:
+        await issuer.start()
+        assert issuer.material.cert == first
+        assert await issuer.reload() is False  # unchanged content: no-op
+        (tmp_path / "ca-key.pem").write_text("broken")
+        assert await issuer.reload() is False
+        assert issuer.material.cert == first  # last good kept
+        ok, why = issuer.health()
+        assert ok and "last reload failed" in why
+        second, _, _ = write_ca_dir(tmp_path)
+        assert await issuer.reload() is True
+        assert issuer.material.cert == second
+        assert changes == [second]
+        assert "last reload failed" not in issuer.health()[1]
+
+    asyncio.run(scenario())
+
+
+def test_watch_task_picks_up_changes(tmp_path: Path) -> None:
+    write_ca_dir(tmp_path)
+    issuer = LocalCAIssuer(DirectorySource(str(tmp_path)), reload_interval=timedelta(milliseconds=50))
+
+    async def scenario() -> None:
+        await issuer.start()
+        new, _, _ = write_ca_dir(tmp_path)
+        for _ in range(100):
+            if issuer.material.cert == new:
+                break
+            await asyncio.sleep(0.05)
+        await issuer.aclose()
+        assert issuer.material.cert == new
+
+    asyncio.run(scenario())
+
+
+def test_leaf_never_outlives_ca(tmp_path: Path) -> None:
+    write_ca_dir(tmp_path, lifetime=timedelta(minutes=30))
+    from tests.conformance.issuer_suite import _request
+
+    issuer = LocalCAIssuer(DirectorySource(str(tmp_path)), reload_interval=timedelta(0))
+
+    async def scenario() -> datetime:
+        await issuer.start()
+        issued = await issuer.sign(_request(ttl=timedelta(hours=5)))
+        return issued.leaf.not_valid_after_utc
+
+    assert asyncio.run(scenario()) <= issuer.material.not_after

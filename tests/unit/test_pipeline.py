@@ -1,0 +1,188 @@
+"""The whole pipeline in-process: order of steps, response shape, verification of issuer output."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+
+from csr_service.errors import (
+    STATUS_TABLE,
+    AuthenticationError,
+    CSRServiceError,
+    InternalError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    UnavailableError,
+    status_code_for,
+)
+from csr_service.issuers.base import IssuedChain, SigningRequest
+from csr_service.pki.certs import build_self_signed_ca
+from csr_service.pki.keys import KeyType, generate_key
+from csr_service.pki.pem import parse_certs
+from tests.support.certs import WORKLOAD, csr_pem, uri_sans
+from tests.support.pipeline import ctx, make_pipeline, token
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _issue(tmp: Path, csr: bytes | str, seconds: int = 3600, md: dict[str, Any] | None = None, **kw: Any) -> list[str]:
+    kit = await make_pipeline(tmp, **kw)
+    c = ctx(**kw.pop("ctx_md", {})) if "ctx_md" in kw else ctx()
+    return await kit.pipeline.create_certificate(csr if isinstance(csr, str) else csr.decode(), seconds, md or {}, c)
+
+
+def test_response_is_leaf_then_root_bundle(tmp_path: Path) -> None:
+    chain = _run(_issue(tmp_path, csr_pem(generate_key(KeyType.EC_P256))))
+    assert len(chain) == 2
+    assert all(e.endswith("\n") for e in chain)
+    leaf = parse_certs(chain[0].encode())[0]
+    assert uri_sans(leaf) == [WORKLOAD]
+    root = parse_certs(chain[1].encode())[0]
+    assert leaf.issuer == root.subject
+
+
+def test_intermediate_is_between_leaf_and_root(tmp_path: Path) -> None:
+    chain = _run(_issue(tmp_path, csr_pem(generate_key(KeyType.RSA2048)), intermediate=True))
+    assert len(chain) == 3
+    leaf, inter, root = (parse_certs(e.encode())[0] for e in chain)
+    assert leaf.issuer == inter.subject and inter.issuer == root.subject
+
+
+def test_multi_root_bundle_is_last_element(tmp_path: Path) -> None:
+    async def scenario() -> list[str]:
+        kit = await make_pipeline(tmp_path)
+        extra = build_self_signed_ca(generate_key(KeyType.EC_P256), common_name="next")
+        kit.trust.update([*kit.trust.current.roots, extra])
+        return await kit.pipeline.create_certificate(csr_pem(generate_key(KeyType.EC_P256)).decode(), 0, {}, ctx())
+
+    chain = _run(scenario())
+    assert len(parse_certs(chain[-1].encode())) == 2
+
+
+def test_ttl_is_clamped(tmp_path: Path) -> None:
+    chain = _run(_issue(tmp_path, csr_pem(generate_key(KeyType.EC_P256)), seconds=86400 * 365))
+    leaf = parse_certs(chain[0].encode())[0]
+    assert leaf.not_valid_after_utc <= datetime.now(UTC) + timedelta(hours=1, seconds=5)
+
+
+def test_other_identity_is_unauthenticated(tmp_path: Path) -> None:
+    csr = csr_pem(generate_key(KeyType.EC_P256), uris=("spiffe://cluster.local/ns/default/sa/admin",))
+    with pytest.raises(AuthenticationError):
+        _run(_issue(tmp_path, csr))
+
+
+def test_authentication_runs_before_csr_parsing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        kit = await make_pipeline(tmp_path)
+        await kit.pipeline.create_certificate("garbage", 0, {}, ctx(tok="bad"))
+
+    with pytest.raises(AuthenticationError):
+        _run(scenario())
+
+
+@pytest.mark.parametrize(("cluster", "ok"), [("", True), ("Kubernetes", True), ("other-cluster", False)])
+def test_cluster_id(tmp_path: Path, cluster: str, ok: bool) -> None:
+    async def scenario() -> list[str]:
+        kit = await make_pipeline(tmp_path)
+        c = ctx(clusterid=cluster) if cluster else ctx()
+        return await kit.pipeline.create_certificate(csr_pem(generate_key(KeyType.EC_P256)).decode(), 0, {}, c)
+
+    if ok:
+        assert _run(scenario())
+    else:
+        with pytest.raises(AuthenticationError, match="other-cluster"):
+            _run(scenario())
+
+
+def test_impersonation_is_refused_without_policy(tmp_path: Path) -> None:
+    csr = csr_pem(generate_key(KeyType.EC_P256), uris=("spiffe://cluster.local/ns/a/sa/b",))
+    with pytest.raises(PermissionDeniedError, match="impersonat"):
+        _run(_issue(tmp_path, csr, md={"ImpersonatedIdentity": "spiffe://cluster.local/ns/a/sa/b"}))
+
+
+class _BadIssuer:
+    """Wraps a real issuer and corrupts its output in one way."""
+
+    name = "bad"
+
+    def __init__(self, inner: Any, mode: str) -> None:
+        self.inner, self.mode = inner, mode
+
+    async def sign(self, request: SigningRequest) -> IssuedChain:
+        if self.mode == "unavailable":
+            raise UnavailableError("backend down", detail="connection refused")
+        if self.mode == "longer":
+            request = replace(request, ttl=request.ttl * 10)
+        if self.mode == "other-name":
+            request = replace(request, uris=("spiffe://cluster.local/ns/x/sa/y",))
+        issued: IssuedChain = await self.inner.sign(request)
+        if self.mode == "foreign-chain":
+            key = generate_key(KeyType.EC_P256)
+            return IssuedChain(leaf=issued.leaf, chain=[build_self_signed_ca(key, common_name="evil")])
+        return issued
+
+
+@pytest.mark.parametrize(
+    ("mode", "error"),
+    [("longer", InternalError), ("other-name", InternalError), ("unavailable", UnavailableError)],
+)
+def test_issuer_output_is_verified(tmp_path: Path, mode: str, error: type[CSRServiceError]) -> None:
+    async def scenario() -> None:
+        kit = await make_pipeline(tmp_path / "ca")
+        kit.pipeline.issuers.current = _BadIssuer(kit.issuer, mode)
+        await kit.pipeline.create_certificate(csr_pem(generate_key(KeyType.EC_P256)).decode(), 0, {}, ctx())
+
+    with pytest.raises(error):
+        _run(scenario())
+
+
+def test_chain_not_reaching_trust_bundle_is_internal(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        kit = await make_pipeline(tmp_path / "ca")
+        other = build_self_signed_ca(generate_key(KeyType.EC_P256), common_name="other root")
+        kit.trust.update([other])  # the bundle no longer contains the issuing root
+        await kit.pipeline.create_certificate(csr_pem(generate_key(KeyType.EC_P256)).decode(), 0, {}, ctx())
+
+    with pytest.raises(InternalError, match="trust bundle"):
+        _run(scenario())
+
+
+def test_verification_cache_notices_a_changed_bundle(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        kit = await make_pipeline(tmp_path / "ca")
+        csr = csr_pem(generate_key(KeyType.EC_P256)).decode()
+        await kit.pipeline.create_certificate(csr, 0, {}, ctx())  # fills the cache
+        kit.trust.update([build_self_signed_ca(generate_key(KeyType.EC_P256), common_name="other root")])
+        await kit.pipeline.create_certificate(csr, 0, {}, ctx())
+
+    with pytest.raises(InternalError):
+        _run(scenario())
+
+
+def test_non_string_impersonation_is_invalid(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError):
+        _run(_issue(tmp_path, csr_pem(generate_key(KeyType.EC_P256)), md={"ImpersonatedIdentity": True}))
+
+
+def test_error_table_covers_every_error_class() -> None:
+    classes = {c for c in CSRServiceError.__subclasses__()}
+    assert classes == set(STATUS_TABLE)
+    assert status_code_for(UnavailableError("x")) is grpc.StatusCode.UNAVAILABLE
+
+    class Sub(UnavailableError):
+        pass
+
+    assert status_code_for(Sub("x")) is grpc.StatusCode.UNAVAILABLE
+
+
+def test_token_helper_is_valid() -> None:
+    assert x509 and token()
