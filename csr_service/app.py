@@ -31,8 +31,8 @@ from csr_service.pipeline.authn.jwt import JWTAuthenticator, StaticKeySource
 from csr_service.pipeline.handler import CertificatePipeline, IssuerSlot, PipelineSettings
 from csr_service.pipeline.trust import TrustBundle
 from csr_service.transport.grpc_server import GrpcServer
-from csr_service.transport.serving_cert import ServingCertificate
 from csr_service.transport.servicer import IstioCertificateServicer
+from csr_service.transport.serving_cert import ServingCertificate
 
 __all__ = ["Service", "build_service", "run"]
 
@@ -147,6 +147,7 @@ async def serve_forever(config: Config, on_ready: Callable[[int], None] | None =
 
 
 # --- supervisor -----------------------------------------------------------------------
+
 
 def _die_with_parent() -> None:
     # PR_SET_PDEATHSIG: a worker must not outlive a supervisor that was SIGKILLed.

@@ -100,7 +100,8 @@ csr-service {__version__} (dev mode) is serving on {addr} (TLS)
 Try it:
   csr-service dev-token --state-dir {state} --namespace default --service-account sleep > /tmp/token
   csr-service request --ca-address {addr} --root-cert {state / "root-cert.pem"} --token-file /tmp/token \\
-      --trust-domain {config.pipeline.trust_domain} --namespace default --service-account sleep --out-dir /tmp/sleep-certs
+      --trust-domain {config.pipeline.trust_domain} --namespace default --service-account sleep \\
+      --out-dir /tmp/sleep-certs
   openssl x509 -in /tmp/sleep-certs/cert-chain.pem -noout -text
 """
 

@@ -76,11 +76,11 @@ def request_certificate(
         metadata=struct_pb2.Struct(fields={"CertSigner": struct_pb2.Value(string_value="")}),
     )
     with grpc.secure_channel(ca_address, creds, options=options) as channel:
-        stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)
+        stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
             resp = stub.CreateCertificate(req, metadata=metadata, timeout=timeout)
         except grpc.RpcError as exc:
-            raise RequestError(exc.code().name, exc.details() or "") from exc  # type: ignore[attr-defined]
+            raise RequestError(exc.code().name, exc.details() or "") from exc
     chain = list(resp.cert_chain)
     if len(chain) < 2:
         raise RequestError("INVALID_RESPONSE", f"expected leaf + root bundle, got {len(chain)} element(s)")

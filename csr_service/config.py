@@ -26,7 +26,12 @@ __all__ = ["CORE_OPTIONS", "AuthConfig", "Config", "PipelineConfig", "ServerConf
 
 CORE_OPTIONS: list[Option] = [
     # --- general / dev
-    Option("config", "TOML file with settings; keys are the flag names without the leading dashes.", "", kind="path"),
+    Option(
+        "config",
+        "TOML file with settings; keys are the flag names without the leading dashes.",
+        "",
+        kind="path",
+    ),
     Option(
         "dev",
         "Zero-config local run: generate a root CA and JWT key in --state-dir, listen on 127.0.0.1 only.",
@@ -37,7 +42,13 @@ CORE_OPTIONS: list[Option] = [
     Option("log-level", "Log level: debug, info, warning, error.", "info"),
     Option("log-format", "Log format: text or json.", "text"),
     # --- gRPC transport
-    Option("grpc-listen", "Address of the TLS gRPC listener.", "0.0.0.0:6443", group="server", metavar="HOST:PORT"),
+    Option(
+        "grpc-listen",
+        "Address of the TLS gRPC listener.",
+        "0.0.0.0:6443",
+        group="server",
+        metavar="HOST:PORT",
+    ),
     Option(
         "insecure-grpc-listen",
         "INSECURE: also serve gRPC in plaintext on this address (tokens travel in the clear). Empty: off.",
@@ -125,7 +136,13 @@ CORE_OPTIONS: list[Option] = [
         group="auth",
         kind="list",
     ),
-    Option("jwt-jwks-file", "JWKS file with the public keys that sign caller tokens.", "", group="auth", kind="path"),
+    Option(
+        "jwt-jwks-file",
+        "JWKS file with the public keys that sign caller tokens.",
+        "",
+        group="auth",
+        kind="path",
+    ),
     Option("jwt-issuer", "Required iss claim of caller tokens; empty: not checked.", "", group="auth"),
     Option(
         "jwt-leeway",
@@ -196,7 +213,7 @@ def _host_port(value: str, flag: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"--{flag}: expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (an explicit listen address)
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,8 @@ def prepare_dev_state(state_dir: str | Path) -> DevState:
         write_atomic(jwt_key_path, key_to_pem(generate_key(KeyType.EC_P256)), mode=0o600)
         created = True
     jwt_key = load_private_key(jwt_key_path.read_bytes())
+    if not isinstance(jwt_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{jwt_key_path}: expected an EC key")
     jwk: dict[str, Any] = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(jwt_key.public_key()))
     jwk.update({"kid": _kid(jwk), "alg": "ES256", "use": "sig"})
     write_atomic(d / "jwks.json", json.dumps({"keys": [jwk]}, indent=2) + "\n")
@@ -116,7 +118,10 @@ def mint_dev_token(
         "jti": str(uuid.uuid4()),
         "kubernetes.io": {
             "namespace": namespace,
-            "serviceaccount": {"name": service_account, "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, service_account))},
+            "serviceaccount": {
+                "name": service_account,
+                "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, service_account)),
+            },
         },
     }
     if pod_name:

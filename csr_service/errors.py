@@ -106,7 +106,7 @@ STATUS_TABLE: dict[type[CSRServiceError], grpc.StatusCode] = {
 def status_code_for(exc: CSRServiceError) -> grpc.StatusCode:
     """Return the gRPC status for an error, walking its class hierarchy."""
     for klass in type(exc).__mro__:
-        code = STATUS_TABLE.get(klass)  # type: ignore[call-overload]
+        code = STATUS_TABLE.get(klass)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL

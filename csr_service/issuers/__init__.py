@@ -49,6 +49,12 @@ BACKENDS: dict[str, Backend] = {
         "csr_service.issuers.local.issuer:create",
         "a CA certificate and key from a directory (Istio cacerts or kubernetes.io/tls layout)",
     ),
+    "vault": Backend(
+        "vault",
+        "csr_service.issuers.vault.options",
+        "csr_service.issuers.vault.issuer:create",
+        "a Vault / OpenBao PKI role (hvac; install the 'vault' extra)",
+    ),
 }
 
 

@@ -111,7 +111,9 @@ def rule_extensions(csr: x509.CertificateSigningRequest) -> None:
         if type(value) not in ALLOWED_EXTENSIONS:
             raise _bad(f"extension {ext.oid.dotted_string} is not allowed")
         if isinstance(value, x509.KeyUsage):
-            wanted = {n for n in ("key_cert_sign", "crl_sign", "content_commitment", "data_encipherment") if getattr(value, n)}
+            wanted = {
+                n for n in ("key_cert_sign", "crl_sign", "content_commitment", "data_encipherment") if getattr(value, n)
+            }
             if value.key_agreement:
                 wanted.add("key_agreement")
             if wanted:
@@ -136,7 +138,7 @@ def rule_san(csr: x509.CertificateSigningRequest) -> None:
         (x509.RegisteredID, "registered ID"),
         (x509.OtherName, "other name"),
     ):
-        if san.get_values_for_type(kind):  # type: ignore[arg-type]
+        if san.get_values_for_type(kind):
             raise _bad(f"{label} SANs are not allowed; only the workload's spiffe:// URI")
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:

@@ -93,7 +93,11 @@ class CertificatePipeline:
         if ttl <= timedelta(0):
             raise FailedPreconditionError("the signing CA has expired", detail=f"signing CA NotAfter {ca_not_after}")
         request = SigningRequest(
-            csr=validated.csr, csr_pem=validated.pem, ttl=ttl, uris=(validated.uri,), request_id=ctx.request_id
+            csr=validated.csr,
+            csr_pem=validated.pem,
+            ttl=ttl,
+            uris=(validated.uri,),
+            request_id=ctx.request_id,
         )
         issued = await issuer.sign(request)
         trust = self.trust.current

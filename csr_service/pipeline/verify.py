@@ -71,7 +71,9 @@ class ChainVerifier:
     @staticmethod
     def _check_leaf(leaf: x509.Certificate, request: SigningRequest, now: datetime) -> None:
         if _spki(leaf) != _spki(request.csr):
-            raise InternalError("the issued certificate is invalid", detail="issued leaf has another public key than the CSR")
+            raise InternalError(
+                "the issued certificate is invalid", detail="issued leaf has another public key than the CSR"
+            )
         try:
             san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         except x509.ExtensionNotFound as exc:
@@ -92,7 +94,9 @@ class ChainVerifier:
                 detail=f"issuer returned NotAfter {leaf.not_valid_after_utc}, asked at most {now + request.ttl}",
             )
         if leaf.not_valid_after_utc <= now:
-            raise InternalError("the issued certificate is already expired", detail=f"NotAfter {leaf.not_valid_after_utc}")
+            raise InternalError(
+                "the issued certificate is already expired", detail=f"NotAfter {leaf.not_valid_after_utc}"
+            )
 
 
 def response_chain(leaf_pem: str, intermediates: Sequence[str], trust: TrustSnapshot) -> list[str]:

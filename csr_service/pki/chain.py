@@ -115,4 +115,3 @@ def order_chain(leaf: x509.Certificate, certs: Iterable[x509.Certificate]) -> li
             break
         current = nxt
     return ordered
-

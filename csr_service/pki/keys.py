@@ -33,7 +33,7 @@ def generate_key(kind: KeyType) -> PrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
 
-def signature_hash(signing_key: PrivateKey) -> hashes.HashAlgorithm:
+def signature_hash(signing_key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
     """The digest Istio's CA uses for a signing key: SHA-384 for P-384, SHA-256 otherwise."""
     if isinstance(signing_key, ec.EllipticCurvePrivateKey) and signing_key.curve.key_size >= 384:
         return hashes.SHA384()

@@ -14,8 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
-from csr_service.transport.serving_cert import ServingCertificate
 from csr_service.transport.servicer import IstioCertificateServicer
+from csr_service.transport.serving_cert import ServingCertificate
 
 __all__ = ["SERVICE_NAME", "GrpcServer"]
 
@@ -47,12 +47,10 @@ class GrpcServer:
             ],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
         )
-        ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(servicer, self._server)
-        self.health = health.aio.HealthServicer()
+        ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         self.port = self._server.add_secure_port(listen, serving.server_credentials())
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
@@ -60,7 +58,8 @@ class GrpcServer:
         if insecure_listen:
             self.insecure_port = self._server.add_insecure_port(insecure_listen)
             log.warning(
-                "INSECURE plaintext gRPC listener on %s: service-account tokens travel unencrypted", insecure_listen
+                "INSECURE plaintext gRPC listener on %s: service-account tokens travel unencrypted",
+                insecure_listen,
             )
 
     async def start(self) -> None:

@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
 from csr_service.errors import CSRServiceError, DeadlineExceededError, InternalError, status_code_for
@@ -32,11 +32,10 @@ _CLIENT_ERROR_CODES = {
 
 
 def _metadata(struct: struct_pb2.Struct) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in struct.fields.items():
-        kind = value.WhichOneof("kind")
-        out[key] = value.string_value if kind == "string_value" else None if kind == "null_value" else kind
-    return out
+    if not struct.fields:
+        return {}
+    # Plain Python values (str, float, bool, None, dict, list): the pipeline checks types.
+    return json_format.MessageToDict(struct)
 
 
 class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
@@ -46,7 +45,7 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         self._pipeline = pipeline
         self._timeout = timeout.total_seconds()
 
-    async def CreateCertificate(  # noqa: N802 (gRPC method name)
+    async def CreateCertificate(
         self, request: ca_pb2.IstioCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ca_pb2.IstioCertificateResponse:
         rid = new_request_id()
@@ -62,7 +61,8 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
             return ca_pb2.IstioCertificateResponse(cert_chain=chain)
         except TimeoutError:
             error = DeadlineExceededError(
-                "the certificate was not issued in time", detail=f"request exceeded the {self._timeout:g}s deadline"
+                "the certificate was not issued in time",
+                detail=f"request exceeded the {self._timeout:g}s deadline",
             )
         except CSRServiceError as exc:
             error = exc

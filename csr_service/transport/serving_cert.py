@@ -104,7 +104,8 @@ class ServingCertificate:
             path = build_path(issued.leaf, list(issued.chain), self._trust.current.roots, now=now)
         except ChainError as exc:
             raise CSRServiceError(
-                "serving certificate does not chain to the trust bundle", detail=f"serving certificate rejected: {exc}"
+                "serving certificate does not chain to the trust bundle",
+                detail=f"serving certificate rejected: {exc}",
             ) from exc
         chain_pem = "".join(cert_to_pem(c) for c in path[:-1]).encode()
         material = ServingMaterial(
@@ -163,7 +164,7 @@ class ServingCertificate:
             try:
                 await self.obtain()
                 failures = 0
-            except Exception as exc:  # keep serving the old certificate and retry
+            except Exception as exc:  # noqa: BLE001 (any failure: keep the old certificate, retry)
                 failures += 1
                 left = (material.not_after - datetime.now(UTC)).total_seconds()
                 log.error("serving certificate renewal failed (%d, %.0fs of validity left): %s", failures, left, exc)
@@ -188,4 +189,5 @@ class ServingCertificate:
         if material is None:
             raise RuntimeError("serving certificate not obtained yet")
         self._fetched = material
-        return grpc.dynamic_ssl_server_credentials(self._config(material), self._fetch)
+        # grpc-stubs types the fetcher as never returning None, but None means "unchanged".
+        return grpc.dynamic_ssl_server_credentials(self._config(material), self._fetch)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ Vault role for workloads, say). Run with the marker of the backend's peer (vault
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -80,7 +81,7 @@ class IssuerConformance:
         chain = list(issued.chain)
         assert chain, "the chain must hold at least the leaf's issuer"
         assert issued.leaf.issuer == chain[0].subject, "chain[0] must be the leaf's issuer"
-        for child, parent in zip(chain, chain[1:], strict=False):
+        for child, parent in itertools.pairwise(chain):
             assert child.issuer == parent.subject, "chain must be ordered leaf-issuer first"
         path = build_path(issued.leaf, chain, trust_roots, now=datetime.now(UTC))
         assert path[-1] in trust_roots

@@ -70,8 +70,16 @@ def test_request_cli_reports_status_on_failure(dev_server: DevServer, out_dir: P
 
 # --- raw gRPC ---------------------------------------------------------------------------
 
-def _call(srv: DevServer, csr: bytes | str, token: str | None, *, md: dict[str, str] | None = None, ttl: int = 3600,
-          meta: dict[str, Any] | None = None) -> ca_pb2.IstioCertificateResponse:
+
+def _call(
+    srv: DevServer,
+    csr: bytes | str,
+    token: str | None,
+    *,
+    md: dict[str, str] | None = None,
+    ttl: int = 3600,
+    meta: dict[str, Any] | None = None,
+) -> ca_pb2.IstioCertificateResponse:
     metadata = [("authorization", f"Bearer {token}")] if token is not None else []
     metadata += list((md or {}).items())
     struct = struct_pb2.Struct()
@@ -93,8 +101,15 @@ def _forged(srv: DevServer, **claims: Any) -> str:
     key, kid = _dev_key(srv)
     other = claims.pop("_key", None)
     now = int(time.time())
-    body = {"iss": "https://csr-service.dev.invalid", "sub": "system:serviceaccount:default:sleep",
-            "aud": ["istio-ca"], "iat": now, "nbf": now, "exp": now + 600, **claims}
+    body = {
+        "iss": "https://csr-service.dev.invalid",
+        "sub": "system:serviceaccount:default:sleep",
+        "aud": ["istio-ca"],
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        **claims,
+    }
     return jwt.encode(body, other or key, algorithm="ES256", headers={"kid": kid})
 
 
@@ -105,18 +120,27 @@ def _alg_none() -> str:
         return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
 
     now = int(time.time())
-    return b64({"alg": "none"}) + "." + b64({"sub": "system:serviceaccount:default:sleep", "aud": ["istio-ca"],
-                                              "iat": now, "exp": now + 600}) + "."
+    return (
+        b64({"alg": "none"})
+        + "."
+        + b64({"sub": "system:serviceaccount:default:sleep", "aud": ["istio-ca"], "iat": now, "exp": now + 600})
+        + "."
+    )
 
 
-def _csr(names: list[x509.GeneralName] | None = None, subject: list[x509.NameAttribute] | None = None,
-         ext: x509.ExtensionType | None = None, key: Any = None, algorithm: Any = hashes.SHA256()) -> bytes:
+def _csr(
+    names: list[x509.GeneralName] | None = None,
+    subject: list[x509.NameAttribute] | None = None,
+    ext: x509.ExtensionType | None = None,
+    key: Any = None,
+    algorithm: Any = None,
+) -> bytes:
     key = key or ec.generate_private_key(ec.SECP256R1())
     b = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(subject or []))
     b = b.add_extension(x509.SubjectAlternativeName(names or [x509.UniformResourceIdentifier(ID)]), critical=True)
     if ext is not None:
         b = b.add_extension(ext, critical=False)
-    return b.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)
+    return b.sign(key, algorithm or hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def _bad_signature() -> bytes:
@@ -126,30 +150,74 @@ def _bad_signature() -> bytes:
 
 
 GOOD_CSR = lambda: csr_pem(generate_key(KeyType.EC_P256))  # noqa: E731
-U, IA, PD = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED
+U, IA, PD = (
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+)
 
 # name -> (csr factory, token factory(srv) or None, metadata, expected code)
 BAD_INPUTS: dict[str, tuple[Any, Any, dict[str, str], grpc.StatusCode]] = {
     "missing token": (GOOD_CSR, None, {}, U),
     "malformed token": (GOOD_CSR, lambda s: "abc.def", {}, U),
-    "expired token": (GOOD_CSR, lambda s: _forged(s, exp=int(time.time()) - 3600, iat=int(time.time()) - 7200), {}, U),
+    "expired token": (
+        GOOD_CSR,
+        lambda s: _forged(s, exp=int(time.time()) - 3600, iat=int(time.time()) - 7200),
+        {},
+        U,
+    ),
     "not-yet-valid token": (GOOD_CSR, lambda s: _forged(s, nbf=int(time.time()) + 3600), {}, U),
     "wrong-audience token": (GOOD_CSR, lambda s: s.token("default", "sleep", audience="kubernetes"), {}, U),
-    "wrong-signature token": (GOOD_CSR, lambda s: _forged(s, _key=ec.generate_private_key(ec.SECP256R1())), {}, U),
+    "wrong-signature token": (
+        GOOD_CSR,
+        lambda s: _forged(s, _key=ec.generate_private_key(ec.SECP256R1())),
+        {},
+        U,
+    ),
     "alg none token": (GOOD_CSR, lambda s: _alg_none(), {}, U),
     "token for another service account": (GOOD_CSR, lambda s: s.token("default", "other"), {}, U),
     "unknown clusterid": (GOOD_CSR, lambda s: s.token("default", "sleep"), {"clusterid": "remote"}, U),
-    "two URIs": (lambda: _csr([x509.UniformResourceIdentifier(ID), x509.UniformResourceIdentifier(ID + "x")]), None, {}, IA),
+    "two URIs": (
+        lambda: _csr([x509.UniformResourceIdentifier(ID), x509.UniformResourceIdentifier(ID + "x")]),
+        None,
+        {},
+        IA,
+    ),
     "DNS SAN": (lambda: _csr([x509.UniformResourceIdentifier(ID), x509.DNSName("a.example")]), None, {}, IA),
-    "IP SAN": (lambda: _csr([x509.UniformResourceIdentifier(ID), x509.IPAddress(__import__("ipaddress").ip_address("1.2.3.4"))]), None, {}, IA),
+    "IP SAN": (
+        lambda: _csr(
+            [
+                x509.UniformResourceIdentifier(ID),
+                x509.IPAddress(__import__("ipaddress").ip_address("1.2.3.4")),
+            ]
+        ),
+        None,
+        {},
+        IA,
+    ),
     "email SAN": (lambda: _csr([x509.UniformResourceIdentifier(ID), x509.RFC822Name("a@b.c")]), None, {}, IA),
     "CN": (lambda: _csr(subject=[x509.NameAttribute(NameOID.COMMON_NAME, "sleep")]), None, {}, IA),
     "non-SPIFFE URI": (lambda: _csr([x509.UniformResourceIdentifier("https://example.com/x")]), None, {}, IA),
-    "other trust domain": (lambda: _csr([x509.UniformResourceIdentifier("spiffe://evil.td/ns/default/sa/sleep")]), None, {}, U),
+    "other trust domain": (
+        lambda: _csr([x509.UniformResourceIdentifier("spiffe://evil.td/ns/default/sa/sleep")]),
+        None,
+        {},
+        U,
+    ),
     "CA:TRUE": (lambda: _csr(ext=x509.BasicConstraints(ca=True, path_length=None)), None, {}, IA),
-    "unknown extension": (lambda: _csr(ext=x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00")), None, {}, IA),
+    "unknown extension": (
+        lambda: _csr(ext=x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00")),
+        None,
+        {},
+        IA,
+    ),
     "RSA-1024 key": (lambda: _csr(key=rsa.generate_private_key(65537, 1024)), None, {}, IA),
-    "unsupported curve": (lambda: _csr(key=ec.generate_private_key(ec.SECP521R1()), algorithm=hashes.SHA512()), None, {}, IA),
+    "unsupported curve": (
+        lambda: _csr(key=ec.generate_private_key(ec.SECP521R1()), algorithm=hashes.SHA512()),
+        None,
+        {},
+        IA,
+    ),
     "bad CSR signature": (_bad_signature, None, {}, IA),
     "garbage PEM": (lambda: b"garbage", None, {}, IA),
     "truncated PEM": (lambda: GOOD_CSR()[:150], None, {}, IA),
@@ -162,19 +230,26 @@ BAD_INPUTS: dict[str, tuple[Any, Any, dict[str, str], grpc.StatusCode]] = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gets_clear_status(dev_server: DevServer, case: str) -> None:
     csr, tok, md, code = BAD_INPUTS[case]
-    token = tok(dev_server) if tok else (dev_server.token("default", "sleep") if case not in {"missing token"} else None)
+    token = (
+        tok(dev_server) if tok else (dev_server.token("default", "sleep") if case not in {"missing token"} else None)
+    )
     with pytest.raises(grpc.RpcError) as info:
         _call(dev_server, csr(), token, md=md)
     assert info.value.code() == code, info.value.details()
     details = info.value.details()
-    assert "request id" in details and "Traceback" not in details
+    assert "request id" in details
+    assert "Traceback" not in details
     assert len(details) < 300  # short message; detail stays in the log
 
 
 def test_impersonation_is_refused(dev_server: DevServer) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        _call(dev_server, GOOD_CSR(), dev_server.token("default", "sleep"),
-              meta={"ImpersonatedIdentity": "spiffe://cluster.local/ns/default/sa/other"})
+        _call(
+            dev_server,
+            GOOD_CSR(),
+            dev_server.token("default", "sleep"),
+            meta={"ImpersonatedIdentity": "spiffe://cluster.local/ns/default/sa/other"},
+        )
     assert info.value.code() == PD
 
 
@@ -199,7 +274,8 @@ def test_server_survives_bad_input_and_logs_detail(dev_server: DevServer) -> Non
     log = dev_server.log()
     assert "CSR asks for 'spiffe://evil.td/ns/default/sa/sleep'" in log  # detail with request id in the log
     assert "Traceback" not in log
-    assert "BEGIN CERTIFICATE REQUEST" not in log and "eyJ" not in log  # no CSRs, no tokens
+    assert "BEGIN CERTIFICATE REQUEST" not in log
+    assert "eyJ" not in log
 
 
 def test_concurrent_requests(dev_server: DevServer) -> None:
@@ -211,6 +287,7 @@ def test_concurrent_requests(dev_server: DevServer) -> None:
 
 
 # --- TLS --------------------------------------------------------------------------------
+
 
 def _tls_connect(srv: DevServer, **kw: Any) -> ssl.SSLSocket:
     ctx = ssl.create_default_context(cafile=str(srv.root_cert))
@@ -242,9 +319,12 @@ def test_tls_below_1_2_is_refused(dev_server: DevServer) -> None:
         ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the client really offer TLS 1.1
         ctx.minimum_version = ssl.TLSVersion.TLSv1_1
         ctx.maximum_version = ssl.TLSVersion.TLSv1_1
-    with pytest.raises(ssl.SSLError) as info:
-        with socket.create_connection(("127.0.0.1", dev_server.port), timeout=5) as raw, ctx.wrap_socket(raw):
-            pass
+    with (
+        pytest.raises(ssl.SSLError) as info,
+        socket.create_connection(("127.0.0.1", dev_server.port), timeout=5) as raw,
+        ctx.wrap_socket(raw),
+    ):
+        pass
     # The client did send a TLS 1.1 hello (no "no protocols available"), and the *server*
     # refused it: a protocol_version alert, or BoringSSL simply closing the connection.
     text = str(info.value).upper()
@@ -252,7 +332,10 @@ def test_tls_below_1_2_is_refused(dev_server: DevServer) -> None:
     assert "PROTOCOL_VERSION" in text.replace(" ", "_") or isinstance(info.value, ssl.SSLEOFError), info.value
     # Control: the same client settings with TLS 1.2 allowed get through.
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    with socket.create_connection(("127.0.0.1", dev_server.port), timeout=5) as raw, ctx.wrap_socket(raw) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", dev_server.port), timeout=5) as raw,
+        ctx.wrap_socket(raw) as tls,
+    ):
         assert tls.version() == "TLSv1.2"
 
 
@@ -267,13 +350,16 @@ def test_reflection_lists_the_service(dev_server: DevServer) -> None:
 
     with dev_server.channel() as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        resp = next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)))
+        resp = next(
+            iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+        )
     names = {s.name for s in resp.list_services_response.service}
     assert "istio.v1.auth.IstioCertificateService" in names
     assert "grpc.health.v1.Health" in names
 
 
 # --- lifecycle ----------------------------------------------------------------------------
+
 
 def _peer_serial(srv: DevServer) -> int:
     with _tls_connect(srv) as s:
@@ -330,13 +416,29 @@ def test_multiple_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> Non
 
 
 def test_dev_mode_refuses_non_loopback(tmp_path: Path) -> None:
-    res = subprocess.run([*CSR_SERVICE, "serve", "--dev", "--state-dir", str(tmp_path / "s"), "--grpc-listen",
-                          "0.0.0.0:16999"], capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        [
+            *CSR_SERVICE,
+            "serve",
+            "--dev",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--grpc-listen",
+            "0.0.0.0:16999",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert res.returncode == 2
-    assert "--grpc-listen" in res.stderr and "loopback" in res.stderr
+    assert "--grpc-listen" in res.stderr
+    assert "loopback" in res.stderr
 
 
 def test_help_lists_options() -> None:
-    res = subprocess.run([sys.executable, "-m", "csr_service", "serve", "--help"], capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        [sys.executable, "-m", "csr_service", "serve", "--help"], capture_output=True, text=True, timeout=30
+    )
     assert res.returncode == 0
-    assert "--max-certificate-duration" in res.stdout and "CSR_SERVICE_MAX_CERTIFICATE_DURATION" in res.stdout
+    assert "--max-certificate-duration" in res.stdout
+    assert "CSR_SERVICE_MAX_CERTIFICATE_DURATION" in res.stdout

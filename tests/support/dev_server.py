@@ -122,7 +122,7 @@ def running_server(
             [*CSR_SERVICE, "serve", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_preexec,  # noqa: PLW1509 (we need the process group + death signal)
+            preexec_fn=_preexec,
             env={**os.environ, **(env or {})},
         )
     srv = DevServer(address=f"127.0.0.1:{port}", root_cert=root_cert, state_dir=state_dir, proc=proc, log_path=log_path)
@@ -134,10 +134,20 @@ def running_server(
 
 
 @contextlib.contextmanager
-def running_dev_server(state_dir: Path, *extra_args: str, workers: int = 1, timeout: float = 60.0) -> Iterator[DevServer]:
+def running_dev_server(
+    state_dir: Path, *extra_args: str, workers: int = 1, timeout: float = 60.0
+) -> Iterator[DevServer]:
     """``csr-service serve --dev --state-dir state_dir`` on a free loopback port."""
     port = free_port()
-    args = ["--dev", "--state-dir", str(state_dir), "--grpc-listen", f"127.0.0.1:{port}", "--workers", str(workers)]
+    args = [
+        "--dev",
+        "--state-dir",
+        str(state_dir),
+        "--grpc-listen",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+    ]
     with running_server(
         [*args, *extra_args],
         root_cert=state_dir / "root-cert.pem",

@@ -31,7 +31,13 @@ def jwks() -> dict[str, Any]:
 
 def token(ns: str = "default", sa: str = "sleep", **over: Any) -> str:
     now = int(time.time())
-    claims = {"sub": f"system:serviceaccount:{ns}:{sa}", "aud": ["istio-ca"], "iat": now, "exp": now + 600, **over}
+    claims = {
+        "sub": f"system:serviceaccount:{ns}:{sa}",
+        "aud": ["istio-ca"],
+        "iat": now,
+        "exp": now + 600,
+        **over,
+    }
     return jwt.encode(claims, JWT_KEY, algorithm="ES256", headers={"kid": "k1"})
 
 
@@ -50,7 +56,11 @@ class PipelineKit:
 
 
 async def make_pipeline(
-    ca_dir: Path, *, intermediate: bool = False, issuer: Issuer | None = None, max_duration: timedelta = timedelta(hours=1)
+    ca_dir: Path,
+    *,
+    intermediate: bool = False,
+    issuer: Issuer | None = None,
+    max_duration: timedelta = timedelta(hours=1),
 ) -> PipelineKit:
     """A pipeline over a fresh local CA in ``ca_dir`` (optionally with another issuer slotted in)."""
     write_ca_dir(ca_dir, intermediate=intermediate)

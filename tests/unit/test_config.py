@@ -24,7 +24,11 @@ def test_defaults_match_istio_csr() -> None:
 def test_precedence(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('cluster-id = "from-file"\ntrust-domain = "file.td"\nmax-certificate-duration = "2h"\n')
-    env = {"CSR_SERVICE_CONFIG": str(cfg), "CSR_SERVICE_TRUST_DOMAIN": "env.td", "CSR_SERVICE_CLUSTER_ID": "env"}
+    env = {
+        "CSR_SERVICE_CONFIG": str(cfg),
+        "CSR_SERVICE_TRUST_DOMAIN": "env.td",
+        "CSR_SERVICE_CLUSTER_ID": "env",
+    }
     v = resolve({"cluster-id": "flag"}, env=env)
     assert v["cluster-id"] == "flag"
     assert v["trust-domain"] == "env.td"
@@ -34,7 +38,7 @@ def test_precedence(tmp_path: Path) -> None:
 def test_file_rejects_unknown_keys(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('clusterid = "typo"\n')
-    with pytest.raises(ConfigError, match="unknown setting.*clusterid"):
+    with pytest.raises(ConfigError, match=r"unknown setting.*clusterid"):
         resolve({"config": str(cfg)}, env={})
 
 

@@ -22,11 +22,13 @@ def _csr(
     subject: list[x509.NameAttribute] | None = None,
     names: list[x509.GeneralName] | None = None,
     extra: list[tuple[x509.ExtensionType, bool]] = (),  # type: ignore[assignment]
-    algorithm: hashes.HashAlgorithm | None = hashes.SHA256(),
+    algorithm: hashes.HashAlgorithm | str | None = "sha256",
 ) -> bytes:
     key = key or ec.generate_private_key(ec.SECP256R1())
     builder = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name(subject if subject is not None else [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "", _validate=False)])
+        x509.Name(
+            subject if subject is not None else [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "", _validate=False)]
+        )
     )
     if names is None:
         names = [x509.UniformResourceIdentifier(WORKLOAD)]
@@ -34,6 +36,8 @@ def _csr(
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
     for ext, critical in extra:
         builder = builder.add_extension(ext, critical=critical)
+    if algorithm == "sha256":
+        algorithm = hashes.SHA256()
     return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
 
 
@@ -47,29 +51,47 @@ def test_key_and_eku_extension_requests_with_istio_values_are_accepted() -> None
     pem = _csr(
         extra=[
             (x509.KeyUsage(True, False, True, False, False, False, False, False, False), True),
-            (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+            (
+                x509.ExtendedKeyUsage(
+                    [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                False,
+            ),
         ]
     )
     assert validate_csr(pem, ALLOWED).uri == WORKLOAD
 
 
 BAD_CSRS = {
-    "two URIs": lambda: _csr(names=[x509.UniformResourceIdentifier(WORKLOAD), x509.UniformResourceIdentifier(WORKLOAD + "2")]),
+    "two URIs": lambda: _csr(
+        names=[x509.UniformResourceIdentifier(WORKLOAD), x509.UniformResourceIdentifier(WORKLOAD + "2")]
+    ),
     "DNS SAN": lambda: _csr(names=[x509.UniformResourceIdentifier(WORKLOAD), x509.DNSName("evil.example.com")]),
     "IP SAN": lambda: _csr(
-        names=[x509.UniformResourceIdentifier(WORKLOAD), x509.IPAddress(__import__("ipaddress").ip_address("10.0.0.1"))]
+        names=[
+            x509.UniformResourceIdentifier(WORKLOAD),
+            x509.IPAddress(__import__("ipaddress").ip_address("10.0.0.1")),
+        ]
     ),
     "email SAN": lambda: _csr(names=[x509.UniformResourceIdentifier(WORKLOAD), x509.RFC822Name("a@example.com")]),
     "no SAN": lambda: _csr(names=[]),
     "CN": lambda: _csr(subject=[x509.NameAttribute(NameOID.COMMON_NAME, "sleep")]),
     "email in subject": lambda: _csr(subject=[x509.NameAttribute(NameOID.EMAIL_ADDRESS, "a@example.com")]),
     "non-SPIFFE URI": lambda: _csr(names=[x509.UniformResourceIdentifier("https://example.com/ns/default/sa/sleep")]),
-    "malformed SPIFFE path": lambda: _csr(names=[x509.UniformResourceIdentifier("spiffe://cluster.local/workload/sleep")]),
+    "malformed SPIFFE path": lambda: _csr(
+        names=[x509.UniformResourceIdentifier("spiffe://cluster.local/workload/sleep")]
+    ),
     "CA:TRUE": lambda: _csr(extra=[(x509.BasicConstraints(ca=True, path_length=None), True)]),
     "CA:FALSE basic constraints": lambda: _csr(extra=[(x509.BasicConstraints(ca=False, path_length=None), True)]),
-    "unknown extension": lambda: _csr(extra=[(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4.5"), b"\x05\x00"), False)]),
-    "keyCertSign usage": lambda: _csr(extra=[(x509.KeyUsage(True, False, False, False, False, True, False, False, False), True)]),
-    "codeSigning EKU": lambda: _csr(extra=[(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CODE_SIGNING]), False)]),
+    "unknown extension": lambda: _csr(
+        extra=[(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4.5"), b"\x05\x00"), False)]
+    ),
+    "keyCertSign usage": lambda: _csr(
+        extra=[(x509.KeyUsage(True, False, False, False, False, True, False, False, False), True)]
+    ),
+    "codeSigning EKU": lambda: _csr(
+        extra=[(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CODE_SIGNING]), False)]
+    ),
     "RSA-1024": lambda: _csr(rsa.generate_private_key(65537, 1024)),
     "P-521 curve": lambda: _csr(ec.generate_private_key(ec.SECP521R1()), algorithm=hashes.SHA512()),
     "secp256k1 curve": lambda: _csr(ec.generate_private_key(ec.SECP256K1())),
@@ -80,9 +102,7 @@ BAD_CSRS = {
     "truncated PEM": lambda: csr_pem(generate_key(KeyType.EC_P256))[:200],
     "PEM with garbage body": lambda: b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
     "two CSRs": lambda: csr_pem(generate_key(KeyType.EC_P256)) + csr_pem(generate_key(KeyType.EC_P256)),
-    "certificate instead of CSR": lambda: (
-        b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-    ),
+    "certificate instead of CSR": lambda: b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
     "1 MiB CSR": lambda: csr_pem(generate_key(KeyType.EC_P256)) + b"#" * (1024 * 1024),
 }
 

@@ -72,7 +72,12 @@ def test_not_a_ca(tmp_path: Path) -> None:
     root_key = generate_key(KeyType.EC_P256)
     root = build_self_signed_ca(root_key, common_name="r")
     leaf_key = generate_key(KeyType.EC_P256)
-    leaf = build_leaf(leaf_key.public_key(), LeafSpec(not_after=datetime.now(UTC) + timedelta(days=1), dns_names=["x"]), root, root_key)
+    leaf = build_leaf(
+        leaf_key.public_key(),
+        LeafSpec(not_after=datetime.now(UTC) + timedelta(days=1), dns_names=["x"]),
+        root,
+        root_key,
+    )
     (tmp_path / "ca-cert.pem").write_text(cert_to_pem(leaf))
     (tmp_path / "ca-key.pem").write_bytes(key_to_pem(leaf_key))
     (tmp_path / "cert-chain.pem").write_text(cert_to_pem(leaf))
@@ -118,7 +123,8 @@ def test_reload_adopts_good_and_keeps_last_good_on_bad(tmp_path: Path) -> None:
         assert await issuer.reload() is False
         assert issuer.material.cert == first  # last good kept
         ok, why = issuer.health()
-        assert ok and "last reload failed" in why
+        assert ok
+        assert "last reload failed" in why
         second, _, _ = write_ca_dir(tmp_path)
         assert await issuer.reload() is True
         assert issuer.material.cert == second

@@ -34,7 +34,9 @@ def _run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def _issue(tmp: Path, csr: bytes | str, seconds: int = 3600, md: dict[str, Any] | None = None, **kw: Any) -> list[str]:
+async def _issue(
+    tmp: Path, csr: bytes | str, seconds: int = 3600, md: dict[str, Any] | None = None, **kw: Any
+) -> list[str]:
     kit = await make_pipeline(tmp, **kw)
     c = ctx(**kw.pop("ctx_md", {})) if "ctx_md" in kw else ctx()
     return await kit.pipeline.create_certificate(csr if isinstance(csr, str) else csr.decode(), seconds, md or {}, c)
@@ -54,7 +56,8 @@ def test_intermediate_is_between_leaf_and_root(tmp_path: Path) -> None:
     chain = _run(_issue(tmp_path, csr_pem(generate_key(KeyType.RSA2048)), intermediate=True))
     assert len(chain) == 3
     leaf, inter, root = (parse_certs(e.encode())[0] for e in chain)
-    assert leaf.issuer == inter.subject and inter.issuer == root.subject
+    assert leaf.issuer == inter.subject
+    assert inter.issuer == root.subject
 
 
 def test_multi_root_bundle_is_last_element(tmp_path: Path) -> None:
@@ -185,4 +188,5 @@ def test_error_table_covers_every_error_class() -> None:
 
 
 def test_token_helper_is_valid() -> None:
-    assert x509 and token()
+    assert x509
+    assert token()

@@ -16,7 +16,8 @@ def test_committed_stubs_are_fresh(tmp_path: Path) -> None:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gen_proto", ROOT / "scripts" / "gen_proto.py")
-    assert spec and spec.loader
+    assert spec
+    assert spec.loader
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     fresh = gen.generate(tmp_path)
@@ -34,4 +35,5 @@ def test_wire_contract_matches_istio() -> None:
     resp = fd.message_types_by_name["IstioCertificateResponse"]
     assert {f.name: f.number for f in resp.fields} == {"cert_chain": 1}
     method = fd.services_by_name["IstioCertificateService"].methods_by_name["CreateCertificate"]
-    assert method.input_type is req and method.output_type is resp
+    assert method.input_type is req
+    assert method.output_type is resp

@@ -123,7 +123,8 @@ def load_ca_pem(
     if not roots:
         if not is_self_signed(cert):
             raise CAMaterialError(
-                f"{source}: no root certificates given (root-cert.pem / ca.crt) and the CA certificate is not self-signed"
+                f"{source}: no root certificates given (root-cert.pem / ca.crt) "
+                "and the CA certificate is not self-signed"
             )
         roots = [cert]
     _check_ca(cert, key, source, now)

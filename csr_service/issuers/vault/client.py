@@ -118,10 +118,13 @@ def _read_secret_file(path: str, flag: str) -> str:
         value = Path(path).read_text().strip()
     except OSError as exc:
         raise FailedPreconditionError(
-            "csr-service cannot read its Vault credentials", detail=f"--{flag}: cannot read {path}: {exc.strerror}"
+            "csr-service cannot read its Vault credentials",
+            detail=f"--{flag}: cannot read {path}: {exc.strerror}",
         ) from exc
     if not value:
-        raise FailedPreconditionError("csr-service cannot read its Vault credentials", detail=f"--{flag}: {path} is empty")
+        raise FailedPreconditionError(
+            "csr-service cannot read its Vault credentials", detail=f"--{flag}: {path} is empty"
+        )
     return value
 
 
@@ -231,7 +234,7 @@ class VaultClient:
         if self._closed:
             raise UnavailableError("the certificate authority client is shut down", detail=f"{self!r} is closed")
         try:
-            result = await self._run(self._call_sync, fn, operation)
+            result: T = await self._run(self._call_sync, fn, operation)
         except Exception as exc:
             self._note_failure(exc)
             raise translate(exc, operation=operation, rejected=rejected) from exc
@@ -242,20 +245,25 @@ class VaultClient:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()  # keep the request id for log lines
-        return await loop.run_in_executor(self._executor, ctx.run, fn, *args)
+        result: T = await loop.run_in_executor(self._executor, ctx.run, fn, *args)
+        return result
 
     def _call_sync(self, fn: Callable[[hvac.Client], T], operation: str) -> T:
         generation = self._ensure_login()
         try:
             return fn(self._hvac)
         except _AUTH_HV as exc:
-            log.warning("Vault refused the token on %s (%s); logging in again and retrying once", operation, _short(exc))
+            log.warning(
+                "Vault refused the token on %s (%s); logging in again and retrying once",
+                operation,
+                _short(exc),
+            )
             self._relogin(seen_generation=generation)
             return fn(self._hvac)
 
     def _note_failure(self, exc: BaseException) -> None:
         # Only "Vault is not there" makes us unhealthy; a refused CSR says nothing about Vault.
-        if isinstance(exc, _UNAVAILABLE_HV | requests.RequestException | ConnectionError):
+        if isinstance(exc, (*_UNAVAILABLE_HV, requests.RequestException, ConnectionError)):
             self._last_error = _short(exc, 200)
             self._failures += 1
 
@@ -322,7 +330,11 @@ class VaultClient:
         # restores at least half the original lease, log in again instead of renewing.
         at_max = lease.granted > 0 and ttl < lease.granted / 2
         self._lease = _Lease(
-            obtained=started, ttl=ttl, renewable=bool(data.get("renewable")), granted=lease.granted, at_max=at_max
+            obtained=started,
+            ttl=ttl,
+            renewable=bool(data.get("renewable")),
+            granted=lease.granted,
+            at_max=at_max,
         )
         for warning in response_warnings(resp):
             log.info("Vault warning on token renewal: %s", warning)
@@ -331,7 +343,7 @@ class VaultClient:
     # --- background maintenance -----------------------------------------------------------------
     def _next_delay(self) -> float:
         if self._last_error is not None or self._lease is None:
-            return min(PROBE_BACKOFF_MAX, MIN_MAINTENANCE * 2 ** min(self._failures, 5))
+            return min(PROBE_BACKOFF_MAX, MIN_MAINTENANCE * float(2 ** min(self._failures, 5)))
         renew_at = self._lease.renew_at
         if renew_at is None:
             return IDLE_CHECK
@@ -344,7 +356,7 @@ class VaultClient:
                 await self._run(self._maintain_sync)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the loop must survive anything; it is our only renewer
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything: it is our only renewer
                 self._note_failure(exc)
                 self._failures = max(self._failures, 1)
                 log.warning("Vault token maintenance failed (will retry): %s", translate(exc, operation="renewal"))

@@ -13,7 +13,13 @@ __all__ = ["CONNECTION_OPTIONS", "ISSUER_OPTIONS", "OPTIONS"]
 _G = "vault"
 
 CONNECTION_OPTIONS = [
-    Option("vault-address", "Vault/OpenBao address, e.g. https://vault.vault.svc:8200.", "", group=_G, metavar="URL"),
+    Option(
+        "vault-address",
+        "Vault/OpenBao address, e.g. https://vault.vault.svc:8200.",
+        "",
+        group=_G,
+        metavar="URL",
+    ),
     Option("vault-namespace", "Vault Enterprise namespace (X-Vault-Namespace); empty: none.", "", group=_G),
     Option(
         "vault-ca-bundle",
@@ -22,9 +28,21 @@ CONNECTION_OPTIONS = [
         group=_G,
         kind="path",
     ),
-    Option("vault-client-cert", "PEM client certificate for mutual TLS to Vault (optional).", "", group=_G, kind="path"),
+    Option(
+        "vault-client-cert",
+        "PEM client certificate for mutual TLS to Vault (optional).",
+        "",
+        group=_G,
+        kind="path",
+    ),
     Option("vault-client-key", "PEM key of --vault-client-cert.", "", group=_G, kind="path"),
-    Option("vault-timeout", "Timeout of one HTTP request to Vault.", timedelta(seconds=5), group=_G, kind="duration"),
+    Option(
+        "vault-timeout",
+        "Timeout of one HTTP request to Vault.",
+        timedelta(seconds=5),
+        group=_G,
+        kind="duration",
+    ),
     Option(
         "vault-max-connections",
         "Concurrent requests to Vault (threads and pooled connections): a sign is one HTTP round trip.",
@@ -71,7 +89,7 @@ ISSUER_OPTIONS = [
     ),
     Option(
         "vault-issuer-ref",
-        "Pin a PKI issuer (name or id): sign at <mount>/issuer/<ref>/sign/<role>; empty: the mount's default.",
+        "Pin a PKI issuer (name or id): sign at <mount>/issuer/<ref>/sign/<role>; empty: mount default.",
         "",
         group=_G,
     ),

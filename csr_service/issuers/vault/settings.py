@@ -170,7 +170,10 @@ class IssuerSettings:
         role = str(values.get("vault-role") or "")
         if not role:
             raise ConfigError("--vault-role: required with --issuer vault (the PKI role that signs)")
-        for flag, name in (("vault-role", role), ("vault-serving-role", values.get("vault-serving-role") or "")):
+        for flag, name in (
+            ("vault-role", role),
+            ("vault-serving-role", values.get("vault-serving-role") or ""),
+        ):
             if name and (not _PATH_SEGMENT.match(name) or "/" in name):
                 raise ConfigError(f"--{flag}: not a valid role name {name!r}")
         ref = str(values.get("vault-issuer-ref") or "") or None

@@ -163,9 +163,7 @@ class JWTAuthenticator:
         except jwt.ImmatureSignatureError as exc:
             raise _fail("token not yet valid", f"token not yet valid: {exc}") from exc
         except jwt.InvalidAudienceError as exc:
-            raise _fail(
-                "token audience not accepted", f"token audience not in {self._audiences}: {exc}"
-            ) from exc
+            raise _fail("token audience not accepted", f"token audience not in {self._audiences}: {exc}") from exc
         except jwt.InvalidIssuerError as exc:
             raise _fail("token issuer not accepted", f"token iss is not {self._issuer!r}") from exc
         except jwt.MissingRequiredClaimError as exc:

@@ -1,0 +1,1 @@
+"""The Vault / OpenBao PKI issuer (``--issuer vault``); needs the ``vault`` extra (hvac)."""
