@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STATE_DIR ?= .dev-state
-GRPC_LISTEN ?= 127.0.0.1:15012
+GRPC_LISTEN ?= 127.0.0.1:6443
 UNIT := tests/unit
 # The bed-free tiers: unit tests plus the end-to-end tests that only start csr-service itself.
 PEER_MARKERS := kube or vault or certmanager or istio or helm
 
-.PHONY: run test test-unit test-e2e test-integration testbed lint bench proto clean venv
+.PHONY: run test test-unit test-e2e testbed lint bench proto docs clean venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench: venv
 
 proto: venv
 	$(PY) scripts/gen_proto.py
+
+docs: venv
+	$(PY) scripts/gen_config_docs.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -19,10 +19,12 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from csr_service.config import Config
 from csr_service.errors import ConfigError, CSRServiceError
+from csr_service.fsutil import write_atomic
 from csr_service.issuers import IssuerContext, create_issuer
 from csr_service.issuers.base import Closable, Issuer, RootsProvider, Startable
 from csr_service.logs import setup_logging
@@ -93,6 +95,10 @@ async def _init_trust(config: Config, issuer: Issuer, trust: TrustBundle) -> Non
     # of remote backends would be trust-on-first-use, which needs an explicit choice.
     if issuer.name != "local" or not isinstance(issuer, RootsProvider):
         raise ConfigError(f"--root-ca-file: required with --issuer {issuer.name}")
+    if config.dev:
+        # Dev mode keeps DIR/root-cert.pem current, as the root ConfigMap is in a cluster.
+        bundle_file = Path(config.state_dir) / "root-cert.pem"
+        trust.add_listener(lambda snapshot: write_atomic(bundle_file, snapshot.pem))
     trust.update(await issuer.roots())
     add = getattr(issuer, "add_change_listener", None)
     if callable(add):

@@ -442,3 +442,45 @@ def test_help_lists_options() -> None:
     assert res.returncode == 0
     assert "--max-certificate-duration" in res.stdout
     assert "CSR_SERVICE_MAX_CERTIFICATE_DURATION" in res.stdout
+
+
+def test_ca_rotation_reaches_requests_and_serving_cert_without_restart(tmp_path: Path) -> None:
+    from tests.support.certs import write_ca_dir
+
+    state = tmp_path / "s"
+    with running_dev_server(state, "--local-ca-reload-interval", "1s") as srv:
+        token = srv.token("default", "sleep")
+        old_roots = parse_certs(_call(srv, GOOD_CSR(), token).cert_chain[-1].encode())
+        # A broken CA is refused; the last good one keeps signing.
+        (state / "ca" / "ca-key.pem").write_text("not a key")
+        time.sleep(2.5)
+        assert parse_certs(_call(srv, GOOD_CSR(), token).cert_chain[-1].encode()) == old_roots
+        assert "keeping the last good CA" in srv.log()
+        # Rotate to a new CA (with an intermediate) while the bundle still carries the old
+        # root, as a real rotation does: new leaves chain to the new root, both are trusted.
+        _, _, new_root = write_ca_dir(state / "ca", intermediate=True)
+        with (state / "ca" / "root-cert.pem").open("a") as fh:
+            fh.write("".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in old_roots))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            resp = _call(srv, GOOD_CSR(), token)
+            if len(resp.cert_chain) == 3 and len(parse_certs(resp.cert_chain[-1].encode())) == 2:
+                break
+            time.sleep(0.5)
+        assert parse_certs(resp.cert_chain[-1].encode()) == [new_root, *old_roots]
+        assert len(resp.cert_chain) == 3  # leaf, intermediate, root bundle
+        # Dev mode republishes the bundle file, like the root ConfigMap in a cluster.
+        assert parse_certs(srv.root_cert.read_bytes()) == [new_root, *old_roots]
+        # The serving certificate follows: a client trusting only the new root connects.
+        (tmp_path / "new-root.pem").write_bytes(new_root.public_bytes(serialization.Encoding.PEM))
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "new-root.pem"))
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+                    ctx.wrap_socket(raw, server_hostname="localhost").close()
+                break
+            except ssl.SSLError:
+                if time.monotonic() > deadline:
+                    pytest.fail("serving certificate did not move to the new root")
+                time.sleep(0.5)

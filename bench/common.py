@@ -1,0 +1,147 @@
+"""Shared benchmark plumbing: ghz runs, process CPU/RSS sampling, percentile formatting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "proto"
+METHOD = "istio.v1.auth.IstioCertificateService/CreateCertificate"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def ghz_binary() -> Path:
+    """ghz from the test bed (built or cached by tests/testbed/install.py)."""
+    from tests.testbed.install import ensure
+
+    path = Path(ensure("ghz"))
+    return path / "ghz" if path.is_dir() else path
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (workers of the supervisor)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    return total
+
+
+def rss_mib(pids: list[int]) -> float:
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+@dataclass
+class LoadResult:
+    label: str
+    concurrency: int
+    count: int
+    ok: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu_cores: float
+    server_rss_mib: float
+    errors: dict[str, int]
+
+    def row(self) -> str:
+        err = f"  errors={self.errors}" if self.errors else ""
+        return (
+            f"{self.label:<28} c={self.concurrency:<3} {self.rps:8.0f} CSR/s  p50 {self.p50_ms:7.2f} ms  "
+            f"p99 {self.p99_ms:7.2f} ms  server CPU {self.server_cpu_cores:4.2f} cores  RSS {self.server_rss_mib:6.0f} MiB"
+            f"  ({self.ok}/{self.count} OK){err}"
+        )
+
+
+def run_ghz(
+    *,
+    label: str,
+    address: str,
+    root_cert: Path,
+    token: str,
+    csr_pem: str,
+    concurrency: int,
+    duration_s: float,
+    server_pid: int,
+    connections: int,
+    server_name: str = "localhost",
+    validity: int = 3600,
+) -> LoadResult:
+    """One ghz run against ``address``; samples the server's CPU and RSS meanwhile."""
+    data = json.dumps({"csr": csr_pem, "validity_duration": validity})
+    md = json.dumps({"authorization": f"Bearer {token}", "clusterid": "Kubernetes"})
+    cmd = [
+        str(ghz_binary()),
+        "--proto", str(PROTO_DIR / "istio/v1/auth/ca.proto"),
+        "--import-paths", str(PROTO_DIR),
+        "--call", METHOD,
+        "--cacert", str(root_cert),
+        "--cname", server_name,
+        "--metadata", md,
+        "--data", data,
+        "--concurrency", str(concurrency),
+        "--connections", str(connections),
+        "--duration", f"{duration_s}s",
+        "--timeout", "20s",
+        "--format", "json",
+        address,
+    ]  # fmt: skip
+    pids = process_tree(server_pid)
+    cpu0, t0 = cpu_seconds(pids), time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 120)
+    cpu1, t1 = cpu_seconds(pids), time.monotonic()
+    if proc.returncode not in (0, 1) or not proc.stdout.strip():
+        raise RuntimeError(f"ghz failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    rep: dict[str, Any] = json.loads(proc.stdout)
+    dist = {int(d["percentage"]): d["latency"] / 1e6 for d in rep.get("latencyDistribution") or []}
+    codes = rep.get("statusCodeDistribution") or {}
+    ok = int(codes.get("OK", 0))
+    errors = {k: int(v) for k, v in codes.items() if k != "OK"}
+    return LoadResult(
+        label=label,
+        concurrency=concurrency,
+        count=int(rep["count"]),
+        ok=ok,
+        rps=ok / (rep["total"] / 1e9) if rep.get("total") else 0.0,
+        p50_ms=dist.get(50, float("nan")),
+        p99_ms=dist.get(99, float("nan")),
+        server_cpu_cores=(cpu1 - cpu0) / (t1 - t0),
+        server_rss_mib=rss_mib(process_tree(server_pid)),
+        errors=errors,
+    )
