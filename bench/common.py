@@ -83,7 +83,7 @@ class LoadResult:
     def row(self) -> str:
         err = f"  errors={self.errors}" if self.errors else ""
         return (
-            f"{self.label:<28} c={self.concurrency:<3} {self.rps:8.0f} CSR/s  p50 {self.p50_ms:7.2f} ms  "
+            f"{self.label:<22} c={self.concurrency:<3} {self.rps:7.0f} CSR/s p50 {self.p50_ms:6.2f} ms "
             f"p99 {self.p99_ms:7.2f} ms  server CPU {self.server_cpu_cores:4.2f} cores  RSS {self.server_rss_mib:6.0f} MiB"
             f"  ({self.ok}/{self.count} OK){err}"
         )

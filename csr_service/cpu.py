@@ -1,10 +1,17 @@
 """Running CPU-bound crypto without stalling the event loop.
 
-Signing and signature checks take 0.05–5 ms each (RSA-4096 CA keys at the top end). Run
-inline, a burst of them would delay every other connection on the loop, including TLS
-handshakes and health checks; so they go to a small thread pool. More cores are used by
-running several worker processes (``--workers``), not by more threads, because the GIL
-serialises Python work anyway.
+The policy, measured rather than assumed (bench/local_ca.py, profiles in the closing notes):
+
+- Operations of ~0.1 ms (ECDSA P-256/P-384 and RSA-2048 signing, any signature check, JWT
+  verification) run inline. Handing each to a thread costs about as much as the operation
+  itself (executor hand-off plus the self-pipe wake-up of the loop) and, with the GIL, buys
+  no parallelism inside one process.
+- Operations of milliseconds (signing with RSA ≥ 3072-bit CA keys: 3–30 ms) go to a small
+  thread pool through :func:`run_cpu`, so one slow signature does not hold up every other
+  connection on the loop; cryptography releases the GIL while it signs, so these also
+  overlap with the loop's own work.
+
+More cores are used by running several worker processes (``--workers``).
 """
 
 from __future__ import annotations

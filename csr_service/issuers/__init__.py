@@ -40,6 +40,9 @@ class Backend:
     options_module: str
     factory: str  # "module:function"; function(values, context) -> Issuer
     summary: str
+    #: Other backends' option lists ("module:ATTRIBUTE") this one also reads, e.g. the local
+    #: issuer's Vault-KV CA source reuses the vault-* connection options.
+    shared_options: tuple[str, ...] = ()
 
 
 BACKENDS: dict[str, Backend] = {
@@ -47,7 +50,8 @@ BACKENDS: dict[str, Backend] = {
         "local",
         "csr_service.issuers.local.options",
         "csr_service.issuers.local.issuer:create",
-        "a CA certificate and key from a directory (Istio cacerts or kubernetes.io/tls layout)",
+        "a CA certificate and key from a directory (Istio cacerts or kubernetes.io/tls layout) or Vault KV",
+        shared_options=("csr_service.issuers.vault.options:CONNECTION_OPTIONS",),
     ),
     "vault": Backend(
         "vault",
@@ -58,10 +62,18 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def backend_options(name: str) -> list[Option]:
-    """The options a backend declares (imports only its light ``options`` module)."""
-    module = importlib.import_module(BACKENDS[name].options_module)
-    options: list[Option] = module.OPTIONS
+def backend_options(name: str, *, include_shared: bool = False) -> list[Option]:
+    """The options a backend declares (imports only its light ``options`` module).
+
+    With ``include_shared``, also those it borrows from other backends (``shared_options``):
+    use that for the values handed to its factory, not for listing every flag once.
+    """
+    backend = BACKENDS[name]
+    options: list[Option] = list(importlib.import_module(backend.options_module).OPTIONS)
+    if include_shared:
+        for ref in backend.shared_options:
+            module_name, _, attr = ref.partition(":")
+            options.extend(getattr(importlib.import_module(module_name), attr))
     return options
 
 

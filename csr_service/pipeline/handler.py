@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from csr_service.cpu import run_cpu
 from csr_service.errors import FailedPreconditionError, InvalidRequestError
-from csr_service.issuers.base import Issuer, SigningCAInfo, SigningRequest
+from csr_service.issuers.base import Issuer, SigningRequest
 from csr_service.pipeline.authn import Authenticator
 from csr_service.pipeline.clusterid import check_cluster_id
 from csr_service.pipeline.context import RequestContext
@@ -78,11 +77,13 @@ class CertificatePipeline:
             if not isinstance(requested, str):
                 raise InvalidRequestError(f"{IMPERSONATION_KEY} must be a string")
             identities = (await self.impersonation.authorize(caller, requested),)
-        validated = await run_cpu(validate_csr, csr, identities)
+        validated = validate_csr(csr, identities)  # ~0.1 ms: inline (see csr_service.cpu)
 
         issuer = self.issuers.current
         now = datetime.now(UTC)
-        ca_not_after = issuer.signing_ca_not_after() if isinstance(issuer, SigningCAInfo) else None
+        # getattr, not isinstance(SigningCAInfo): runtime Protocol checks cost ~10 µs per call.
+        not_after_of = getattr(issuer, "signing_ca_not_after", None)
+        ca_not_after = not_after_of() if callable(not_after_of) else None
         ttl = decide_ttl(
             validity_seconds,
             default=self.settings.default_duration,
@@ -101,7 +102,7 @@ class CertificatePipeline:
         )
         issued = await issuer.sign(request)
         trust = self.trust.current
-        leaf_pem, intermediates = await run_cpu(self._verifier.verify, issued, request, trust, now=now)
+        leaf_pem, intermediates = self._verifier.verify(issued, request, trust, now=now)
         log.info(
             "issued certificate identity=%s ttl=%ds not_after=%s issuer=%s took_ms=%.1f",
             validated.uri,

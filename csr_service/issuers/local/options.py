@@ -14,6 +14,26 @@ OPTIONS = [
         kind="path",
         metavar="DIR",
     ),
+    # The CA keypair from a Vault KV secret instead of a directory (connection and login: the
+    # vault-* options). The seed's layout: secret/data/pki/istiod, fields certificate/privateKey.
+    Option(
+        "local-ca-vault-kv-path",
+        "Read the CA from this Vault KV secret (API path: with /data/ for KV v2, e.g. "
+        "secret/data/pki/istiod) instead of --local-ca-dir; uses the --vault-* connection options.",
+        "",
+        group="local",
+    ),
+    Option(
+        "local-ca-vault-kv-version",
+        "KV engine version of --local-ca-vault-kv-path: 1 or 2.",
+        2,
+        group="local",
+        kind="int",
+    ),
+    Option("local-ca-vault-cert-field", "KV field with the CA certificate (PEM).", "certificate", group="local"),
+    Option("local-ca-vault-key-field", "KV field with the CA private key (PEM).", "privateKey", group="local"),
+    Option("local-ca-vault-chain-field", "Optional KV field with intermediates (PEM).", "", group="local"),
+    Option("local-ca-vault-root-field", "Optional KV field with the root(s) (PEM).", "", group="local"),
     Option(
         "local-ca-reload-interval",
         "How often to check the CA files for changes; a bad new CA is refused and the last good one kept.",

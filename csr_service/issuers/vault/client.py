@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import hvac
 import requests
 from hvac import exceptions as hv
-from requests.adapters import HTTPAdapter
+from requests.adapters import BaseAdapter, HTTPAdapter
 
 from csr_service.errors import (
     CSRServiceError,
@@ -155,12 +155,15 @@ class VaultClient:
     :meth:`start` (logs in, starts the maintenance task) and release with :meth:`aclose`.
     """
 
-    def __init__(self, settings: ConnectionSettings, *, name: str = "vault") -> None:
+    def __init__(
+        self, settings: ConnectionSettings, *, name: str = "vault", transport: BaseAdapter | None = None
+    ) -> None:
+        """``transport`` replaces the HTTP adapter (tests pass an in-memory Vault)."""
         self.settings = settings
         self._name = name
         self._session = requests.Session()
         # One pooled connection per worker thread: no request waits for a socket.
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=settings.max_connections)
+        adapter = transport or HTTPAdapter(pool_connections=4, pool_maxsize=settings.max_connections)
         self._session.mount("https://", adapter)
         self._session.mount("http://", adapter)
         verify: bool | str = settings.ca_bundle or True
@@ -184,6 +187,7 @@ class VaultClient:
         self._last_error: str | None = None
         self._failures = 0
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -264,6 +268,8 @@ class VaultClient:
     def _note_failure(self, exc: BaseException) -> None:
         # Only "Vault is not there" makes us unhealthy; a refused CSR says nothing about Vault.
         if isinstance(exc, (*_UNAVAILABLE_HV, requests.RequestException, ConnectionError)):
+            if self._last_error is None:
+                self._wake.set()  # the maintenance task was asleep until the next renewal
             self._last_error = _short(exc, 200)
             self._failures += 1
 
@@ -351,7 +357,10 @@ class VaultClient:
 
     async def _maintain(self) -> None:
         while True:
-            await asyncio.sleep(self._next_delay())
+            # Sleep until the next renewal, or until a failed call wakes us to start probing.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._next_delay())
+            self._wake.clear()
             try:
                 await self._run(self._maintain_sync)
             except asyncio.CancelledError:
@@ -359,7 +368,7 @@ class VaultClient:
             except Exception as exc:  # noqa: BLE001 - the loop must survive anything: it is our only renewer
                 self._note_failure(exc)
                 self._failures = max(self._failures, 1)
-                log.warning("Vault token maintenance failed (will retry): %s", translate(exc, operation="renewal"))
+                log.warning("Vault token maintenance failed (will retry): %s", translate(exc, operation="maintenance"))
 
     def _maintain_sync(self) -> None:
         with self._lock:

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 import jwt
 from jwt import PyJWK, PyJWKSet
 
-from csr_service.cpu import run_cpu
 from csr_service.errors import AuthenticationError, ConfigError
 from csr_service.identity import SpiffeId, service_account_from_username
 from csr_service.pipeline.authn import Caller
@@ -126,7 +125,7 @@ class JWTAuthenticator:
         if key is None:
             raise _fail("token signed by an unknown key", f"no verification key with kid={header.kid!r}")
         self._check_key_matches(header.alg, key)
-        claims = await run_cpu(self._decode, token, key, header.alg)
+        claims = self._decode(token, key, header.alg)  # ~0.1 ms: inline (see csr_service.cpu)
         return self._caller(claims)
 
     @staticmethod
