@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,10 @@ from csr_service.fsutil import write_atomic
 from csr_service.issuers import IssuerContext, create_issuer
 from csr_service.issuers.base import Closable, Issuer, RootsProvider, Startable
 from csr_service.logs import setup_logging
-from csr_service.pipeline.authn import Authenticator
-from csr_service.pipeline.authn.jwt import JWTAuthenticator, StaticKeySource
+from csr_service.pipeline.authn import create_authenticator
 from csr_service.pipeline.handler import CertificatePipeline, IssuerSlot, PipelineSettings
 from csr_service.pipeline.trust import TrustBundle
+from csr_service.runtime import Component, Runtime
 from csr_service.transport.grpc_server import GrpcServer
 from csr_service.transport.servicer import IstioCertificateServicer
 from csr_service.transport.serving_cert import ServingCertificate
@@ -46,17 +46,25 @@ class Service:
     """The assembled, not yet started, service of one worker."""
 
     config: Config
+    runtime: Runtime
     issuer: Issuer
     trust: TrustBundle
     pipeline: CertificatePipeline
     serving: ServingCertificate
+    #: Background parts (watches, controllers, ...), started before the gRPC listener opens.
+    components: list[Component] = field(default_factory=list)
     server: GrpcServer | None = None
+    _started: list[Component] = field(default_factory=list)
 
     async def start(self) -> None:
-        """Start the issuer, settle the trust bundle, get a serving certificate, listen."""
+        """Start the issuer, settle the trust bundle, start components, get a serving cert, listen."""
         if isinstance(self.issuer, Startable):
             await self.issuer.start()
         await _init_trust(self.config, self.issuer, self.trust)
+        for component in self.components:
+            if component.all_workers or self.runtime.worker_index == 0:
+                await component.start()
+                self._started.append(component)
         await self.serving.start()
         servicer = IstioCertificateServicer(self.pipeline, timeout=self.config.server.request_timeout)
         self.server = GrpcServer(
@@ -71,21 +79,14 @@ class Service:
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop()
+        for component in reversed(self._started):
+            try:
+                await component.stop()
+            except Exception:  # stopping must go on for the rest
+                log.exception("stopping %s failed", component.name)
         await self.serving.aclose()
         if isinstance(self.issuer, Closable):
             await self.issuer.aclose()
-
-
-def _authenticator(config: Config) -> Authenticator:
-    if not config.auth.jwt_jwks_file:
-        raise ConfigError("--jwt-jwks-file: required with --authenticator jwt (or use --dev)")
-    return JWTAuthenticator(
-        StaticKeySource.from_file(config.auth.jwt_jwks_file),
-        trust_domain=config.pipeline.trust_domain,
-        audiences=config.auth.token_audiences,
-        issuer=config.auth.jwt_issuer,
-        leeway=config.auth.jwt_leeway,
-    )
 
 
 async def _init_trust(config: Config, issuer: Issuer, trust: TrustBundle) -> None:
@@ -105,17 +106,20 @@ async def _init_trust(config: Config, issuer: Issuer, trust: TrustBundle) -> Non
         add(lambda material: trust.update(material.roots))
 
 
-def build_service(config: Config) -> Service:
+def build_service(config: Config, *, worker_index: int = 0) -> Service:
     """Construct every component (no I/O beyond reading config files)."""
+    runtime = Runtime(config, worker_index=worker_index)
     issuer = create_issuer(
         config.issuer,
         config.issuer_options,
-        IssuerContext(trust_domain=config.pipeline.trust_domain, dev=config.dev, state_dir=config.state_dir),
+        IssuerContext(
+            trust_domain=config.pipeline.trust_domain, dev=config.dev, state_dir=config.state_dir, runtime=runtime
+        ),
     )
     trust = TrustBundle.from_file(config.pipeline.root_ca_file) if config.pipeline.root_ca_file else TrustBundle()
     slot = IssuerSlot(issuer)
     pipeline = CertificatePipeline(
-        authenticator=_authenticator(config),
+        authenticator=create_authenticator(config.auth.authenticator, runtime),
         issuers=slot,
         trust=trust,
         settings=PipelineSettings(
@@ -133,12 +137,14 @@ def build_service(config: Config) -> Service:
         duration=config.server.serving_certificate_duration,
         key_type=config.server.serving_key_type,
     )
-    return Service(config=config, issuer=issuer, trust=trust, pipeline=pipeline, serving=serving)
+    return Service(config=config, runtime=runtime, issuer=issuer, trust=trust, pipeline=pipeline, serving=serving)
 
 
-async def serve_forever(config: Config, on_ready: Callable[[int], None] | None = None) -> None:
+async def serve_forever(
+    config: Config, on_ready: Callable[[int], None] | None = None, *, worker_index: int = 0
+) -> None:
     """Run one worker until SIGTERM/SIGINT."""
-    service = build_service(config)
+    service = build_service(config, worker_index=worker_index)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -165,7 +171,7 @@ def _worker_main(config: Config, conn: multiprocessing.connection.Connection, in
     _die_with_parent()
     setup_logging(config.log_level, config.log_format)
     try:
-        asyncio.run(serve_forever(config, on_ready=lambda port: conn.send(("ready", port))))
+        asyncio.run(serve_forever(config, on_ready=lambda port: conn.send(("ready", port)), worker_index=index))
     except (ConfigError, CSRServiceError, OSError) as exc:
         logging.getLogger(__name__).error("worker %d cannot start: %s", index, exc)
         conn.send(("error", str(exc)))

@@ -26,6 +26,7 @@ _GROUP_TITLES = {
     "server": "gRPC server and TLS",
     "pipeline": "request pipeline",
     "auth": "caller authentication",
+    "kubernetes": "Kubernetes API access",
     "issuer": "issuer selection",
 }
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from csr_service.errors import ConfigError
 from csr_service.issuers import BACKENDS, backend_options
+from csr_service.kube.client import KubeSettings
 from csr_service.options import Option
 from csr_service.pki.keys import KeyType
 
@@ -128,7 +129,7 @@ CORE_OPTIONS: list[Option] = [
         kind="path",
     ),
     # --- authentication
-    Option("authenticator", "How callers are authenticated: jwt.", "jwt", group="auth"),
+    Option("authenticator", "How callers are authenticated (see docs/configuration.md).", "jwt", group="auth"),
     Option(
         "token-audiences",
         "Audiences accepted in caller tokens (Istio's TOKEN_AUDIENCES).",
@@ -149,6 +150,30 @@ CORE_OPTIONS: list[Option] = [
         "Clock-skew allowance for exp/nbf/iat.",
         timedelta(seconds=30),
         group="auth",
+        kind="duration",
+    ),
+    # --- Kubernetes API access (used by the features that talk to a cluster)
+    Option(
+        "kubeconfig",
+        "Kubeconfig file; empty: in-cluster configuration (service-account token).",
+        "",
+        group="kubernetes",
+        kind="path",
+    ),
+    Option("kube-context", "Context to use from --kubeconfig; empty: its current context.", "", group="kubernetes"),
+    Option(
+        "kube-qps",
+        "Client-side request rate limit to the apiserver (requests/s); 0 disables the limiter.",
+        200,
+        group="kubernetes",
+        kind="int",
+    ),
+    Option("kube-burst", "Requests allowed above --kube-qps in a burst.", 400, group="kubernetes", kind="int"),
+    Option(
+        "kube-request-timeout",
+        "Timeout of one non-watch apiserver request.",
+        timedelta(seconds=10),
+        group="kubernetes",
         kind="duration",
     ),
     # --- issuer
@@ -256,6 +281,7 @@ class Config:
     auth: AuthConfig
     issuer: str
     issuer_options: Mapping[str, Any] = field(repr=False)
+    kube: KubeSettings | None = None
     dev: bool = False
     state_dir: str = ".dev-state"
     log_level: str = "info"
@@ -306,8 +332,12 @@ class Config:
             if default_dur <= timedelta(0):
                 raise ConfigError("--default-certificate-duration: must be positive")
             default_dur = min(default_dur, max_dur)
-        if v["authenticator"] not in {"jwt"}:
-            raise ConfigError(f"--authenticator: unknown {v['authenticator']!r}; choose jwt")
+        from csr_service.pipeline.authn import AUTHENTICATORS
+
+        if v["authenticator"] not in AUTHENTICATORS:
+            raise ConfigError(
+                f"--authenticator: unknown {v['authenticator']!r}; choose one of {', '.join(sorted(AUTHENTICATORS))}"
+            )
         if not v["token-audiences"]:
             raise ConfigError("--token-audiences: at least one audience is required")
         if v["issuer"] not in BACKENDS:
@@ -345,6 +375,7 @@ class Config:
             ),
             issuer=v["issuer"],
             issuer_options=issuer_opts,
+            kube=KubeSettings.from_values(dict(v)),
             dev=v["dev"],
             state_dir=v["state-dir"],
             log_level=v["log-level"].lower(),

@@ -15,11 +15,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from csr_service.errors import ConfigError
 from csr_service.issuers.base import Issuer
 from csr_service.options import Option
+
+if TYPE_CHECKING:
+    from csr_service.runtime import Runtime
 
 __all__ = ["BACKENDS", "Backend", "IssuerContext", "backend_options", "create_issuer"]
 
@@ -32,6 +35,8 @@ class IssuerContext:
     #: Dev mode: backends may create missing material (e.g. the local CA generates a root).
     dev: bool = False
     state_dir: str | None = None
+    #: Shared dependencies (e.g. ``runtime.kube()`` for the Kubernetes client); None in unit tests.
+    runtime: Runtime | None = None
 
 
 @dataclass(frozen=True, slots=True)

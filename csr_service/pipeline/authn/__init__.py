@@ -6,14 +6,19 @@ authenticator implements the same protocol and slots in by name.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from csr_service.identity import SpiffeId
 from csr_service.pipeline.context import RequestContext
 
-__all__ = ["Authenticator", "Caller"]
+if TYPE_CHECKING:
+    from csr_service.runtime import Runtime
+
+__all__ = ["AUTHENTICATORS", "Authenticator", "Caller", "create_authenticator"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,3 +47,22 @@ class Authenticator(Protocol):
     name: str
 
     async def authenticate(self, ctx: RequestContext) -> Caller: ...
+
+
+#: Authenticators by ``--authenticator`` name → "module:factory"; factory(runtime) -> Authenticator.
+#: Imported lazily, like issuers.
+AUTHENTICATORS: dict[str, str] = {
+    "jwt": "csr_service.pipeline.authn.jwt:create",
+}
+
+
+def create_authenticator(name: str, runtime: Runtime) -> Authenticator:
+    """Build the authenticator selected by ``--authenticator``."""
+    from csr_service.errors import ConfigError
+
+    target = AUTHENTICATORS.get(name)
+    if target is None:
+        raise ConfigError(f"--authenticator: unknown {name!r}; choose one of {', '.join(sorted(AUTHENTICATORS))}")
+    module_name, _, func = target.partition(":")
+    factory: Callable[[Runtime], Authenticator] = getattr(importlib.import_module(module_name), func)
+    return factory(runtime)

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 from jwt import PyJWK, PyJWKSet
@@ -30,6 +30,9 @@ from csr_service.errors import AuthenticationError, ConfigError
 from csr_service.identity import SpiffeId, service_account_from_username
 from csr_service.pipeline.authn import Caller
 from csr_service.pipeline.context import RequestContext
+
+if TYPE_CHECKING:
+    from csr_service.runtime import Runtime
 
 __all__ = ["ALLOWED_ALGORITHMS", "JWTAuthenticator", "KeySource", "StaticKeySource"]
 
@@ -207,3 +210,17 @@ class JWTAuthenticator:
             token_expires_at=datetime.fromtimestamp(exp, UTC) if isinstance(exp, int | float) else None,
             authenticator=self.name,
         )
+
+
+def create(runtime: Runtime) -> JWTAuthenticator:
+    """``--authenticator jwt``: keys from ``--jwt-jwks-file``."""
+    config = runtime.config
+    if not config.auth.jwt_jwks_file:
+        raise ConfigError("--jwt-jwks-file: required with --authenticator jwt (or use --dev)")
+    return JWTAuthenticator(
+        StaticKeySource.from_file(config.auth.jwt_jwks_file),
+        trust_domain=config.pipeline.trust_domain,
+        audiences=config.auth.token_audiences,
+        issuer=config.auth.jwt_issuer,
+        leeway=config.auth.jwt_leeway,
+    )

@@ -1,0 +1,1 @@
+"""Talking to Kubernetes: one client factory shared by authenticators, issuers and controllers."""
