@@ -84,7 +84,8 @@ class LoadResult:
         err = f"  errors={self.errors}" if self.errors else ""
         return (
             f"{self.label:<22} c={self.concurrency:<3} {self.rps:7.0f} CSR/s p50 {self.p50_ms:6.2f} ms "
-            f"p99 {self.p99_ms:7.2f} ms  server CPU {self.server_cpu_cores:4.2f} cores  RSS {self.server_rss_mib:6.0f} MiB"
+            f"p99 {self.p99_ms:7.2f} ms  server CPU {self.server_cpu_cores:4.2f} cores  "
+            f"RSS {self.server_rss_mib:6.0f} MiB"
             f"  ({self.ok}/{self.count} OK){err}"
         )
 
@@ -97,7 +98,7 @@ def run_ghz(
     token: str,
     csr_pem: str,
     concurrency: int,
-    duration_s: float,
+    requests: int,
     server_pid: int,
     connections: int,
     server_name: str = "localhost",
@@ -117,14 +118,16 @@ def run_ghz(
         "--data", data,
         "--concurrency", str(concurrency),
         "--connections", str(connections),
-        "--duration", f"{duration_s}s",
+        # A fixed request count, not a duration: ghz reports requests still in flight when a
+        # duration ends as errors, which would blur the error column.
+        "--total", str(requests),
         "--timeout", "20s",
         "--format", "json",
         address,
     ]  # fmt: skip
     pids = process_tree(server_pid)
     cpu0, t0 = cpu_seconds(pids), time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     cpu1, t1 = cpu_seconds(pids), time.monotonic()
     if proc.returncode not in (0, 1) or not proc.stdout.strip():
         raise RuntimeError(f"ghz failed ({proc.returncode}): {proc.stderr[-2000:]}")

@@ -1,6 +1,6 @@
 """Benchmark: CreateCertificate against `csr-service serve --dev` (local ECDSA P-256 CA, TLS, JWT).
 
-    python -m bench.local_ca [--duration 10] [--concurrency 1,16,64] [--workers 2]
+    python -m bench.local_ca [--requests 12000] [--concurrency 1,16,64] [--workers 2]
 
 Prints, for EC P-256 and RSA-2048 workload keys at each concurrency: CSR/s, p50/p99 latency
 (measured by ghz, the standard gRPC load generator, built by the test bed), the server's CPU
@@ -79,7 +79,8 @@ def ceiling(state_dir: Path, csr: str, token: str, seconds: float, processes: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per load level (default 10)")
+    ap.add_argument("--requests", type=int, default=12000, help="requests per load level (a quarter at c=1)")
+    ap.add_argument("--ceiling-seconds", type=float, default=10.0, help="run time of the in-process ceiling")
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--workers", type=int, default=2, help="server worker processes (default 2 = our cores)")
     ap.add_argument("--key-types", default="ec-p256,rsa2048")
@@ -95,8 +96,17 @@ def main() -> None:
             for name in args.key_types.split(","):
                 csr = _csr(KEY_TYPES[name])
                 # Warm up (TLS sessions, code paths) before measuring.
-                run_ghz(label="warm-up", address=srv.address, root_cert=srv.root_cert, token=token, csr_pem=csr,
-                        concurrency=4, duration_s=2, server_pid=srv.proc.pid, connections=4)
+                run_ghz(
+                    label="warm-up",
+                    address=srv.address,
+                    root_cert=srv.root_cert,
+                    token=token,
+                    csr_pem=csr,
+                    concurrency=4,
+                    requests=1000,
+                    server_pid=srv.proc.pid,
+                    connections=4,
+                )
                 for c in levels:
                     results.append(
                         run_ghz(
@@ -106,7 +116,7 @@ def main() -> None:
                             token=token,
                             csr_pem=csr,
                             concurrency=c,
-                            duration_s=args.duration,
+                            requests=args.requests if c > 1 else args.requests // 4,
                             server_pid=srv.proc.pid,
                             connections=min(c, 4 * args.workers),
                         )
@@ -114,7 +124,7 @@ def main() -> None:
                     print(results[-1].row(), flush=True)
             server_log = srv.log()
         for name in args.key_types.split(","):
-            ceilings[name] = ceiling(state, _csr(KEY_TYPES[name]), token, args.duration, args.workers)
+            ceilings[name] = ceiling(state, _csr(KEY_TYPES[name]), token, args.ceiling_seconds, args.workers)
             print(f"in-process ceiling {name:<10} {ceilings[name]:8.0f} CSR/s ({args.workers} processes, c=16 each)")
 
     print("\nSummary (load generator: ghz, sharing the same 2 cores)")

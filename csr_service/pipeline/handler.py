@@ -103,7 +103,9 @@ class CertificatePipeline:
         issued = await issuer.sign(request)
         trust = self.trust.current
         leaf_pem, intermediates = self._verifier.verify(issued, request, trust, now=now)
-        log.info(
+        # DEBUG, not INFO: at 1,000+ issuances/s a line each floods operators' logs and
+        # costs CPU on the hot path; counts live in the metrics, failures log at WARNING/ERROR.
+        log.debug(
             "issued certificate identity=%s ttl=%ds not_after=%s issuer=%s took_ms=%.1f",
             validated.uri,
             int(ttl.total_seconds()),

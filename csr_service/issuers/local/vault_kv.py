@@ -111,7 +111,7 @@ class VaultKVSource:
             )
             fields = self._fields(resp)
         except CSRServiceError as exc:
-            raise CAMaterialError(f"{self.describe()}: {exc.detail}") from exc
+            raise CAMaterialError(f"{self.describe()}: {exc.public} ({exc.detail})") from exc
         s = self._settings
         what = self.describe()
         cert = _pem_bytes(fields.get(s.cert_field), f"{what}: field {s.cert_field!r}")

@@ -356,11 +356,8 @@ class VaultClient:
         return max(MIN_MAINTENANCE, renew_at - time.monotonic())
 
     async def _maintain(self) -> None:
-        while True:
-            # Sleep until the next renewal, or until a failed call wakes us to start probing.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._next_delay())
-            self._wake.clear()
+        while not self._closed:
+            await self._sleep_or_wake(self._next_delay())
             try:
                 await self._run(self._maintain_sync)
             except asyncio.CancelledError:
@@ -369,6 +366,19 @@ class VaultClient:
                 self._note_failure(exc)
                 self._failures = max(self._failures, 1)
                 log.warning("Vault token maintenance failed (will retry): %s", translate(exc, operation="maintenance"))
+
+    async def _sleep_or_wake(self, delay: float) -> None:
+        """Sleep until the next renewal, or until a failed call wakes us to start probing.
+
+        Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that arrives just
+        as the event fires, and ``aclose`` would then wait forever for this task.
+        """
+        waiter = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=delay)
+        finally:
+            waiter.cancel()
+        self._wake.clear()
 
     def _maintain_sync(self) -> None:
         with self._lock:
