@@ -27,6 +27,7 @@ _GROUP_TITLES = {
     "pipeline": "request pipeline",
     "auth": "caller authentication",
     "kubernetes": "Kubernetes API access",
+    "controllers": "Kubernetes controllers (root ConfigMaps, leader election, istiod-tls, runtime issuer)",
     "issuer": "issuer selection",
 }
 
@@ -58,6 +59,8 @@ def _dev_defaults(state_dir: str) -> dict[str, Any]:
     state = prepare_dev_state(state_dir)
     return {
         "grpc-listen": "127.0.0.1:6443",
+        # An ephemeral loopback port: several dev servers (tests, benchmarks) can run at once.
+        "http-listen": "127.0.0.1:0",
         "serving-dns-names": ("localhost",),
         "serving-ip-addresses": ("127.0.0.1",),
         "local-ca-dir": str(state.ca_dir),
@@ -81,7 +84,7 @@ def build_config(flag_values: dict[str, Any]) -> Config:
     values = resolve(flag_values)
     if values["dev"]:
         values = resolve(flag_values, defaults=_dev_defaults(values["state-dir"]))
-        for key in ("grpc-listen", "insecure-grpc-listen"):
+        for key in ("grpc-listen", "insecure-grpc-listen", "http-listen"):
             if values[key] and not _is_loopback(values[key]):
                 raise ConfigError(f"--{key}: --dev listens on loopback only, got {values[key]!r}")
     return Config.from_values(values)

@@ -17,6 +17,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from csr_service.controllers.options import CONTROLLER_OPTIONS, TRUST_SOURCE_OPTIONS
+from csr_service.controllers.settings import ControllerSettings
 from csr_service.errors import ConfigError
 from csr_service.issuers import BACKENDS, backend_options
 from csr_service.kube.client import KubeSettings
@@ -99,6 +101,14 @@ CORE_OPTIONS: list[Option] = [
         group="server",
         kind="int",
     ),
+    Option(
+        "http-listen",
+        "Address of the plain-HTTP listener for /livez, /readyz and /metrics (one per replica, all "
+        "workers aggregated). Empty: off.",
+        "0.0.0.0:9402",
+        group="server",
+        metavar="HOST:PORT",
+    ),
     # --- request pipeline
     Option("trust-domain", "SPIFFE trust domain of the mesh.", "cluster.local", group="pipeline"),
     Option(
@@ -106,6 +116,13 @@ CORE_OPTIONS: list[Option] = [
         "Cluster id; the clusterid request metadata must be empty or equal to it.",
         "Kubernetes",
         group="pipeline",
+    ),
+    Option(
+        "cluster-id-aliases",
+        "Other names of this cluster also accepted in the clusterid metadata (e.g. after a rename).",
+        (),
+        group="pipeline",
+        kind="list",
     ),
     Option(
         "max-certificate-duration",
@@ -128,8 +145,15 @@ CORE_OPTIONS: list[Option] = [
         group="pipeline",
         kind="path",
     ),
+    *TRUST_SOURCE_OPTIONS,
     # --- authentication
-    Option("authenticator", "How callers are authenticated (see docs/configuration.md).", "jwt", group="auth"),
+    Option(
+        "authenticator",
+        "How callers are authenticated: jwt (keys from --jwt-jwks-file), tokenreview (ask the apiserver; "
+        "the in-cluster choice), jwks (the apiserver's published keys). See docs/kubernetes.md.",
+        "jwt",
+        group="auth",
+    ),
     Option(
         "token-audiences",
         "Audiences accepted in caller tokens (Istio's TOKEN_AUDIENCES).",
@@ -151,6 +175,49 @@ CORE_OPTIONS: list[Option] = [
         timedelta(seconds=30),
         group="auth",
         kind="duration",
+    ),
+    Option(
+        "tokenreview-cache-ttl",
+        "--authenticator tokenreview: how long an accepted token is remembered (never past its exp).",
+        timedelta(minutes=5),
+        group="auth",
+        kind="duration",
+    ),
+    Option(
+        "tokenreview-cache-size",
+        "--authenticator tokenreview: most tokens remembered (least recently used are dropped).",
+        10000,
+        group="auth",
+        kind="int",
+    ),
+    Option(
+        "jwks-url",
+        "--authenticator jwks: OIDC issuer URL whose /.well-known/openid-configuration names the keys; "
+        "empty: the apiserver of --kubeconfig / in-cluster config.",
+        "",
+        group="auth",
+    ),
+    Option(
+        "jwks-ca-file",
+        "--authenticator jwks: CA bundle for --jwks-url; empty: the system CAs.",
+        "",
+        group="auth",
+        kind="path",
+    ),
+    Option(
+        "jwks-refresh-interval",
+        "--authenticator jwks: how often the key set is re-read (also re-read on an unknown key id).",
+        timedelta(minutes=5),
+        group="auth",
+        kind="duration",
+    ),
+    Option(
+        "ca-trusted-node-accounts",
+        "Node agents (ns/sa, e.g. istio-system/ztunnel) allowed to request certificates for workloads on "
+        "their node (Istio's CA_TRUSTED_NODE_ACCOUNTS); empty: impersonation refused.",
+        (),
+        group="auth",
+        kind="list",
     ),
     # --- Kubernetes API access (used by the features that talk to a cluster)
     Option(
@@ -176,6 +243,8 @@ CORE_OPTIONS: list[Option] = [
         group="kubernetes",
         kind="duration",
     ),
+    # --- Kubernetes controllers (root ConfigMaps, leader election, istiod-tls, runtime issuer)
+    *CONTROLLER_OPTIONS,
     # --- issuer
     Option("issuer", "Signing backend: " + ", ".join(sorted(BACKENDS)) + ".", "local", group="issuer"),
 ]
@@ -234,6 +303,17 @@ def resolve(
     return values
 
 
+def _node_accounts(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Parse ``ns/sa`` entries of --ca-trusted-node-accounts (Istio's CA_TRUSTED_NODE_ACCOUNTS format)."""
+    accounts = []
+    for entry in values:
+        ns, sep, sa = entry.partition("/")
+        if not sep or not ns or not sa or "/" in sa:
+            raise ConfigError(f"--ca-trusted-node-accounts: expected namespace/serviceaccount, got {entry!r}")
+        accounts.append((ns, sa))
+    return tuple(accounts)
+
+
 def _host_port(value: str, flag: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -252,6 +332,7 @@ class ServerConfig:
     serving_key_type: KeyType
     request_timeout: timedelta
     max_concurrent_requests: int
+    http_listen: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +342,7 @@ class PipelineConfig:
     max_certificate_duration: timedelta
     default_certificate_duration: timedelta
     root_ca_file: str | None
+    cluster_id_aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +352,13 @@ class AuthConfig:
     jwt_jwks_file: str | None
     jwt_issuer: str | None
     jwt_leeway: timedelta
+    tokenreview_cache_ttl: timedelta = timedelta(minutes=5)
+    tokenreview_cache_size: int = 10000
+    jwks_url: str | None = None
+    jwks_ca_file: str | None = None
+    jwks_refresh_interval: timedelta = timedelta(minutes=5)
+    #: (namespace, service account) pairs from --ca-trusted-node-accounts.
+    trusted_node_accounts: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +371,7 @@ class Config:
     issuer: str
     issuer_options: Mapping[str, Any] = field(repr=False)
     kube: KubeSettings | None = None
+    controllers: ControllerSettings | None = None
     dev: bool = False
     state_dir: str = ".dev-state"
     log_level: str = "info"
@@ -293,6 +383,8 @@ class Config:
         _host_port(v["grpc-listen"], "grpc-listen")
         if v["insecure-grpc-listen"]:
             _host_port(v["insecure-grpc-listen"], "insecure-grpc-listen")
+        if v["http-listen"]:
+            _host_port(v["http-listen"], "http-listen")
         workers = v["workers"]
         if workers < 0:
             raise ConfigError("--workers: must be >= 0")
@@ -340,6 +432,12 @@ class Config:
             )
         if not v["token-audiences"]:
             raise ConfigError("--token-audiences: at least one audience is required")
+        if v["tokenreview-cache-size"] < 1:
+            raise ConfigError("--tokenreview-cache-size: must be >= 1")
+        if v["tokenreview-cache-ttl"] < timedelta(0):
+            raise ConfigError("--tokenreview-cache-ttl: must be >= 0 (0 disables the cache)")
+        if v["jwks-refresh-interval"] < timedelta(seconds=10):
+            raise ConfigError("--jwks-refresh-interval: must be at least 10s")
         if v["issuer"] not in BACKENDS:
             raise ConfigError(f"--issuer: unknown {v['issuer']!r}; choose one of {', '.join(sorted(BACKENDS))}")
         if v["log-format"] not in {"text", "json"}:
@@ -358,6 +456,7 @@ class Config:
                 serving_key_type=serving_key,
                 request_timeout=v["request-timeout"],
                 max_concurrent_requests=v["max-concurrent-requests"],
+                http_listen=v["http-listen"] or None,
             ),
             pipeline=PipelineConfig(
                 trust_domain=v["trust-domain"],
@@ -365,6 +464,7 @@ class Config:
                 max_certificate_duration=max_dur,
                 default_certificate_duration=default_dur,
                 root_ca_file=v["root-ca-file"] or None,
+                cluster_id_aliases=tuple(v["cluster-id-aliases"]),
             ),
             auth=AuthConfig(
                 authenticator=v["authenticator"],
@@ -372,10 +472,17 @@ class Config:
                 jwt_jwks_file=v["jwt-jwks-file"] or None,
                 jwt_issuer=v["jwt-issuer"] or None,
                 jwt_leeway=v["jwt-leeway"],
+                tokenreview_cache_ttl=v["tokenreview-cache-ttl"],
+                tokenreview_cache_size=v["tokenreview-cache-size"],
+                jwks_url=v["jwks-url"] or None,
+                jwks_ca_file=v["jwks-ca-file"] or None,
+                jwks_refresh_interval=v["jwks-refresh-interval"],
+                trusted_node_accounts=_node_accounts(v["ca-trusted-node-accounts"]),
             ),
             issuer=v["issuer"],
             issuer_options=issuer_opts,
             kube=KubeSettings.from_values(dict(v)),
+            controllers=ControllerSettings.from_values(v),
             dev=v["dev"],
             state_dir=v["state-dir"],
             log_level=v["log-level"].lower(),

@@ -64,6 +64,12 @@ BACKENDS: dict[str, Backend] = {
         "csr_service.issuers.vault.issuer:create",
         "a Vault / OpenBao PKI role (hvac; install the 'vault' extra)",
     ),
+    "cert-manager": Backend(
+        "cert-manager",
+        "csr_service.issuers.certmanager.options",
+        "csr_service.issuers.certmanager.issuer:create",
+        "cert-manager CertificateRequests signed by an Issuer, ClusterIssuer or external issuer",
+    ),
 }
 
 

@@ -83,7 +83,9 @@ def _rate_limited_class() -> type:
                 self.bucket.acquire()
             # A dead connection must not hang a caller forever: default per-request timeout,
             # except for watches, which set their own (timeout_seconds) and stream.
-            streaming = kwargs.get("_preload_content", True) is False
+            # (kubernetes >= 35 no longer passes _preload_content here: the URL tells a watch.)
+            url = args[1] if len(args) > 1 else kwargs.get("url", "")
+            streaming = kwargs.get("_preload_content", True) is False or "watch=true" in str(url).lower()
             if self.default_timeout and kwargs.get("_request_timeout") is None and not streaming:
                 kwargs["_request_timeout"] = self.default_timeout
             return super().call_api(*args, **kwargs)

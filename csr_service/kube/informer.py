@@ -17,6 +17,7 @@ CustomObjectsApi method, or model objects otherwise (``_preload_content`` is lef
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -92,6 +93,13 @@ class Informer:
         watch = self._watch
         if watch is not None:
             watch.stop()
+            # Watch.stop() only takes effect at the next event; shutting the socket down
+            # unblocks the read now, so a controller that loses its lease stops promptly.
+            resp = getattr(watch, "_resp", None)
+            shutdown = getattr(resp, "shutdown", None)
+            if callable(shutdown):
+                with contextlib.suppress(Exception):
+                    shutdown()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -142,6 +150,9 @@ class Informer:
                     resource_version=rv,
                     timeout_seconds=self._watch_timeout,
                     allow_watch_bookmarks=True,
+                    # The server ends each watch after timeout_seconds; a read blocking much
+                    # longer means a half-open connection (peer gone without FIN/RST).
+                    _request_timeout=self._watch_timeout + 30,
                     **self._kwargs,
                 ):
                     if self._stop.is_set():
@@ -176,6 +187,8 @@ class Informer:
                 if exc.status in (401, 403):
                     rv = None
             except Exception as exc:  # noqa: BLE001 (connection reset, apiserver restart, timeouts)
+                if self._stop.is_set():
+                    break  # our own stop() shut the connection down
                 failures += 1
                 self.stats["errors"] += 1
                 log.warning("informer %s: watch failed (%s: %s); reconnecting", self.name, type(exc).__name__, exc)

@@ -17,6 +17,7 @@ from google.protobuf import json_format, struct_pb2
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
 from csr_service.errors import CSRServiceError, DeadlineExceededError, InternalError, status_code_for
+from csr_service.metrics import observe_rpc
 from csr_service.pipeline.context import REQUEST_ID, RequestContext, new_request_id
 from csr_service.pipeline.handler import CertificatePipeline
 
@@ -45,6 +46,7 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         self._pipeline = pipeline
         self._timeout = timeout.total_seconds()
 
+    @observe_rpc("istio.v1.auth.IstioCertificateService", "CreateCertificate")
     async def CreateCertificate(
         self, request: ca_pb2.IstioCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ca_pb2.IstioCertificateResponse:

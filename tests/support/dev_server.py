@@ -123,7 +123,9 @@ def running_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=_preexec,
-            env={**os.environ, **(env or {})},
+            # The HTTP side (/readyz, /metrics) on an ephemeral port unless the test picks one:
+            # tests run several servers at once, and the default 9402 would collide.
+            env={**os.environ, "CSR_SERVICE_HTTP_LISTEN": "127.0.0.1:0", **(env or {})},
         )
     srv = DevServer(address=f"127.0.0.1:{port}", root_cert=root_cert, state_dir=state_dir, proc=proc, log_path=log_path)
     try:

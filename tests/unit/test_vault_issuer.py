@@ -269,8 +269,12 @@ def test_chain_is_deduplicated_and_ordered(fake: FakeVault, tmp_path: Path) -> N
 def test_request_body_and_paths(fake: FakeVault, tmp_path: Path) -> None:
     issuer = make_issuer(tmp_path, fake)
     body = issuer.sign_body(request(ttl=timedelta(minutes=30)))
-    assert body["ttl"] == "1800s" and body["common_name"] == "" and body["exclude_cn_from_sans"] is True
-    assert body["uri_sans"] == WORKLOAD and "alt_names" not in body and "ip_sans" not in body
+    assert body["ttl"] == "1800s"
+    assert body["common_name"] == ""
+    assert body["exclude_cn_from_sans"] is True
+    assert body["uri_sans"] == WORKLOAD
+    assert "alt_names" not in body
+    assert "ip_sans" not in body
     assert issuer.sign_path("spiffe") == "/v1/pki/sign/spiffe"
     pinned = make_issuer(tmp_path, fake, **{"vault-issuer-ref": "my-issuer", "vault-mount": "pki_int"})
     assert pinned.sign_path("spiffe") == "/v1/pki_int/issuer/my-issuer/sign/spiffe"
@@ -363,7 +367,8 @@ def test_role_refusal_points_at_the_role(fake: FakeVault, tmp_path: Path) -> Non
     fake.roles["spiffe"].uri_prefix = "spiffe://other.example/"
     with pytest.raises(FailedPreconditionError) as info:
         run_with(make_issuer(tmp_path, fake), lambda i: i.sign(request()))
-    assert "'spiffe'" in info.value.public and "allowed_uri_sans" in info.value.public
+    assert "'spiffe'" in info.value.public
+    assert "allowed_uri_sans" in info.value.public
     assert "not allowed by this role" in info.value.detail
 
 
@@ -380,8 +385,9 @@ def test_403_logs_in_again_once_for_all_concurrent_requests(fake: FakeVault, tmp
 def test_persistent_403_is_failed_precondition_after_one_retry(fake: FakeVault, tmp_path: Path) -> None:
     issuer = make_issuer(tmp_path, fake, "approle")
     fake.sign_failures.extend([403, 403])
-    with pytest.raises(FailedPreconditionError, match="credentials|policy"):
+    with pytest.raises(FailedPreconditionError) as info:
         run_with(issuer, lambda i: i.sign(request()))
+    assert "credentials and policy" in info.value.public
     assert fake.count("login") == 2
     assert fake.count("sign") == 2
 
@@ -447,7 +453,8 @@ def test_renews_at_two_thirds_of_the_lease(fake: FakeVault, tmp_path: Path) -> N
     client = _client(tmp_path, fake)
     client._ensure_login()
     lease = client._lease
-    assert lease is not None and lease.renew_at is not None
+    assert lease is not None
+    assert lease.renew_at is not None
     assert lease.renew_at - lease.obtained == pytest.approx(fake.token_ttl * 2 / 3)
     client._maintain_sync()
     assert fake.count("renew") == 0, "not due yet"
@@ -462,7 +469,8 @@ def test_logs_in_again_when_renewal_stops_extending(fake: FakeVault, tmp_path: P
     fake.renew_ttl = 600  # capped by the max TTL: much less than the 3600 s granted at login
     _age_lease(client)
     client._maintain_sync()
-    assert client._lease is not None and client._lease.at_max
+    assert client._lease is not None
+    assert client._lease.at_max
     _age_lease(client)
     client._maintain_sync()
     assert (fake.count("renew"), fake.count("login")) == (1, 2)
@@ -477,7 +485,8 @@ def test_logs_in_again_when_not_renewable_or_renewal_refused(fake: FakeVault, tm
     assert (fake.count("renew"), fake.count("login")) == (0, 2)
     fake.renewable = True
     client._ensure_login()
-    client._lease = type(client._lease)(obtained=0, ttl=3600, renewable=True, granted=3600)  # type: ignore[misc]
+    due = time.monotonic() - 3000
+    client._lease = type(client._lease)(obtained=due, ttl=3600, renewable=True, granted=3600)  # type: ignore[misc]
     fake.revoke_all()  # renewal answers 403
     client._maintain_sync()
     assert fake.count("login") == 3
@@ -486,7 +495,8 @@ def test_logs_in_again_when_not_renewable_or_renewal_refused(fake: FakeVault, tm
 def test_expired_token_is_replaced_before_a_call(fake: FakeVault, tmp_path: Path) -> None:
     client = _client(tmp_path, fake)
     client._ensure_login()
-    client._lease = type(client._lease)(obtained=0, ttl=10, renewable=True, granted=10)  # type: ignore[misc]
+    expired = time.monotonic() - 20
+    client._lease = type(client._lease)(obtained=expired, ttl=10, renewable=True, granted=10)  # type: ignore[misc]
     client._ensure_login()
     assert fake.count("login") == 2
 
@@ -501,7 +511,8 @@ def test_health_follows_outages_and_recovers_in_the_background(fake: FakeVault, 
         with pytest.raises(UnavailableError):
             await i.sign(request())
         ok, reason = i.health()
-        assert not ok and "unavailable" in reason
+        assert not ok
+        assert "unavailable" in reason
         fake.down = False
         for _ in range(40):  # first probe after ~1-2 s of back-off
             await asyncio.sleep(0.1)
@@ -562,7 +573,8 @@ def test_kv_source_reads_the_seed_layout(fake: FakeVault, tmp_path: Path, versio
 
     async def body() -> None:
         material = await source.load()
-        assert material.cert == fake.ca and material.roots == (fake.root,)
+        assert material.cert == fake.ca
+        assert material.roots == (fake.root,)
         await source.aclose()
 
     asyncio.run(body())
@@ -592,7 +604,7 @@ def test_kv_source_accepts_base64_and_custom_fields(fake: FakeVault, tmp_path: P
     [
         (lambda f: None, "missing"),
         (lambda f: f.kv.update({"secret/data/ca": {"data": None, "metadata": {}}}), "deleted"),
-        (lambda f: f.kv.update({"secret/data/ca": {"data": {"certificate": "x"}}}), "privateKey"),
+        (lambda f: f.kv.update({"secret/data/ca": {"data": {"certificate": cert_to_pem(f.ca)}}}), "privateKey"),
         (lambda f: setattr(f, "down", True), "Connection refused"),
     ],
     ids=["missing", "deleted", "no-key-field", "vault-down"],
@@ -615,7 +627,52 @@ def test_local_issuer_keeps_the_last_good_kv_ca(fake: FakeVault, tmp_path: Path)
         fake.down = True
         assert await issuer.reload() is False
         ok, reason = issuer.health()
-        assert ok and "last reload failed" in reason
+        assert ok
+        assert "last reload failed" in reason
         await issuer.aclose()
 
     asyncio.run(body())
+
+
+def test_tls_settings_reach_the_session(fake: FakeVault, tmp_path: Path) -> None:
+    # hvac takes verify/cert from a given session rather than from its own arguments.
+    settings = conn_settings(
+        tmp_path,
+        fake,
+        **{"vault-ca-bundle": "/etc/vault/ca.pem", "vault-client-cert": "/c.pem", "vault-client-key": "/k.pem"},
+    )
+    client = VaultClient(settings, transport=fake)
+    assert client._session.verify == "/etc/vault/ca.pem"
+    assert client._session.cert == ("/c.pem", "/k.pem")
+    assert client._session.trust_env is False
+
+
+def test_namespace_header_is_sent(fake: FakeVault, tmp_path: Path) -> None:
+    seen: list[str | None] = []
+    original = fake.send
+
+    def send(request: requests.PreparedRequest, **kw: Any) -> requests.Response:
+        seen.append(request.headers.get("X-Vault-Namespace"))
+        return original(request, **kw)
+
+    fake.send = send  # type: ignore[method-assign]
+    client = VaultClient(conn_settings(tmp_path, fake, "approle", **{"vault-namespace": "team-a"}), transport=fake)
+    issuer = VaultIssuer(client, IssuerSettings.from_values({"vault-role": "spiffe"}))
+    run_with(issuer, lambda i: i.sign(request()))
+    assert seen
+    assert set(seen) == {"team-a"}
+
+
+def test_refused_login_during_a_sign_is_a_credentials_error(fake: FakeVault, tmp_path: Path) -> None:
+    issuer = make_issuer(tmp_path, fake, "approle")
+
+    async def body(i: VaultIssuer) -> None:
+        fake.revoke_all()
+        (tmp_path / "secret-id").write_text("expired-secret-id")
+        await i.sign(request())
+
+    with pytest.raises(FailedPreconditionError) as info:
+        run_with(issuer, body)
+    assert "cannot log in" in info.value.public
+    assert "role" not in info.value.public
+    assert "expired-secret-id" not in info.value.detail

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -112,6 +113,26 @@ def translate(
     return InternalError("unexpected failure talking to the certificate authority", detail=detail)
 
 
+def _session(settings: ConnectionSettings) -> tuple[requests.Session, bool | str]:
+    """A Session that reads the environment once, not on every request.
+
+    With ``trust_env`` requests re-reads proxy variables and ~/.netrc for each call, which
+    costs more CPU than the rest of a sign round trip; the environment cannot change while
+    we run, so resolve proxies and the CA bundle variables here and switch that off.
+    """
+    session = requests.Session()
+    session.proxies.update(requests.utils.get_environ_proxies(settings.address))
+    session.trust_env = False
+    env_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    verify: bool | str = settings.ca_bundle or env_bundle or True
+    # hvac prefers the session's verify/cert over its own arguments when given a session
+    # (hvac#991), so they must be set here or --vault-ca-bundle would be ignored.
+    session.verify = verify
+    if settings.client_cert and settings.client_key:
+        session.cert = (settings.client_cert, settings.client_key)
+    return session, verify
+
+
 def _read_secret_file(path: str, flag: str) -> str:
     """Read a credential file fresh (they are rotated); never echo its content."""
     try:
@@ -161,12 +182,11 @@ class VaultClient:
         """``transport`` replaces the HTTP adapter (tests pass an in-memory Vault)."""
         self.settings = settings
         self._name = name
-        self._session = requests.Session()
+        self._session, verify = _session(settings)
         # One pooled connection per worker thread: no request waits for a socket.
         adapter = transport or HTTPAdapter(pool_connections=4, pool_maxsize=settings.max_connections)
         self._session.mount("https://", adapter)
         self._session.mount("http://", adapter)
-        verify: bool | str = settings.ca_bundle or True
         cert = (settings.client_cert, settings.client_key) if settings.client_cert else None
         common: dict[str, Any] = dict(
             url=settings.address,
@@ -293,6 +313,30 @@ class VaultClient:
     def _login_locked(self, reason: str) -> None:
         auth = self.settings.auth
         started = time.monotonic()
+        try:
+            token, ttl, renewable = self._obtain_token()
+        except (*_AUTH_HV, *_REJECTED_HV) as exc:
+            # Classified here, not by the caller: a refused login inside a sign call is a
+            # credentials problem, not the PKI role refusing the CSR.
+            raise FailedPreconditionError(
+                "csr-service cannot log in to Vault; check its Vault credentials and auth method configuration",
+                detail=f"Vault login with {auth.describe()}: {_short(exc)}",
+            ) from exc
+        self._hvac.token = token
+        self._generation += 1
+        self._lease = _Lease(obtained=started, ttl=ttl, renewable=renewable, granted=ttl)
+        log.info(
+            "logged in to Vault at %s with %s (%s): token TTL %s, %srenewable",
+            self.settings.address,
+            auth.describe(),
+            reason,
+            f"{ttl:.0f}s" if ttl else "none",
+            "" if renewable else "not ",
+        )
+
+    def _obtain_token(self) -> tuple[str, float, bool]:
+        """(token, TTL seconds, renewable) from the configured auth method."""
+        auth = self.settings.auth
         if isinstance(auth, TokenAuth):
             token = _read_secret_file(auth.token_file, "vault-token-file")
             # lookup-self with the candidate token: learns TTL/renewability and proves it works.
@@ -315,17 +359,7 @@ class VaultClient:
                 raise InternalError("Vault login returned no token", detail=f"{auth.describe()}: no client_token")
             ttl = float(data.get("lease_duration") or 0)
             renewable = bool(data.get("renewable"))
-        self._hvac.token = token
-        self._generation += 1
-        self._lease = _Lease(obtained=started, ttl=ttl, renewable=renewable, granted=ttl)
-        log.info(
-            "logged in to Vault at %s with %s (%s): token TTL %s, %srenewable",
-            self.settings.address,
-            auth.describe(),
-            reason,
-            f"{ttl:.0f}s" if ttl else "none",
-            "" if renewable else "not ",
-        )
+        return token, ttl, renewable
 
     def _renew_locked(self, lease: _Lease) -> None:
         started = time.monotonic()
@@ -333,8 +367,9 @@ class VaultClient:
         data = response_object(resp, "auth", "auth/token/renew-self")
         ttl = float(data.get("lease_duration") or 0)
         # Vault caps renewals at the max TTL (with a warning); once a renewal no longer
-        # restores at least half the original lease, log in again instead of renewing.
-        at_max = lease.granted > 0 and ttl < lease.granted / 2
+        # restores two thirds of the original lease, log in again (at 2/3 of what is left)
+        # instead of renewing into ever shorter leases.
+        at_max = lease.granted > 0 and ttl < lease.granted * RENEW_FRACTION
         self._lease = _Lease(
             obtained=started,
             ttl=ttl,

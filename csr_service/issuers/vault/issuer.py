@@ -76,6 +76,7 @@ class VaultIssuer:
         self._settings = settings
         self._warned = _OncePerMessage()
         self._trusted_roots: frozenset[str] = frozenset()
+        self._ca_chains: dict[tuple[str, tuple[str, ...]], tuple[x509.Certificate, ...]] = {}
 
     def __repr__(self) -> str:
         s = self._settings
@@ -170,23 +171,43 @@ class VaultIssuer:
         data = response_object(resp, "data", path)
         try:
             issued = parse_certs(str(data.get("certificate") or "").encode(), what=f"{path}: certificate")
-            extra_pem = "\n".join(
-                [*(str(c) for c in data.get("ca_chain") or ()), str(data.get("issuing_ca") or "")]
-            ).encode()
-            extra = parse_certs(extra_pem, what=f"{path}: ca_chain/issuing_ca") if b"BEGIN" in extra_pem else []
         except ValueError as exc:
             raise InternalError(
                 "the certificate authority returned an unreadable certificate", detail=str(exc)
             ) from exc
         leaf = issued[0]
-        chain = order_chain(leaf, [*issued[1:], *extra])
+        ca_key = (str(data.get("issuing_ca") or ""), tuple(str(c) for c in data.get("ca_chain") or ()))
+        # Every leaf of one issuer comes with the same CA certificates: order them (with
+        # signature checks) once per distinct set, then only check the name link per leaf;
+        # the pipeline verifies each issued chain's signatures against the trust bundle anyway.
+        chain = self._ca_chains.get(ca_key) if len(issued) == 1 else None
+        if chain is None or leaf.issuer != chain[0].subject:
+            chain = self._order(leaf, issued[1:], ca_key, path)
+            if len(issued) == 1:
+                if len(self._ca_chains) >= 8:  # issuer rotations: keep the cache bounded
+                    self._ca_chains.clear()
+                self._ca_chains[ca_key] = chain
+        _check_leaf(leaf, request, sent=sent, path=path)
+        return IssuedChain(leaf=leaf, chain=chain)
+
+    @staticmethod
+    def _order(
+        leaf: x509.Certificate, extra: Sequence[x509.Certificate], ca_pems: tuple[str, tuple[str, ...]], path: str
+    ) -> tuple[x509.Certificate, ...]:
+        pem = "\n".join([*ca_pems[1], ca_pems[0]]).encode()
+        try:
+            cas = parse_certs(pem, what=f"{path}: ca_chain/issuing_ca") if b"BEGIN" in pem else []
+        except ValueError as exc:
+            raise InternalError(
+                "the certificate authority returned an unreadable certificate", detail=str(exc)
+            ) from exc
+        chain = order_chain(leaf, [*extra, *cas])
         if not chain:
             raise InternalError(
                 "the certificate authority returned no issuing CA",
                 detail=f"{path}: no certificate/ca_chain/issuing_ca entry signed leaf {leaf.serial_number:x}",
             )
-        _check_leaf(leaf, request, sent=sent, path=path)
-        return IssuedChain(leaf=leaf, chain=tuple(chain))
+        return tuple(chain)
 
     # --- roots ------------------------------------------------------------------------
     async def roots(self) -> Sequence[x509.Certificate]:

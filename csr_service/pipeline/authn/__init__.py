@@ -53,6 +53,8 @@ class Authenticator(Protocol):
 #: Imported lazily, like issuers.
 AUTHENTICATORS: dict[str, str] = {
     "jwt": "csr_service.pipeline.authn.jwt:create",
+    "tokenreview": "csr_service.pipeline.authn.tokenreview:create",
+    "jwks": "csr_service.pipeline.authn.jwks:create",
 }
 
 

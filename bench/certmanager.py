@@ -1,0 +1,346 @@
+"""Benchmark: CreateCertificate through csr-service with the cert-manager issuer (and istio-csr).
+
+    python -m bench.certmanager [--requests 1500] [--concurrency 1,16,64] [--workers 1] [--kube-qps 200]
+
+Starts the test bed's etcd + kube-apiserver and cert-manager's real controllers (CA Issuer
+``istio-system/testbed-ca``, approver on), then drives, with ghz and the same pod-bound
+TokenRequest token and CSR:
+
+- **csr-service** ``--issuer cert-manager`` with a least-privilege ServiceAccount kubeconfig
+  (certificaterequests create/get/list/watch/delete in istio-system), its default client limit
+  (``--kube-qps 200 --kube-burst 400``) and authentication by TokenReview when that
+  authenticator is available (else JWT against the apiserver's JWKS; the output says which);
+  then once more with client-go's defaults (``--kube-qps 5 --kube-burst 10``, what istio-csr
+  runs with), to show what the client limit alone costs;
+- **istio-csr v0.17.0**, in the same run against the same apiserver and cert-manager, with its
+  defaults (client-go QPS 5 / burst 10) and with ``--disable-kubernetes-client-rate-limiter``,
+  when it can be built (``bench/istio_csr_build.py``). The Go module proxy reachable from our
+  build machines refuses ``github.com/cert-manager/istio-csr`` (403), so there the comparison
+  is reported as not measured, with the reason.
+
+Printed per level: CSR/s, p50/p99 (ghz), csr-service's CPU and RSS, and the apiserver calls
+per certificate. Everything shares the machine's cores (apiserver, etcd, cert-manager, ghz,
+csr-service). Numbers are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import LoadResult, run_ghz
+from bench.istio_csr_build import IstioCsrUnavailable, ensure_istio_csr, ensure_istio_csr_model
+from csr_service.pki.certs import build_csr
+from csr_service.pki.keys import KeyType, generate_key
+from tests.support.dev_server import free_port, running_server
+from tests.testbed.certmanager import CertManager, start_cert_manager
+from tests.testbed.kube import KubeCluster, start_kube, unique_name
+
+NAMESPACE = "bench"
+SERVICE_ACCOUNT = "bench"
+VERBS = ["create", "get", "list", "watch", "delete"]
+
+
+def _csr(identity: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    return build_csr(generate_key(KeyType.EC_P256), uris=(identity,)).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _service_account(kube: KubeCluster, namespace: str) -> tuple[str, Path]:
+    """A ServiceAccount with the least-privilege Role (+ TokenReview rights); returns (name, kubeconfig)."""
+    from kubernetes import client as k8s
+
+    sa = unique_name("csr-service")
+    kube.create_service_account(namespace, sa)
+    rbac = k8s.RbacAuthorizationV1Api(kube.api_client)
+    rbac.create_namespaced_role(
+        namespace,
+        k8s.V1Role(
+            metadata=k8s.V1ObjectMeta(name=sa),
+            rules=[k8s.V1PolicyRule(api_groups=["cert-manager.io"], resources=["certificaterequests"], verbs=VERBS)],
+        ),
+    )
+    rbac.create_namespaced_role_binding(
+        namespace,
+        k8s.V1RoleBinding(
+            metadata=k8s.V1ObjectMeta(name=sa),
+            role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=sa),
+            subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=sa, namespace=namespace)],
+        ),
+    )
+    kube.grant_cluster_role("system:auth-delegator", namespace, sa)  # tokenreviews create
+    return sa, kube.kubeconfig_for_service_account(namespace, sa)
+
+
+def _apiserver_requests(kube: KubeCluster) -> float:
+    """Total requests the apiserver has served (its apiserver_request_total counter)."""
+    import ssl
+    import urllib.request
+
+    ctx = ssl.create_default_context(cafile=str(kube.ca_cert))
+    ctx.load_cert_chain(kube.admin_cert, kube.admin_key)
+    with urllib.request.urlopen(f"{kube.server}/metrics", context=ctx, timeout=10) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _authn_args(kube: KubeCluster, tmp: Path) -> tuple[list[str], str]:
+    from csr_service.pipeline.authn import AUTHENTICATORS
+
+    if "tokenreview" in AUTHENTICATORS:
+        return ["--authenticator", "tokenreview"], "TokenReview (like istio-csr)"
+    jwks = tmp / "jwks.json"
+    jwks.write_text(json.dumps(kube.get_anonymous("/openid/v1/jwks")))
+    args = ["--authenticator", "jwt", "--jwt-jwks-file", str(jwks), "--jwt-issuer", kube.issuer]
+    return args, "JWT against the apiserver's JWKS (the tokenreview authenticator is not registered yet)"
+
+
+def _measure(
+    label: str,
+    kube: KubeCluster,
+    *,
+    address: str,
+    root: Path,
+    token: str,
+    csr: str,
+    pid: int,
+    concurrency: int,
+    requests: int,
+) -> tuple[LoadResult, float]:
+    before = _apiserver_requests(kube)
+    res = run_ghz(
+        label=label,
+        address=address,
+        root_cert=root,
+        token=token,
+        csr_pem=csr,
+        concurrency=concurrency,
+        requests=requests,
+        server_pid=pid,
+        connections=min(concurrency, 8),
+        server_name="csr-service.test",
+    )
+    calls = (_apiserver_requests(kube) - before) / max(1, res.ok)
+    return res, calls
+
+
+def _timeouts(log: str) -> str:
+    """Which step the timed-out requests were stuck in, from csr-service's log."""
+    lines = [line for line in log.splitlines() if "timed out after" in line]
+    if not lines:
+        return ""
+    approval = sum("waiting for approval" in line for line in lines)
+    return f"  timed out: {approval} waiting for approval, {len(lines) - approval} waiting for the issuer"
+
+
+def _run_csr_service(
+    cm: CertManager,
+    tmp: Path,
+    args: argparse.Namespace,
+    token: str,
+    csr: str,
+    *,
+    label: str,
+    qps: int,
+    levels: list[tuple[int, int]],
+) -> list[tuple[LoadResult, float, str]]:
+    """csr-service with ``--kube-qps qps`` (burst twice that) at each (concurrency, requests) level."""
+    kube = cm.kube
+    _, kubeconfig = _service_account(kube, cm.issuer_namespace)
+    root = tmp / "root-cert.pem"
+    root.write_text(cm.issuer_ca_pem)
+    authn, _ = _authn_args(kube, tmp)
+    port = free_port()
+    log_path = tmp / f"csr-service-{qps}.log"
+    serve = [
+        *("--grpc-listen", f"127.0.0.1:{port}", "--workers", str(args.workers), "--log-level", "warning"),
+        *("--serving-dns-names", "csr-service.test", "--serving-ip-addresses", "127.0.0.1"),
+        *("--issuer", "cert-manager", "--kubeconfig", str(kubeconfig)),
+        *("--certmanager-namespace", cm.issuer_namespace, "--certmanager-issuer-name", cm.issuer_name),
+        *("--kube-qps", str(qps), "--kube-burst", str(2 * qps)),
+        *("--root-ca-file", str(root), *authn),
+    ]
+    results = []
+    with running_server(serve, root_cert=root, state_dir=tmp, log_path=log_path, port=port) as srv:
+        # Warm-up: connections, the watch, cert-manager's informers.
+        _measure("warm-up", kube, address=srv.address, root=root, token=token, csr=csr, pid=srv.proc.pid,
+                 concurrency=8, requests=min(100, 4 * qps))  # fmt: skip
+        for conc, count in levels:
+            before = len(srv.log())
+            res, calls = _measure(
+                label,
+                kube,
+                address=srv.address,
+                root=root,
+                token=token,
+                csr=csr,
+                pid=srv.proc.pid,
+                concurrency=conc,
+                requests=count,
+            )
+            results.append((res, calls, _timeouts(srv.log()[before:])))
+    return results
+
+
+def _ratios(ours: list[tuple[LoadResult, float, str]], others: list[tuple[LoadResult, float, str]]) -> None:
+    """The two goals: >= 5x the limited throughput; lower p50 than the unlimited one."""
+    limited = [r for r, _, _ in others if r.label == "model qps 5"]
+    if limited and limited[0].rps > 0:
+        best = max(r.rps for r, _, _ in ours)
+        print(f"throughput: csr-service best {best:.1f} CSR/s = {best / limited[0].rps:.1f}x the model with QPS 5")
+    for res, _, _ in ours:
+        same = [r for r, _, _ in others if r.label == "model no limit" and r.concurrency == res.concurrency]
+        if same:
+            print(
+                f"p50 at c={res.concurrency}: csr-service {res.p50_ms:.1f} ms, "
+                f"model without limit {same[0].p50_ms:.1f} ms"
+            )
+
+
+def _run_model(
+    cm: CertManager,
+    tmp: Path,
+    binary: Path,
+    token: str,
+    csr: str,
+    *,
+    label: str,
+    limiter: bool,
+    levels: list[tuple[int, int]],
+) -> list[tuple[LoadResult, float, str]]:
+    """The istio-csr model (bench/istio_csr_model) with or without client-go's QPS 5 / burst 10."""
+    from tests.testbed import pki
+    from tests.testbed.process import ManagedProcess
+
+    kube = cm.kube
+    _, kubeconfig = _service_account(kube, cm.issuer_namespace)
+    serving_ca = pki.make_ca("model-serving-ca")
+    (tmp / "model-ca.pem").write_bytes(serving_ca.cert_pem)
+    pki.issue(serving_ca, "csr-service.test", dns=["csr-service.test"], server=True).write(
+        tmp / "model.crt", tmp / "model.key"
+    )
+    root = tmp / "root-cert.pem"
+    root.write_text(cm.issuer_ca_pem)
+    port = free_port()
+    argv = [
+        binary,
+        f"--kubeconfig={kubeconfig}",
+        f"--listen=127.0.0.1:{port}",
+        f"--tls-cert={tmp / 'model.crt'}",
+        f"--tls-key={tmp / 'model.key'}",
+        f"--root-ca-file={root}",
+        f"--certmanager-namespace={cm.issuer_namespace}",
+        f"--issuer-name={cm.issuer_name}",
+    ]
+    if not limiter:
+        argv.append("--disable-kubernetes-client-rate-limiter")
+    results = []
+    with ManagedProcess("istio-csr-model", argv, tmp / f"model-{limiter}.log") as proc:
+        proc.wait_ready(lambda: "serving on" in proc.tail(5), 30, "serving")
+        address = f"127.0.0.1:{port}"
+        _measure("warm-up", kube, address=address, root=tmp / "model-ca.pem", token=token, csr=csr, pid=proc.pid,
+                 concurrency=4, requests=8 if limiter else 100)  # fmt: skip
+        for conc, count in levels:
+            res, calls = _measure(
+                label,
+                kube,
+                address=address,
+                root=tmp / "model-ca.pem",
+                token=token,
+                csr=csr,
+                pid=proc.pid,
+                concurrency=conc,
+                requests=count,
+            )
+            results.append((res, calls, ""))
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=1500, help="requests per load level")
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--workers", type=int, default=1, help="csr-service worker processes")
+    ap.add_argument("--kube-qps", type=int, default=200, help="csr-service --kube-qps (burst is twice that)")
+    ap.add_argument(
+        "--limited-requests", type=int, default=60, help="requests for the run with istio-csr's QPS 5 / burst 10"
+    )
+    args = ap.parse_args()
+    args.levels = [int(c) for c in args.concurrency.split(",")]
+
+    try:
+        istio_csr: Path | None = ensure_istio_csr()
+        istio_csr_note = str(istio_csr)
+    except IstioCsrUnavailable as exc:
+        istio_csr, istio_csr_note = None, str(exc)
+    model: Path | None = None
+    if istio_csr is None:
+        try:
+            model = ensure_istio_csr_model()
+        except IstioCsrUnavailable as exc:
+            istio_csr_note += f"; model: {exc}"
+
+    with tempfile.TemporaryDirectory(prefix="bench-cm-") as tmpdir:
+        tmp = Path(tmpdir)
+        kube = start_kube(tmp / "kube")
+        try:
+            cm = start_cert_manager(kube, tmp / "cert-manager")
+            try:
+                kube.create_namespace(NAMESPACE)
+                pod = kube.create_workload(NAMESPACE, SERVICE_ACCOUNT)
+                token = kube.token(NAMESPACE, SERVICE_ACCOUNT, pod=pod)
+                csr = _csr(f"spiffe://cluster.local/ns/{NAMESPACE}/sa/{SERVICE_ACCOUNT}")
+                print(f"csr-service authenticates callers with {_authn_args(kube, tmp)[1]}")
+                started = time.monotonic()
+                levels = [(c, args.requests if c > 1 else max(50, args.requests // 6)) for c in args.levels]
+                ours = _run_csr_service(
+                    cm, tmp, args, token, csr, label="csr-service", qps=args.kube_qps, levels=levels
+                )
+                elapsed = time.monotonic() - started
+                # Same code, with client-go's default limit that istio-csr runs with (QPS 5, burst 10).
+                limited = _run_csr_service(
+                    cm, tmp, args, token, csr, label="csr-service qps 5", qps=5, levels=[(8, args.limited_requests)]
+                )
+                others: list[tuple[LoadResult, float, str]] = []
+                if model is not None:
+                    others += _run_model(
+                        cm, tmp, model, token, csr, label="model qps 5", limiter=True,
+                        levels=[(8, args.limited_requests)],
+                    )  # fmt: skip
+                    others += _run_model(
+                        cm, tmp, model, token, csr, label="model no limit", limiter=False, levels=levels
+                    )
+            finally:
+                cm.stop()
+        finally:
+            kube.stop()
+
+    print(f"\ncert-manager issuer, {args.requests} requests per level (a sixth at c=1), {args.workers} worker(s), "
+          f"--kube-qps {args.kube_qps}")  # fmt: skip
+    print("apiserver, etcd, cert-manager, ghz and csr-service share this machine; 'apiserver req/CSR' counts")
+    print("every client's requests (csr-service's create + delete, cert-manager's status updates and events)")
+    for res, calls, timeouts in [*ours, *limited, *others]:
+        print(f"{res.row()}  apiserver req/CSR {calls:4.1f}{timeouts}")
+    if istio_csr is None:
+        print(f"\nistio-csr v0.17.0: NOT MEASURED: {istio_csr_note}")
+        if model is not None:
+            print("'model' rows: bench/istio_csr_model, istio-csr's per-request API work (TokenReview, create,")
+            print("per-request watch, GET, async delete) re-implemented in Go with client-go and cert-manager's")
+            print("clientset, with client-go's QPS 5 / burst 10 ('qps 5') or the limiter disabled ('no limit').")
+            print("It is a stand-in for istio-csr, not istio-csr.")
+        _ratios(ours, others)
+    else:  # pragma: no cover - only where the proxy serves istio-csr
+        print(f"\nistio-csr v0.17.0 built at {istio_csr}; out-of-cluster runner not implemented yet")
+    print(f"(csr-service phase took {elapsed:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Certificates csr-service requests for itself or for Istio's control plane (not workloads).
+
+The request pipeline's verifier is built for workload certificates (one SPIFFE URI); these
+carry DNS names, so they are verified here with :func:`build_path` against the trust bundle.
+``transport/serving_cert.py`` does the same for the serving certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from csr_service.issuers.base import IssuedChain, Issuer, SigningRequest
+from csr_service.pki.certs import build_csr
+from csr_service.pki.chain import build_path
+from csr_service.pki.keys import KeyType, PrivateKey, generate_key
+
+__all__ = ["OwnCertificate", "issue_own_certificate"]
+
+
+@dataclass(frozen=True, slots=True)
+class OwnCertificate:
+    key: PrivateKey
+    issued: IssuedChain
+    #: ``[leaf, intermediates..., root]`` as verified against the trust bundle.
+    path: list[x509.Certificate]
+
+
+async def issue_own_certificate(
+    issuer: Issuer,
+    roots: Sequence[x509.Certificate],
+    *,
+    ttl: timedelta,
+    key_type: KeyType,
+    purpose: str,
+    request_id: str,
+    dns_names: Sequence[str] = (),
+    uris: Sequence[str] = (),
+) -> OwnCertificate:
+    """Generate a key, have ``issuer`` sign it, verify the chain against ``roots``.
+
+    Raises the issuer's csr_service errors, or :class:`~csr_service.pki.chain.ChainError`
+    when the result does not chain to ``roots``.
+    """
+    # RSA key generation takes tens of milliseconds: not on the event loop.
+    key = await asyncio.to_thread(generate_key, key_type)
+    csr = build_csr(key, uris=uris, dns_names=dns_names)
+    issued = await issuer.sign(
+        SigningRequest(
+            csr=csr,
+            csr_pem=csr.public_bytes(serialization.Encoding.PEM),
+            ttl=ttl,
+            uris=tuple(uris),
+            dns_names=tuple(dns_names),
+            request_id=request_id,
+            purpose=purpose,
+        )
+    )
+    path = build_path(issued.leaf, list(issued.chain), roots, now=datetime.now(UTC))
+    return OwnCertificate(key=key, issued=issued, path=path)

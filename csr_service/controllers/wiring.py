@@ -1,0 +1,102 @@
+"""Build the Kubernetes-facing components from the configuration (called by ``app.build_service``).
+
+Only what is switched on is created, so a run without Kubernetes features (dev mode, or a
+plain ``--root-ca-file`` setup) creates no Kubernetes client at all.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from csr_service.issuers import IssuerContext
+
+if TYPE_CHECKING:
+    from csr_service.config import Config
+    from csr_service.pipeline.handler import IssuerSlot
+    from csr_service.pipeline.trust import TrustBundle
+    from csr_service.runtime import Component, Runtime
+    from csr_service.transport.serving_cert import ServingCertificate
+
+__all__ = ["build_components", "trust_from_source"]
+
+
+def trust_from_source(config: Config) -> bool:
+    """Whether the trust bundle comes from a configured source rather than from the issuer."""
+    c = config.controllers
+    return bool(config.pipeline.root_ca_file or (c and (c.root_ca_configmap or c.root_ca_secret)))
+
+
+def build_components(
+    config: Config, runtime: Runtime, slot: IssuerSlot, trust: TrustBundle, serving: ServingCertificate
+) -> list[Component]:
+    """Trust sources, runtime issuer, and the leader-only controllers (behind the elector if on)."""
+    c = config.controllers
+    components: list[Component] = []
+    if config.pipeline.root_ca_file:
+        from csr_service.pipeline.trust_sources import FileTrustSource
+
+        components.append(FileTrustSource(config.pipeline.root_ca_file, trust))
+    if c is None:
+        return components
+    if c.root_ca_configmap or c.root_ca_secret:
+        from csr_service.pipeline.trust_sources import KubeTrustSource
+
+        ref = c.root_ca_secret or c.root_ca_configmap
+        assert ref is not None
+        components.append(KubeTrustSource(runtime, trust, ref, secret=c.root_ca_secret is not None))
+    if c.runtime_issuer_configmap:
+        from csr_service.controllers.runtime_issuer import RuntimeIssuerController
+
+        components.append(
+            RuntimeIssuerController(
+                runtime,
+                slot,
+                trust,
+                ref=c.runtime_issuer_configmap,
+                context=IssuerContext(
+                    trust_domain=config.pipeline.trust_domain,
+                    dev=config.dev,
+                    state_dir=config.state_dir,
+                    runtime=runtime,
+                ),
+                default_backend=config.issuer,
+                default_values=config.issuer_options,
+                probe_dns_names=config.server.serving_dns_names,
+                grace=config.server.request_timeout + timedelta(seconds=1),
+                on_change=serving.request_renewal,
+            )
+        )
+    leader_only: list[Component] = []
+    if c.root_configmaps:
+        from csr_service.controllers.root_configmaps import RootConfigMapController
+
+        leader_only.append(
+            RootConfigMapController(
+                runtime.kube(),
+                trust,
+                configmap_name=c.root_configmap_name,
+                namespace_selector=c.root_configmap_namespace_selector,
+                workers=c.root_configmap_workers,
+            )
+        )
+    if c.istiod_cert:
+        from csr_service.controllers.istiod_cert import IstiodCertController, IstiodCertSpec
+
+        spec = IstiodCertSpec(
+            namespace=c.istio_namespace,
+            revisions=c.istio_revisions,
+            trust_domain=config.pipeline.trust_domain,
+            duration=c.istiod_cert_duration,
+            renew_before=c.istiod_cert_renew_before,
+            key_type=c.istiod_cert_key_type,
+            additional_dns_names=c.istiod_additional_dns_names,
+        )
+        leader_only.append(IstiodCertController(runtime.kube(), slot, trust, spec))
+    if c.leader is not None:
+        from csr_service.controllers.leader import LeaderElector
+
+        components.append(LeaderElector.from_runtime(runtime, c.leader, leader_only))
+    else:
+        components.extend(leader_only)
+    return components

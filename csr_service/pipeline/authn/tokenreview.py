@@ -1,0 +1,335 @@
+"""TokenReview authentication: ask the apiserver whether a caller's token is valid (as istiod does).
+
+Checks (istiod's, see PROTOCOL.md): ``status.authenticated``; an audience from
+``--token-audiences`` in ``status.audiences`` (an empty list there means the token is only good
+for the apiserver itself, so it is refused); group ``system:serviceaccounts``; username
+``system:serviceaccount:<ns>:<sa>``. The pod name and uid (for ztunnel impersonation) come from
+``user.extra["authentication.kubernetes.io/pod-name"|"pod-uid"]``.
+
+Why a cache, and how it stays safe:
+
+- Every sidecar calls on start and at each rotation; thousands of pods restarting together would
+  mean thousands of TokenReviews (istio-csr throttled itself into timeouts that way, #217).
+  Accepted tokens are remembered by SHA-256 of the token (the token itself is never stored) for
+  ``min(--tokenreview-cache-ttl, token exp - now)``. ``exp`` is read from the *unverified*
+  payload and used only to shorten the lifetime: it cannot extend trust, and a token whose review
+  succeeded was signed by the apiserver anyway. The cache is an LRU bounded by
+  ``--tokenreview-cache-size``.
+- Trade-off: a token of a pod deleted within the TTL keeps working until its entry expires
+  (at most 5 minutes by default) — the same window a JWKS check has for the whole token life.
+- Rejections are cached for :data:`NEGATIVE_TTL` (10 s) only: long enough that a workload
+  retrying a bad token in a tight loop (istio-agent's outer loop starts at 0.5 s) costs one
+  review per 10 s instead of one per call, short enough that a token refused because the
+  apiserver had not yet seen its pod (HA apiservers, watch-cache lag) works again quickly.
+- API errors (apiserver down, timeouts, 5xx, our own RBAC missing) are never cached and become
+  UNAVAILABLE, so the client retries rather than giving up; 429 becomes RESOURCE_EXHAUSTED.
+- Concurrent reviews of the same token share one API call: the first caller starts a task,
+  later ones await it (``stats["coalesced"]``).
+
+Every :meth:`authenticate` call with a well-formed bearer token counts exactly once in
+``stats["hits"]``, ``stats["misses"]`` (an API call was made) or ``stats["coalesced"]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+from csr_service.errors import (
+    AuthenticationError,
+    CSRServiceError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from csr_service.identity import SpiffeId, service_account_from_username
+from csr_service.pipeline.authn import Caller
+from csr_service.pipeline.authn.jwt import MAX_TOKEN_BYTES
+from csr_service.pipeline.context import RequestContext
+
+if TYPE_CHECKING:
+    from csr_service.runtime import Runtime
+
+__all__ = [
+    "NEGATIVE_TTL",
+    "KubeTokenReviewer",
+    "ReviewResult",
+    "TokenReviewAuthenticator",
+    "TokenReviewer",
+    "create",
+]
+
+log = logging.getLogger(__name__)
+
+#: How long a rejected token is remembered (see the module docstring for why this short).
+NEGATIVE_TTL = timedelta(seconds=10)
+SERVICE_ACCOUNTS_GROUP = "system:serviceaccounts"
+POD_NAME_KEY = "authentication.kubernetes.io/pod-name"
+POD_UID_KEY = "authentication.kubernetes.io/pod-uid"
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewResult:
+    """The parts of a ``TokenReviewStatus`` we use."""
+
+    authenticated: bool
+    username: str = ""
+    groups: tuple[str, ...] = ()
+    extra: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    audiences: tuple[str, ...] = ()
+    error: str = ""
+
+
+class TokenReviewer(Protocol):
+    """Performs one TokenReview. Raises UnavailableError/ResourceExhaustedError on API trouble."""
+
+    async def review(self, token: str, audiences: Sequence[str]) -> ReviewResult: ...
+
+
+class KubeTokenReviewer:
+    """``POST /apis/authentication.k8s.io/v1/tokenreviews`` through the shared (sync) client.
+
+    Calls run in a pool of their own, not asyncio's default executor: a storm of reviews
+    (mass restart) must not queue ahead of the controllers' calls there, such as the leader
+    lease renewal.
+    """
+
+    def __init__(self, api_client: Any, *, threads: int = 16) -> None:
+        from kubernetes import client
+
+        self._api = client.AuthenticationV1Api(api_client)
+        self._client = client
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenreview")
+
+    async def review(self, token: str, audiences: Sequence[str]) -> ReviewResult:
+        body = self._client.V1TokenReview(spec=self._client.V1TokenReviewSpec(token=token, audiences=list(audiences)))
+        loop = asyncio.get_running_loop()
+        try:
+            response = await loop.run_in_executor(self._pool, self._api.create_token_review, body)
+        except Exception as exc:  # ApiException, urllib3 and socket errors all mean "try later"
+            raise _api_error(exc) from exc
+        status = response.status
+        if status is None:
+            raise UnavailableError("token review failed", detail="TokenReview response has no status")
+        user = status.user
+        return ReviewResult(
+            authenticated=bool(status.authenticated),
+            username=(user.username or "") if user else "",
+            groups=tuple(user.groups or ()) if user else (),
+            extra=dict(user.extra or {}) if user else {},
+            audiences=tuple(status.audiences or ()),
+            error=status.error or "",
+        )
+
+
+def _api_error(exc: Exception) -> CSRServiceError:
+    status = getattr(exc, "status", None)
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    if status == 429:
+        return ResourceExhaustedError("token review rate-limited; retry later", detail=f"TokenReview: 429 {reason}")
+    if status in (401, 403):
+        # Our own credentials, not the caller's: an operator must fix RBAC, the client may retry.
+        detail = (
+            f"TokenReview: {status} {reason}: csr-service's service account needs create on "
+            "tokenreviews.authentication.k8s.io (ClusterRole system:auth-delegator)"
+        )
+    else:
+        detail = f"TokenReview failed: {status or ''} {reason}: {str(exc)[:200]}".replace("  ", " ")
+    return UnavailableError("cannot verify the token right now; retry later", detail=detail)
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A failed review, shared by coalesced callers; each gets a fresh exception from it
+    (one exception object raised in many coroutines would collect all their tracebacks)."""
+
+    kind: type[CSRServiceError]
+    public: str
+    detail: str
+
+    def error(self) -> CSRServiceError:
+        return self.kind(self.public, detail=self.detail)
+
+
+_Outcome = Caller | _Failure
+
+
+def _fail(public: str, detail: str | None = None) -> _Failure:
+    return _Failure(AuthenticationError, f"authentication failed: {public}", detail or public)
+
+
+def unverified_exp(token: str) -> float | None:
+    """The ``exp`` claim of a JWT without verifying anything; None if absent or unreadable.
+
+    Only ever used to *shorten* how long a reviewed token is cached.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
+class TokenReviewAuthenticator:
+    """Authenticates callers with a cached, coalesced TokenReview (see the module docstring)."""
+
+    name = "tokenreview"
+
+    def __init__(
+        self,
+        reviewer: TokenReviewer,
+        *,
+        trust_domain: str,
+        audiences: Sequence[str] = ("istio-ca",),
+        cache_ttl: timedelta = timedelta(minutes=5),
+        cache_size: int = 10000,
+        negative_ttl: timedelta = NEGATIVE_TTL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._reviewer = reviewer
+        self._trust_domain = trust_domain
+        self._audiences = tuple(audiences)
+        self._ttl = cache_ttl.total_seconds()
+        self._negative_ttl = min(negative_ttl.total_seconds(), self._ttl)
+        self._size = cache_size
+        # Wall clock, not monotonic: entries are bounded by the token's exp, a wall-clock time.
+        self._clock = clock
+        self._cache: OrderedDict[bytes, tuple[float, _Outcome]] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Task[_Outcome]] = {}
+        #: For tests, logs and metrics (see the module docstring).
+        self.stats = {"hits": 0, "misses": 0, "coalesced": 0, "rejected": 0, "api_errors": 0, "evictions": 0}
+
+    def cache_stats(self) -> tuple[int, int]:
+        """(hits, misses) for the metrics: answers without an API call of their own (cache hits
+        and coalesced calls), and calls that made a TokenReview."""
+        return self.stats["hits"] + self.stats["coalesced"], self.stats["misses"]
+
+    def cache_len(self) -> int:
+        """Entries currently cached (positive and negative)."""
+        return len(self._cache)
+
+    async def authenticate(self, ctx: RequestContext) -> Caller:
+        token = ctx.bearer_token()
+        if token is None:
+            raise _fail("no bearer token in the authorization metadata").error()
+        if len(token) > MAX_TOKEN_BYTES:
+            raise _fail("token too large").error()
+        key = hashlib.sha256(token.encode()).digest()
+        outcome = self._cached(key)
+        if outcome is not None:
+            self.stats["hits"] += 1
+        else:
+            task = self._inflight.get(key)
+            if task is not None:
+                self.stats["coalesced"] += 1
+            else:
+                self.stats["misses"] += 1
+                task = asyncio.get_running_loop().create_task(self._review(token, key))
+                self._inflight[key] = task
+                task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+            # shield: one caller hitting its deadline must not cancel the review the others await.
+            outcome = await asyncio.shield(task)
+        if isinstance(outcome, _Failure):
+            raise outcome.error()
+        return outcome
+
+    def _cached(self, key: bytes) -> _Outcome | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        expires, outcome = entry
+        if self._clock() >= expires:
+            del self._cache[key]
+            return None
+        self._cache.move_to_end(key)
+        return outcome
+
+    def _remember(self, key: bytes, outcome: _Outcome, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        self._cache[key] = (self._clock() + ttl, outcome)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+            self.stats["evictions"] += 1
+
+    async def _review(self, token: str, key: bytes) -> _Outcome:
+        started = time.perf_counter()
+        try:
+            result = await self._reviewer.review(token, self._audiences)
+        except CSRServiceError as exc:
+            self.stats["api_errors"] += 1
+            # Not cached: the next call tries the apiserver again.
+            return _Failure(type(exc), exc.public, exc.detail)
+        outcome = self._check(result)
+        exp = unverified_exp(token)
+        if isinstance(outcome, _Failure):
+            self.stats["rejected"] += 1
+            ttl = self._negative_ttl
+        else:
+            ttl = self._ttl if exp is None else min(self._ttl, exp - self._clock())
+            if exp is not None:
+                outcome = _with_expiry(outcome, exp)
+        self._remember(key, outcome, ttl)
+        log.debug(
+            "tokenreview: %s took_ms=%.1f cached_s=%d",
+            outcome.detail if isinstance(outcome, _Failure) else f"identity={outcome.identity}",
+            (time.perf_counter() - started) * 1000,
+            max(0, int(ttl)),
+        )
+        return outcome
+
+    def _check(self, r: ReviewResult) -> _Outcome:
+        if not r.authenticated:
+            return _fail("token not accepted by the Kubernetes API", f"TokenReview: not authenticated: {r.error[:300]}")
+        if not set(r.audiences) & set(self._audiences):
+            return _fail(
+                "token audience not accepted",
+                f"TokenReview audiences {list(r.audiences)} share none of {list(self._audiences)}",
+            )
+        if SERVICE_ACCOUNTS_GROUP not in r.groups:
+            return _fail("token is not a Kubernetes service-account token", f"groups {list(r.groups)[:10]}")
+        try:
+            ns, sa = service_account_from_username(r.username)
+        except ValueError as exc:
+            return _fail("token is not a Kubernetes service-account token", f"username {r.username[:100]!r}: {exc}")
+        return Caller(
+            identity=SpiffeId(self._trust_domain, ns, sa),
+            pod_name=_first(r.extra.get(POD_NAME_KEY)),
+            pod_uid=_first(r.extra.get(POD_UID_KEY)),
+            authenticator=self.name,
+        )
+
+
+def _first(values: Sequence[str] | None) -> str | None:
+    return values[0] if values and isinstance(values[0], str) else None
+
+
+def _with_expiry(caller: Caller, exp: float) -> Caller:
+    return replace(caller, token_expires_at=datetime.fromtimestamp(exp, UTC))
+
+
+def create(runtime: Runtime) -> TokenReviewAuthenticator:
+    """``--authenticator tokenreview``: reviews through ``runtime.kube()`` (needs create on tokenreviews)."""
+    config = runtime.config
+    return TokenReviewAuthenticator(
+        KubeTokenReviewer(runtime.kube()),
+        trust_domain=config.pipeline.trust_domain,
+        audiences=config.auth.token_audiences,
+        cache_ttl=config.auth.tokenreview_cache_ttl,
+        cache_size=config.auth.tokenreview_cache_size,
+    )

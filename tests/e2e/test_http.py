@@ -1,0 +1,116 @@
+"""The HTTP side of a running csr-service: probes and metrics, one worker and several."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.dev_server import CSR_SERVICE, DevServer, free_port, running_dev_server
+
+pytestmark = pytest.mark.e2e
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _issue(srv: DevServer, out: Path, service_account: str = "sleep") -> subprocess.CompletedProcess[str]:
+    token = out.parent / f"{out.name}.token"
+    token.parent.mkdir(parents=True, exist_ok=True)
+    token.write_text(srv.token("default", "sleep"))
+    args = [*CSR_SERVICE, "request", "--ca-address", srv.address, "--root-cert", str(srv.root_cert)]
+    args += ["--token-file", str(token), "--trust-domain", "cluster.local", "--namespace", "default"]
+    args += ["--service-account", service_account, "--out-dir", str(out)]
+    return subprocess.run(args, capture_output=True, text=True, check=False)
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def _wait(predicate: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def test_single_worker_probes_and_istio_metrics(tmp_path: Path) -> None:
+    port = free_port()
+    with running_dev_server(tmp_path / "state", "--http-listen", f"127.0.0.1:{port}") as srv:
+        assert _get(port, "/livez") == (200, "ok\n")
+        status, body = _get(port, "/readyz")
+        assert status == 200, body
+        assert "[+]issuer ok: local: local CA valid until" in body
+        assert "[+]serving-certificate ok" in body
+        assert _issue(srv, tmp_path / "ok").returncode == 0
+        assert _issue(srv, tmp_path / "bad", service_account="other").returncode != 0
+        _, text = _get(port, "/metrics")
+    assert _metric(text, "citadel_server_csr_count") == 2
+    assert _metric(text, "citadel_server_success_cert_issuance_count") == 1
+    assert _metric(text, "citadel_server_authentication_failure_count") == 1
+    assert "# TYPE citadel_server_csr_count counter" in text
+    assert 'grpc_server_handled_total{grpc_code="UNAUTHENTICATED"' in text
+    assert _metric(text, "citadel_server_root_cert_expiry_timestamp") > time.time()
+    assert _metric(text, "csr_service_serving_certificate_expiry_timestamp") > time.time()
+
+
+def test_workers_share_one_http_side(tmp_path: Path) -> None:
+    port = free_port()
+    before = set(glob.glob("/tmp/csr-service-metrics-*"))
+    with running_dev_server(tmp_path / "state", "--http-listen", f"127.0.0.1:{port}", workers=2) as srv:
+        _wait(lambda: _get(port, "/readyz")[0] == 200)
+        body = _get(port, "/readyz")[1]
+        assert "[+]worker-0/serving-certificate ok" in body
+        assert "[+]worker-1/serving-certificate ok" in body
+        for i in range(6):  # SO_REUSEPORT spreads new connections over both workers
+            assert _issue(srv, tmp_path / f"out{i}").returncode == 0
+        text = _get(port, "/metrics")[1]
+        assert _metric(text, "citadel_server_csr_count") == 6  # summed over the workers
+        assert _metric(text, "csr_service_workers") == 2
+        ours = set(glob.glob("/tmp/csr-service-metrics-*")) - before
+        assert len(ours) == 1
+
+        # A worker dies: not ready until its replacement reports; counters survive it.
+        workers = subprocess.run(["pgrep", "-P", str(srv.proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
+        victim = int(workers.stdout.split()[0])
+        os.kill(victim, signal.SIGKILL)
+        _wait(lambda: _get(port, "/readyz")[0] == 503, timeout=10)
+        _wait(lambda: _get(port, "/readyz")[0] == 200)
+        text = _get(port, "/metrics")[1]
+        assert _metric(text, "csr_service_worker_restarts_total") == 1
+        assert _metric(text, "citadel_server_csr_count") == 6
+    assert not any(Path(p).exists() for p in ours)  # the supervisor removed its metrics dir
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_http_port_taken_is_a_clear_start_failure(tmp_path: Path, workers: int) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        args = [*CSR_SERVICE, "serve", "--dev", "--state-dir", str(tmp_path / "state")]
+        args += [f"--grpc-listen=127.0.0.1:{free_port()}", f"--http-listen=127.0.0.1:{port}", f"--workers={workers}"]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode in {1, 2}
+    assert f"--http-listen: cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,1 @@
+"""Authentication and impersonation against the test-bed kube-apiserver (marker ``kube``)."""

@@ -1,0 +1,133 @@
+"""Interop: Istio's own client code (the sidecar's CA client) against ``csr-service serve --dev``.
+
+``istio_client`` runs istio.io/istio's citadel client + GenCSR + token plugin, i.e. exactly what
+istio-agent does; if these pass, an unmodified sidecar can get its certificate from us.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tests.support.dev_server import DevServer, running_dev_server
+from tests.testbed import pki
+from tests.testbed.istio import IstioClient
+
+pytestmark = pytest.mark.istio
+
+NAMESPACE = "bookinfo"
+SERVICE_ACCOUNT = "productpage"
+IDENTITY = f"spiffe://cluster.local/ns/{NAMESPACE}/sa/{SERVICE_ACCOUNT}"
+
+
+@pytest.fixture(scope="module")
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
+    with running_dev_server(tmp_path_factory.mktemp("interop") / "state") as srv:
+        yield srv
+
+
+@pytest.mark.parametrize(
+    ("key_type", "key_class", "bits"),
+    [
+        ("rsa", rsa.RSAPublicKey, 2048),
+        ("ec256", ec.EllipticCurvePublicKey, 256),
+        ("ec384", ec.EllipticCurvePublicKey, 384),
+    ],
+)
+def test_sidecar_client_gets_a_verifying_chain(
+    istio_client: IstioClient, dev_server: DevServer, key_type: str, key_class: type, bits: int
+) -> None:
+    token = dev_server.token(NAMESPACE, SERVICE_ACCOUNT)
+
+    res = istio_client(
+        ca_address=dev_server.address,
+        root_cert=dev_server.root_cert,
+        token=token,
+        namespace=NAMESPACE,
+        service_account=SERVICE_ACCOUNT,
+        key_type=key_type,
+    )
+
+    assert res.ok, f"{res.code}: {res.message}\n{res.stderr}"
+    assert len(res.cert_chain) >= 2
+    assert res.identity == IDENTITY
+    leaf = res.leaf
+    assert pki.spiffe_uris(leaf) == [IDENTITY]
+    assert isinstance(leaf.public_key(), key_class)
+    assert leaf.public_key().key_size == bits
+    roots = pki.load_certs(dev_server.root_cert.read_bytes())
+    certs = res.certificates
+    pki.verify_chain(leaf, certs[1:], roots)
+    # istio-agent takes the LAST element verbatim as its root of trust: it must be our root.
+    assert pki.load_certs(res.cert_chain[-1]) == roots
+
+
+def test_token_of_another_service_account_is_unauthenticated(istio_client: IstioClient, dev_server: DevServer) -> None:
+    token = dev_server.token(NAMESPACE, "reviews")
+
+    res = istio_client(
+        ca_address=dev_server.address,
+        root_cert=dev_server.root_cert,
+        token=token,
+        namespace=NAMESPACE,
+        service_account=SERVICE_ACCOUNT,
+        key_type="ec256",
+    )
+
+    assert not res.ok
+    assert res.code == "UNAUTHENTICATED", res
+
+
+def test_wrong_cluster_id_is_refused(istio_client: IstioClient, dev_server: DevServer) -> None:
+    token = dev_server.token(NAMESPACE, SERVICE_ACCOUNT)
+
+    res = istio_client(
+        ca_address=dev_server.address,
+        root_cert=dev_server.root_cert,
+        token=token,
+        namespace=NAMESPACE,
+        service_account=SERVICE_ACCOUNT,
+        cluster_id="some-other-cluster",
+        key_type="ec256",
+    )
+
+    assert not res.ok
+    assert res.code == "UNAUTHENTICATED", res
+
+
+def test_missing_token_is_unauthenticated(istio_client: IstioClient, dev_server: DevServer, tmp_path: Path) -> None:
+    # The agent sends no authorization header when its token file is missing.
+    res = istio_client(
+        ca_address=dev_server.address,
+        root_cert=dev_server.root_cert,
+        token_file=tmp_path / "absent-token",
+        namespace=NAMESPACE,
+        service_account=SERVICE_ACCOUNT,
+        key_type="ec256",
+    )
+
+    assert not res.ok
+    assert res.code == "UNAUTHENTICATED", res
+
+
+def test_untrusted_server_certificate_is_rejected_by_the_client(
+    istio_client: IstioClient, dev_server: DevServer, tmp_path: Path
+) -> None:
+    # The client verifies the CA's serving cert against root-cert.pem: a foreign root must fail.
+    foreign = tmp_path / "foreign-root.pem"
+    foreign.write_bytes(pki.make_ca("not-the-mesh-root").cert_pem)
+
+    res = istio_client(
+        ca_address=dev_server.address,
+        root_cert=foreign,
+        token=dev_server.token(NAMESPACE, SERVICE_ACCOUNT),
+        namespace=NAMESPACE,
+        service_account=SERVICE_ACCOUNT,
+        key_type="ec256",
+    )
+
+    assert not res.ok
+    assert res.code == "UNAVAILABLE", res

@@ -1,0 +1,74 @@
+"""The test-bed cert-manager is real: its CA issuers sign CertificateRequests after approval."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.verification import VerificationError
+
+from tests.testbed import pki
+from tests.testbed.certmanager import CertManager, condition, condition_reason, decode_certificate
+from tests.testbed.kube import wait_for
+
+pytestmark = pytest.mark.certmanager
+
+IDENTITY = "spiffe://cluster.local/ns/default/sa/productpage"
+
+
+@pytest.mark.parametrize("kind", ["Issuer", "ClusterIssuer"])
+def test_ca_issuer_signs_certificate_request(cert_manager: CertManager, kind: str) -> None:
+    cm = cert_manager
+    csr, _ = pki.make_csr(IDENTITY, "ec256")
+
+    name = cm.create_certificate_request(cm.issuer_namespace, csr, issuer_kind=kind)
+    cr = cm.wait_certificate_request(cm.issuer_namespace, name)
+
+    assert condition(cr, "Approved") == "True"
+    chain = pki.load_certs(decode_certificate(cr))
+    leaf = chain[0]
+    assert pki.spiffe_uris(leaf) == [IDENTITY]
+    eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    root_pem = cm.issuer_ca_pem if kind == "Issuer" else cm.cluster_issuer_ca_pem
+    other_pem = cm.cluster_issuer_ca_pem if kind == "Issuer" else cm.issuer_ca_pem
+    pki.verify_chain(leaf, chain[1:], pki.load_certs(root_pem))
+    # And it was really this issuer: the other issuer's root does not verify it.
+    with pytest.raises(VerificationError):
+        pki.verify_chain(leaf, chain[1:], pki.load_certs(other_pem))
+
+
+def test_without_approver_requests_wait_for_approval(cert_manager_no_approver: CertManager) -> None:
+    cm = cert_manager_no_approver
+    csr, _ = pki.make_csr(IDENTITY)
+    name = cm.create_certificate_request(cm.issuer_namespace, csr)
+
+    # Give a running approver ample opportunity to act; none must.
+    time.sleep(5)
+    cr = cm.get_certificate_request(cm.issuer_namespace, name)
+    assert condition(cr, "Approved") is None
+    assert not cr.get("status", {}).get("certificate")
+
+    cm.set_approval(cm.issuer_namespace, name, approved=True)
+    cr = cm.wait_certificate_request(cm.issuer_namespace, name)
+    assert pki.spiffe_uris(pki.load_certs(decode_certificate(cr))[0]) == [IDENTITY]
+
+
+def test_denied_request_is_never_signed(cert_manager_no_approver: CertManager) -> None:
+    cm = cert_manager_no_approver
+    csr, _ = pki.make_csr(IDENTITY)
+    name = cm.create_certificate_request(cm.issuer_namespace, csr)
+
+    cm.set_approval(cm.issuer_namespace, name, approved=False)
+
+    # The CA controller acknowledges the denial by marking the request Ready=False/Denied.
+    def acknowledged() -> dict[str, Any] | None:
+        cr = cm.get_certificate_request(cm.issuer_namespace, name)
+        return cr if condition_reason(cr, "Ready") == "Denied" else None
+
+    cr = wait_for(acknowledged, what="Ready reason Denied")
+    assert condition(cr, "Ready") == "False"
+    assert not cr.get("status", {}).get("certificate")

@@ -1,0 +1,160 @@
+"""The local CA issuer with its CA keypair in Vault KV (v1 and v2), against a real OpenBao."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from csr_service.config import Config, resolve
+from csr_service.issuers import create_issuer
+from csr_service.issuers.base import IssuedChain, SigningRequest
+from csr_service.issuers.local.issuer import LocalCAIssuer
+from csr_service.pki.chain import build_path
+from csr_service.pki.keys import KeyType, generate_key
+from csr_service.pki.pem import cert_to_pem, key_to_pem
+from tests.integration.vault.conftest import CONTEXT, VaultEnv, random_name
+from tests.support.certs import WORKLOAD, csr_pem, write_ca_dir
+
+pytestmark = pytest.mark.vault
+
+
+def _request() -> SigningRequest:
+    pem = csr_pem(generate_key(KeyType.EC_P256))
+    return SigningRequest(csr=x509.load_pem_x509_csr(pem), csr_pem=pem, ttl=timedelta(minutes=30), uris=(WORKLOAD,))
+
+
+def _new_ca(tmp: Path, **kw: Any) -> tuple[dict[str, str], x509.Certificate]:
+    """A CA as KV fields in the seed's layout: certificate (+chain) and privateKey."""
+    cert, key, root = write_ca_dir(tmp, **kw)
+    bundle = cert_to_pem(cert) + (cert_to_pem(root) if cert != root else "")
+    return {"certificate": bundle, "privateKey": key_to_pem(key).decode()}, root
+
+
+def _kv_write(env: VaultEnv, version: int, path: str, fields: dict[str, str]) -> str:
+    """Write the secret; return the API path the source reads."""
+    if version == 2:
+        env.root.secrets.kv.v2.create_or_update_secret(path=path, secret=fields, mount_point="secret")
+        return f"secret/data/{path}"
+    env.root.secrets.kv.v1.create_or_update_secret(path=path, secret=fields, mount_point="kv1")
+    return f"kv1/{path}"
+
+
+def _values(env: VaultEnv, tmp: Path, kv_path: str, version: int, **extra: Any) -> dict[str, Any]:
+    return env.connection_values(
+        tmp,
+        auth="approle",
+        **{
+            "local-ca-vault-kv-path": kv_path,
+            "local-ca-vault-kv-version": version,
+            "local-ca-reload-interval": timedelta(0),
+            **extra,
+        },
+    )
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("intermediate", [False, True])
+def test_local_ca_from_vault_kv_signs(vault_env: VaultEnv, tmp_path: Path, version: int, intermediate: bool) -> None:
+    fields, root = _new_ca(tmp_path / "ca", intermediate=intermediate)
+    kv_path = _kv_write(vault_env, version, f"pki/{random_name('istiod')}", fields)
+    issuer = create_issuer("local", _values(vault_env, tmp_path, kv_path, version), CONTEXT)
+    assert isinstance(issuer, LocalCAIssuer)
+
+    async def body() -> IssuedChain:
+        await issuer.start()
+        try:
+            assert list(await issuer.roots()) == [root]
+            return await issuer.sign(_request())
+        finally:
+            await issuer.aclose()
+
+    issued = asyncio.run(body())
+    build_path(issued.leaf, issued.chain, [root], now=datetime.now(UTC))
+
+
+def test_seed_layout_through_the_real_config(vault_env: VaultEnv, tmp_path: Path) -> None:
+    """``--issuer local --local-ca-vault-kv-path secret/data/pki/istiod`` as an operator types it."""
+    fields, _ = _new_ca(tmp_path / "ca")
+    _kv_write(vault_env, 2, "pki/istiod", fields)
+    conn = vault_env.connection_values(tmp_path, auth="approle")
+    flags = {
+        "issuer": "local",
+        "local-ca-vault-kv-path": "secret/data/pki/istiod",
+        "root-ca-file": str(tmp_path / "ca" / "root-cert.pem"),
+        **{k: v for k, v in conn.items() if k.startswith("vault-") and k != "vault-timeout"},
+    }
+    config = Config.from_values(resolve(flags, env={}))
+    assert "vault-address" in config.issuer_options, (
+        "config.py must hand the local issuer the vault-* options it shares: "
+        "backend_options(v['issuer'], include_shared=True)"
+    )
+    issuer = create_issuer(config.issuer, config.issuer_options, CONTEXT)
+
+    async def body() -> None:
+        await issuer.start()  # type: ignore[attr-defined]
+        await issuer.aclose()  # type: ignore[attr-defined]
+
+    asyncio.run(body())
+
+
+def test_reread_keeps_the_last_good_ca(vault_env: VaultEnv, tmp_path: Path) -> None:
+    first, _ = _new_ca(tmp_path / "ca1")
+    second, root2 = _new_ca(tmp_path / "ca2")
+    name = f"pki/{random_name('rotating')}"
+    kv_path = _kv_write(vault_env, 2, name, first)
+    issuer = create_issuer("local", _values(vault_env, tmp_path, kv_path, 2), CONTEXT)
+    assert isinstance(issuer, LocalCAIssuer)
+
+    async def body() -> None:
+        await issuer.start()
+        try:
+            good = issuer.material.digest
+            # A broken write (key of another CA) is refused; the old CA keeps signing.
+            _kv_write(vault_env, 2, name, {"certificate": first["certificate"], "privateKey": second["privateKey"]})
+            assert await issuer.reload() is False
+            assert issuer.material.digest == good
+            ok, reason = issuer.health()
+            assert ok
+            assert "last reload failed" in reason
+            # A missing secret is a failed read too: still the old CA.
+            vault_env.root.secrets.kv.v2.delete_metadata_and_all_versions(path=name, mount_point="secret")
+            assert await issuer.reload() is False
+            assert issuer.material.digest == good
+            await issuer.sign(_request())
+            # A good rotation is adopted.
+            _kv_write(vault_env, 2, name, second)
+            assert await issuer.reload() is True
+            assert list(await issuer.roots()) == [root2]
+        finally:
+            await issuer.aclose()
+
+    asyncio.run(body())
+
+
+def test_periodic_reread_picks_up_a_rotation(vault_env: VaultEnv, tmp_path: Path) -> None:
+    first, _ = _new_ca(tmp_path / "ca1")
+    second, root2 = _new_ca(tmp_path / "ca2")
+    name = f"pki/{random_name('periodic')}"
+    kv_path = _kv_write(vault_env, 2, name, first)
+    values = _values(vault_env, tmp_path, kv_path, 2, **{"local-ca-reload-interval": timedelta(milliseconds=200)})
+    issuer = create_issuer("local", values, CONTEXT)
+    assert isinstance(issuer, LocalCAIssuer)
+
+    async def body() -> None:
+        await issuer.start()
+        try:
+            _kv_write(vault_env, 2, name, second)
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                if list(await issuer.roots()) == [root2]:
+                    return
+            raise AssertionError("the rotated CA was not picked up")
+        finally:
+            await issuer.aclose()
+
+    asyncio.run(body())

@@ -1,0 +1,90 @@
+"""OpenBao stopped, restarted sealed, then unsealed, while one issuer keeps running.
+
+Every failure in between must be UNAVAILABLE (clients retry), readiness must say so, and the
+issuer must recover on its own, with the same client and no restart of csr-service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from csr_service.errors import UnavailableError
+from csr_service.issuers.base import SigningRequest
+from csr_service.issuers.vault.issuer import VaultIssuer, create
+from csr_service.pki.keys import KeyType, generate_key
+from tests.integration.vault.conftest import CONTEXT, RestartableOpenBao
+from tests.support.certs import WORKLOAD, csr_pem
+from tests.testbed.openbao import POLICY
+
+pytestmark = pytest.mark.vault
+
+
+def _request() -> SigningRequest:
+    pem = csr_pem(generate_key(KeyType.EC_P256))
+    return SigningRequest(csr=x509.load_pem_x509_csr(pem), csr_pem=pem, ttl=timedelta(minutes=30), uris=(WORKLOAD,))
+
+
+async def _eventually(check: object, within: float) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if callable(check) and check():
+            return
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"not true within {within}s")
+
+
+@pytest.mark.timeout(180)
+def test_unavailable_while_down_or_sealed_then_recovers(
+    restartable_openbao: RestartableOpenBao, tmp_path: Path
+) -> None:
+    bao = restartable_openbao
+    token = bao.client().auth.token.create(policies=[POLICY], ttl="1h")["auth"]["client_token"]
+    (tmp_path / "token").write_text(token)
+    values = {
+        "vault-address": bao.address,
+        "vault-auth": "token",
+        "vault-token-file": str(tmp_path / "token"),
+        "vault-mount": "pki",
+        "vault-role": "spiffe",
+        "vault-timeout": timedelta(seconds=2),
+    }
+    issuer = create(values, CONTEXT)
+
+    async def body(i: VaultIssuer) -> None:
+        await i.sign(_request())
+        assert i.health()[0]
+
+        bao.stop()
+        with pytest.raises(UnavailableError) as down:
+            await i.sign(_request())
+        assert "unreachable" in down.value.public
+        assert not i.health()[0]
+
+        # Blocking the loop for the restart is fine here; starting from the main thread keeps
+        # the server's parent-death signal tied to the test process, not a worker thread.
+        bao.start(unseal=False)
+        with pytest.raises(UnavailableError) as sealed:
+            await i.sign(_request())
+        assert "sealed" in sealed.value.detail.lower()
+        assert token not in sealed.value.detail
+
+        bao.unseal()
+        # Readiness recovers by itself (background probe), before any new request.
+        await _eventually(lambda: i.health()[0], within=45)
+        issued = await i.sign(_request())
+        assert issued.leaf.not_valid_after_utc > issued.leaf.not_valid_before_utc
+
+    async def main() -> None:
+        await issuer.start()
+        try:
+            await body(issuer)
+        finally:
+            await issuer.aclose()
+
+    asyncio.run(main())
