@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,16 +54,13 @@ MATRIX = {
 }
 
 
-def test_lint() -> None:
+def test_lint(tmp_path: Path) -> None:
     out = helm("lint", str(CHART), "--strict", "--kube-version", "1.36.0")
     assert "0 chart(s) failed" in out.stdout
     for name, values in (("local", LOCAL), ("vault", VAULT)):
-        path = CHART.parent / f".lint-{name}.yaml"
-        path.write_text(__import__("json").dumps(values))
-        try:
-            out = helm("lint", str(CHART), "--strict", "--kube-version", "1.36.0", "-f", str(path))
-        finally:
-            path.unlink()
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(values))
+        out = helm("lint", str(CHART), "--strict", "--kube-version", "1.36.0", "-f", str(path))
         assert "0 chart(s) failed" in out.stdout
 
 
@@ -225,3 +224,9 @@ def test_servicemonitor_renders_when_enabled() -> None:
     sm = one(manifests, "ServiceMonitor")
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
     assert sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "metrics"
+
+
+def test_no_pdb_for_a_single_replica() -> None:
+    """A PodDisruptionBudget over one replica would block every node drain."""
+    assert of_kind(render(merge(CERT_MANAGER, {"replicaCount": 1})), "PodDisruptionBudget") == []
+    assert len(of_kind(render(CERT_MANAGER), "PodDisruptionBudget")) == 1

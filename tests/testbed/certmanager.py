@@ -89,9 +89,13 @@ class CertManager:
             argv.append("--disable-approver")
         self._proc = ManagedProcess("cert-manager-controller", argv, self.workdir / f"controller-{self._runs}.log")
         self.approver_enabled = approver
-        # The controller is up once it has started its loops; Issuer readiness is checked by callers.
-        self._proc.wait_ready(
-            lambda: "starting controller" in self._proc.tail(400) if self._proc else False, timeout, "running"
+        # Ready to act once its CertificateRequest informer has synced (client-go logs it);
+        # Issuer readiness is checked by the callers.
+        proc = self._proc
+        proc.wait_ready(
+            lambda: 'Caches populated" type="*v1.CertificateRequest"' in proc.tail(400),
+            timeout,
+            "watching CertificateRequests",
         )
 
     def stop_controller(self) -> None:

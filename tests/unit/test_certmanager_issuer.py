@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import queue
@@ -620,6 +621,27 @@ def test_csr_names_must_be_the_requested_ones() -> None:
         run(fake, make(fake), lambda i: i.sign(req))
     assert fake.ours() == []
     assert not any(op == "create" for op, _ in fake.calls)
+
+
+def test_request_created_after_the_caller_gave_up_is_deleted() -> None:
+    """A server deadline cancels sign() while the create is in flight: what it creates is removed."""
+    fake = FakeRequests("none")
+    slow_create = fake.create
+
+    def create(body: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(0.3)
+        return slow_create(body)
+
+    fake.create = create  # type: ignore[method-assign]
+
+    async def body(issuer: CertManagerIssuer) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await issuer.sign(request())
+        await asyncio.to_thread(wait_for, lambda: ("delete", "csr-service-00001") in fake.calls)
+
+    run(fake, make(fake), body)
+    assert fake.ours() == []
 
 
 def test_create_errors_are_classified() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from kubernetes import client as k8s
 
 from csr_service.config import Config, resolve
@@ -26,7 +27,7 @@ from csr_service.issuers.base import Issuer
 from csr_service.pipeline.handler import IssuerSlot
 from csr_service.pipeline.trust import TrustBundle
 from csr_service.pki.chain import build_path
-from csr_service.pki.keys import KeyType, generate_key
+from csr_service.pki.keys import KeyType
 from csr_service.pki.pem import cert_to_pem, load_private_key, parse_certs, same_public_key
 from tests.support.certs import write_ca_dir
 
@@ -179,7 +180,7 @@ def test_istiod_secret_is_whole_and_verifies(tmp_path: Path) -> None:
     trust = TrustBundle([root])
     s = spec()
     secret = _issue(tmp_path, s, tmp_path / "ca", trust)
-    data = {k: base64.b64decode(v) for k, v in secret.data.items()}
+    data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
     certs = parse_certs(data["tls.crt"])
     assert len(certs) == 2  # leaf + intermediate; the root is in ca.crt
     assert same_public_key(certs[0], load_private_key(data["tls.key"]))
@@ -202,7 +203,7 @@ def test_istiod_renewal_reasons(tmp_path: Path) -> None:
     assert renewal_reason(secret, s, trust, now + timedelta(minutes=31))[0] == "due for renewal"
     assert renewal_reason(secret, spec(revisions=("default",)), trust, now)[0] == "names changed"
     assert renewal_reason(secret, s, TrustBundle([root, other_root]), now)[0] == "trust bundle changed"
-    tampered = k8s.V1Secret(data={**secret.data, "tls.key": base64.b64encode(b"junk").decode()})
+    tampered = k8s.V1Secret(data={**(secret.data or {}), "tls.key": base64.b64encode(b"junk").decode()})
     assert (renewal_reason(tampered, s, trust, now)[0] or "").startswith("unreadable")
 
 
@@ -222,6 +223,19 @@ def test_configmap_values_overlay_the_command_line() -> None:
         {"issuer": "local", "local-ca-reload-interval": "1m"}, default_backend="vault", default_values={}
     )
     assert values["local-ca-reload-interval"] == timedelta(minutes=1)
+
+
+def test_istio_csr_keys_select_cert_manager() -> None:
+    backend, values = issuer_values_from_configmap(
+        {"issuer-name": "cluster-ca", "issuer-kind": "ClusterIssuer", "issuer-group": "cert-manager.io"},
+        default_backend="local",
+        default_values={"local-ca-dir": "/ca1"},
+    )
+    assert backend == "cert-manager"
+    assert values["certmanager-issuer-name"] == "cluster-ca"
+    assert values["certmanager-issuer-kind"] == "ClusterIssuer"
+    assert values["certmanager-issuer-group"] == "cert-manager.io"
+    assert "local-ca-dir" not in values
 
 
 @pytest.mark.parametrize(
@@ -308,7 +322,7 @@ def _components(tmp_path: Path, **flags: Any) -> list[Any]:
     )
     from jwt.algorithms import ECAlgorithm
 
-    jwk = ECAlgorithm.to_jwk(generate_key(KeyType.EC_P256).public_key(), as_dict=True)
+    jwk = ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key(), as_dict=True)
     (tmp_path / "jwks").write_text(json.dumps({"keys": [jwk]}))
     return build_service(cfg).components
 

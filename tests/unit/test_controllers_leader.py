@@ -19,7 +19,7 @@ class FakeCoordination:
     """Leases in memory; replace fails with 409 when the resourceVersion is stale."""
 
     def __init__(self) -> None:
-        self.lease: k8s.V1Lease | None = None
+        self.lease: Any = None  # a V1Lease once created
         self.version = 0
         self.fail = False
 
@@ -27,7 +27,7 @@ class FakeCoordination:
         if self.fail:
             raise k8s.ApiException(status=503, reason="apiserver down")
 
-    def read_namespaced_lease(self, name: str, namespace: str, **_: Any) -> k8s.V1Lease:
+    def read_namespaced_lease(self, name: str, namespace: str, **_: Any) -> Any:
         self._check()
         if self.lease is None:
             raise k8s.ApiException(status=404, reason="NotFound")
@@ -39,14 +39,14 @@ class FakeCoordination:
             raise k8s.ApiException(status=409, reason="AlreadyExists")
         self._store(body)
 
-    def replace_namespaced_lease(self, name: str, namespace: str, body: k8s.V1Lease, **_: Any) -> None:
+    def replace_namespaced_lease(self, name: str, namespace: str, body: Any, **_: Any) -> None:
         self._check()
         assert self.lease is not None
         if body.metadata.resource_version != self.lease.metadata.resource_version:
             raise k8s.ApiException(status=409, reason="Conflict")
         self._store(body)
 
-    def _store(self, body: k8s.V1Lease) -> None:
+    def _store(self, body: Any) -> None:
         self.version += 1
         body = copy.deepcopy(body)
         body.metadata.resource_version = str(self.version)
@@ -67,7 +67,7 @@ def settings(identity: str) -> LeaderSettings:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     now = [1000.0]
-    monkeypatch.setattr(leader_mod.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(leader_mod.time, "monotonic", lambda: now[0])  # type: ignore[attr-defined]
     return now
 
 

@@ -126,6 +126,25 @@ class CertManagerIssuer:
         except Exception as exc:
             raise api_error(exc, verb=verb, namespace=self.settings.namespace) from exc
 
+    async def _create(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST the request. If our caller gives up meanwhile (server deadline), the create still
+        completes in its thread: delete what it made then, instead of leaving it to the sweeper."""
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._api.create, body)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if not self.settings.preserve:
+                future.add_done_callback(self._delete_abandoned)
+            raise
+        except CSRServiceError:
+            raise
+        except Exception as exc:
+            raise api_error(exc, verb="create", namespace=self.settings.namespace) from exc
+
+    def _delete_abandoned(self, future: asyncio.Future[dict[str, Any]]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._delete_later(str(future.result()["metadata"]["name"]))
+
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         """Check our RBAC, start the shared watch (and the sweeper); raise if unusable."""
@@ -241,7 +260,7 @@ class CertManagerIssuer:
         s = self.settings
         issuer = s.describe_issuer()
         _check_csr_names(request)
-        created = await self._call("create", self._api.create, self.request_body(request))
+        created = await self._create(self.request_body(request))
         name = str(created["metadata"]["name"])
         started = time.monotonic()
         waiter = self.watch.register(name, created)

@@ -149,10 +149,11 @@ class VaultIssuer:
 
         def call(c: hvac.Client) -> IssuedChain:
             # Parse in the same pool thread as the round trip: no extra hop, loop stays free.
-            sent = datetime.now(UTC)
             started = time.perf_counter()
             resp = c.adapter.post(path, json=body)
-            issued = self._parse(resp, request, sent=sent, path=path)
+            # Vault starts the lifetime when it signs, somewhere before its answer arrived:
+            # bound NotAfter by the arrival time, or a slow round trip would look too long.
+            issued = self._parse(resp, request, received=datetime.now(UTC), path=path)
             log.debug(
                 "Vault signed request %s at %s in %.1f ms, serial %x",
                 request.request_id,
@@ -164,7 +165,7 @@ class VaultIssuer:
 
         return await self._client.call(call, operation=f"sign at {path}", rejected=rejected)
 
-    def _parse(self, resp: Any, request: SigningRequest, *, sent: datetime, path: str) -> IssuedChain:
+    def _parse(self, resp: Any, request: SigningRequest, *, received: datetime, path: str) -> IssuedChain:
         for warning in response_warnings(resp):
             level = logging.WARNING if self._warned.first(warning) else logging.DEBUG
             log.log(level, "Vault warning on %s (request %s): %s", path, request.request_id, warning)
@@ -187,7 +188,7 @@ class VaultIssuer:
                 if len(self._ca_chains) >= 8:  # issuer rotations: keep the cache bounded
                     self._ca_chains.clear()
                 self._ca_chains[ca_key] = chain
-        _check_leaf(leaf, request, sent=sent, path=path)
+        _check_leaf(leaf, request, received=received, path=path)
         return IssuedChain(leaf=leaf, chain=chain)
 
     @staticmethod
@@ -213,11 +214,16 @@ class VaultIssuer:
     async def roots(self) -> Sequence[x509.Certificate]:
         """Vault's roots, only with ``--vault-roots-from-vault``; pinned by fingerprint if given.
 
-        Without that option this returns nothing: the trust bundle is ``--root-ca-file``.
+        Without that option this refuses loudly rather than returning nothing: an empty trust
+        bundle would fail every request later with a much less helpful message.
         """
         s = self._settings
         if not s.roots_from_vault:
-            return ()
+            raise FailedPreconditionError(
+                "the roots Vault reports are not trusted without --vault-roots-from-vault "
+                "(pin them with --vault-root-fingerprints), or give --root-ca-file",
+                detail="roots requested from the Vault issuer, but --vault-roots-from-vault is off",
+            )
         path = f"{s.mount}/issuer/{quote(s.issuer_ref or 'default', safe='')}/json"
         resp = await self._client.call(VaultClient.read(path), operation=f"read {path}")
         return self._pick_roots(response_object(resp, "data", path), path)
@@ -279,7 +285,7 @@ def _names(cert: x509.Certificate) -> tuple[list[str], list[str], list[str]]:
     )
 
 
-def _check_leaf(leaf: x509.Certificate, request: SigningRequest, *, sent: datetime, path: str) -> None:
+def _check_leaf(leaf: x509.Certificate, request: SigningRequest, *, received: datetime, path: str) -> None:
     """The contract's MUSTs on what Vault returned: key, exact names, lifetime."""
     if _spki(leaf) != _spki(request.csr):
         raise InternalError("the certificate authority certified a different key", detail=f"{path}: leaf key ≠ CSR key")
@@ -295,14 +301,14 @@ def _check_leaf(leaf: x509.Certificate, request: SigningRequest, *, sent: dateti
             f"IPs={want[2]}; check the role's use_csr_sans / allowed names",
         )
     not_after = leaf.not_valid_after_utc
-    limit = sent + request.ttl + NOT_AFTER_SLACK
+    limit = received + request.ttl + NOT_AFTER_SLACK
     if not_after > limit:
         raise InternalError(
             "the certificate authority issued a certificate longer-lived than requested",
             detail=f"{path}: NotAfter {not_after:%Y-%m-%dT%H:%M:%SZ} is after the requested "
             f"{limit:%Y-%m-%dT%H:%M:%SZ} (is Vault's clock ahead?)",
         )
-    granted = not_after - sent
+    granted = not_after - received
     if granted < request.ttl - timedelta(minutes=1):
         log.debug(
             "Vault shortened the certificate for request %s: asked %ds, got %ds (max_ttl or CA NotAfter)",

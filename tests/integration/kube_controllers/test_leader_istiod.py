@@ -41,7 +41,7 @@ def _holder(kube: KubeCluster, ns: str) -> str:
         lease = k8s.CoordinationV1Api(kube.api_client).read_namespaced_lease(LEASE, ns)
     except k8s.ApiException:
         return ""
-    return str(lease.spec.holder_identity or "")
+    return str((lease.spec.holder_identity if lease.spec else None) or "")
 
 
 def _istiod_secret(kube: KubeCluster, ns: str) -> k8s.V1Secret | None:
@@ -54,7 +54,7 @@ def _istiod_secret(kube: KubeCluster, ns: str) -> k8s.V1Secret | None:
 
 
 def _check_istiod_secret(secret: k8s.V1Secret, ns: str, roots: list[x509.Certificate], bundle_pem: str) -> None:
-    data = {k: base64.b64decode(v) for k, v in secret.data.items()}
+    data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
     assert set(data) == {"tls.crt", "tls.key", "ca.crt"}
     assert secret.type == "kubernetes.io/tls"
     certs = parse_certs(data["tls.crt"])
@@ -138,7 +138,7 @@ def test_two_replicas_hand_over_leadership_and_keep_signing(kube: KubeCluster, j
 
         def reissued() -> k8s.V1Secret | None:
             secret = _istiod_secret(kube, istio_ns)
-            ok = secret is not None and base64.b64decode(secret.data["ca.crt"]).decode() == two_roots
+            ok = secret is not None and base64.b64decode((secret.data or {})["ca.crt"]).decode() == two_roots
             return secret if ok else None
 
         secret = wait_for(reissued, timeout=30, what="istiod-tls with the new bundle")

@@ -36,7 +36,8 @@ def _data(kube: KubeCluster, ns: str) -> dict[str, str] | None:
         if exc.status == 404:
             return None
         raise
-    return dict(cm.data or {}) | {"__label": (cm.metadata.labels or {}).get("istio.io/config", "")}
+    labels = (cm.metadata.labels if cm.metadata else None) or {}
+    return dict(cm.data or {}) | {"__label": labels.get("istio.io/config", "")}
 
 
 def _has(kube: KubeCluster, ns: str, pem: str) -> bool:

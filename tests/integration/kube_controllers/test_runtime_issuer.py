@@ -42,7 +42,7 @@ def _all_signed_by(workload: Workload, srv: DevServer, ca: Ca, out: Path) -> boo
 
 def _events(kube: KubeCluster, ns: str, name: str, reason: str) -> list[str]:
     events = kube.core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
-    return [e.message for e in events if e.reason == reason]
+    return [str(e.message) for e in events if e.reason == reason]
 
 
 def test_runtime_switch_between_two_issuers(kube: KubeCluster, jwks_file: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client as k8s
@@ -35,8 +36,10 @@ def test_trust_bundle_follows_a_configmap_or_secret(
 
     def put(pem: str, create: bool = False) -> None:
         meta = k8s.V1ObjectMeta(name=name)
+        body: Any
+        fn: Any
         if kind == "configmap":
-            body: object = k8s.V1ConfigMap(metadata=meta, data={"roots.pem": pem})
+            body = k8s.V1ConfigMap(metadata=meta, data={"roots.pem": pem})
             fn = kube.core.create_namespaced_config_map if create else kube.core.replace_namespaced_config_map
         else:
             body = k8s.V1Secret(metadata=meta, data={"roots.pem": base64.b64encode(pem.encode()).decode()})

@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
-from csr_service.pki.chain import build_path
+from csr_service.pki.chain import build_path, fingerprint
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import parse_certs
 from tests.integration.vault.conftest import (
@@ -145,3 +145,32 @@ def test_openbao_outage_is_unavailable_and_heals_without_restart(
         assert uri_sans(parse_certs(resp.cert_chain[0].encode())[0]) == [IDENTITY]
         assert srv.proc.poll() is None, "csr-service kept running throughout"
         assert token not in srv.log(), "the Vault token must never be logged"
+
+
+def test_trust_roots_from_vault_pinned_by_fingerprint(vault_env: VaultEnv, tmp_path: Path) -> None:
+    """No --root-ca-file: --trust-roots-from-issuer + --vault-roots-from-vault, pinned."""
+    root_pem = vault_env.bao.mounts["pki"].root_pem
+    root = x509.load_pem_x509_certificate(root_pem.encode())
+    (tmp_path / "vault-root.pem").write_text(root_pem)  # what the test client trusts, not the server
+    values = vault_env.issuer_values(
+        tmp_path / "creds",
+        role="spiffe",
+        **{
+            "vault-serving-role": "mesh",
+            "vault-roots-from-vault": True,
+            "vault-root-fingerprints": (fingerprint(root),),
+        },
+    )
+    state = tmp_path / "state"
+    port = free_port()
+    args = ["--dev", "--state-dir", str(state), "--issuer", "vault", "--trust-roots-from-issuer"]
+    args += ["--grpc-listen", f"127.0.0.1:{port}", "--workers", "1"]
+    args += ["--serving-dns-names", "localhost", "--serving-ip-addresses", "127.0.0.1", *vault_flags(values)]
+    with running_server(
+        args, root_cert=tmp_path / "vault-root.pem", state_dir=state, log_path=tmp_path / "server.log", port=port
+    ) as srv:
+        resp = create_certificate(srv)
+        log = srv.log()
+    chain = [c for pem in resp.cert_chain for c in parse_certs(pem.encode())]
+    assert chain[-1] == root
+    assert "trust on first use" in log or "pinned by fingerprint" in log
