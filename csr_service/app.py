@@ -26,7 +26,13 @@ from typing import Any
 from csr_service import metrics
 from csr_service.config import Config
 from csr_service.controllers.wiring import build_components, trust_from_source
-from csr_service.errors import ConfigError, CSRServiceError
+from csr_service.errors import (
+    ConfigError,
+    CSRServiceError,
+    DeadlineExceededError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from csr_service.fsutil import write_atomic
 from csr_service.health import Readiness, ReadinessReport, WorkerBoard, WorkerMonitor
 from csr_service.issuers import IssuerContext, create_issuer
@@ -65,7 +71,7 @@ class Service:
     async def start(self) -> None:
         """Start the issuer, settle the trust bundle, start components, get a serving cert, listen."""
         if isinstance(self.issuer, Startable):
-            await self.issuer.start()
+            await _start_issuer(self.issuer)
         await _init_trust(self.config, self.issuer, self.trust)
         for component in self.components:
             if component.all_workers or self.runtime.worker_index == 0:
@@ -93,6 +99,24 @@ class Service:
         await self.serving.aclose()
         if isinstance(self.issuer, Closable):
             await self.issuer.aclose()
+
+
+async def _start_issuer(issuer: Startable) -> None:
+    """Start the issuer, retrying while its backend is unavailable.
+
+    A backend that is down at start (Vault restarting, apiserver blip) must leave the pod
+    running and not ready, retrying, rather than crash-looping into a back-off that outlasts
+    the outage (istio-csr #431). Misconfiguration (any other error) still fails fast.
+    """
+    delay = 1.0
+    while True:
+        try:
+            await issuer.start()
+            return
+        except (UnavailableError, ResourceExhaustedError, DeadlineExceededError) as exc:
+            log.error("issuer not usable yet (retrying in %.0fs): %s", delay, exc.detail)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 async def _init_trust(config: Config, issuer: Issuer, trust: TrustBundle) -> None:

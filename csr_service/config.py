@@ -444,7 +444,7 @@ class Config:
             raise ConfigError("--log-format: choose text or json")
         if v["log-level"].lower() not in {"debug", "info", "warning", "error"}:
             raise ConfigError("--log-level: choose debug, info, warning or error")
-        issuer_opts = {o.name: v[o.name] for o in backend_options(v["issuer"])}
+        issuer_opts = {o.name: v[o.name] for o in backend_options(v["issuer"], include_shared=True)}
         return cls(
             server=ServerConfig(
                 grpc_listen=v["grpc-listen"],

@@ -1,0 +1,40 @@
+"""Start-up behaviour when a backend is down: stay up, not ready, retry (istio-csr #431)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.dev_server import CSR_SERVICE, _preexec, _stop, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def test_unreachable_issuer_backend_is_retried_not_fatal(tmp_path: Path) -> None:
+    pytest.importorskip("hvac")
+    token = tmp_path / "token"
+    token.write_text("s.not-a-real-token")
+    token.chmod(0o600)
+    args = [
+        *CSR_SERVICE, "serve", "--dev", "--state-dir", str(tmp_path / "state"),
+        "--grpc-listen", f"127.0.0.1:{free_port()}", "--workers", "1",
+        "--issuer", "vault", "--vault-address", f"http://127.0.0.1:{free_port()}",  # nothing listens
+        "--vault-auth", "token", "--vault-token-file", str(token), "--vault-role", "spiffe",
+        "--vault-timeout", "1s", "--root-ca-file", str(tmp_path / "state" / "root-cert.pem"),
+    ]  # fmt: skip
+    log = tmp_path / "server.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, preexec_fn=_preexec)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "issuer not usable yet" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        assert "issuer not usable yet" in log.read_text()
+        time.sleep(2)
+        assert proc.poll() is None, "csr-service exited instead of retrying:\n" + log.read_text()
+    finally:
+        _stop(proc)
