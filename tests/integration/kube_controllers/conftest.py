@@ -33,8 +33,8 @@ Rule = dict[str, Any]
 
 #: The RBAC rules of each feature (mirrored in docs/kubernetes.md).
 ROOT_CONFIGMAP_RULES: list[Rule] = [
-    {"api_groups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
-    {"api_groups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"api_groups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    {"api_groups": [""], "resources": ["configmaps"], "verbs": ["list", "watch", "create", "patch"]},
 ]
 
 
@@ -56,14 +56,14 @@ ISTIOD_SECRET_RULES: list[Rule] = [
         "api_groups": [""],
         "resources": ["secrets"],
         "resource_names": ["istiod-tls"],
-        "verbs": ["get", "list", "watch", "update"],
+        "verbs": ["list", "watch", "update"],
     },
 ]
 
 
 def named_object_rules(resource: str, name: str, *, events: bool = False) -> list[Rule]:
     rules: list[Rule] = [
-        {"api_groups": [""], "resources": [resource], "resource_names": [name], "verbs": ["get", "list", "watch"]}
+        {"api_groups": [""], "resources": [resource], "resource_names": [name], "verbs": ["list", "watch"]}
     ]
     if events:
         rules.append({"api_groups": [""], "resources": ["events"], "verbs": ["create"]})
