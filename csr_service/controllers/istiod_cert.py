@@ -31,8 +31,8 @@ from typing import Any
 from cryptography import x509
 
 from csr_service.controllers.kube_util import LoopInformer, api_status
-from csr_service.controllers.own_cert import issue_own_certificate
 from csr_service.errors import CSRServiceError, InternalError
+from csr_service.issuers.own_cert import issue_own_certificate
 from csr_service.pipeline.handler import IssuerSlot
 from csr_service.pipeline.trust import TrustBundle
 from csr_service.pki.chain import ChainError, build_path

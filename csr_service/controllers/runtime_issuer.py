@@ -32,11 +32,11 @@ from datetime import timedelta
 from typing import Any
 
 from csr_service.controllers.kube_util import LoopInformer, record_event
-from csr_service.controllers.own_cert import issue_own_certificate
 from csr_service.controllers.settings import ObjectRef
 from csr_service.errors import ConfigError, CSRServiceError
 from csr_service.issuers import BACKENDS, IssuerContext, backend_options, create_issuer
 from csr_service.issuers.base import Closable, Issuer, Startable
+from csr_service.issuers.own_cert import issue_own_certificate
 from csr_service.pipeline.handler import IssuerSlot
 from csr_service.pipeline.trust import TrustBundle
 from csr_service.pki.chain import ChainError

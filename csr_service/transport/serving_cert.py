@@ -24,15 +24,13 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from csr_service.errors import CSRServiceError
-from csr_service.issuers.base import SigningRequest
+from csr_service.issuers.own_cert import issue_own_certificate
 from csr_service.pipeline.handler import IssuerSlot
 from csr_service.pipeline.trust import TrustBundle
-from csr_service.pki.certs import build_csr
-from csr_service.pki.chain import ChainError, build_path
-from csr_service.pki.keys import KeyType, generate_key
+from csr_service.pki.chain import ChainError
+from csr_service.pki.keys import KeyType
 from csr_service.pki.pem import cert_to_pem, key_to_pem
 
 __all__ = ["ServingCertificate", "ServingMaterial"]
@@ -84,37 +82,29 @@ class ServingCertificate:
 
     async def obtain(self) -> ServingMaterial:
         """Issue a fresh serving certificate and verify it against the trust bundle."""
-        key = generate_key(self._key_type)
-        csr = build_csr(key, dns_names=self._dns, ip_addresses=self._ips)
-        csr_pem = csr.public_bytes(serialization.Encoding.PEM)
-        issuer = self._issuers.current
-        issued = await issuer.sign(
-            SigningRequest(
-                csr=csr,
-                csr_pem=csr_pem,
+        try:
+            own = await issue_own_certificate(
+                self._issuers.current,
+                self._trust.current.roots,
                 ttl=self._duration,
+                key_type=self._key_type,
+                purpose="serving",
+                request_id="serving-cert",
                 dns_names=self._dns,
                 ip_addresses=self._ips,
-                request_id="serving-cert",
-                purpose="serving",
             )
-        )
-        now = datetime.now(UTC)
-        try:
-            path = build_path(issued.leaf, list(issued.chain), self._trust.current.roots, now=now)
         except ChainError as exc:
             raise CSRServiceError(
-                "serving certificate does not chain to the trust bundle",
-                detail=f"serving certificate rejected: {exc}",
+                "serving certificate does not chain to the trust bundle", detail=f"serving certificate rejected: {exc}"
             ) from exc
-        chain_pem = "".join(cert_to_pem(c) for c in path[:-1]).encode()
+        leaf = own.issued.leaf
         material = ServingMaterial(
-            chain_pem=chain_pem,
-            key_pem=key_to_pem(key),
-            not_before=issued.leaf.not_valid_before_utc,
-            not_after=issued.leaf.not_valid_after_utc,
+            chain_pem="".join(cert_to_pem(c) for c in own.path[:-1]).encode(),
+            key_pem=key_to_pem(own.key),
+            not_before=leaf.not_valid_before_utc,
+            not_after=leaf.not_valid_after_utc,
         )
-        self._set(material, issued.leaf)
+        self._set(material, leaf)
         return material
 
     def _set(self, material: ServingMaterial, leaf: x509.Certificate) -> None:

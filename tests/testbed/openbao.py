@@ -53,6 +53,8 @@ ROLE_PARAMS: dict[str, Any] = {
     "email_protection_flag": False,
     "no_store": True,
     "generate_lease": False,
+    # Istio's CA puts BasicConstraints CA:FALSE in every leaf; Vault leaves it out unless asked.
+    "basic_constraints_valid_for_non_ca": True,
     "ttl": "1h",
     "max_ttl": "24h",
 }

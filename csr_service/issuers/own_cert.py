@@ -1,8 +1,8 @@
 """Certificates csr-service requests for itself or for Istio's control plane (not workloads).
 
-The request pipeline's verifier is built for workload certificates (one SPIFFE URI); these
-carry DNS names, so they are verified here with :func:`build_path` against the trust bundle.
-``transport/serving_cert.py`` does the same for the serving certificate.
+Used for the gRPC serving certificate and for ``istiod-tls``. The request pipeline's
+verifier is built for workload certificates (one SPIFFE URI); these carry DNS names and IPs,
+so they are verified here with :func:`build_path` against the trust bundle.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ async def issue_own_certificate(
     purpose: str,
     request_id: str,
     dns_names: Sequence[str] = (),
+    ip_addresses: Sequence[str] = (),
     uris: Sequence[str] = (),
 ) -> OwnCertificate:
     """Generate a key, have ``issuer`` sign it, verify the chain against ``roots``.
@@ -49,7 +50,7 @@ async def issue_own_certificate(
     """
     # RSA key generation takes tens of milliseconds: not on the event loop.
     key = await asyncio.to_thread(generate_key, key_type)
-    csr = build_csr(key, uris=uris, dns_names=dns_names)
+    csr = build_csr(key, uris=uris, dns_names=dns_names, ip_addresses=ip_addresses)
     issued = await issuer.sign(
         SigningRequest(
             csr=csr,
@@ -57,6 +58,7 @@ async def issue_own_certificate(
             ttl=ttl,
             uris=tuple(uris),
             dns_names=tuple(dns_names),
+            ip_addresses=tuple(ip_addresses),
             request_id=request_id,
             purpose=purpose,
         )
