@@ -37,9 +37,7 @@ def render() -> str:
     for opt in all_options():
         title = _GROUP_TITLES.get(opt.group, f"issuer `{opt.group}`")
         text = opt.help.replace("|", "\\|")
-        groups.setdefault(title, []).append(
-            f"| `--{opt.name}` | `{opt.env}` | `{opt.describe_default()}` | {text} |"
-        )
+        groups.setdefault(title, []).append(f"| `--{opt.name}` | `{opt.env}` | `{opt.describe_default()}` | {text} |")
     for title, rows in groups.items():
         out.append(f"\n## {title}\n")
         out.append("| flag | environment | default | meaning |")
