@@ -104,6 +104,8 @@ class FakeRequests:
         self.calls: list[tuple[str, str]] = []
         self.denied_verbs: list[str] = []
         self.fail_create: BaseException | None = None
+        #: How many list calls fail (503) before lists succeed: an apiserver that is down at start.
+        self.failing_lists = 0
         #: Watches opened before the test's body ended (teardown opens more while stopping).
         self.watches_while_running = 0
         self.root_key = generate_key(KeyType.EC_P256)
@@ -159,6 +161,9 @@ class FakeRequests:
                 self.streams.append(stream)
                 return stream
             self.calls.append(("list", ""))
+            if self.failing_lists > 0:
+                self.failing_lists -= 1
+                raise ApiException(status=503, reason="Service Unavailable")
             items = [json.loads(json.dumps(o)) for o in self.objects.values() if self._matches(o, selector)]
             return {"items": items, "metadata": {"resourceVersion": str(self.rv)}}
 
@@ -657,6 +662,26 @@ def test_start_refuses_missing_rbac() -> None:
     fake.denied_verbs = ["watch", "delete"]
     with pytest.raises(FailedPreconditionError, match="watch, delete"):
         run(fake, make(fake), lambda i: i.sign(request()))
+
+
+def test_start_is_retryable_while_the_apiserver_is_down() -> None:
+    fake = FakeRequests()
+    fake.failing_lists = 2
+    issuer = make(fake)
+    issuer.sync_timeout = 0.05
+
+    async def main() -> IssuedChain:
+        with pytest.raises(UnavailableError):
+            await issuer.start()
+        issuer.sync_timeout = 10
+        await issuer.start()  # what the service's retry loop does
+        try:
+            return await issuer.sign(request())
+        finally:
+            fake.stopping.set()
+            await issuer.aclose()
+
+    assert asyncio.run(main()).leaf is not None
 
 
 def test_sign_before_start_is_unavailable() -> None:

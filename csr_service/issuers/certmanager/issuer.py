@@ -67,8 +67,8 @@ PURPOSE_ANNOTATION = "csr-service.io/purpose"
 USAGES = ("digital signature", "key encipherment", "server auth", "client auth")
 #: Least privilege, in the request's namespace (docs/cert-manager.md).
 REQUIRED_VERBS = ("create", "get", "list", "watch", "delete")
-#: How long start() waits for the first list of our requests.
-_SYNC_TIMEOUT = 30.0
+#: How long one start() waits for the first list of our requests (the service retries start()).
+_SYNC_TIMEOUT = 15.0
 #: Threads for blocking API calls; each waits on the network, not the CPU.
 _API_THREADS = 32
 
@@ -109,7 +109,10 @@ class CertManagerIssuer:
         self._sweeper: asyncio.Task[None] | None = None
         self._deletes: set[asyncio.Task[None]] = set()
         self._started = False
+        self._watch_running = False
         self._closed = False
+        #: How long one start() waits for the first list of our requests.
+        self.sync_timeout = _SYNC_TIMEOUT
         self._status_ca_roots: dict[str, x509.Certificate] = {}
 
     def __repr__(self) -> str:
@@ -155,14 +158,17 @@ class CertManagerIssuer:
                 "trusted (trust on first use; status.ca may be an intermediate). Prefer --root-ca-file alone."
             )
         await self._check_rbac()
-        self.watch.start()
+        if not self._watch_running:
+            # Started once: if the first list fails, the informer keeps retrying on its own and a
+            # later start() (the service retries while we are unavailable) just waits again.
+            self.watch.start()
+            self._watch_running = True
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(self._pool, self.watch.informer.wait_synced, _SYNC_TIMEOUT):
-            await loop.run_in_executor(self._pool, self.watch.stop)
+        if not await loop.run_in_executor(self._pool, self.watch.informer.wait_synced, self.sync_timeout):
             raise UnavailableError(
                 "cannot watch CertificateRequests",
                 detail=f"listing {PLURAL}.{GROUP} in namespace {s.namespace} did not succeed within "
-                f"{_SYNC_TIMEOUT:.0f}s (see the informer's log lines)",
+                f"{self.sync_timeout:.0f}s (the watch keeps retrying; see the informer's log lines)",
             )
         self._started = True
         if self._run_sweeper:
@@ -209,7 +215,8 @@ class CertManagerIssuer:
                 await self._sweeper
         if self._deletes:
             await asyncio.wait(set(self._deletes), timeout=5)
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.watch.stop)
+        if self._watch_running:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self.watch.stop)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def health(self) -> tuple[bool, str]:

@@ -107,8 +107,6 @@ class RequestWatch:
         self._waiters: dict[str, Waiter] = {}
         self._lock = threading.Lock()
         self.watch_starts = 0
-        #: The open watch response, so stop() can end a read that would block until the next event.
-        self._stream: Any = None
         self.informer = Informer(
             self._list,
             self._on_event,
@@ -123,7 +121,6 @@ class RequestWatch:
         """The list/watch call; notices when a watch stream has been opened."""
         result = self._list_fn(**kwargs)
         if kwargs.get("watch"):
-            self._stream = result
             # The call returns once the apiserver accepted the watch: from here on nothing is
             # missed, so re-read whatever changed while no watch was open.
             self.watch_starts += 1
@@ -192,9 +189,4 @@ class RequestWatch:
 
     def stop(self) -> None:
         """Stop the informer thread (blocks up to a few seconds: call it from a thread)."""
-        stream = self._stream
-        shutdown = getattr(stream, "shutdown", None)  # urllib3 >= 2.3: safe from another thread
-        if callable(shutdown):
-            with contextlib.suppress(Exception):
-                shutdown()
         self.informer.stop()

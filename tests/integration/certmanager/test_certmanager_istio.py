@@ -23,8 +23,11 @@ from tests.testbed.kube import unique_name
 pytestmark = [pytest.mark.certmanager, pytest.mark.istio]
 
 
-@pytest.fixture(scope="module")
-def server(cert_manager: CertManager, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def server(
+    cert_manager: CertManager, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[DevServer]:
+    """csr-service with one worker, then with two (each worker process has its own watch)."""
     cm = cert_manager
     tmp = tmp_path_factory.mktemp("cm-istio")
     root = tmp / "root-cert.pem"
@@ -34,7 +37,7 @@ def server(cert_manager: CertManager, tmp_path_factory: pytest.TempPathFactory) 
     kubeconfig = service_account_kubeconfig(cm.kube, cm.issuer_namespace, LEAST_PRIVILEGE_VERBS)
     port = free_port()
     args = [
-        *("--grpc-listen", f"127.0.0.1:{port}", "--workers", "1"),
+        *("--grpc-listen", f"127.0.0.1:{port}", "--workers", str(request.param)),
         *("--serving-ip-addresses", "127.0.0.1", "--serving-dns-names", "csr-service.test"),
         *("--issuer", "cert-manager", "--kubeconfig", str(kubeconfig)),
         *("--certmanager-namespace", cm.issuer_namespace, "--certmanager-issuer-name", cm.issuer_name),
@@ -45,10 +48,11 @@ def server(cert_manager: CertManager, tmp_path_factory: pytest.TempPathFactory) 
         yield srv
 
 
-@pytest.mark.parametrize("key_type", ["rsa", "ec256"])
+@pytest.mark.parametrize("key_type", ["rsa", "ec256", "ec384"])
 def test_sidecar_gets_a_certificate_through_cert_manager(
     cert_manager: CertManager, server: DevServer, istio_client: IstioClient, key_type: str
 ) -> None:
+    # Several calls per server: with two workers, both are likely to serve some (SO_REUSEPORT).
     kube = cert_manager.kube
     namespace = kube.create_namespace()
     sa = unique_name("app")
