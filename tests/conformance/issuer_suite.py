@@ -46,7 +46,9 @@ async def _with_issuer(factory: IssuerFactory, body: Callable[[Issuer], Awaitabl
 def _request(key_type: KeyType = KeyType.EC_P256, ttl: timedelta = timedelta(minutes=30), **kw: Any) -> SigningRequest:
     key = generate_key(key_type)
     uris = kw.pop("uris", (WORKLOAD,))
-    pem = csr_pem(key, uris=uris)
+    # The CSR carries the same names as the request, as the serving certificate's CSR does:
+    # backends that certify the CSR's own names (cert-manager) see a consistent request.
+    pem = csr_pem(key, uris=uris, dns_names=kw.get("dns_names", ()), ip_addresses=kw.get("ip_addresses", ()))
     return SigningRequest(csr=x509.load_pem_x509_csr(pem), csr_pem=pem, ttl=ttl, uris=uris, **kw)
 
 

@@ -25,10 +25,8 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 class TestCertManagerIssuerConformance(IssuerConformance):
-    # cert-manager certifies the names *in the CSR*; the suite's DNS/IP case asks for names its CSR
-    # lacks, which this issuer refuses (InternalError). The real serving path (CSR carrying its
-    # names) is tested in test_certmanager_issuer.py::test_serving_certificate_names.
-    supports_dns_names = False
+    # cert-manager certifies the names in the CSR; the suite's CSRs carry the requested names.
+    supports_dns_names = True
 
     @pytest.fixture
     def issuer_factory(self, cert_manager: CertManager, kind: str) -> IssuerFactory:
