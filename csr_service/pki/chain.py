@@ -93,11 +93,36 @@ def build_path(
     raise ChainError("certificate chain is too long")
 
 
+def _key_id(
+    cert: x509.Certificate, kind: type[x509.SubjectKeyIdentifier] | type[x509.AuthorityKeyIdentifier]
+) -> bytes | None:
+    try:
+        value = cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+    return value.digest if isinstance(value, x509.SubjectKeyIdentifier) else value.key_identifier
+
+
+def named_issuer_of(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """``parent`` looks like ``child``'s issuer: names match and, when both are present,
+    the child's AuthorityKeyIdentifier equals the parent's SubjectKeyIdentifier.
+
+    No signature check: used only to *order* certificates; whoever consumes the order
+    (the pipeline's verifier) checks the signatures.
+    """
+    if child.issuer != parent.subject:
+        return False
+    aki, ski = _key_id(child, x509.AuthorityKeyIdentifier), _key_id(parent, x509.SubjectKeyIdentifier)
+    return aki is None or ski is None or aki == ski
+
+
 def order_chain(leaf: x509.Certificate, certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
     """De-duplicate ``certs`` and order them from the leaf's issuer upwards.
 
     Certificates not on the leaf's path are dropped. Used to tidy what a backend returns
-    (e.g. Vault's ``certificate`` + ``ca_chain`` + ``issuing_ca``, which overlap).
+    (e.g. Vault's ``certificate`` + ``ca_chain`` + ``issuing_ca``, which overlap). Linking is
+    by name and key identifier, not signature: it runs per request, and the pipeline verifies
+    every signature on the path against the trust bundle right after.
     """
     unique: dict[bytes, x509.Certificate] = {}
     for c in certs:
@@ -106,12 +131,12 @@ def order_chain(leaf: x509.Certificate, certs: Iterable[x509.Certificate]) -> li
     ordered: list[x509.Certificate] = []
     current = leaf
     while unique:
-        nxt = next((c for c in unique.values() if signed_by(current, c)), None)
+        nxt = next((c for c in unique.values() if named_issuer_of(current, c)), None)
         if nxt is None or nxt is current:
             break
         ordered.append(nxt)
         unique.pop(nxt.fingerprint(_SHA256))
-        if is_self_signed(nxt):
+        if named_issuer_of(nxt, nxt):  # a root: nothing above it
             break
         current = nxt
     return ordered
