@@ -62,6 +62,7 @@ class Observer:
         self._lock = threading.Lock()
         self._watch: Any = watch.Watch()  # type: ignore[no-untyped-call]
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._stopped = False
 
     def _run(self) -> None:
         selector = f"metadata.name={CM}"
@@ -69,13 +70,17 @@ class Observer:
         listed = json.loads(resp.data)
         for cm in listed["items"]:
             self._note(cm)
-        for event in self._watch.stream(
-            self._core.list_config_map_for_all_namespaces,
-            field_selector=selector,
-            resource_version=listed["metadata"]["resourceVersion"],
-            deserialize=False,
-        ):
-            self._note(event["object"])
+        try:
+            for event in self._watch.stream(
+                self._core.list_config_map_for_all_namespaces,
+                field_selector=selector,
+                resource_version=listed["metadata"]["resourceVersion"],
+                deserialize=False,
+            ):
+                self._note(event["object"])
+        except Exception:  # the apiserver goes away at the end of the run; nothing left to observe
+            if not self._stopped:
+                raise
 
     def _note(self, cm: dict[str, Any]) -> None:
         with self._lock:
@@ -85,6 +90,7 @@ class Observer:
         self._thread.start()
 
     def stop(self) -> None:
+        self._stopped = True
         self._watch.stop()
 
     def count(self, pem: str) -> int:
