@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from typing import Any
 
 from cryptography import x509
 
-from csr_service.controllers.kube_util import LoopInformer, api_status
+from csr_service.controllers.kube_util import LoopInformer, api_status, record_event
 from csr_service.errors import CSRServiceError, InternalError
 from csr_service.issuers.own_cert import issue_own_certificate
 from csr_service.pipeline.handler import IssuerSlot
@@ -129,6 +130,7 @@ class IstiodCertController:
         self._task: asyncio.Task[None] | None = None
         #: Counts for tests and metrics.
         self.stats = {"issued": 0, "errors": 0}
+        self._pending_events: set[asyncio.Future[None]] = set()
         trust.add_listener(lambda _snapshot: self._wake.set())
 
     async def start(self) -> None:
@@ -184,6 +186,7 @@ class IstiodCertController:
                         self.stats["errors"] += 1
                         wait = min(60.0, 2.0**failures) * (0.5 + random.random() / 2)  # noqa: S311
                         log.error("istiod certificate not written (%s; retry in %.0fs): %s", reason, wait, exc)
+                        self._event("IstiodCertificateFailed", f"not written ({reason}), retrying: {exc}", warning=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
 
@@ -213,6 +216,11 @@ class IstiodCertController:
         }
         await asyncio.to_thread(self._write, data, self._cached())
         self.stats["issued"] += 1
+        self._event(
+            "IstiodCertificateIssued",
+            f"issued by {issuer.name} ({reason}), valid until {issued.leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
+            warning=False,
+        )
         log.info(
             "istiod certificate written to %s/%s (%s) by %s for %s, valid until %s",
             spec.namespace,
@@ -222,6 +230,27 @@ class IstiodCertController:
             ", ".join(spec.dns_names),
             issued.leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
+
+    def _event(self, reason: str, message: str, *, warning: bool) -> None:
+        """Record a Kubernetes Event on the Secret, in the background (never blocks or fails us)."""
+        secret = self._cached()
+        uid = getattr(getattr(secret, "metadata", None), "uid", None)
+        task = asyncio.get_running_loop().run_in_executor(
+            None,
+            functools.partial(
+                record_event,
+                self._api,
+                kind="Secret",
+                namespace=self.spec.namespace,
+                name=SECRET_NAME,
+                uid=uid,
+                reason=reason,
+                message=message,
+                warning=warning,
+            ),
+        )
+        self._pending_events.add(task)
+        task.add_done_callback(self._pending_events.discard)
 
     def _write(self, data: dict[str, bytes], existing: Any) -> None:
         from kubernetes import client

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from csr_service.controllers.kube_util import api_status
+from csr_service.controllers.kube_util import api_status, record_event
 from csr_service.controllers.settings import LeaderSettings
 from csr_service.runtime import Component
 
@@ -134,8 +135,13 @@ class LeaderElector:
     name = "leader-election"
     all_workers = False
 
-    def __init__(self, lease: LeaseClient, settings: LeaderSettings, tasks: Sequence[Component]) -> None:
+    def __init__(
+        self, lease: LeaseClient, settings: LeaderSettings, tasks: Sequence[Component], *, api: Any = None
+    ) -> None:
         self._lease = lease
+        #: Kubernetes API client for Events (None in unit tests with an in-memory lease).
+        self._api = api
+        self._pending_events: set[asyncio.Future[None]] = set()
         self._s = settings
         self._tasks = list(tasks)
         self._running: list[Component] = []
@@ -146,7 +152,7 @@ class LeaderElector:
 
     @classmethod
     def from_runtime(cls, runtime: Any, settings: LeaderSettings, tasks: Sequence[Component]) -> LeaderElector:
-        return cls(LeaseClient(runtime.kube(), settings), settings, tasks)
+        return cls(LeaseClient(runtime.kube(), settings), settings, tasks, api=runtime.kube())
 
     async def start(self) -> None:
         log.info("leader election: lease %s/%s as %s", self._s.namespace, self._s.lease_name, self._lease.identity)
@@ -166,6 +172,27 @@ class LeaderElector:
                 log.info("leader election: lease released")
             except Exception as exc:  # noqa: BLE001 (the lease then simply expires)
                 log.warning("leader election: cannot release the lease: %s", exc)
+
+    def _event(self, reason: str, message: str, *, warning: bool) -> None:
+        """Record a Kubernetes Event on the Lease in the background (only with a real API client)."""
+        if self._api is None:
+            return
+        task = asyncio.get_running_loop().run_in_executor(
+            None,
+            functools.partial(
+                record_event,
+                self._api,
+                kind="Lease",
+                namespace=self._s.namespace,
+                name=self._s.lease_name,
+                uid=None,
+                reason=reason,
+                message=message,
+                warning=warning,
+            ),
+        )
+        self._pending_events.add(task)
+        task.add_done_callback(self._pending_events.discard)
 
     async def _attempt(self) -> bool:
         try:
@@ -196,6 +223,7 @@ class LeaderElector:
         self.is_leader = True
         self.stats["acquired"] += 1
         log.info("leader election: became leader (%s)", self._lease.identity)
+        self._event("LeaderElected", f"{self._lease.identity} became leader", warning=False)
         for task in self._tasks:
             try:
                 await task.start()
@@ -209,6 +237,7 @@ class LeaderElector:
         self.is_leader = False
         self.stats["lost"] += 1
         log.warning("leader election: stopped leading (%s); stopping leader-only work", why)
+        self._event("LeaderLost", f"{self._lease.identity} stopped leading: {why}", warning=why != "shutting down")
         for task in reversed(self._running):
             try:
                 await task.stop()

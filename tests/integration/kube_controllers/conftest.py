@@ -38,8 +38,12 @@ ROOT_CONFIGMAP_RULES: list[Rule] = [
 ]
 
 
+EVENTS_RULE: Rule = {"api_groups": [""], "resources": ["events"], "verbs": ["create"]}
+
+
 def lease_rules(name: str) -> list[Rule]:
     return [
+        EVENTS_RULE,
         {"api_groups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
         {
             "api_groups": ["coordination.k8s.io"],
@@ -51,6 +55,7 @@ def lease_rules(name: str) -> list[Rule]:
 
 
 ISTIOD_SECRET_RULES: list[Rule] = [
+    EVENTS_RULE,
     {"api_groups": [""], "resources": ["secrets"], "verbs": ["create"]},
     {
         "api_groups": [""],
@@ -66,7 +71,7 @@ def named_object_rules(resource: str, name: str, *, events: bool = False) -> lis
         {"api_groups": [""], "resources": [resource], "resource_names": [name], "verbs": ["list", "watch"]}
     ]
     if events:
-        rules.append({"api_groups": [""], "resources": ["events"], "verbs": ["create"]})
+        rules.append(EVENTS_RULE)
     return rules
 
 

@@ -71,6 +71,11 @@ def _check_istiod_secret(secret: k8s.V1Secret, ns: str, roots: list[x509.Certifi
     assert data["ca.crt"].decode() == bundle_pem
 
 
+def _event_reasons(kube: KubeCluster, ns: str, name: str) -> set[str]:
+    events = kube.core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+    return {str(e.reason) for e in events}
+
+
 def test_two_replicas_hand_over_leadership_and_keep_signing(kube: KubeCluster, jwks_file: Path, tmp_path: Path) -> None:
     lease_ns = kube.create_namespace()
     istio_ns = kube.create_namespace()
@@ -113,6 +118,10 @@ def test_two_replicas_hand_over_leadership_and_keep_signing(kube: KubeCluster, j
         assert _holder(kube, lease_ns) == "a"
         wait_for(lambda: "(due for renewal)" in srv_a.log(), what="istiod-tls renewed at renew-before")
         assert "istiod certificate written" not in srv_b.log()
+        # Operators see the controller's actions as Events on the objects.
+        wait_for(lambda: _event_reasons(kube, istio_ns, "istiod-tls") >= {"IstiodCertificateIssued"}, what="Event")
+        wait_for(lambda: "LeaderElected" in _event_reasons(kube, lease_ns, LEASE), what="LeaderElected Event")
+        assert "cannot record event" not in srv_a.log()
 
         # 1. The leader loses the Lease but keeps running (cannot renew): b takes over, both sign.
         with (
