@@ -103,7 +103,8 @@ class CertificatePipeline:
         )
         issued = await observe_sign(issuer, request)  # timed and counted per issuer
         trust = self.trust.current
-        leaf_pem, intermediates = self._verifier.verify(issued, request, trust, now=now)
+        # A fresh clock reading: a remote backend may take a while and stamp its own "now".
+        leaf_pem, intermediates = self._verifier.verify(issued, request, trust, now=datetime.now(UTC))
         # DEBUG, not INFO: at 1,000+ issuances/s a line each floods operators' logs and
         # costs CPU on the hot path; counts live in the metrics, failures log at WARNING/ERROR.
         log.debug(

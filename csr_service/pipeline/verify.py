@@ -24,6 +24,8 @@ __all__ = ["ChainVerifier"]
 #: Allowance for the time between deciding the TTL and the backend stamping NotAfter.
 _TTL_SLACK = timedelta(seconds=30)
 _CACHE_MAX = 64
+#: How far in the future a backend's NotBefore may be (its clock vs ours, second rounding).
+_NOT_BEFORE_SKEW = timedelta(minutes=1)
 
 
 def _spki(obj: x509.Certificate | x509.CertificateSigningRequest) -> bytes:
@@ -43,6 +45,8 @@ class ChainVerifier:
         """Return (leaf PEM, intermediate PEMs) or raise InternalError with the reason."""
         leaf = issued.leaf
         self._check_leaf(leaf, request, now)
+        # The leaf's own validity is checked by _check_leaf (with clock-skew allowance); the
+        # path check below is about the CAs, so it must not trip over a NotBefore of "now".
         chain = tuple(issued.chain)
         key = (chain, trust.version)
         cached = self._cache.get(key)
@@ -51,7 +55,7 @@ class ChainVerifier:
             if issuer_cert is not None and signed_by(leaf, issuer_cert):
                 return cert_to_pem(leaf), cached[0]
         try:
-            path = build_path(leaf, chain, trust.roots, now=now)
+            path = build_path(leaf, chain, trust.roots, now=now, check_leaf_time=False)
         except ChainError as exc:
             raise InternalError(
                 "the issued certificate does not chain to the trust bundle",
@@ -92,6 +96,14 @@ class ChainVerifier:
             raise InternalError(
                 "the issued certificate outlives the requested lifetime",
                 detail=f"issuer returned NotAfter {leaf.not_valid_after_utc}, asked at most {now + request.ttl}",
+            )
+        # Backends that do not backdate (cert-manager stamps NotBefore = its "now", to the
+        # second) can hand back a NotBefore just after our clock reading, or a little ahead on
+        # a skewed clock; istio-agent's peers tolerate that the same way.
+        if leaf.not_valid_before_utc > now + _NOT_BEFORE_SKEW:
+            raise InternalError(
+                "the issued certificate is not valid yet",
+                detail=f"NotBefore {leaf.not_valid_before_utc} is more than {_NOT_BEFORE_SKEW} after {now}",
             )
         if leaf.not_valid_after_utc <= now:
             raise InternalError(

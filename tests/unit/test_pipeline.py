@@ -190,3 +190,34 @@ def test_error_table_covers_every_error_class() -> None:
 def test_token_helper_is_valid() -> None:
     assert x509
     assert token()
+
+
+class _StampingIssuer:
+    """Signs like a backend that does not backdate: NotBefore = its own clock + ``ahead``."""
+
+    name = "stamping"
+
+    def __init__(self, inner: Any, ahead: timedelta) -> None:
+        self.inner, self.ahead = inner, ahead
+
+    async def sign(self, request: SigningRequest) -> IssuedChain:
+        from csr_service.pki.certs import LeafSpec, build_leaf
+
+        m = self.inner.material
+        start = datetime.now(UTC).replace(microsecond=0) + self.ahead
+        spec = LeafSpec(not_before=start, not_after=start + request.ttl - self.ahead, uris=request.uris)
+        return IssuedChain(leaf=build_leaf(request.csr.public_key(), spec, m.cert, m.key), chain=(m.cert,))
+
+
+@pytest.mark.parametrize(("ahead", "ok"), [(timedelta(seconds=1), True), (timedelta(minutes=10), False)])
+def test_not_before_of_a_non_backdating_backend(tmp_path: Path, ahead: timedelta, ok: bool) -> None:
+    async def scenario() -> list[str]:
+        kit = await make_pipeline(tmp_path / "ca")
+        kit.pipeline.issuers.current = _StampingIssuer(kit.issuer, ahead)
+        return await kit.pipeline.create_certificate(csr_pem(generate_key(KeyType.EC_P256)).decode(), 0, {}, ctx())
+
+    if ok:
+        assert len(_run(scenario())) == 2
+    else:
+        with pytest.raises(InternalError, match="NotBefore"):
+            _run(scenario())
