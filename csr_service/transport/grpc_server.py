@@ -51,12 +51,18 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-        self.port = self._server.add_secure_port(listen, serving.server_credentials())
+        try:
+            self.port = self._server.add_secure_port(listen, serving.server_credentials())
+        except RuntimeError as exc:  # grpc's way of saying bind() failed
+            raise OSError(f"--grpc-listen: cannot listen on {listen} (address in use or not local)") from exc
         if self.port == 0:
-            raise OSError(f"cannot listen on {listen}")
+            raise OSError(f"--grpc-listen: cannot listen on {listen}")
         self.insecure_port: int | None = None
         if insecure_listen:
-            self.insecure_port = self._server.add_insecure_port(insecure_listen)
+            try:
+                self.insecure_port = self._server.add_insecure_port(insecure_listen)
+            except RuntimeError as exc:
+                raise OSError(f"--insecure-grpc-listen: cannot listen on {insecure_listen}") from exc
             log.warning(
                 "INSECURE plaintext gRPC listener on %s: service-account tokens travel unencrypted",
                 insecure_listen,

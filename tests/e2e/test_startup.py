@@ -38,3 +38,20 @@ def test_unreachable_issuer_backend_is_retried_not_fatal(tmp_path: Path) -> None
         assert proc.poll() is None, "csr-service exited instead of retrying:\n" + log.read_text()
     finally:
         _stop(proc)
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        res = subprocess.run(
+            [*CSR_SERVICE, "serve", "--dev", "--state-dir", str(tmp_path / "s"), "--workers", "1",
+             "--grpc-listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert res.returncode == 2
+    assert "--grpc-listen: cannot listen on" in res.stderr
+    assert "Traceback" not in res.stderr

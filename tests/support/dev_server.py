@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,10 +30,10 @@ CSR_SERVICE = [sys.executable, "-m", "csr_service"]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free loopback port (see tests.testbed.process.free_port for why not bind(0))."""
+    from tests.testbed.process import free_port as _free_port
+
+    return _free_port()
 
 
 def _preexec() -> None:

@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,9 +32,38 @@ def _child_setup() -> None:  # runs in the child between fork and exec: keep it 
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port on 127.0.0.1 that is free now and stays likely free until a server binds it.
+
+    Chosen at random *below* the kernel's ephemeral range: a port from bind(0) comes from that
+    range, and the many outgoing connections of a test run (apiserver clients, watches) can be
+    given the very same port before our server binds it (seen in CI: "Address already in use").
+    Never the same port twice in one test process.
+    """
+    high = _ephemeral_start() - 1
+    low = max(1024, high - 12000)
+    for _ in range(500):
+        port = random.randint(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # crowded range: fall back
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
