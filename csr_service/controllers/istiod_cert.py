@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import logging
 import random
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from typing import Any
 
 from cryptography import x509
 
-from csr_service.controllers.kube_util import LoopInformer, api_status, record_event
+from csr_service.controllers.kube_util import EventRecorder, LoopInformer, api_status
 from csr_service.errors import CSRServiceError, InternalError
 from csr_service.issuers.own_cert import issue_own_certificate
 from csr_service.pipeline.handler import IssuerSlot
@@ -130,7 +129,7 @@ class IstiodCertController:
         self._task: asyncio.Task[None] | None = None
         #: Counts for tests and metrics.
         self.stats = {"issued": 0, "errors": 0}
-        self._pending_events: set[asyncio.Future[None]] = set()
+        self._events = EventRecorder(api)
         trust.add_listener(lambda _snapshot: self._wake.set())
 
     async def start(self) -> None:
@@ -232,25 +231,17 @@ class IstiodCertController:
         )
 
     def _event(self, reason: str, message: str, *, warning: bool) -> None:
-        """Record a Kubernetes Event on the Secret, in the background (never blocks or fails us)."""
-        secret = self._cached()
-        uid = getattr(getattr(secret, "metadata", None), "uid", None)
-        task = asyncio.get_running_loop().run_in_executor(
-            None,
-            functools.partial(
-                record_event,
-                self._api,
-                kind="Secret",
-                namespace=self.spec.namespace,
-                name=SECRET_NAME,
-                uid=uid,
-                reason=reason,
-                message=message,
-                warning=warning,
-            ),
+        """Record a Kubernetes Event on the Secret, in the background."""
+        uid = getattr(getattr(self._cached(), "metadata", None), "uid", None)
+        self._events.record(
+            kind="Secret",
+            namespace=self.spec.namespace,
+            name=SECRET_NAME,
+            uid=uid,
+            reason=reason,
+            message=message,
+            warning=warning,
         )
-        self._pending_events.add(task)
-        task.add_done_callback(self._pending_events.discard)
 
     def _write(self, data: dict[str, bytes], existing: Any) -> None:
         from kubernetes import client

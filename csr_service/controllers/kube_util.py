@@ -9,6 +9,7 @@ to the event loop with ``call_soon_threadsafe`` so controller state is only touc
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from typing import Any
 
 from csr_service.kube.informer import Informer
 
-__all__ = ["LoopInformer", "api_status", "is_not_found", "record_event"]
+__all__ = ["EventRecorder", "LoopInformer", "api_status", "is_not_found", "record_event"]
 
 log = logging.getLogger(__name__)
 
@@ -97,3 +98,17 @@ def record_event(
         client.CoreV1Api(api).create_namespaced_event(namespace, event)
     except Exception as exc:  # noqa: BLE001 (no Event is better than a failed controller)
         log.warning("cannot record event %s on %s %s/%s: %s", reason, kind, namespace, name, exc)
+
+
+class EventRecorder:
+    """Records Events in the background: a controller never waits for (or fails on) one."""
+
+    def __init__(self, api: Any) -> None:
+        self._api = api
+        self._pending: set[asyncio.Future[None]] = set()
+
+    def record(self, **kwargs: Any) -> None:
+        """Schedule :func:`record_event` (same keyword arguments, without ``api``) in a thread."""
+        task = asyncio.get_running_loop().run_in_executor(None, functools.partial(record_event, self._api, **kwargs))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)

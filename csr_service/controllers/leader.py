@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from csr_service.controllers.kube_util import api_status, record_event
+from csr_service.controllers.kube_util import EventRecorder, api_status
 from csr_service.controllers.settings import LeaderSettings
 from csr_service.runtime import Component
 
@@ -139,9 +138,8 @@ class LeaderElector:
         self, lease: LeaseClient, settings: LeaderSettings, tasks: Sequence[Component], *, api: Any = None
     ) -> None:
         self._lease = lease
-        #: Kubernetes API client for Events (None in unit tests with an in-memory lease).
-        self._api = api
-        self._pending_events: set[asyncio.Future[None]] = set()
+        #: Events need a real API client (None in unit tests with an in-memory lease).
+        self._events = EventRecorder(api) if api is not None else None
         self._s = settings
         self._tasks = list(tasks)
         self._running: list[Component] = []
@@ -174,25 +172,18 @@ class LeaderElector:
                 log.warning("leader election: cannot release the lease: %s", exc)
 
     def _event(self, reason: str, message: str, *, warning: bool) -> None:
-        """Record a Kubernetes Event on the Lease in the background (only with a real API client)."""
-        if self._api is None:
+        """Record a Kubernetes Event on the Lease (only with a real API client)."""
+        if self._events is None:
             return
-        task = asyncio.get_running_loop().run_in_executor(
-            None,
-            functools.partial(
-                record_event,
-                self._api,
-                kind="Lease",
-                namespace=self._s.namespace,
-                name=self._s.lease_name,
-                uid=None,
-                reason=reason,
-                message=message,
-                warning=warning,
-            ),
+        self._events.record(
+            kind="Lease",
+            namespace=self._s.namespace,
+            name=self._s.lease_name,
+            uid=None,
+            reason=reason,
+            message=message,
+            warning=warning,
         )
-        self._pending_events.add(task)
-        task.add_done_callback(self._pending_events.discard)
 
     async def _attempt(self) -> bool:
         try:
