@@ -39,13 +39,13 @@ from bench.common import LoadResult, run_ghz
 from bench.istio_csr_build import IstioCsrUnavailable, ensure_istio_csr, ensure_istio_csr_model
 from csr_service.pki.certs import build_csr
 from csr_service.pki.keys import KeyType, generate_key
+from tests.integration.certmanager.support import LEAST_PRIVILEGE_VERBS, grant_requests_role
 from tests.support.dev_server import free_port, running_server
 from tests.testbed.certmanager import CertManager, start_cert_manager
 from tests.testbed.kube import KubeCluster, start_kube, unique_name
 
 NAMESPACE = "bench"
 SERVICE_ACCOUNT = "bench"
-VERBS = ["create", "get", "list", "watch", "delete"]
 
 
 def _csr(identity: str) -> str:
@@ -56,26 +56,9 @@ def _csr(identity: str) -> str:
 
 def _service_account(kube: KubeCluster, namespace: str) -> tuple[str, Path]:
     """A ServiceAccount with the least-privilege Role (+ TokenReview rights); returns (name, kubeconfig)."""
-    from kubernetes import client as k8s
-
     sa = unique_name("csr-service")
     kube.create_service_account(namespace, sa)
-    rbac = k8s.RbacAuthorizationV1Api(kube.api_client)
-    rbac.create_namespaced_role(
-        namespace,
-        k8s.V1Role(
-            metadata=k8s.V1ObjectMeta(name=sa),
-            rules=[k8s.V1PolicyRule(api_groups=["cert-manager.io"], resources=["certificaterequests"], verbs=VERBS)],
-        ),
-    )
-    rbac.create_namespaced_role_binding(
-        namespace,
-        k8s.V1RoleBinding(
-            metadata=k8s.V1ObjectMeta(name=sa),
-            role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=sa),
-            subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=sa, namespace=namespace)],
-        ),
-    )
+    grant_requests_role(kube, namespace, sa, LEAST_PRIVILEGE_VERBS)
     kube.grant_cluster_role("system:auth-delegator", namespace, sa)  # tokenreviews create
     return sa, kube.kubeconfig_for_service_account(namespace, sa)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,32 +24,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from csr_service.errors import CSRServiceError
-from csr_service.issuers.base import Closable, IssuedChain, Issuer, SigningRequest, Startable
+from csr_service.issuers.base import IssuedChain, Issuer
 from csr_service.pki.chain import build_path
-from csr_service.pki.keys import KeyType, generate_key
-from tests.support.certs import WORKLOAD, assert_is_leaf, csr_pem, uri_sans
+from csr_service.pki.keys import KeyType
+from tests.support.certs import WORKLOAD, assert_is_leaf, uri_sans
+from tests.support.issuers import run_fresh, signing_request
 
 IssuerFactory = Callable[[], Issuer]
-
-
-async def _with_issuer(factory: IssuerFactory, body: Callable[[Issuer], Awaitable[Any]]) -> Any:
-    issuer = factory()
-    if isinstance(issuer, Startable):
-        await issuer.start()
-    try:
-        return await body(issuer)
-    finally:
-        if isinstance(issuer, Closable):
-            await issuer.aclose()
-
-
-def _request(key_type: KeyType = KeyType.EC_P256, ttl: timedelta = timedelta(minutes=30), **kw: Any) -> SigningRequest:
-    key = generate_key(key_type)
-    uris = kw.pop("uris", (WORKLOAD,))
-    # The CSR carries the same names as the request, as the serving certificate's CSR does:
-    # backends that certify the CSR's own names (cert-manager) see a consistent request.
-    pem = csr_pem(key, uris=uris, dns_names=kw.get("dns_names", ()), ip_addresses=kw.get("ip_addresses", ()))
-    return SigningRequest(csr=x509.load_pem_x509_csr(pem), csr_pem=pem, ttl=ttl, uris=uris, **kw)
 
 
 def _pub(obj: Any) -> bytes:
@@ -67,8 +48,8 @@ class IssuerConformance:
     def test_signs_csr_key_with_exact_identity(
         self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate], key_type: KeyType
     ) -> None:
-        req = _request(key_type)
-        issued: IssuedChain = asyncio.run(_with_issuer(issuer_factory, lambda i: i.sign(req)))
+        req = signing_request(key_type=key_type)
+        issued: IssuedChain = run_fresh(issuer_factory, lambda i: i.sign(req))
         assert _pub(issued.leaf) == _pub(req.csr), "leaf must carry the CSR's public key"
         assert uri_sans(issued.leaf) == [WORKLOAD]
         san = issued.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -79,7 +60,7 @@ class IssuerConformance:
     def test_chain_links_to_trust_roots(
         self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate]
     ) -> None:
-        issued: IssuedChain = asyncio.run(_with_issuer(issuer_factory, lambda i: i.sign(_request())))
+        issued: IssuedChain = run_fresh(issuer_factory, lambda i: i.sign(signing_request()))
         chain = list(issued.chain)
         assert chain, "the chain must hold at least the leaf's issuer"
         assert issued.leaf.issuer == chain[0].subject, "chain[0] must be the leaf's issuer"
@@ -93,7 +74,7 @@ class IssuerConformance:
     ) -> None:
         ttl = timedelta(minutes=20)
         before = datetime.now(UTC)
-        issued: IssuedChain = asyncio.run(_with_issuer(issuer_factory, lambda i: i.sign(_request(ttl=ttl))))
+        issued: IssuedChain = run_fresh(issuer_factory, lambda i: i.sign(signing_request(ttl=ttl)))
         after = datetime.now(UTC)
         assert issued.leaf.not_valid_after_utc <= after + ttl + timedelta(seconds=1)
         assert issued.leaf.not_valid_before_utc <= before + timedelta(seconds=1)
@@ -105,8 +86,8 @@ class IssuerConformance:
     ) -> None:
         if not self.supports_dns_names:
             pytest.skip("this backend's policy only allows SPIFFE URIs")
-        req = _request(uris=(), dns_names=("csr-service.cert-manager.svc",), ip_addresses=("127.0.0.1",))
-        issued: IssuedChain = asyncio.run(_with_issuer(issuer_factory, lambda i: i.sign(req)))
+        req = signing_request(uris=(), dns_names=("csr-service.cert-manager.svc",), ip_addresses=("127.0.0.1",))
+        issued: IssuedChain = run_fresh(issuer_factory, lambda i: i.sign(req))
         san = issued.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert san.get_values_for_type(x509.DNSName) == ["csr-service.cert-manager.svc"]
         assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
@@ -114,12 +95,12 @@ class IssuerConformance:
     def test_concurrent_requests_get_distinct_certificates(
         self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate]
     ) -> None:
-        reqs = [_request() for _ in range(12)]
+        reqs = [signing_request() for _ in range(12)]
 
         async def body(issuer: Issuer) -> list[IssuedChain]:
             return list(await asyncio.gather(*(issuer.sign(r) for r in reqs)))
 
-        results: list[IssuedChain] = asyncio.run(_with_issuer(issuer_factory, body))
+        results: list[IssuedChain] = run_fresh(issuer_factory, body)
         assert len({r.leaf.serial_number for r in results}) == len(reqs)
         for req, res in zip(reqs, results, strict=True):
             assert _pub(res.leaf) == _pub(req.csr)
@@ -127,7 +108,7 @@ class IssuerConformance:
     def test_serial_numbers_are_random_and_large(
         self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate]
     ) -> None:
-        issued: IssuedChain = asyncio.run(_with_issuer(issuer_factory, lambda i: i.sign(_request())))
+        issued: IssuedChain = run_fresh(issuer_factory, lambda i: i.sign(signing_request()))
         assert issued.leaf.serial_number.bit_length() >= 64 - 8  # >= 64 random bits, leading zeros aside
 
     def test_failures_are_csr_service_errors(self, unusable_issuer_factory: IssuerFactory | None) -> None:
@@ -136,7 +117,7 @@ class IssuerConformance:
             pytest.skip("no unusable variant provided")
 
         async def body(issuer: Issuer) -> None:
-            await issuer.sign(_request())
+            await issuer.sign(signing_request())
 
         with pytest.raises(CSRServiceError):
-            asyncio.run(_with_issuer(unusable_issuer_factory, body))
+            run_fresh(unusable_issuer_factory, body)

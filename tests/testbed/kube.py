@@ -219,13 +219,14 @@ class KubeCluster:
             return json.loads(resp.read())
 
     # ----------------------------------------------------------------------------- lifecycle
-    def restart_apiserver(self, down_for: float = 0.0, timeout: float = 120) -> None:
+    def restart_apiserver(self, *extra_args: str, down_for: float = 0.0, timeout: float = 120) -> None:
         """Stop kube-apiserver (etcd keeps the data), wait ``down_for`` s, start it again with the
-        same command line and port, and wait for ``/readyz``. Call from the main thread."""
+        same command line (plus ``extra_args``) and port, and wait for ``/readyz``. Call from the
+        main thread: a test-bed process dies with the thread that started it (PR_SET_PDEATHSIG)."""
         old = next(p for p in self._procs if p.name == "kube-apiserver")
         old.stop()
         time.sleep(down_for)
-        new = ManagedProcess("kube-apiserver", old.argv, old.log_path)
+        new = ManagedProcess("kube-apiserver", [*old.argv, *extra_args], old.log_path)
         self._procs[self._procs.index(old)] = new
         ctx = ssl.create_default_context(cafile=str(self.ca_cert))
         ctx.load_cert_chain(self.admin_cert, self.admin_key)

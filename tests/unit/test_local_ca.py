@@ -153,13 +153,13 @@ def test_watch_task_picks_up_changes(tmp_path: Path) -> None:
 
 def test_leaf_never_outlives_ca(tmp_path: Path) -> None:
     write_ca_dir(tmp_path, lifetime=timedelta(minutes=30))
-    from tests.conformance.issuer_suite import _request
+    from tests.support.issuers import signing_request
 
     issuer = LocalCAIssuer(DirectorySource(str(tmp_path)), reload_interval=timedelta(0))
 
     async def scenario() -> datetime:
         await issuer.start()
-        issued = await issuer.sign(_request(ttl=timedelta(hours=5)))
+        issued = await issuer.sign(signing_request(ttl=timedelta(hours=5)))
         return issued.leaf.not_valid_after_utc
 
     assert asyncio.run(scenario()) <= issuer.material.not_after

@@ -14,7 +14,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,7 +44,9 @@ from csr_service.pki.certs import LeafSpec, build_intermediate_ca, build_leaf, b
 from csr_service.pki.chain import fingerprint
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import cert_to_pem, key_to_pem
-from tests.support.certs import WORKLOAD, csr_pem
+from tests.support.certs import WORKLOAD
+from tests.support.issuers import run_issuer as run_with
+from tests.support.issuers import signing_request as request
 
 T = TypeVar("T")
 ADDRESS = "http://vault.test:8200"
@@ -228,22 +230,6 @@ def conn_settings(tmp: Path, fake: FakeVault, auth: str = "token", **kw: Any) ->
 def make_issuer(tmp: Path, fake: FakeVault, auth: str = "token", **kw: Any) -> VaultIssuer:
     client = VaultClient(conn_settings(tmp, fake, auth), transport=fake)
     return VaultIssuer(client, IssuerSettings.from_values({"vault-role": "spiffe", **kw}))
-
-
-def request(ttl: timedelta = timedelta(minutes=30), uris: tuple[str, ...] = (WORKLOAD,)) -> SigningRequest:
-    pem = csr_pem(generate_key(KeyType.EC_P256), uris=uris)
-    return SigningRequest(csr=x509.load_pem_x509_csr(pem), csr_pem=pem, ttl=ttl, uris=uris, request_id="req-1")
-
-
-def run_with(issuer: VaultIssuer, body: Callable[[VaultIssuer], Awaitable[T]]) -> T:
-    async def main() -> T:
-        await issuer.start()
-        try:
-            return await body(issuer)
-        finally:
-            await issuer.aclose()
-
-    return asyncio.run(main())
 
 
 @pytest.fixture

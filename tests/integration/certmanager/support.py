@@ -1,34 +1,19 @@
-"""Helpers for the cert-manager issuer's integration tests.
-
-``restart_apiserver`` lives here because ``tests/testbed/kube.py`` can only start and stop the
-whole cluster: it stops kube-apiserver (etcd keeps the data), starts it again with the same
-command line on the same port and waits for ``/readyz``. Call it from the main thread: a test-bed
-process is killed when the thread that started it exits (PR_SET_PDEATHSIG).
-"""
+"""Helpers for the cert-manager issuer's integration tests."""
 
 from __future__ import annotations
 
-import asyncio
-import ssl
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cryptography import x509
-
-from csr_service.issuers.base import SigningRequest
 from csr_service.issuers.certmanager.issuer import CertManagerIssuer
 from csr_service.issuers.certmanager.options import OPTIONS
 from csr_service.issuers.certmanager.settings import Settings
 from csr_service.kube.client import KubeSettings, new_api_client
-from csr_service.pki.keys import KeyType, generate_key
-from tests.support.certs import WORKLOAD, csr_pem
 from tests.testbed import kube as kube_mod
 from tests.testbed.certmanager import CertManager
 from tests.testbed.kube import KubeCluster
-from tests.testbed.process import ManagedProcess
 
 T = TypeVar("T")
 
@@ -66,26 +51,6 @@ def make_issuer(
     )
 
 
-def signing_request(uri: str = WORKLOAD, ttl: timedelta = timedelta(minutes=30)) -> SigningRequest:
-    """A workload request for ``uri``."""
-    pem = csr_pem(generate_key(KeyType.EC_P256), uris=(uri,))
-    return SigningRequest(csr=x509.load_pem_x509_csr(pem), csr_pem=pem, ttl=ttl, uris=(uri,), request_id="test")
-
-
-async def with_started(issuer: CertManagerIssuer, body: Callable[[CertManagerIssuer], Awaitable[T]]) -> T:
-    """Start ``issuer``, run ``body``, close it."""
-    await issuer.start()
-    try:
-        return await body(issuer)
-    finally:
-        await issuer.aclose()
-
-
-def run(issuer: CertManagerIssuer, body: Callable[[CertManagerIssuer], Awaitable[T]]) -> T:
-    """``asyncio.run`` of :func:`with_started`."""
-    return asyncio.run(with_started(issuer, body))
-
-
 def list_ours(cm: CertManager, selector: str) -> list[Mapping[str, Any]]:
     """CertificateRequests in the issuer namespace matching ``selector``."""
     res = cm.custom.list_namespaced_custom_object(
@@ -97,23 +62,6 @@ def list_ours(cm: CertManager, selector: str) -> list[Mapping[str, Any]]:
 def wait_until(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
     """Poll ``predicate`` (blocking) until truthy."""
     return kube_mod.wait_for(predicate, timeout, what=what)
-
-
-def restart_apiserver(kube: KubeCluster, down_for: float = 1.0, timeout: float = 120) -> None:
-    """Stop kube-apiserver, wait ``down_for`` seconds, start it again on the same port, wait for /readyz."""
-    old = next(p for p in kube._procs if p.name == "kube-apiserver")
-    old.stop()
-    time.sleep(down_for)
-    new = ManagedProcess("kube-apiserver", old.argv, old.log_path)
-    kube._procs[kube._procs.index(old)] = new
-    ctx = ssl.create_default_context(cafile=str(kube.ca_cert))
-    ctx.load_cert_chain(kube.admin_cert, kube.admin_key)
-
-    def ready() -> bool:
-        status, _ = kube_mod._https_get(f"{kube.server}/readyz", ctx)
-        return status == 200
-
-    new.wait_ready(ready, timeout, "ready again (/readyz)")
 
 
 def grant_requests_role(kube: KubeCluster, namespace: str, service_account: str, verbs: list[str]) -> None:

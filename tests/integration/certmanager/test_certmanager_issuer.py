@@ -38,13 +38,12 @@ from tests.integration.certmanager.support import (
     LEAST_PRIVILEGE_VERBS,
     list_ours,
     make_issuer,
-    restart_apiserver,
-    run,
     service_account_kubeconfig,
-    signing_request,
     wait_until,
 )
 from tests.support.certs import WORKLOAD, csr_pem
+from tests.support.issuers import run_issuer as run
+from tests.support.issuers import signing_request
 from tests.testbed import pki
 from tests.testbed.certmanager import GROUP, VERSION, CertManager, condition
 from tests.testbed.kube import unique_name
@@ -233,7 +232,7 @@ def test_apiserver_restart_while_waiting(cert_manager_no_approver: CertManager) 
     signer.start()
     [cr] = wait_until(lambda: _instance_requests(cm, issuer), what="the CertificateRequest")
     starts_before = issuer.watch.watch_starts
-    restart_apiserver(cm.kube)
+    cm.kube.restart_apiserver(down_for=1.0)
     cm.set_approval(cm.issuer_namespace, cr["metadata"]["name"], approved=True)
     signer.join(150)
 

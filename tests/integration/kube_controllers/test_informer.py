@@ -21,7 +21,6 @@ from kubernetes import client as k8s
 
 from csr_service.kube.informer import Informer
 from tests.testbed.kube import KubeCluster, start_kube, unique_name, wait_for
-from tests.testbed.process import ManagedProcess
 
 pytestmark = pytest.mark.kube
 
@@ -54,20 +53,6 @@ def own_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
         cluster.stop()
 
 
-def _restart_apiserver(cluster: KubeCluster, *extra_args: str) -> None:
-    old = cluster._procs[-1]
-    assert old.name == "kube-apiserver"
-    old.stop()
-    new = ManagedProcess("kube-apiserver", [*old.argv, *extra_args], old.log_path)
-    cluster._procs[-1] = new
-
-    def ready() -> bool:
-        cluster.core.list_namespace(_request_timeout=2)
-        return True
-
-    new.wait_ready(ready, 120, "serving again")
-
-
 def _etcd(etcd_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
     req = urllib.request.Request(etcd_url + path, data=json.dumps(body).encode(), method="POST")
     with urllib.request.urlopen(req, timeout=10) as resp:
@@ -83,7 +68,7 @@ def _compact_etcd(etcd_url: str) -> None:
 def test_410_gone_relists_and_synthesises_missed_events(own_kube: KubeCluster) -> None:
     # Without the watch cache, a watch from a compacted resourceVersion reaches etcd and gets
     # 410 (with it, 410 needs minutes of history to age out of the cache).
-    _restart_apiserver(own_kube, "--watch-cache=false")
+    own_kube.restart_apiserver("--watch-cache=false")
     kube = own_kube
     ns = kube.create_namespace()
     kube.core.create_namespaced_config_map(ns, _cm("before"))
@@ -125,7 +110,7 @@ def test_watch_recovers_from_an_apiserver_restart(own_kube: KubeCluster) -> None
         assert inf.wait_synced(30)
         assert rec.saw("ADDED", "one")
         watches = inf.stats["watches"]
-        _restart_apiserver(own_kube)
+        own_kube.restart_apiserver()
         own_kube.core.create_namespaced_config_map(ns, _cm("two"))
         own_kube.core.delete_namespaced_config_map("one", ns)
         wait_for(lambda: rec.saw("ADDED", "two") and rec.saw("DELETED", "one"), timeout=90, what="events after restart")

@@ -4,8 +4,6 @@ The shared server has the ``pki`` (root) and ``pki_int`` (root + intermediate) m
 SPIFFE role ``spiffe``, the ``csr-service`` policy and an approle. On top of it, ``vault_env``
 adds what only these tests need, all on the same server:
 
-- the test bed's ``spiffe`` roles rewritten with ``basic_constraints_valid_for_non_ca=true``
-  (leaves marked CA:FALSE, as Istio's CA does and the conformance suite checks);
 - roles on ``pki``: ``mesh`` (SPIFFE URIs *and* DNS/IP names, ``use_csr_sans=false``, for
   serving certificates), ``no-spiffe`` (refuses our SPIFFE URIs), ``short`` (``max_ttl`` 10m);
 - a policy ``csr-service-tests`` for those roles, sign-verbatim and the KV paths;
@@ -38,18 +36,16 @@ from csr_service.pki.certs import LeafSpec, build_leaf, build_self_signed_ca
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import cert_to_pem, key_to_pem
 from tests.testbed.install import ensure
-from tests.testbed.openbao import POLICY, ROLE, ROLE_PARAMS, OpenBao, configure
+from tests.testbed.openbao import POLICY, ROLE_PARAMS, OpenBao, configure
 from tests.testbed.process import ManagedProcess, free_port
 
 CONTEXT = IssuerContext(trust_domain="cluster.local")
 TEST_POLICY = "csr-service-tests"
 TEST_APPROLE = "csr-service-tests"
 
-#: Istio's own CA marks leaves CA:FALSE (the conformance suite checks it); Vault omits
-#: BasicConstraints on leaves unless the role says so.
-LEAF_PARAMS = {**ROLE_PARAMS, "basic_constraints_valid_for_non_ca": True}
+# The test bed's ROLE_PARAMS already mark leaves CA:FALSE, as Istio's CA does.
 MESH_ROLE = {
-    **LEAF_PARAMS,
+    **ROLE_PARAMS,
     "allowed_domains": ["svc", "localhost"],
     "allow_subdomains": True,
     "allow_bare_domains": True,
@@ -58,8 +54,8 @@ MESH_ROLE = {
     # Our explicit uri_sans/alt_names/ip_sans are what gets certified, not the CSR's.
     "use_csr_sans": False,
 }
-NO_SPIFFE_ROLE = {**LEAF_PARAMS, "allowed_uri_sans": "spiffe://other.example/*"}
-SHORT_ROLE = {**LEAF_PARAMS, "max_ttl": "10m", "ttl": "5m"}
+NO_SPIFFE_ROLE = {**ROLE_PARAMS, "allowed_uri_sans": "spiffe://other.example/*"}
+SHORT_ROLE = {**ROLE_PARAMS, "max_ttl": "10m", "ttl": "5m"}
 
 TEST_POLICY_HCL = """
 path "pki/sign/*"                  { capabilities = ["create", "update"] }
@@ -131,8 +127,6 @@ def vault_env(openbao: OpenBao) -> VaultEnv:
     c = openbao.client()
     for name, params in (("mesh", MESH_ROLE), ("no-spiffe", NO_SPIFFE_ROLE), ("short", SHORT_ROLE)):
         c.write_data(f"pki/roles/{name}", data=params)
-    for mount in ("pki", "pki_int"):  # the test bed's SPIFFE role, plus CA:FALSE on leaves
-        c.write_data(f"{mount}/roles/{ROLE}", data=LEAF_PARAMS)
     c.sys.create_or_update_policy(TEST_POLICY, TEST_POLICY_HCL)
     c.write_data(
         f"auth/approle/role/{TEST_APPROLE}",
@@ -243,7 +237,6 @@ def _start_persistent_openbao(workdir: Path, *, tls: bool) -> RestartableOpenBao
         c = bao.client()
         _wait_active(c)
         configure(c)
-        c.write_data(f"pki/roles/{ROLE}", data=LEAF_PARAMS)
     except BaseException:
         bao.stop()
         raise

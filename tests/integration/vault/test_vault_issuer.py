@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,33 +18,15 @@ from csr_service.issuers import create_issuer
 from csr_service.issuers.base import IssuedChain, SigningRequest
 from csr_service.issuers.vault.issuer import VaultIssuer, create
 from csr_service.pki.chain import build_path, fingerprint
-from csr_service.pki.keys import KeyType, generate_key
-from tests.integration.vault.conftest import CONTEXT, LEAF_PARAMS, VaultEnv, random_name
-from tests.support.certs import WORKLOAD, csr_pem, uri_sans
+from tests.integration.vault.conftest import CONTEXT, VaultEnv, random_name
+from tests.support.certs import WORKLOAD, uri_sans
+from tests.support.issuers import run_issuer as run_with
+from tests.support.issuers import signing_request as request
+from tests.testbed.openbao import ROLE_PARAMS
 
 pytestmark = pytest.mark.vault
 
 T = TypeVar("T")
-
-
-def request(ttl: timedelta = timedelta(minutes=30), **kw: Any) -> SigningRequest:
-    """A workload-shaped request (SPIFFE URI in CSR and in ``uris``)."""
-    uris = kw.pop("uris", (WORKLOAD,))
-    pem = csr_pem(generate_key(KeyType.EC_P256), uris=uris)
-    return SigningRequest(csr=x509.load_pem_x509_csr(pem), csr_pem=pem, ttl=ttl, uris=uris, **kw)
-
-
-def run_with(issuer: VaultIssuer, body: Callable[[VaultIssuer], Awaitable[T]]) -> T:
-    """Start ``issuer``, run ``body`` and close it, all in one event loop."""
-
-    async def main() -> T:
-        await issuer.start()
-        try:
-            return await body(issuer)
-        finally:
-            await issuer.aclose()
-
-    return asyncio.run(main())
 
 
 def root_of(vault_env: VaultEnv, mount: str) -> x509.Certificate:
@@ -251,7 +232,7 @@ def test_vault_namespace(vault_env: VaultEnv, tmp_path: Path) -> None:
     c = hvac.Client(url=vault_env.bao.address, token=vault_env.bao.token, namespace=ns)
     c.sys.enable_secrets_engine("pki", path="pki", config={"max_lease_ttl": "87600h"})
     root_pem = c.write_data("pki/root/generate/internal", data={"common_name": f"{ns} root", "key_type": "ec"})
-    c.write_data("pki/roles/spiffe", data=LEAF_PARAMS)
+    c.write_data("pki/roles/spiffe", data=ROLE_PARAMS)
     c.sys.create_or_update_policy("sign", 'path "pki/sign/spiffe" { capabilities = ["update"] }')
     c.sys.enable_auth_method("approle", path="approle")
     c.write_data("auth/approle/role/csr", data={"token_policies": ["sign"], "token_ttl": "1h"})

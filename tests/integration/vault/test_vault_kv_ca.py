@@ -12,20 +12,15 @@ from cryptography import x509
 
 from csr_service.config import Config, resolve
 from csr_service.issuers import create_issuer
-from csr_service.issuers.base import IssuedChain, SigningRequest
+from csr_service.issuers.base import IssuedChain
 from csr_service.issuers.local.issuer import LocalCAIssuer
 from csr_service.pki.chain import build_path
-from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import cert_to_pem, key_to_pem
 from tests.integration.vault.conftest import CONTEXT, VaultEnv, random_name
-from tests.support.certs import WORKLOAD, csr_pem, write_ca_dir
+from tests.support.certs import write_ca_dir
+from tests.support.issuers import signing_request
 
 pytestmark = pytest.mark.vault
-
-
-def _request() -> SigningRequest:
-    pem = csr_pem(generate_key(KeyType.EC_P256))
-    return SigningRequest(csr=x509.load_pem_x509_csr(pem), csr_pem=pem, ttl=timedelta(minutes=30), uris=(WORKLOAD,))
 
 
 def _new_ca(tmp: Path, **kw: Any) -> tuple[dict[str, str], x509.Certificate]:
@@ -69,7 +64,7 @@ def test_local_ca_from_vault_kv_signs(vault_env: VaultEnv, tmp_path: Path, versi
         await issuer.start()
         try:
             assert list(await issuer.roots()) == [root]
-            return await issuer.sign(_request())
+            return await issuer.sign(signing_request())
         finally:
             await issuer.aclose()
 
@@ -125,7 +120,7 @@ def test_reread_keeps_the_last_good_ca(vault_env: VaultEnv, tmp_path: Path) -> N
             vault_env.root.secrets.kv.v2.delete_metadata_and_all_versions(path=name, mount_point="secret")
             assert await issuer.reload() is False
             assert issuer.material.digest == good
-            await issuer.sign(_request())
+            await issuer.sign(signing_request())
             # A good rotation is adopted.
             _kv_write(vault_env, 2, name, second)
             assert await issuer.reload() is True

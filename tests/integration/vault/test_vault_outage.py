@@ -12,22 +12,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 
 from csr_service.errors import UnavailableError
-from csr_service.issuers.base import SigningRequest
 from csr_service.issuers.vault.issuer import VaultIssuer, create
-from csr_service.pki.keys import KeyType, generate_key
 from tests.integration.vault.conftest import CONTEXT, RestartableOpenBao
-from tests.support.certs import WORKLOAD, csr_pem
+from tests.support.issuers import signing_request
 from tests.testbed.openbao import POLICY
 
 pytestmark = pytest.mark.vault
-
-
-def _request() -> SigningRequest:
-    pem = csr_pem(generate_key(KeyType.EC_P256))
-    return SigningRequest(csr=x509.load_pem_x509_csr(pem), csr_pem=pem, ttl=timedelta(minutes=30), uris=(WORKLOAD,))
 
 
 async def _eventually(check: object, within: float) -> None:
@@ -57,12 +49,12 @@ def test_unavailable_while_down_or_sealed_then_recovers(
     issuer = create(values, CONTEXT)
 
     async def body(i: VaultIssuer) -> None:
-        await i.sign(_request())
+        await i.sign(signing_request())
         assert i.health()[0]
 
         bao.stop()
         with pytest.raises(UnavailableError) as down:
-            await i.sign(_request())
+            await i.sign(signing_request())
         assert "unreachable" in down.value.public
         assert not i.health()[0]
 
@@ -70,14 +62,14 @@ def test_unavailable_while_down_or_sealed_then_recovers(
         # the server's parent-death signal tied to the test process, not a worker thread.
         bao.start(unseal=False)
         with pytest.raises(UnavailableError) as sealed:
-            await i.sign(_request())
+            await i.sign(signing_request())
         assert "sealed" in sealed.value.detail.lower()
         assert token not in sealed.value.detail
 
         bao.unseal()
         # Readiness recovers by itself (background probe), before any new request.
         await _eventually(lambda: i.health()[0], within=45)
-        issued = await i.sign(_request())
+        issued = await i.sign(signing_request())
         assert issued.leaf.not_valid_after_utc > issued.leaf.not_valid_before_utc
 
     async def main() -> None:
