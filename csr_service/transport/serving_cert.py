@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import grpc
-from cryptography import x509
 
 from csr_service.errors import CSRServiceError
 from csr_service.issuers.own_cert import issue_own_certificate
@@ -83,8 +82,9 @@ class ServingCertificate:
     async def obtain(self) -> ServingMaterial:
         """Issue a fresh serving certificate and verify it against the trust bundle."""
         try:
+            issuer = self._issuers.current
             own = await issue_own_certificate(
-                self._issuers.current,
+                issuer,
                 self._trust.current.roots,
                 ttl=self._duration,
                 key_type=self._key_type,
@@ -104,18 +104,15 @@ class ServingCertificate:
             not_before=leaf.not_valid_before_utc,
             not_after=leaf.not_valid_after_utc,
         )
-        self._set(material, leaf)
-        return material
-
-    def _set(self, material: ServingMaterial, leaf: x509.Certificate) -> None:
         with self._lock:
             self._material = material
         log.info(
             "serving certificate issued by %s for %s, valid until %s",
-            self._issuers.current.name,
+            issuer.name,
             ", ".join((*self._dns, *self._ips)),
             material.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
+        return material
 
     def request_renewal(self) -> None:
         """Renew now (e.g. the roots changed). Safe to call from any callback on the loop."""
