@@ -670,3 +670,19 @@ def test_refused_login_during_a_sign_is_a_credentials_error(fake: FakeVault, tmp
     assert "cannot log in" in info.value.public
     assert "role" not in info.value.public
     assert "expired-secret-id" not in info.value.detail
+
+
+def test_sign_calls_use_the_event_loop_client_unless_a_proxy_applies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeVault()
+    settings = conn_settings(tmp_path, fake, **{"vault-address": "https://vault.example:8200"})
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "")
+    assert VaultClient(settings).sign_transport == "straight to https://vault.example:8200 from the event loop"
+    # requests honours the proxy variables for Vault; our own client does not speak CONNECT.
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert VaultClient(settings).sign_transport == "through the proxy http://proxy.example:3128 (hvac)"
+    monkeypatch.setenv("NO_PROXY", "vault.example")
+    assert VaultClient(settings).sign_transport.startswith("straight to")

@@ -12,10 +12,14 @@ builds up leases, cert-manager#1430):
 - when Vault is unreachable, probe it in the background with back-off so readiness recovers
   without traffic and without restarting csr-service.
 
-hvac is synchronous: calls run in a dedicated thread pool sized like the HTTP connection
-pool (``--vault-max-connections``), because a sign is one network round trip and 64 requests
-in flight must not queue behind each other. Every hvac or requests exception leaving this
-module is translated into a :mod:`csr_service.errors` class by :func:`translate`.
+The sign call — the only one per workload request — goes through :meth:`VaultClient.post`,
+which speaks HTTP/1.1 from the event loop (:mod:`.http`) with the same token, headers and
+error mapping as hvac, because hvac/requests in a thread cost more CPU than the rest of a
+request. Everything else (logins, renewal, KV and root reads) is rare and uses hvac, which is
+synchronous: those calls run in a dedicated thread pool. When the environment routes Vault
+through a proxy, or a test injects a requests transport, ``post`` uses hvac too. Every
+exception leaving this module is translated into a :mod:`csr_service.errors` class by
+:func:`translate`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import os
 import threading
@@ -45,6 +50,7 @@ from csr_service.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from csr_service.issuers.vault.http import AsyncHTTP, HTTPAnswer, ssl_context
 from csr_service.issuers.vault.settings import AppRoleAuth, ConnectionSettings, KubernetesAuth, TokenAuth
 
 __all__ = ["VaultClient", "response_object", "response_warnings", "translate"]
@@ -106,9 +112,9 @@ def translate(
         if rejected is not None:
             return rejected(detail)
         return FailedPreconditionError("Vault rejected the request; check the Vault configuration", detail=detail)
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, requests.Timeout | TimeoutError):
         return UnavailableError("the certificate authority did not answer in time", detail=detail)
-    if isinstance(exc, requests.RequestException | hv.VaultError | ConnectionError):
+    if isinstance(exc, requests.RequestException | hv.VaultError | OSError):
         return UnavailableError("the certificate authority is unreachable", detail=detail)
     return InternalError("unexpected failure talking to the certificate authority", detail=detail)
 
@@ -196,6 +202,20 @@ class VaultClient:
             session=self._session,
             namespace=settings.namespace,
         )
+        # The event-loop transport for post(), unless requests must do it: a proxy from the
+        # environment applies to this address, or a test replaced the transport.
+        self._http: AsyncHTTP | None = None
+        if transport is None and not self._session.proxies:
+            self._http = AsyncHTTP(
+                settings.address,
+                max_connections=settings.max_connections,
+                timeout=settings.timeout.total_seconds(),
+                ssl_ctx=ssl_context(
+                    verify if isinstance(verify, str) else None, settings.client_cert, settings.client_key
+                )
+                if settings.address.startswith("https:")
+                else None,
+            )
         # token="" rather than None: hvac would otherwise fall back to VAULT_TOKEN / ~/.vault-token.
         self._hvac = hvac.Client(token="", **common)
         # Logins go out without any token: a revoked token in X-Vault-Token must not spoil them.
@@ -223,7 +243,16 @@ class VaultClient:
                 self._note_failure(exc)
                 raise translate(exc, operation="login") from exc
         if self._task is None:
+            log.info("Vault sign calls go %s", self.sign_transport)
             self._task = asyncio.create_task(self._maintain(), name=f"{self._name}-token-maintenance")
+
+    @property
+    def sign_transport(self) -> str:
+        """How :meth:`post` reaches Vault, for the start-up log (proxies change it)."""
+        if self._http is not None:
+            return f"straight to {self.settings.address} from the event loop"
+        proxy = self._session.proxies.get(self.settings.address.split(":", 1)[0])
+        return f"through the proxy {proxy} (hvac)" if proxy else "through hvac (test transport)"
 
     async def aclose(self) -> None:
         """Stop maintenance, revoke a token we obtained by logging in, close connections."""
@@ -240,6 +269,8 @@ class VaultClient:
             # A token from a file belongs to the operator (or Vault Agent): leave it.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.to_thread(self._hvac.auth.token.revoke_self), timeout=2)
+        if self._http is not None:
+            await self._http.aclose()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._session.close()
 
@@ -266,6 +297,57 @@ class VaultClient:
         self._failures = 0
         return result
 
+    async def post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        operation: str,
+        rejected: Callable[[str], CSRServiceError] | None = None,
+    ) -> Any:
+        """``POST <path>`` (``/v1/...``) with JSON ``body``; the decoded JSON answer.
+
+        Same contract as :meth:`call`: one re-login and retry on 403/401, errors translated.
+        """
+        if self._http is None:
+            return await self.call(lambda c: c.adapter.post(path, json=body), operation=operation, rejected=rejected)
+        if self._closed:
+            raise UnavailableError("the certificate authority client is shut down", detail=f"{self!r} is closed")
+        try:
+            result = await self._post_fast(self._http, path, json.dumps(body).encode())
+        except Exception as exc:
+            self._note_failure(exc)
+            raise translate(exc, operation=operation, rejected=rejected) from exc
+        self._last_error = None
+        self._failures = 0
+        return result
+
+    async def _post_fast(self, http: AsyncHTTP, path: str, payload: bytes) -> Any:
+        lease = self._lease
+        if lease is not None and (lease.expires_at is None or time.monotonic() < lease.expires_at):
+            generation = self._generation
+        else:
+            generation = await self._run(self._ensure_login)
+        answer = await http.request("POST", path, self._headers(), payload)
+        if answer.status in (401, 403):
+            log.warning(
+                "Vault refused the token on POST %s (HTTP %d); logging in again and retrying once",
+                path,
+                answer.status,
+            )
+            await self._run(lambda: self._relogin(seen_generation=generation))
+            answer = await http.request("POST", path, self._headers(), payload)
+        return _decode(answer, "POST", path)
+
+    def _headers(self) -> dict[str, str]:
+        # What hvac sends: the token, the namespace, and X-Vault-Request (Vault Agent and
+        # some proxies insist on it).
+        headers = {"X-Vault-Token": str(self._hvac.token or ""), "X-Vault-Request": "true"}
+        headers["Content-Type"] = "application/json"
+        if self.settings.namespace:
+            headers["X-Vault-Namespace"] = self.settings.namespace
+        return headers
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()  # keep the request id for log lines
@@ -287,7 +369,7 @@ class VaultClient:
 
     def _note_failure(self, exc: BaseException) -> None:
         # Only "Vault is not there" makes us unhealthy; a refused CSR says nothing about Vault.
-        if isinstance(exc, (*_UNAVAILABLE_HV, requests.RequestException, ConnectionError)):
+        if isinstance(exc, (*_UNAVAILABLE_HV, requests.RequestException, OSError)):
             if self._last_error is None:
                 self._wake.set()  # the maintenance task was asleep until the next renewal
             self._last_error = _short(exc, 200)
@@ -458,6 +540,21 @@ class VaultClient:
     def read(path: str) -> Callable[[hvac.Client], Any]:
         """A ``call``-able that GETs ``/v1/<path>`` and returns the decoded JSON."""
         return lambda c: c.adapter.get(f"/v1/{path.lstrip('/')}")
+
+
+def _decode(answer: HTTPAnswer, method: str, path: str) -> Any:
+    """The JSON of a 2xx answer; for an error status, the hvac exception hvac would raise."""
+    try:
+        data = json.loads(answer.body) if answer.body else None
+    except ValueError:
+        data = None
+    if answer.status >= 400:
+        errors = data.get("errors") if isinstance(data, dict) else None
+        text = None if errors else answer.body[:400].decode("utf-8", "replace")
+        raise hv.VaultError.from_status(answer.status, text, errors=errors, method=method, url=path)
+    if data is None and answer.body:
+        raise InternalError("unexpected answer from Vault", detail=f"{method} {path}: the answer is not JSON")
+    return data
 
 
 def response_object(resp: Any, key: str, what: str) -> dict[str, Any]:

@@ -45,7 +45,7 @@ CONNECTION_OPTIONS = [
     ),
     Option(
         "vault-max-connections",
-        "Concurrent requests to Vault (threads and pooled connections): a sign is one HTTP round trip.",
+        "Concurrent requests to Vault (pooled keep-alive connections): a sign is one HTTP round trip.",
         64,
         group=_G,
         kind="int",
