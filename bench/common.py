@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import time
 from dataclasses import dataclass
@@ -79,6 +80,8 @@ class LoadResult:
     server_cpu_cores: float
     server_rss_mib: float
     errors: dict[str, int]
+    #: CPU the load generator (ghz) spent per request: it shares the cores with the server.
+    loadgen_cpu_ms: float = float("nan")
 
     def row(self) -> str:
         err = f"  errors={self.errors}" if self.errors else ""
@@ -126,9 +129,11 @@ def run_ghz(
         address,
     ]  # fmt: skip
     pids = process_tree(server_pid)
+    ghz0 = _children_cpu()
     cpu0, t0 = cpu_seconds(pids), time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     cpu1, t1 = cpu_seconds(pids), time.monotonic()
+    ghz_cpu = _children_cpu() - ghz0
     if proc.returncode not in (0, 1) or not proc.stdout.strip():
         raise RuntimeError(f"ghz failed ({proc.returncode}): {proc.stderr[-2000:]}")
     rep: dict[str, Any] = json.loads(proc.stdout)
@@ -147,4 +152,10 @@ def run_ghz(
         server_cpu_cores=(cpu1 - cpu0) / (t1 - t0),
         server_rss_mib=rss_mib(process_tree(server_pid)),
         errors=errors,
+        loadgen_cpu_ms=ghz_cpu / max(int(rep["count"]), 1) * 1000,
     )
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for children: ghz runs
+    return usage.ru_utime + usage.ru_stime

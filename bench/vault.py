@@ -196,7 +196,8 @@ def main() -> None:
         server_ms = s.server_cpu_cores / s.rps * 1000 if s.rps else float("nan")
         print(
             f"      CPU per certificate: OpenBao {bao_direct:4.2f} ms direct / {bao_through:4.2f} ms through; "
-            f"direct client {d.client_cpu_ms:4.2f} ms; csr-service {server_ms:4.2f} ms (all workers)"
+            f"direct client {d.client_cpu_ms:4.2f} ms; csr-service {server_ms:4.2f} ms (all workers) "
+            f"+ ghz {s.loadgen_cpu_ms:4.2f} ms"
         )
     if "Traceback" in log:
         print("WARNING: the server logged a traceback during the run")

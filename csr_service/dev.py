@@ -1,7 +1,10 @@
 """Dev mode: a zero-config local CA and a token minter, kept in a state directory.
 
 First start generates an ECDSA P-256 root CA (signing is ~3x cheaper than RSA 2048) and an
-ES256 JWT signing key; later starts reuse them. Keys are 0600, the directory 0700.
+RSA 2048 JWT signing key (RS256, like the service-account key of kubeadm, kind and the managed
+clouds, so dev-mode figures include the token check real clusters cost); later starts reuse
+them, and a state directory from an older release with an EC key keeps signing ES256. Keys
+are 0600, the directory 0700.
 ``dev-token`` mints tokens shaped like Kubernetes projected service-account tokens, signed
 by that key, which the dev server's JWT authenticator accepts.
 """
@@ -17,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from csr_service.fsutil import write_atomic
 from csr_service.pki.certs import build_self_signed_ca
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import cert_to_pem, key_to_pem, load_private_key
 
-__all__ = ["DEV_ISSUER", "DevState", "mint_dev_token", "prepare_dev_state"]
+__all__ = ["DEV_ISSUER", "DevState", "dev_jwt_algorithm", "mint_dev_token", "prepare_dev_state"]
 
 #: The ``iss`` of dev tokens (what a real cluster's --service-account-issuer would be).
 DEV_ISSUER = "https://csr-service.dev.invalid"
@@ -62,13 +65,16 @@ def prepare_dev_state(state_dir: str | Path) -> DevState:
 
     jwt_key_path = d / "jwt-signing-key.pem"
     if not jwt_key_path.exists():
-        write_atomic(jwt_key_path, key_to_pem(generate_key(KeyType.EC_P256)), mode=0o600)
+        write_atomic(jwt_key_path, key_to_pem(generate_key(KeyType.RSA2048)), mode=0o600)
         created = True
-    jwt_key = load_private_key(jwt_key_path.read_bytes())
-    if not isinstance(jwt_key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{jwt_key_path}: expected an EC key")
-    jwk: dict[str, Any] = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(jwt_key.public_key()))
-    jwk.update({"kid": _kid(jwk), "alg": "ES256", "use": "sig"})
+    jwt_key = _load_jwt_key(jwt_key_path)
+    alg = dev_jwt_algorithm(jwt_key)
+    if isinstance(jwt_key, rsa.RSAPrivateKey):
+        jwk_json = jwt.algorithms.RSAAlgorithm.to_jwk(jwt_key.public_key())
+    else:
+        jwk_json = jwt.algorithms.ECAlgorithm.to_jwk(jwt_key.public_key())
+    jwk: dict[str, Any] = json.loads(jwk_json)
+    jwk.update({"kid": _kid(jwk), "alg": alg, "use": "sig"})
     write_atomic(d / "jwks.json", json.dumps({"keys": [jwk]}, indent=2) + "\n")
     return DevState(
         state_dir=d,
@@ -80,12 +86,25 @@ def prepare_dev_state(state_dir: str | Path) -> DevState:
     )
 
 
+def dev_jwt_algorithm(key: object) -> str:
+    """RS256 for the RSA key new state directories get, ES256 for an older EC one."""
+    return "RS256" if isinstance(key, rsa.RSAPrivateKey) else "ES256"
+
+
+def _load_jwt_key(path: Path) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    key = load_private_key(path.read_bytes())
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path}: expected an RSA or EC key")
+    return key
+
+
 def _kid(jwk: dict[str, Any]) -> str:
     # RFC 7638 thumbprint, as Kubernetes derives its key ids.
     import base64
     import hashlib
 
-    canonical = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True)
+    members = ("e", "kty", "n") if jwk["kty"] == "RSA" else ("crv", "kty", "x", "y")
+    canonical = json.dumps({k: jwk[k] for k in members}, separators=(",", ":"), sort_keys=True)
     return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
 
 
@@ -103,9 +122,7 @@ def mint_dev_token(
     key_path = d / "jwt-signing-key.pem"
     if not key_path.exists():
         raise FileNotFoundError(f"{key_path} not found: run `csr-service serve --dev --state-dir {d}` first")
-    key = load_private_key(key_path.read_bytes())
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{key_path}: expected an EC key")
+    key = _load_jwt_key(key_path)
     jwks = json.loads((d / "jwks.json").read_text())
     now = int(time.time())
     claims: dict[str, Any] = {
@@ -126,4 +143,4 @@ def mint_dev_token(
     }
     if pod_name:
         claims["kubernetes.io"]["pod"] = {"name": pod_name, "uid": str(uuid.uuid4())}
-    return jwt.encode(claims, key, algorithm="ES256", headers={"kid": jwks["keys"][0]["kid"]})
+    return jwt.encode(claims, key, algorithm=dev_jwt_algorithm(key), headers={"kid": jwks["keys"][0]["kid"]})

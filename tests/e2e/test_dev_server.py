@@ -23,6 +23,7 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
+from csr_service.dev import dev_jwt_algorithm
 from csr_service.pki.chain import build_path
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import load_private_key, parse_certs
@@ -110,7 +111,8 @@ def _forged(srv: DevServer, **claims: Any) -> str:
         "exp": now + 600,
         **claims,
     }
-    return jwt.encode(body, other or key, algorithm="ES256", headers={"kid": kid})
+    signer = other or key
+    return jwt.encode(body, signer, algorithm=dev_jwt_algorithm(signer), headers={"kid": kid})
 
 
 def _alg_none() -> str:
@@ -170,7 +172,7 @@ BAD_INPUTS: dict[str, tuple[Any, Any, dict[str, str], grpc.StatusCode]] = {
     "wrong-audience token": (GOOD_CSR, lambda s: s.token("default", "sleep", audience="kubernetes"), {}, U),
     "wrong-signature token": (
         GOOD_CSR,
-        lambda s: _forged(s, _key=ec.generate_private_key(ec.SECP256R1())),
+        lambda s: _forged(s, _key=rsa.generate_private_key(65537, 2048)),
         {},
         U,
     ),

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import time
+from datetime import timedelta
 from typing import Any
 
 import jwt
@@ -122,7 +123,40 @@ BAD = {
         "disagree",
     ),
     "huge": (lambda: "a" * 20000, "too large"),
+    "no iat": (lambda: _token(_claims(iat=None)), "iat"),
+    "no sub": (lambda: _token(_claims(sub=None)), "sub"),
+    "no aud": (lambda: _token(_claims(aud=None)), "aud"),
+    "exp not a number": (lambda: _token(_claims(exp="tomorrow")), "exp claim is not a number"),
+    "exp a boolean": (lambda: _token(_claims(exp=True)), "exp claim is not a number"),
+    "aud a number": (lambda: _token(_claims(aud=7)), "aud claim"),
+    "aud list with a number": (lambda: _token(_claims(aud=["x", 7])), "aud claim"),
+    "missing iss when configured": (lambda: _token(_claims(iss=None)), "issuer"),
+    "payload swapped after signing": (
+        lambda: _swap_payload(_token(), _claims(sub="system:serviceaccount:kube-system:admin")),
+        "signature",
+    ),
+    "signature of another length": (lambda: _token().rsplit(".", 1)[0] + ".AAAA", "signature"),
+    "signature not base64": (lambda: _token().rsplit(".", 1)[0] + ".a*b", "malformed"),
+    "payload not JSON": (lambda: _resign(b"not json"), "malformed"),
+    "payload a JSON list": (lambda: _resign(b"[1, 2]"), "not a JSON object"),
+    "crit header": (
+        lambda: jwt.encode(_claims(), EC_KEY, algorithm="ES256", headers={"kid": "ec1", "crit": ["exp"]}),
+        "critical",
+    ),
+    "four segments": (lambda: _token() + ".x", "malformed"),
 }
+
+
+def _swap_payload(token: str, claims: dict[str, Any]) -> str:
+    header, _, sig = token.split(".")
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{header}.{payload}.{sig}"
+
+
+def _resign(payload: bytes) -> str:
+    """A correctly signed ES256 token whose payload is ``payload`` verbatim."""
+    signed = jwt.api_jws.encode(payload, EC_KEY, algorithm="ES256", headers={"kid": "ec1"})
+    return signed
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -137,6 +171,25 @@ def test_non_bearer_scheme() -> None:
     authn = JWTAuthenticator(StaticKeySource(JWKS), trust_domain="cluster.local")
     with pytest.raises(AuthenticationError):
         asyncio.run(authn.authenticate(RequestContext(metadata={"authorization": f"Basic {_token()}"})))
+
+
+def test_leeway_accepts_small_clock_differences() -> None:
+    now = int(time.time())
+    # 20 s past exp, iat/nbf 20 s ahead: inside the 30 s leeway, like PyJWT's.
+    caller = _auth(_token(_claims(exp=now - 20, iat=now + 20, nbf=now + 20)))
+    assert caller.identity.service_account == "sleep"
+    with pytest.raises(AuthenticationError, match="expired"):
+        _auth(_token(_claims(exp=now - 20, iat=now - 100)), leeway=timedelta(seconds=5))
+
+
+def test_audience_may_be_a_single_string() -> None:
+    assert _auth(_token(_claims(aud="istio-ca"))).identity.service_account == "sleep"
+
+
+@pytest.mark.parametrize("alg", ["RS384", "RS512", "PS256", "PS512"])
+def test_other_rsa_algorithms_verify_with_the_same_key(alg: str) -> None:
+    token = _token(key=RSA_KEY, alg=alg, kid="rsa1")
+    assert _auth(token).identity.service_account == "sleep"
 
 
 def test_issuer_not_checked_when_not_configured() -> None:
