@@ -107,12 +107,13 @@ class CertificatePipeline:
         leaf_pem, intermediates = self._verifier.verify(issued, request, trust, now=datetime.now(UTC))
         # DEBUG, not INFO: at 1,000+ issuances/s a line each floods operators' logs and
         # costs CPU on the hot path; counts live in the metrics, failures log at WARNING/ERROR.
-        log.debug(
-            "issued certificate identity=%s ttl=%ds not_after=%s issuer=%s took_ms=%.1f",
-            validated.uri,
-            int(ttl.total_seconds()),
-            issued.leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            issuer.name,
-            (time.perf_counter() - started) * 1000,
-        )
+        if log.isEnabledFor(logging.DEBUG):  # the arguments cost more than the disabled call
+            log.debug(
+                "issued certificate identity=%s ttl=%ds not_after=%s issuer=%s took_ms=%.1f",
+                validated.uri,
+                int(ttl.total_seconds()),
+                issued.leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                issuer.name,
+                (time.perf_counter() - started) * 1000,
+            )
         return response_chain(leaf_pem, intermediates, trust)

@@ -11,12 +11,11 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from csr_service.errors import InternalError
 from csr_service.issuers.base import IssuedChain, SigningRequest
 from csr_service.pipeline.trust import TrustSnapshot
-from csr_service.pki.chain import ChainError, build_path, signed_by
+from csr_service.pki.chain import ChainError, build_path, certifies_key_of, signed_by
 from csr_service.pki.pem import cert_to_pem
 
 __all__ = ["ChainVerifier"]
@@ -26,10 +25,6 @@ _TTL_SLACK = timedelta(seconds=30)
 _CACHE_MAX = 64
 #: How far in the future a backend's NotBefore may be (its clock vs ours, second rounding).
 _NOT_BEFORE_SKEW = timedelta(minutes=1)
-
-
-def _spki(obj: x509.Certificate | x509.CertificateSigningRequest) -> bytes:
-    return obj.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 class ChainVerifier:
@@ -74,7 +69,7 @@ class ChainVerifier:
 
     @staticmethod
     def _check_leaf(leaf: x509.Certificate, request: SigningRequest, now: datetime) -> None:
-        if _spki(leaf) != _spki(request.csr):
+        if not certifies_key_of(leaf, request.csr):
             raise InternalError(
                 "the issued certificate is invalid", detail="issued leaf has another public key than the CSR"
             )

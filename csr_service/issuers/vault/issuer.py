@@ -25,14 +25,13 @@ from typing import Any
 from urllib.parse import quote
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from csr_service.errors import CSRServiceError, FailedPreconditionError, InternalError
 from csr_service.issuers import IssuerContext
 from csr_service.issuers.base import IssuedChain, SigningRequest
 from csr_service.issuers.vault.client import VaultClient, response_object, response_warnings
 from csr_service.issuers.vault.settings import ConnectionSettings, IssuerSettings
-from csr_service.pki.chain import fingerprint, is_self_signed, order_chain
+from csr_service.pki.chain import certifies_key_of, fingerprint, is_self_signed, order_chain
 from csr_service.pki.pem import parse_certs
 
 __all__ = ["VaultIssuer", "create"]
@@ -151,13 +150,14 @@ class VaultIssuer:
         # Vault starts the lifetime when it signs, somewhere before its answer arrived:
         # bound NotAfter by the arrival time, or a slow round trip would look too long.
         issued = self._parse(resp, request, received=datetime.now(UTC), path=path)
-        log.debug(
-            "Vault signed request %s at %s in %.1f ms, serial %x",
-            request.request_id,
-            path,
-            (time.perf_counter() - started) * 1000,
-            issued.leaf.serial_number,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "Vault signed request %s at %s in %.1f ms, serial %x",
+                request.request_id,
+                path,
+                (time.perf_counter() - started) * 1000,
+                issued.leaf.serial_number,
+            )
         return issued
 
     def _parse(self, resp: Any, request: SigningRequest, *, received: datetime, path: str) -> IssuedChain:
@@ -264,10 +264,6 @@ class VaultIssuer:
         return list(roots.values())
 
 
-def _spki(obj: x509.Certificate | x509.CertificateSigningRequest) -> bytes:
-    return obj.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def _names(cert: x509.Certificate) -> tuple[list[str], list[str], list[str]]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -282,7 +278,7 @@ def _names(cert: x509.Certificate) -> tuple[list[str], list[str], list[str]]:
 
 def _check_leaf(leaf: x509.Certificate, request: SigningRequest, *, received: datetime, path: str) -> None:
     """The contract's MUSTs on what Vault returned: key, exact names, lifetime."""
-    if _spki(leaf) != _spki(request.csr):
+    if not certifies_key_of(leaf, request.csr):
         raise InternalError("the certificate authority certified a different key", detail=f"{path}: leaf key ≠ CSR key")
     uris, dns, ips = _names(leaf)
     want = (sorted(request.uris), sorted(request.dns_names), sorted(request.ip_addresses))
