@@ -267,7 +267,7 @@ def main() -> None:
     ap.add_argument("--kube-qps", type=int, default=200, help="csr-service --kube-qps (burst is twice that)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the unlimited runs (median kept)")
     ap.add_argument(
-        "--limited-requests", type=int, default=60, help="requests for the run with istio-csr's QPS 5 / burst 10"
+        "--limited-requests", type=int, default=60, help="requests for the runs with QPS 5 / burst 10 (0: skip them)"
     )
     args = ap.parse_args()
     args.levels = [int(c) for c in args.concurrency.split(",")]
@@ -315,10 +315,12 @@ def main() -> None:
                         rounds += run()
                 elapsed = time.monotonic() - started
                 # Same code, with client-go's default limit that istio-csr runs with (QPS 5, burst 10).
-                limited = _run_csr_service(
-                    cm, tmp, args, token, csr, label="csr-service qps 5", qps=5, levels=[(8, args.limited_requests)]
-                )
-                if model is not None:
+                limited = []
+                if args.limited_requests > 0:  # 0 skips it (ghz --total 0 would never end)
+                    limited = _run_csr_service(
+                        cm, tmp, args, token, csr, label="csr-service qps 5", qps=5, levels=[(8, args.limited_requests)]
+                    )
+                if model is not None and args.limited_requests > 0:
                     limited += _run_model(
                         cm, tmp, model, token, csr, label="model qps 5", limiter=True,
                         levels=[(8, args.limited_requests)],
