@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from csr_service.issuers.vault.http import MAX_BODY, AsyncHTTP, ssl_context
+from csr_service.issuers.vault.http import MAX_BODY, AsyncHTTP
 from csr_service.pki.certs import LeafSpec, build_leaf, build_self_signed_ca
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import cert_to_pem, key_to_pem
@@ -319,15 +319,11 @@ def test_https_verifies_the_server_against_the_bundle(tmp_path: Path) -> None:
 
     async def body() -> None:
         server, _ = await serve(echo_json, server_ctx)
-        good = AsyncHTTP(
-            address(server, "https"), max_connections=1, timeout=5, ssl_ctx=ssl_context(str(ca), None, None)
-        )
+        good = AsyncHTTP(address(server, "https"), max_connections=1, timeout=5, ca_bundle=str(ca))
         other_ca = tmp_path / "other"
         other_ca.mkdir()
         wrong_bundle, _, _ = _tls_files(other_ca)
-        bad = AsyncHTTP(
-            address(server, "https"), max_connections=1, timeout=5, ssl_ctx=ssl_context(str(wrong_bundle), None, None)
-        )
+        bad = AsyncHTTP(address(server, "https"), max_connections=1, timeout=5, ca_bundle=str(wrong_bundle))
         try:
             assert (await good.request("GET", "/v1/x", {})).status == 200
             with pytest.raises(ConnectionError, match=r"TLS with Vault .* failed: .*CERTIFICATE_VERIFY_FAILED"):

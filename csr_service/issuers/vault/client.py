@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +50,7 @@ from csr_service.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from csr_service.issuers.vault.http import AsyncHTTP, HTTPAnswer, ssl_context
+from csr_service.issuers.vault.http import AsyncHTTP, HTTPAnswer
 from csr_service.issuers.vault.settings import AppRoleAuth, ConnectionSettings, KubernetesAuth, TokenAuth
 
 __all__ = ["VaultClient", "response_object", "response_warnings", "translate"]
@@ -174,6 +174,11 @@ class _Lease:
     def expires_at(self) -> float | None:
         return None if self.ttl <= 0 else self.obtained + self.ttl
 
+    def valid(self) -> bool:
+        """Not expired (a token without a TTL never expires)."""
+        expires_at = self.expires_at
+        return expires_at is None or time.monotonic() < expires_at
+
 
 class VaultClient:
     """The shared authenticated hvac client with renewal, re-login and error translation.
@@ -210,11 +215,9 @@ class VaultClient:
                 settings.address,
                 max_connections=settings.max_connections,
                 timeout=settings.timeout.total_seconds(),
-                ssl_ctx=ssl_context(
-                    verify if isinstance(verify, str) else None, settings.client_cert, settings.client_key
-                )
-                if settings.address.startswith("https:")
-                else None,
+                ca_bundle=verify if isinstance(verify, str) else None,
+                client_cert=settings.client_cert,
+                client_key=settings.client_key,
             )
         # token="" rather than None: hvac would otherwise fall back to VAULT_TOKEN / ~/.vault-token.
         self._hvac = hvac.Client(token="", **common)
@@ -286,16 +289,7 @@ class VaultClient:
 
         Raises the translated :mod:`csr_service.errors` class (see :func:`translate`).
         """
-        if self._closed:
-            raise UnavailableError("the certificate authority client is shut down", detail=f"{self!r} is closed")
-        try:
-            result: T = await self._run(self._call_sync, fn, operation)
-        except Exception as exc:
-            self._note_failure(exc)
-            raise translate(exc, operation=operation, rejected=rejected) from exc
-        self._last_error = None
-        self._failures = 0
-        return result
+        return await self._guarded(lambda: self._run(self._call_sync, fn, operation), operation, rejected)
 
     async def post(
         self,
@@ -309,12 +303,22 @@ class VaultClient:
 
         Same contract as :meth:`call`: one re-login and retry on 403/401, errors translated.
         """
-        if self._http is None:
+        http = self._http
+        if http is None:
             return await self.call(lambda c: c.adapter.post(path, json=body), operation=operation, rejected=rejected)
+        return await self._guarded(lambda: self._post_fast(http, path, json.dumps(body).encode()), operation, rejected)
+
+    async def _guarded(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        operation: str,
+        rejected: Callable[[str], CSRServiceError] | None,
+    ) -> T:
+        """Run one call: refused once closed; failures recorded (readiness) and translated."""
         if self._closed:
             raise UnavailableError("the certificate authority client is shut down", detail=f"{self!r} is closed")
         try:
-            result = await self._post_fast(self._http, path, json.dumps(body).encode())
+            result = await attempt()
         except Exception as exc:
             self._note_failure(exc)
             raise translate(exc, operation=operation, rejected=rejected) from exc
@@ -323,21 +327,15 @@ class VaultClient:
         return result
 
     async def _post_fast(self, http: AsyncHTTP, path: str, payload: bytes) -> Any:
+        """:meth:`_call_sync`'s contract from the event loop: one re-login and retry on 403/401."""
         lease = self._lease
-        if lease is not None and (lease.expires_at is None or time.monotonic() < lease.expires_at):
-            generation = self._generation
-        else:
-            generation = await self._run(self._ensure_login)
-        answer = await http.request("POST", path, self._headers(), payload)
-        if answer.status in (401, 403):
-            log.warning(
-                "Vault refused the token on POST %s (HTTP %d); logging in again and retrying once",
-                path,
-                answer.status,
-            )
+        generation = self._generation if lease is not None and lease.valid() else await self._run(self._ensure_login)
+        try:
+            return _decode(await http.request("POST", path, self._headers(), payload), "POST", path)
+        except _AUTH_HV as exc:
+            _log_token_refused(f"POST {path}", exc)
             await self._run(lambda: self._relogin(seen_generation=generation))
-            answer = await http.request("POST", path, self._headers(), payload)
-        return _decode(answer, "POST", path)
+            return _decode(await http.request("POST", path, self._headers(), payload), "POST", path)
 
     def _headers(self) -> dict[str, str]:
         # What hvac sends: the token, the namespace, and X-Vault-Request (Vault Agent and
@@ -359,11 +357,7 @@ class VaultClient:
         try:
             return fn(self._hvac)
         except _AUTH_HV as exc:
-            log.warning(
-                "Vault refused the token on %s (%s); logging in again and retrying once",
-                operation,
-                _short(exc),
-            )
+            _log_token_refused(operation, exc)
             self._relogin(seen_generation=generation)
             return fn(self._hvac)
 
@@ -378,12 +372,11 @@ class VaultClient:
     # --- authentication (runs in pool threads) ------------------------------------------------
     def _ensure_login(self) -> int:
         lease = self._lease
-        now = time.monotonic()
-        if lease is not None and (lease.expires_at is None or now < lease.expires_at):
+        if lease is not None and lease.valid():
             return self._generation
         with self._lock:
             lease = self._lease
-            if lease is None or (lease.expires_at is not None and time.monotonic() >= lease.expires_at):
+            if lease is None or not lease.valid():
                 self._login_locked("no valid token" if lease is None else "token expired")
             return self._generation
 
@@ -540,6 +533,10 @@ class VaultClient:
     def read(path: str) -> Callable[[hvac.Client], Any]:
         """A ``call``-able that GETs ``/v1/<path>`` and returns the decoded JSON."""
         return lambda c: c.adapter.get(f"/v1/{path.lstrip('/')}")
+
+
+def _log_token_refused(operation: str, exc: BaseException) -> None:
+    log.warning("Vault refused the token on %s (%s); logging in again and retrying once", operation, _short(exc))
 
 
 def _decode(answer: HTTPAnswer, method: str, path: str) -> Any:

@@ -83,8 +83,17 @@ class AsyncHTTP:
     """
 
     def __init__(
-        self, address: str, *, max_connections: int, timeout: float, ssl_ctx: ssl.SSLContext | None = None
+        self,
+        address: str,
+        *,
+        max_connections: int,
+        timeout: float,
+        ca_bundle: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
     ) -> None:
+        """TLS (``https``) verifies Vault with ``ca_bundle`` (see :func:`ssl_context`) and
+        presents ``client_cert``/``client_key`` when given; ``http`` ignores them."""
         parts = urlsplit(address)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise ValueError(f"expected http(s)://HOST[:PORT], got {address!r}")
@@ -92,9 +101,7 @@ class AsyncHTTP:
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._prefix = parts.path.rstrip("/")
         self._host_header = parts.netloc.rpartition("@")[2]
-        self._ssl = ssl_ctx if parts.scheme == "https" else None
-        if parts.scheme == "https" and self._ssl is None:
-            self._ssl = ssl_context(None, None, None)
+        self._ssl = ssl_context(ca_bundle, client_cert, client_key) if parts.scheme == "https" else None
         self._timeout = timeout
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Conn] = []

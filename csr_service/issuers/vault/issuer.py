@@ -17,7 +17,6 @@ What Vault does that we must not trust blindly (BACKENDS.md):
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -53,15 +52,14 @@ class _OncePerMessage:
     def __init__(self, limit: int = 256) -> None:
         self._seen: set[str] = set()
         self._limit = limit
-        self._lock = threading.Lock()
 
     def first(self, message: str) -> bool:
-        with self._lock:
-            if message in self._seen:
-                return False
-            if len(self._seen) < self._limit:
-                self._seen.add(message)
-            return True
+        # Only called on the event loop (answers are parsed there, on either transport).
+        if message in self._seen:
+            return False
+        if len(self._seen) < self._limit:
+            self._seen.add(message)
+        return True
 
 
 class VaultIssuer:
