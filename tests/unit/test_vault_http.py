@@ -8,9 +8,10 @@ never produces.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -56,6 +57,20 @@ def address(server: asyncio.Server, scheme: str = "http") -> str:
     return f"{scheme}://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
+@contextlib.asynccontextmanager
+async def client_for(
+    handler: Handler, *, max_connections: int = 1, client_timeout: float = 5, prefix: str = ""
+) -> AsyncIterator[tuple[AsyncHTTP, dict[str, int], asyncio.Server]]:
+    """A scripted server running ``handler`` and a client for it, both closed afterwards."""
+    server, stats = await serve(handler)
+    http = AsyncHTTP(address(server) + prefix, max_connections=max_connections, timeout=client_timeout)
+    try:
+        yield http, stats, server
+    finally:
+        await http.aclose()
+        server.close()
+
+
 async def echo_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
     """Keep-alive server: answers each request with what it saw, as JSON."""
     while True:
@@ -68,9 +83,7 @@ async def echo_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
 
 def test_request_line_headers_body_and_keep_alive() -> None:
     async def body() -> None:
-        server, stats = await serve(echo_json)
-        http = AsyncHTTP(address(server) + "/prefix/", max_connections=4, timeout=5)
-        try:
+        async with client_for(echo_json, max_connections=4, prefix="/prefix/") as (http, stats, server):
             for i in range(3):
                 got = await http.request("POST", "/v1/pki/sign/r", {"X-Vault-Token": "t"}, b'{"n": %d}' % i)
                 seen = json.loads(got.body)
@@ -80,9 +93,6 @@ def test_request_line_headers_body_and_keep_alive() -> None:
                 assert seen["headers"]["host"] == address(server).split("//")[1]
                 assert seen["body"] == f'{{"n": {i}}}'
             assert stats == {"connections": 1, "requests": 3}  # one kept-alive connection
-        finally:
-            await http.aclose()
-            server.close()
 
     asyncio.run(body())
 
@@ -97,15 +107,10 @@ def test_concurrent_requests_use_at_most_max_connections() -> None:
                 writer.write(answer(200, b"{}"))
                 await writer.drain()
 
-        server, stats = await serve(slow)
-        http = AsyncHTTP(address(server), max_connections=3, timeout=5)
-        try:
+        async with client_for(slow, max_connections=3) as (http, stats, _):
             answers = await asyncio.gather(*(http.request("GET", "/v1/x", {}) for _ in range(12)))
             assert [a.status for a in answers] == [200] * 12
             assert stats["connections"] == 3
-        finally:
-            await http.aclose()
-            server.close()
 
     asyncio.run(body())
 
@@ -119,16 +124,11 @@ def test_chunked_answer_with_extensions_and_trailers() -> None:
                 writer.write(b'5;ext=1\r\n{"a":\r\n3\r\n 1}\r\n0\r\nX-Trailer: y\r\n\r\n')
                 await writer.drain()
 
-        server, stats = await serve(chunked)
-        http = AsyncHTTP(address(server), max_connections=1, timeout=5)
-        try:
+        async with client_for(chunked) as (http, stats, _):
             for _ in range(2):  # the connection stays usable after a chunked answer
                 got = await http.request("GET", "/v1/x", {})
                 assert json.loads(got.body) == {"a": 1}
             assert stats["connections"] == 1
-        finally:
-            await http.aclose()
-            server.close()
 
     asyncio.run(body())
 
@@ -140,16 +140,11 @@ def test_error_status_is_an_answer_not_an_exception() -> None:
             writer.write(answer(403, b'{"errors":["permission denied"]}', "Connection: close"))
             await writer.drain()
 
-        server, _ = await serve(denied)
-        http = AsyncHTTP(address(server), max_connections=1, timeout=5)
-        try:
+        async with client_for(denied) as (http, _, _):
             got = await http.request("POST", "/v1/x", {}, b"{}")
             assert got.status == 403
             assert json.loads(got.body)["errors"] == ["permission denied"]
             assert got.headers["connection"] == "close"
-        finally:
-            await http.aclose()
-            server.close()
 
     asyncio.run(body())
 
@@ -164,16 +159,11 @@ def test_idle_connection_closed_by_server_is_replaced_transparently() -> None:
             writer.write(answer(200, b"{}"))
             await writer.drain()
 
-        server, stats = await serve(one_shot)
-        http = AsyncHTTP(address(server), max_connections=1, timeout=5)
-        try:
+        async with client_for(one_shot) as (http, stats, _):
             assert (await http.request("GET", "/v1/a", {})).status == 200
             await asyncio.sleep(0.05)
             assert (await http.request("GET", "/v1/b", {})).status == 200
             assert stats == {"connections": 2, "requests": 2}
-        finally:
-            await http.aclose()
-            server.close()
 
     asyncio.run(body())
 
@@ -183,15 +173,10 @@ def test_fresh_connection_dying_before_an_answer_is_a_connection_error() -> None
         async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
             await read_request(reader)
 
-        server, stats = await serve(hang_up)
-        http = AsyncHTTP(address(server), max_connections=1, timeout=5)
-        try:
+        async with client_for(hang_up) as (http, stats, _):
             with pytest.raises(ConnectionError, match="closed the connection"):
                 await http.request("POST", "/v1/x", {}, b"{}")
             assert stats["connections"] == 1  # not retried: nothing says the server did not act
-        finally:
-            await http.aclose()
-            server.close()
 
     asyncio.run(body())
 
@@ -214,14 +199,9 @@ def test_malformed_answers_are_connection_errors(raw: bytes, message: str) -> No
             writer.write(raw)
             await writer.drain()
 
-        server, _ = await serve(bad)
-        http = AsyncHTTP(address(server), max_connections=1, timeout=5)
-        try:
+        async with client_for(bad) as (http, _, _):
             with pytest.raises(ConnectionError, match=message):
                 await http.request("GET", "/v1/x", {})
-        finally:
-            await http.aclose()
-            server.close()
 
     asyncio.run(body())
 
@@ -233,13 +213,8 @@ def test_body_until_close_when_no_length_is_given() -> None:
             writer.write(b'HTTP/1.0 200 OK\r\n\r\n{"old": true}')
             await writer.drain()
 
-        server, _ = await serve(legacy)
-        http = AsyncHTTP(address(server), max_connections=1, timeout=5)
-        try:
+        async with client_for(legacy) as (http, _, _):
             assert json.loads((await http.request("GET", "/v1/x", {})).body) == {"old": True}
-        finally:
-            await http.aclose()
-            server.close()
 
     asyncio.run(body())
 
@@ -256,16 +231,11 @@ def test_no_answer_in_time_is_a_timeout_and_the_connection_is_not_reused() -> No
             writer.write(answer(200, b"{}"))
             await writer.drain()
 
-        server, stats = await serve(stall_first)
-        http = AsyncHTTP(address(server), max_connections=1, timeout=0.2)
-        try:
+        async with client_for(stall_first, client_timeout=0.2) as (http, stats, _):
             with pytest.raises(TimeoutError):
                 await http.request("GET", "/v1/x", {})
             assert (await http.request("GET", "/v1/x", {})).status == 200
             assert stats["connections"] == 2
-        finally:
-            await http.aclose()
-            server.close()
 
     asyncio.run(body())
 
@@ -285,15 +255,10 @@ def test_connection_refused_is_a_connection_error_naming_vault() -> None:
 
 def test_a_line_break_in_a_header_is_refused_before_sending() -> None:
     async def body() -> None:
-        server, stats = await serve(echo_json)
-        http = AsyncHTTP(address(server), max_connections=1, timeout=2)
-        try:
+        async with client_for(echo_json, client_timeout=2) as (http, stats, _):
             with pytest.raises(ValueError, match="line break"):
                 await http.request("GET", "/v1/x", {"X-Vault-Token": "t\r\nX-Evil: 1"})
             assert stats["requests"] == 0
-        finally:
-            await http.aclose()
-            server.close()
 
     asyncio.run(body())
 
