@@ -7,6 +7,8 @@ istio-csr throttle itself during mass restarts (istio-csr #217, #144) — but st
 bug cannot flood the apiserver. ``--kube-qps 0`` disables it.
 
 Callers run API calls in threads (``asyncio.to_thread``); the connection pool is sized for it.
+The hot per-CSR calls go through :mod:`csr_service.kube.rest` instead, from the event loop,
+with this client's configuration and the same bucket.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ class TokenBucket:
         self._last = time.monotonic()
         self._lock = threading.Lock()
 
-    def acquire(self) -> float:
-        """Take one token, sleeping if needed; returns the seconds waited."""
+    def reserve(self) -> float:
+        """Take one token now; returns how long to wait before using it (event-loop callers
+        sleep that long with ``asyncio.sleep``, threads with :meth:`acquire`)."""
         if self.qps <= 0:
             return 0.0
         with self._lock:
@@ -42,7 +45,11 @@ class TokenBucket:
             self._tokens = min(self.burst, self._tokens + (now - self._last) * self.qps)
             self._last = now
             self._tokens -= 1
-            wait = -self._tokens / self.qps if self._tokens < 0 else 0.0
+            return -self._tokens / self.qps if self._tokens < 0 else 0.0
+
+    def acquire(self) -> float:
+        """Take one token, sleeping if needed; returns the seconds waited."""
+        wait = self.reserve()
         if wait > 0:
             time.sleep(wait)
         return wait

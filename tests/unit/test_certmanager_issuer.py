@@ -170,6 +170,18 @@ class FakeRequests:
     def missing_verbs(self, verbs: tuple[str, ...]) -> list[str]:
         return [v for v in verbs if v in self.denied_verbs]
 
+    # The blocking calls in a thread: RequestsApi's own path when its event-loop client is off.
+    event_loop_calls = False
+
+    async def acreate(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self.create, body)
+
+    async def adelete(self, name: str) -> None:
+        await asyncio.to_thread(self.delete, name)
+
+    async def aclose(self) -> None:
+        pass
+
     # --- the scripted cert-manager ----------------------------------------------------
     def _controller(self, name: str) -> None:
         time.sleep(0.01)

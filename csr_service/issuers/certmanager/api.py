@@ -1,15 +1,21 @@
 """The CertificateRequest API calls, and translating their failures into csr_service errors.
 
-The ``kubernetes`` client is synchronous: every call runs in this issuer's own thread pool
-(not asyncio's default one, which is sized for CPUs, not for I/O waits) and goes through the
-shared, rate-limited ``ApiClient`` (``--kube-qps``/``--kube-burst``).
+The two calls made for every CSR, create and delete, run on the event loop
+(:mod:`csr_service.kube.rest`, same credentials and QPS/burst bucket as the ``kubernetes``
+client). Everything else — the watch's list/watch, re-GETs, the sweeper, the RBAC check —
+uses the synchronous ``kubernetes`` client in a thread pool (this issuer's own, not asyncio's
+default one, which is sized for CPUs, not for I/O waits), as do create and delete when the
+event-loop path cannot stand in for the client (a proxy, a test's fake client).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Any, cast
+from urllib.parse import quote
 
 from csr_service.errors import (
     CSRServiceError,
@@ -17,6 +23,7 @@ from csr_service.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from csr_service.kube.rest import KubeAPIError, KubeREST, for_client
 
 __all__ = ["GROUP", "PLURAL", "VERSION", "RequestsApi", "api_error"]
 
@@ -31,7 +38,7 @@ def api_error(exc: BaseException, *, verb: str, namespace: str) -> CSRServiceErr
     from kubernetes.client.exceptions import ApiException
 
     what = f"{verb} {RESOURCE} in namespace {namespace}"
-    if not isinstance(exc, ApiException):
+    if not isinstance(exc, ApiException | KubeAPIError):
         # urllib3 connection errors, timeouts, resets: the apiserver is unreachable right now.
         return UnavailableError("the Kubernetes API is unavailable", detail=f"{what}: {type(exc).__name__}: {exc}")
     status = exc.status or 0
@@ -59,14 +66,47 @@ def api_error(exc: BaseException, *, verb: str, namespace: str) -> CSRServiceErr
 
 
 class RequestsApi:
-    """``CustomObjectsApi`` calls on CertificateRequests in one namespace, as plain callables."""
+    """CertificateRequest calls in one namespace: blocking ones for threads, and the per-CSR
+    create/delete as coroutines (:meth:`acreate`, :meth:`adelete`).
 
-    def __init__(self, api_client: Any, namespace: str) -> None:
+    Args:
+        api_client: the shared ``kubernetes.client.ApiClient``.
+        namespace: where our requests live.
+        executor: runs the blocking calls when the event-loop path is not available.
+    """
+
+    def __init__(self, api_client: Any, namespace: str, executor: Executor) -> None:
         from kubernetes import client
 
         self.namespace = namespace
         self._custom = client.CustomObjectsApi(api_client)
         self._auth = client.AuthorizationV1Api(api_client)
+        self._executor = executor
+        self._rest: KubeREST | None = for_client(api_client)
+        self._collection = f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace, safe='')}/{PLURAL}"
+
+    @property
+    def event_loop_calls(self) -> bool:
+        """Whether create/delete run on the event loop (logged at start)."""
+        return self._rest is not None
+
+    async def acreate(self, body: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`create` as a coroutine."""
+        if self._rest is None:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self.create, body)
+        return await self._rest.call("POST", self._collection, body)
+
+    async def adelete(self, name: str) -> None:
+        """:meth:`delete` as a coroutine."""
+        if self._rest is None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.delete, name)
+        else:
+            await self._rest.call("DELETE", f"{self._collection}/{quote(name, safe='')}")
+
+    async def aclose(self) -> None:
+        """Close the event-loop connections."""
+        if self._rest is not None:
+            await self._rest.aclose()
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST a CertificateRequest; returns the created object."""

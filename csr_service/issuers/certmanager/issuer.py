@@ -4,8 +4,8 @@ Per CSR: ``create`` (generateName ``csr-service-``, our labels, the identities a
 approver-policy rules can match, usages like Istio's own CA) → wait on the process-wide watch
 (:mod:`.watch`) until the request is issued, denied, invalid, failed or deleted, or
 ``--certmanager-timeout`` passes → ``delete`` (unless ``--preserve-certificate-requests``). Two
-API calls per CSR, through the shared rate-limited client; istio-csr makes four (create, watch,
-get, delete) behind client-go's QPS 5.
+API calls per CSR, made from the event loop under the shared QPS/burst limit (:mod:`.api`);
+istio-csr makes four (create, watch, get, delete) behind client-go's QPS 5.
 
 Trust: ``status.certificate`` gives the leaf and its intermediates. ``status.ca`` is best
 effort and may be an intermediate (istio-csr #155, #107), so it is only ever a *candidate*
@@ -38,6 +38,7 @@ from csr_service.issuers.certmanager.settings import Settings
 from csr_service.issuers.certmanager.status import Phase, RequestState, failure_error, timeout_error
 from csr_service.issuers.certmanager.sweeper import sweep
 from csr_service.issuers.certmanager.watch import RequestWatch
+from csr_service.kube.rest import KubeAPIError
 from csr_service.pki.chain import fingerprint, is_self_signed, order_chain
 from csr_service.pki.pem import parse_certs
 
@@ -97,8 +98,8 @@ class CertManagerIssuer:
     ) -> None:
         self.settings = settings
         self.instance = instance or secrets.token_hex(6)
-        self._api = api or RequestsApi(api_client, settings.namespace)
         self._pool = ThreadPoolExecutor(max_workers=_API_THREADS, thread_name_prefix="cert-manager-api")
+        self._api = api or RequestsApi(api_client, settings.namespace, self._pool)
         self.watch = RequestWatch(
             self._api.list_fn,
             self._api.get,
@@ -132,7 +133,7 @@ class CertManagerIssuer:
     async def _create(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST the request. If our caller gives up meanwhile (server deadline), the create still
         completes in its thread: delete what it made then, instead of leaving it to the sweeper."""
-        future = asyncio.get_running_loop().run_in_executor(self._pool, self._api.create, body)
+        future = asyncio.ensure_future(self._api.acreate(body))
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -182,6 +183,12 @@ class CertManagerIssuer:
             s.timeout.total_seconds(),
             ", preserving requests" if s.preserve else "",
         )
+        log.info(
+            "CertificateRequest create/delete: %s",
+            "event-loop HTTP client"
+            if self._api.event_loop_calls
+            else "kubernetes client in threads (a proxy applies to the apiserver address)",
+        )
 
     async def _check_rbac(self) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -217,6 +224,7 @@ class CertManagerIssuer:
             await asyncio.wait(set(self._deletes), timeout=5)
         if self._watch_running:
             await asyncio.get_running_loop().run_in_executor(self._pool, self.watch.stop)
+        await self._api.aclose()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def health(self) -> tuple[bool, str]:
@@ -349,8 +357,8 @@ class CertManagerIssuer:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._api.delete, name)
-        except ApiException as exc:
+            await self._api.adelete(name)
+        except (ApiException, KubeAPIError) as exc:
             if exc.status != 404:
                 err = api_error(exc, verb="delete", namespace=self.settings.namespace)
                 log.warning("could not delete CertificateRequest %s (the sweeper will retry): %s", name, err.detail)

@@ -50,7 +50,7 @@ from csr_service.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from csr_service.issuers.vault.http import AsyncHTTP, HTTPAnswer
+from csr_service.httpclient import AsyncHTTP, HTTPAnswer, ssl_context
 from csr_service.issuers.vault.settings import AppRoleAuth, ConnectionSettings, KubernetesAuth, TokenAuth
 
 __all__ = ["VaultClient", "response_object", "response_warnings", "translate"]
@@ -215,9 +215,10 @@ class VaultClient:
                 settings.address,
                 max_connections=settings.max_connections,
                 timeout=settings.timeout.total_seconds(),
-                ca_bundle=verify if isinstance(verify, str) else None,
-                client_cert=settings.client_cert,
-                client_key=settings.client_key,
+                tls=ssl_context(verify if isinstance(verify, str) else None, settings.client_cert, settings.client_key)
+                if settings.address.startswith("https")
+                else None,
+                peer="Vault",
             )
         # token="" rather than None: hvac would otherwise fall back to VAULT_TOKEN / ~/.vault-token.
         self._hvac = hvac.Client(token="", **common)

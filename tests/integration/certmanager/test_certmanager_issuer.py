@@ -72,6 +72,8 @@ def test_signs_and_cleans_up(cert_manager: CertManager, kind: str) -> None:
     cm = cert_manager
     issuer = make_issuer(cm, kind=kind)
     req = signing_request()
+    # create/delete go over the event-loop client with the admin kubeconfig's client certificate.
+    assert issuer._api.event_loop_calls  # type: ignore[attr-defined]
 
     issued: IssuedChain = run(issuer, lambda i: i.sign(req))
 
@@ -273,6 +275,8 @@ def test_least_privilege_service_account(cert_manager: CertManager) -> None:
     cm = cert_manager
     kubeconfig = service_account_kubeconfig(cm.kube, cm.issuer_namespace, LEAST_PRIVILEGE_VERBS)
     issuer = make_issuer(cm, kubeconfig=kubeconfig)
+    # ... and with a ServiceAccount token (bearer) on that same client.
+    assert issuer._api.event_loop_calls  # type: ignore[attr-defined]
 
     issued: IssuedChain = run(issuer, lambda i: i.sign(signing_request()))
 

@@ -1,8 +1,9 @@
-"""The event-loop HTTP/1.1 client used for Vault sign calls, against a scripted local server.
+"""The event-loop HTTP/1.1 client (Vault sign calls, CertificateRequest create/delete),
+against a scripted local server.
 
-The real-OpenBao tests (``-m vault``, plain and mutual TLS, outages, revoked tokens) run the
-same client end to end; these pin down the HTTP framing and failure cases a healthy OpenBao
-never produces.
+The real-OpenBao tests (``-m vault``, plain and mutual TLS, outages, revoked tokens) and the
+real-apiserver tests (``-m certmanager``) run the same client end to end; these pin down the
+HTTP framing and failure cases a healthy server never produces.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from csr_service.issuers.vault.http import MAX_BODY, AsyncHTTP
+from csr_service.httpclient import MAX_BODY, AsyncHTTP, ssl_context
 from csr_service.pki.certs import LeafSpec, build_leaf, build_self_signed_ca
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import cert_to_pem, key_to_pem
@@ -63,7 +64,7 @@ async def client_for(
 ) -> AsyncIterator[tuple[AsyncHTTP, dict[str, int], asyncio.Server]]:
     """A scripted server running ``handler`` and a client for it, both closed afterwards."""
     server, stats = await serve(handler)
-    http = AsyncHTTP(address(server) + prefix, max_connections=max_connections, timeout=client_timeout)
+    http = AsyncHTTP(address(server) + prefix, max_connections=max_connections, timeout=client_timeout, peer="Vault")
     try:
         yield http, stats, server
     finally:
@@ -246,7 +247,7 @@ def test_connection_refused_is_a_connection_error_naming_vault() -> None:
         where = address(server)
         server.close()
         await server.wait_closed()
-        http = AsyncHTTP(where, max_connections=1, timeout=2)
+        http = AsyncHTTP(where, max_connections=1, timeout=2, peer="Vault")
         with pytest.raises(ConnectionError, match=r"cannot connect to Vault at 127\.0\.0\.1"):
             await http.request("GET", "/v1/x", {})
 
@@ -284,11 +285,17 @@ def test_https_verifies_the_server_against_the_bundle(tmp_path: Path) -> None:
 
     async def body() -> None:
         server, _ = await serve(echo_json, server_ctx)
-        good = AsyncHTTP(address(server, "https"), max_connections=1, timeout=5, ca_bundle=str(ca))
+        good = AsyncHTTP(address(server, "https"), max_connections=1, timeout=5, tls=ssl_context(str(ca), None, None))
         other_ca = tmp_path / "other"
         other_ca.mkdir()
         wrong_bundle, _, _ = _tls_files(other_ca)
-        bad = AsyncHTTP(address(server, "https"), max_connections=1, timeout=5, ca_bundle=str(wrong_bundle))
+        bad = AsyncHTTP(
+            address(server, "https"),
+            max_connections=1,
+            timeout=5,
+            tls=ssl_context(str(wrong_bundle), None, None),
+            peer="Vault",
+        )
         try:
             assert (await good.request("GET", "/v1/x", {})).status == 200
             with pytest.raises(ConnectionError, match=r"TLS with Vault .* failed: .*CERTIFICATE_VERIFY_FAILED"):
