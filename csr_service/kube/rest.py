@@ -9,9 +9,9 @@ those JSON calls on :class:`~csr_service.httpclient.AsyncHTTP` instead, from the
 Everything that decides *how* to reach the apiserver still comes from the loaded
 ``kubernetes`` configuration, so kubeconfig and in-cluster set-ups behave the same on both
 paths: server URL, CA bundle (or insecure-skip-tls-verify), ``tls-server-name``, client
-certificate, and the bearer token, read through the configuration's refresh hook on every
-call (in-cluster projected tokens are re-read, exec credential plugins re-run when their
-token expires). Calls take a token from the same client-side QPS/burst bucket.
+certificate, and the bearer token, read through the configuration's refresh hook (in-cluster
+projected tokens are re-read, exec credential plugins re-run when their token expires) at
+most once a second. Calls take a token from the same client-side QPS/burst bucket.
 
 :func:`for_client` returns ``None`` — callers keep the ``kubernetes`` client — when that
 client is not the one :func:`~csr_service.kube.client.new_api_client` builds (tests' fakes)
@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import ssl
+import time
 from typing import Any
 
 from csr_service.httpclient import AsyncHTTP
@@ -32,6 +33,8 @@ __all__ = ["KubeAPIError", "KubeREST", "for_client"]
 
 #: Idle keep-alive connections are reused; this caps the parallel ones (like the urllib3 pool).
 _MAX_CONNECTIONS = 64
+#: Seconds a read of the credentials is reused (see KubeREST._auth).
+_AUTH_REFRESH = 1.0
 
 
 class KubeAPIError(Exception):
@@ -71,6 +74,8 @@ class KubeREST:
     def __init__(self, configuration: Any, *, bucket: Any, timeout: float) -> None:
         self._cfg = configuration
         self._bucket = bucket
+        self._auth_headers: dict[str, str] | None = None
+        self._auth_read = 0.0
         tls, server_name = _tls(configuration) if configuration.host.startswith("https") else (None, None)
         self._http = AsyncHTTP(
             configuration.host,
@@ -81,17 +86,30 @@ class KubeREST:
             peer="the Kubernetes API",
         )
 
+    def _auth(self) -> dict[str, str]:
+        """The credential headers, re-read at most every :data:`_AUTH_REFRESH` seconds.
+
+        ``auth_settings()`` runs the configuration's refresh hook (token file re-read, exec
+        plugin re-run when expired), as every call of the kubernetes client does; the
+        kubeconfig loader's hook also re-applies the whole configuration each time, a
+        measurable share of a CertificateRequest create. Tokens live for minutes at least, so
+        a second's reuse changes nothing for their rotation.
+        """
+        now = time.monotonic()
+        if self._auth_headers is None or now - self._auth_read >= _AUTH_REFRESH:
+            headers: dict[str, str] = {}
+            for setting in self._cfg.auth_settings().values():
+                if setting.get("in") == "header" and setting.get("value"):
+                    headers[setting["key"]] = setting["value"]
+            if self._cfg.username or self._cfg.password:
+                headers["Authorization"] = self._cfg.get_basic_auth_token()
+            self._auth_headers, self._auth_read = headers, now
+        return self._auth_headers
+
     def _headers(self, has_body: bool) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": "csr-service"}
+        headers = {"Accept": "application/json", "User-Agent": "csr-service", **self._auth()}
         if has_body:
             headers["Content-Type"] = "application/json"
-        # auth_settings() runs the refresh hook (token file re-read, exec plugin re-run) like
-        # every call of the kubernetes client does.
-        for setting in self._cfg.auth_settings().values():
-            if setting.get("in") == "header" and setting.get("value"):
-                headers[setting["key"]] = setting["value"]
-        if self._cfg.username or self._cfg.password:
-            headers["Authorization"] = self._cfg.get_basic_auth_token()
         return headers
 
     async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

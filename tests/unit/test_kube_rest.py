@@ -63,11 +63,13 @@ def _host(server: Any, scheme: str = "http") -> str:
     return f"{scheme}://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
-def test_calls_carry_the_configured_token_refreshed_each_time() -> None:
+def test_calls_carry_the_configured_token_refreshed_every_second() -> None:
     seen: list[tuple[str, dict[str, str], bytes]] = []
 
     async def main() -> list[dict[str, Any]]:
-        server = await _apiserver([(201, {"metadata": {"name": "a"}}), (200, {"status": "Success"})], seen)
+        server = await _apiserver(
+            [(201, {"metadata": {"name": "a"}}), (200, {"status": "Success"}), (200, {"status": "Success"})], seen
+        )
         cfg = _config(_host(server))
         tokens = iter(["first", "second"])
 
@@ -79,17 +81,19 @@ def test_calls_carry_the_configured_token_refreshed_each_time() -> None:
         rest = KubeREST(cfg, bucket=bucket, timeout=5)
         try:
             out = [await rest.call("POST", "/apis/g/v1/namespaces/ns/things", {"spec": {"x": 1}})]
+            rest._auth_read -= 1.0  # a second later: the credentials are read again
             out.append(await rest.call("DELETE", "/apis/g/v1/namespaces/ns/things/a"))
+            await rest.call("DELETE", "/apis/g/v1/namespaces/ns/things/a")  # within the second: no re-read
         finally:
             await rest.aclose()
             server.close()
-        assert bucket.taken == 2
+        assert bucket.taken == 3
         return out
 
     created, deleted = asyncio.run(main())
     assert created == {"metadata": {"name": "a"}}
     assert deleted == {"status": "Success"}
-    (post_line, post_headers, post_body), (delete_line, delete_headers, delete_body) = seen
+    (post_line, post_headers, post_body), (delete_line, delete_headers, delete_body), (_, again, _) = seen
     assert post_line == "POST /apis/g/v1/namespaces/ns/things HTTP/1.1"
     assert post_headers["authorization"] == "Bearer first"
     assert post_headers["content-type"] == "application/json"
@@ -97,6 +101,7 @@ def test_calls_carry_the_configured_token_refreshed_each_time() -> None:
     assert delete_line == "DELETE /apis/g/v1/namespaces/ns/things/a HTTP/1.1"
     assert delete_headers["authorization"] == "Bearer second"
     assert delete_body == b""
+    assert again["authorization"] == "Bearer second"
 
 
 def test_basic_auth_from_the_configuration() -> None:
