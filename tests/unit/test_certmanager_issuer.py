@@ -50,6 +50,7 @@ from csr_service.issuers.certmanager.options import OPTIONS
 from csr_service.issuers.certmanager.settings import Settings
 from csr_service.issuers.certmanager.status import Phase, classify, timeout_error
 from csr_service.issuers.certmanager.sweeper import sweep
+from csr_service.issuers.certmanager.watch import Waiter
 from csr_service.pki.certs import LeafSpec, build_intermediate_ca, build_leaf, build_self_signed_ca
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import cert_to_pem
@@ -458,6 +459,49 @@ def _cr(*conds: tuple[str, str, str, str], certificate: str = "", rv: str = "7")
 )
 def test_classify(obj: dict[str, Any], phase: Phase) -> None:
     assert classify(obj).phase is phase
+
+
+def test_only_the_outcome_wakes_the_event_loop() -> None:
+    """Events are classified on the informer's thread; the loop is woken once, for the outcome."""
+    issued = base64.b64encode(b"PEM").decode()
+    events = [
+        _cr(rv="1"),
+        _cr(("Approved", "True", "a", "b"), rv="2"),
+        _cr(("Approved", "True", "a", "b"), rv="1"),  # an older version (a late re-GET): ignored
+        _cr(("Approved", "True", "a", "b"), ("Ready", "True", "Issued", ""), certificate=issued, rv="3"),
+        None,  # deleted after the outcome: nothing more
+    ]
+
+    async def main() -> tuple[Phase, list[Phase], int]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        seen: list[Phase] = []
+
+        class CountingLoop:
+            def create_future(self) -> asyncio.Future[Any]:
+                return loop.create_future()
+
+            def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> Any:
+                nonlocal wakeups
+                wakeups += 1
+                return loop.call_soon_threadsafe(callback, *args)
+
+        waiter = Waiter("x", CountingLoop())  # type: ignore[arg-type]
+
+        def informer() -> None:
+            for obj in events:
+                waiter.offer_threadsafe(obj)
+                assert waiter.state is not None
+                seen.append(waiter.state.phase)
+
+        await asyncio.to_thread(informer)
+        state = await waiter.done
+        return state.phase, seen, wakeups
+
+    phase, seen, wakeups = asyncio.run(main())
+    assert phase is Phase.ISSUED
+    assert seen == [Phase.WAITING_FOR_APPROVAL, *[Phase.WAITING_FOR_ISSUER] * 2, Phase.ISSUED, Phase.ISSUED]
+    assert wakeups == 1
 
 
 def test_unreadable_certificate_is_internal() -> None:

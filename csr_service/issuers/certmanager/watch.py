@@ -47,38 +47,70 @@ def _newer(candidate: str, current: str) -> bool:
 
 
 class Waiter:
-    """The asyncio side of one request: the latest state, and a future for the terminal one."""
+    """One request's latest state, and a future (on the waiting request's loop) for the outcome.
+
+    Events are classified on the thread that receives them (the informer's, a re-GET's);
+    only the outcome crosses to the event loop. A request sees four or five events
+    (created, approved, issued, deleted ...) and needs one of them: waking the loop for each
+    cost a self-pipe write and a loop turn per event, on a machine where every syscall counts.
+    """
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         self.name = name
         self.loop = loop
+        #: The latest state seen, for the timeout message ("waiting for approval" ...).
         self.state: RequestState | None = None
         self.done: asyncio.Future[RequestState] = loop.create_future()
+        self._lock = threading.Lock()  # state updates come from the loop and from threads
+        self._final = False
 
-    def offer(self, obj: Mapping[str, Any] | None) -> None:
-        """Apply an object (``None``: deleted). Runs on the waiter's loop."""
-        if self.done.done():
-            return
+    def _apply(self, obj: Mapping[str, Any] | None) -> RequestState | CSRServiceError | None:
+        """Take ``obj`` (``None``: deleted) into account; returns the outcome when it is final."""
         try:
             state = deleted_state() if obj is None else classify(obj)
         except CSRServiceError as exc:  # unreadable status.certificate
-            self.done.set_exception(exc)
+            with self._lock:
+                if self._final:
+                    return None
+                self._final = True
+                return exc
+        with self._lock:
+            if self._final:
+                return None
+            # Events come in order, but a re-GET may answer with an older version.
+            if (
+                obj is not None
+                and self.state is not None
+                and not _newer(state.resource_version, self.state.resource_version)
+            ):
+                return None
+            self.state = state
+            if not state.phase.terminal:
+                return None
+            self._final = True
+            return state
+
+    def _deliver(self, outcome: RequestState | CSRServiceError) -> None:
+        if self.done.done():
             return
-        if (
-            obj is not None
-            and self.state is not None
-            and not _newer(state.resource_version, self.state.resource_version)
-        ):
-            return
-        self.state = state
-        if state.phase.terminal:
-            self.done.set_result(state)
+        if isinstance(outcome, CSRServiceError):
+            self.done.set_exception(outcome)
+        else:
+            self.done.set_result(outcome)
+
+    def offer(self, obj: Mapping[str, Any] | None) -> None:
+        """Apply an object (``None``: deleted), on the waiter's loop."""
+        outcome = self._apply(obj)
+        if outcome is not None:
+            self._deliver(outcome)
 
     def offer_threadsafe(self, obj: Mapping[str, Any] | None) -> None:
         """:meth:`offer` from another thread (the informer's, a GET's)."""
-        # RuntimeError: the loop is closed, so nobody is waiting any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.offer, obj)
+        outcome = self._apply(obj)
+        if outcome is not None:
+            # RuntimeError: the loop is closed, so nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._deliver, outcome)
 
 
 class RequestWatch:
