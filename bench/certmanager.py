@@ -21,7 +21,8 @@ TokenRequest token and CSR:
   cert-manager's clientset), labelled as the model, never as istio-csr.
 
 The unlimited runs are repeated ``--rounds`` times, alternating which goes first, and the median
-round (by CSR/s) is printed; the QPS-5 runs are slow and run once with ``--limited-requests``.
+round (by CSR/s) is printed, then each round's p50 side by side; the QPS-5 runs are slow and
+run once with ``--limited-requests``.
 Printed per level: CSR/s, p50/p99 (ghz), csr-service's CPU and RSS, and the apiserver calls
 per certificate. Everything shares the machine's cores (apiserver, etcd, cert-manager, ghz,
 csr-service). Numbers are printed, never asserted.
@@ -183,6 +184,22 @@ def _medians(rows: list[tuple[LoadResult, float, str]]) -> list[tuple[LoadResult
     for row in rows:
         groups.setdefault((row[0].label, row[0].concurrency), []).append(row)
     return [sorted(g, key=lambda r: r[0].rps)[len(g) // 2] for g in groups.values()]
+
+
+def _per_round(rows: list[tuple[LoadResult, float, str]], other: str) -> None:
+    """p50 of each round side by side: a median can hide how often each one was ahead."""
+    for conc in sorted({r.concurrency for r, _, _ in rows}):
+        ours = [r.p50_ms for r, _, _ in rows if r.label == "csr-service" and r.concurrency == conc]
+        theirs = [r.p50_ms for r, _, _ in rows if r.label == other and r.concurrency == conc]
+        pairs = list(zip(ours, theirs, strict=False))
+        if not pairs:
+            continue
+        lower = sum(a < b for a, b in pairs)
+        shown = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in pairs)
+        print(
+            f"p50 per round at c={conc} (csr-service/{other}, ms): {shown}; "
+            f"csr-service lower in {lower} of {len(pairs)}"
+        )
 
 
 def _ratios(ours: list[tuple[LoadResult, float, str]], others: list[tuple[LoadResult, float, str]]) -> None:
@@ -348,6 +365,7 @@ def main() -> None:
             print("clientset, with client-go's QPS 5 / burst 10 ('qps 5') or the limiter disabled ('no limit').")
             print("It is a stand-in for istio-csr, not istio-csr.")
         _ratios(ours, others)
+        _per_round(rounds, "model no limit")
     else:  # pragma: no cover - only where the proxy serves istio-csr
         print(f"\nistio-csr v0.17.0 built at {istio_csr}; out-of-cluster runner not implemented yet")
     print(f"(unlimited rounds took {elapsed:.0f}s)")
