@@ -52,6 +52,7 @@ def _tls(cfg: Any) -> tuple[ssl.SSLContext, str | None]:
     """The TLS context and server name the ``kubernetes`` client (urllib3) would use."""
     ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert or None, cadata=getattr(cfg, "ca_cert_data", None))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])  # this client speaks HTTP/1.1 only
     if not cfg.verify_ssl:  # kubeconfig insecure-skip-tls-verify
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
