@@ -30,7 +30,7 @@ from csr_service.issuers import IssuerContext
 from csr_service.issuers.base import IssuedChain, SigningRequest
 from csr_service.issuers.vault.client import VaultClient, response_object, response_warnings
 from csr_service.issuers.vault.settings import ConnectionSettings, IssuerSettings
-from csr_service.pki.chain import fingerprint, is_self_signed, order_chain
+from csr_service.pki.chain import certifies_key_of, fingerprint, is_self_signed, order_chain
 from csr_service.pki.pem import parse_certs
 
 __all__ = ["VaultIssuer", "create"]
@@ -275,12 +275,9 @@ def _names(cert: x509.Certificate) -> tuple[list[str], list[str], list[str]]:
 
 
 def _check_leaf(leaf: x509.Certificate, request: SigningRequest, *, received: datetime, path: str) -> None:
-    """The contract's MUSTs on what Vault returned that Vault can get wrong by configuration:
-    exact names (the role's SAN handling), lifetime (its max_ttl, its clock).
-
-    That the leaf certifies the CSR's key is checked by every consumer of an issued chain
-    (the pipeline's verifier, ``own_cert``), for all issuers alike; not again here.
-    """
+    """The contract's MUSTs on what Vault returned: key, exact names, lifetime."""
+    if not certifies_key_of(leaf, request.csr):
+        raise InternalError("the certificate authority certified a different key", detail=f"{path}: leaf key ≠ CSR key")
     uris, dns, ips = _names(leaf)
     want = (sorted(request.uris), sorted(request.dns_names), sorted(request.ip_addresses))
     if (sorted(uris), sorted(dns), sorted(ips)) != want:
