@@ -11,7 +11,9 @@ Everything that decides *how* to reach the apiserver still comes from the loaded
 paths: server URL, CA bundle (or insecure-skip-tls-verify), ``tls-server-name``, client
 certificate, and the bearer token, read through the configuration's refresh hook (in-cluster
 projected tokens are re-read, exec credential plugins re-run when their token expires) at
-most once a second. Calls take a token from the same client-side QPS/burst bucket.
+most once a second. A client certificate is loaded once, when the client is built, as the
+``kubernetes`` client's urllib3 pool does. Calls take a token from the same client-side
+QPS/burst bucket.
 
 :func:`for_client` returns ``None`` — callers keep the ``kubernetes`` client — when that
 client is not the one :func:`~csr_service.kube.client.new_api_client` builds (tests' fakes)

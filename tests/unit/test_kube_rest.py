@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -288,3 +289,59 @@ def test_for_client_steps_aside_for_proxies_and_foreign_clients(
     assert for_client(new_api_client(_settings(_kubeconfig(tmp_path)))) is None
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     assert for_client(new_api_client(_settings(_kubeconfig(tmp_path)))) is not None
+
+
+def test_exec_credential_plugin_is_rerun_when_its_token_expires(tmp_path: Path) -> None:
+    """A kubeconfig ``exec`` plugin (EKS, GKE, AKS logins): its token reaches the event-loop
+    path, and an expired one is replaced by running the plugin again."""
+    counter = tmp_path / "runs"
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(
+        "import json, pathlib\n"
+        f"p = pathlib.Path({str(counter)!r})\n"
+        "n = int(p.read_text()) + 1 if p.exists() else 1\n"
+        "p.write_text(str(n))\n"
+        "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1', 'kind': 'ExecCredential',\n"
+        "                  'status': {'token': f'exec-{n}', 'expirationTimestamp': '2000-01-01T00:00:00Z'}}))\n"
+    )
+    seen: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def main() -> None:
+        server = await _apiserver([(200, {}), (200, {}), (200, {})], seen)
+        kubeconfig = tmp_path / "kubeconfig"
+        user = {
+            "exec": {
+                "apiVersion": "client.authentication.k8s.io/v1",
+                "command": sys.executable,
+                "args": [str(plugin)],
+                "interactiveMode": "Never",
+            }
+        }
+        kubeconfig.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "c", "cluster": {"server": _host(server)}}],
+                    "users": [{"name": "u", "user": user}],
+                    "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                    "current-context": "x",
+                }
+            )
+        )
+        rest = for_client(new_api_client(_settings(kubeconfig)))
+        assert rest is not None
+        try:
+            await rest.call("DELETE", "/x")
+            await rest.call("DELETE", "/x")  # within the second: the same credentials
+            rest._auth_read -= 1.0
+            await rest.call("DELETE", "/x")  # later: the expired token makes the plugin run again
+        finally:
+            await rest.aclose()
+            server.close()
+
+    asyncio.run(main())
+    tokens = [headers["authorization"] for _, headers, _ in seen]
+    assert tokens[0] == tokens[1]
+    assert tokens[0].startswith("Bearer exec-")
+    assert tokens[2] == f"Bearer exec-{int(tokens[0].rsplit('-', 1)[1]) + 1}"
