@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -91,13 +92,14 @@ class AsyncHTTP:
         *,
         max_connections: int,
         timeout: float,
-        tls: ssl.SSLContext | None = None,
+        tls: Callable[[], ssl.SSLContext] | None = None,
         server_hostname: str | None = None,
         peer: str = "the server",
     ) -> None:
-        """``https`` uses ``tls`` (default: :func:`ssl_context` with no bundle) and checks the
-        certificate for ``server_hostname`` (default: the address's host); ``http`` ignores
-        both. ``peer`` names the server in error messages ("Vault", "the Kubernetes API")."""
+        """``https`` uses the context ``tls()`` builds (default: :func:`ssl_context` with no
+        bundle) and checks the certificate for ``server_hostname`` (default: the address's
+        host); ``http`` never calls ``tls``, so callers need not look at the scheme. ``peer``
+        names the server in error messages ("Vault", "the Kubernetes API")."""
         parts = urlsplit(address)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise ValueError(f"expected http(s)://HOST[:PORT], got {address!r}")
@@ -105,7 +107,7 @@ class AsyncHTTP:
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._prefix = parts.path.rstrip("/")
         self._host_header = parts.netloc.rpartition("@")[2]
-        self._ssl = (tls or ssl_context(None, None, None)) if parts.scheme == "https" else None
+        self._ssl = (tls() if tls else ssl_context(None, None, None)) if parts.scheme == "https" else None
         self._server_hostname = server_hostname or self._host
         self.peer = peer
         self._timeout = timeout

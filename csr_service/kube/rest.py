@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import ssl
 import time
@@ -50,8 +51,8 @@ class KubeAPIError(Exception):
         self.body = body
 
 
-def _tls(cfg: Any) -> tuple[ssl.SSLContext, str | None]:
-    """The TLS context and server name the ``kubernetes`` client (urllib3) would use."""
+def _tls(cfg: Any) -> ssl.SSLContext:
+    """The TLS context the ``kubernetes`` client (urllib3) would use."""
     ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert or None, cadata=getattr(cfg, "ca_cert_data", None))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["http/1.1"])  # this client speaks HTTP/1.1 only
@@ -62,7 +63,7 @@ def _tls(cfg: Any) -> tuple[ssl.SSLContext, str | None]:
         ctx.check_hostname = False
     if cfg.cert_file:
         ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
-    return ctx, (cfg.tls_server_name or None)
+    return ctx
 
 
 class KubeREST:
@@ -79,13 +80,12 @@ class KubeREST:
         self._bucket = bucket
         self._auth_headers: dict[str, str] | None = None
         self._auth_read = 0.0
-        tls, server_name = _tls(configuration) if configuration.host.startswith("https") else (None, None)
         self._http = AsyncHTTP(
             configuration.host,
             max_connections=_MAX_CONNECTIONS,
             timeout=timeout,
-            tls=tls,
-            server_hostname=server_name,
+            tls=functools.partial(_tls, configuration),
+            server_hostname=configuration.tls_server_name or None,
             peer="the Kubernetes API",
         )
 

@@ -285,7 +285,9 @@ def test_https_verifies_the_server_against_the_bundle(tmp_path: Path) -> None:
 
     async def body() -> None:
         server, _ = await serve(echo_json, server_ctx)
-        good = AsyncHTTP(address(server, "https"), max_connections=1, timeout=5, tls=ssl_context(str(ca), None, None))
+        good = AsyncHTTP(
+            address(server, "https"), max_connections=1, timeout=5, tls=lambda: ssl_context(str(ca), None, None)
+        )
         other_ca = tmp_path / "other"
         other_ca.mkdir()
         wrong_bundle, _, _ = _tls_files(other_ca)
@@ -293,7 +295,7 @@ def test_https_verifies_the_server_against_the_bundle(tmp_path: Path) -> None:
             address(server, "https"),
             max_connections=1,
             timeout=5,
-            tls=ssl_context(str(wrong_bundle), None, None),
+            tls=lambda: ssl_context(str(wrong_bundle), None, None),
             peer="Vault",
         )
         try:

@@ -132,7 +132,8 @@ class CertManagerIssuer:
 
     async def _create(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST the request. If our caller gives up meanwhile (server deadline), the create still
-        completes in its thread: delete what it made then, instead of leaving it to the sweeper."""
+        completes (shielded task, or its thread on the fallback path): delete what it made then,
+        instead of leaving it to the sweeper."""
         future = asyncio.ensure_future(self._api.acreate(body))
         try:
             return await asyncio.shield(future)

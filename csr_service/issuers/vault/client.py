@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import os
@@ -215,9 +216,9 @@ class VaultClient:
                 settings.address,
                 max_connections=settings.max_connections,
                 timeout=settings.timeout.total_seconds(),
-                tls=ssl_context(verify if isinstance(verify, str) else None, settings.client_cert, settings.client_key)
-                if settings.address.startswith("https")
-                else None,
+                tls=functools.partial(
+                    ssl_context, verify if isinstance(verify, str) else None, settings.client_cert, settings.client_key
+                ),
                 peer="Vault",
             )
         # token="" rather than None: hvac would otherwise fall back to VAULT_TOKEN / ~/.vault-token.
