@@ -264,14 +264,16 @@ def test_a_line_break_in_a_header_is_refused_before_sending() -> None:
     asyncio.run(body())
 
 
-def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
+def tls_files(
+    tmp: Path, *, dns_names: tuple[str, ...] = (), ip_addresses: tuple[str, ...] = ("127.0.0.1",)
+) -> tuple[Path, Path, Path]:
+    """(CA bundle, leaf, leaf key) files: a fresh CA and a leaf for the given names."""
     ca_key = generate_key(KeyType.EC_P256)
-    ca = build_self_signed_ca(ca_key, common_name="test vault ca")
+    ca = build_self_signed_ca(ca_key, common_name="test ca")
     key = generate_key(KeyType.EC_P256)
     now = datetime.now(UTC)
-    leaf = build_leaf(
-        key.public_key(), LeafSpec(not_after=now + timedelta(hours=1), ip_addresses=("127.0.0.1",)), ca, ca_key
-    )
+    spec = LeafSpec(not_after=now + timedelta(hours=1), dns_names=dns_names, ip_addresses=ip_addresses)
+    leaf = build_leaf(key.public_key(), spec, ca, ca_key)
     (tmp / "ca.pem").write_text(cert_to_pem(ca))
     (tmp / "server.pem").write_text(cert_to_pem(leaf))
     (tmp / "server.key").write_bytes(key_to_pem(key))
@@ -279,7 +281,7 @@ def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
 
 
 def test_https_verifies_the_server_against_the_bundle(tmp_path: Path) -> None:
-    ca, cert, key = _tls_files(tmp_path)
+    ca, cert, key = tls_files(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
 
@@ -290,7 +292,7 @@ def test_https_verifies_the_server_against_the_bundle(tmp_path: Path) -> None:
         )
         other_ca = tmp_path / "other"
         other_ca.mkdir()
-        wrong_bundle, _, _ = _tls_files(other_ca)
+        wrong_bundle, _, _ = tls_files(other_ca)
         bad = AsyncHTTP(
             address(server, "https"),
             max_connections=1,

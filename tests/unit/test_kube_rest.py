@@ -11,7 +11,7 @@ import asyncio
 import json
 import ssl
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,7 @@ from csr_service.errors import FailedPreconditionError, ResourceExhaustedError, 
 from csr_service.issuers.certmanager.api import api_error
 from csr_service.kube.client import KubeSettings, new_api_client
 from csr_service.kube.rest import KubeAPIError, KubeREST, for_client
-from csr_service.pki.certs import LeafSpec, build_leaf, build_self_signed_ca
-from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import cert_to_pem, key_to_pem
-from tests.unit.test_httpclient import answer, read_request, serve
+from tests.unit.test_httpclient import address, answer, read_request, serve, tls_files
 
 
 def _config(host: str, token: str = "t0k3n") -> Any:
@@ -60,10 +57,6 @@ async def _apiserver(responses: list[tuple[int, dict[str, Any]]], seen: list[tup
     return server
 
 
-def _host(server: Any, scheme: str = "http") -> str:
-    return f"{scheme}://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-
-
 def test_calls_carry_the_configured_token_refreshed_every_second() -> None:
     seen: list[tuple[str, dict[str, str], bytes]] = []
 
@@ -71,7 +64,7 @@ def test_calls_carry_the_configured_token_refreshed_every_second() -> None:
         server = await _apiserver(
             [(201, {"metadata": {"name": "a"}}), (200, {"status": "Success"}), (200, {"status": "Success"})], seen
         )
-        cfg = _config(_host(server))
+        cfg = _config(address(server))
         tokens = iter(["first", "second"])
 
         def refresh(c: Any) -> None:  # what in-cluster and exec-plugin configurations install
@@ -111,7 +104,7 @@ def test_basic_auth_from_the_configuration() -> None:
     async def main() -> None:
         server = await _apiserver([(200, {})], seen)
         cfg = client.Configuration()
-        cfg.host = _host(server)
+        cfg.host = address(server)
         cfg.username, cfg.password = "admin", "secret"
         rest = KubeREST(cfg, bucket=None, timeout=5)
         try:
@@ -130,7 +123,7 @@ def test_rate_limit_wait_is_slept_on_the_event_loop() -> None:
 
     async def main() -> None:
         server = await _apiserver([(200, {})], seen)
-        rest = KubeREST(_config(_host(server)), bucket=_Bucket(wait=0.02), timeout=5)
+        rest = KubeREST(_config(address(server)), bucket=_Bucket(wait=0.02), timeout=5)
         real_sleep = asyncio.sleep
 
         async def sleep(delay: float) -> None:
@@ -167,7 +160,7 @@ def test_error_status_is_classified_like_the_kubernetes_client(
 
     async def main() -> KubeAPIError:
         server = await _apiserver([(status, status_body)], [])
-        rest = KubeREST(_config(_host(server)), bucket=None, timeout=5)
+        rest = KubeREST(_config(address(server)), bucket=None, timeout=5)
         try:
             with pytest.raises(KubeAPIError) as info:
                 await rest.call("POST", "/x", {})
@@ -187,7 +180,7 @@ def test_error_status_is_classified_like_the_kubernetes_client(
 def test_unreachable_apiserver_is_unavailable() -> None:
     async def main() -> BaseException:
         server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-        host = _host(server)
+        host = address(server)
         server.close()
         await server.wait_closed()
         rest = KubeREST(_config(host), bucket=None, timeout=5)
@@ -203,20 +196,9 @@ def test_unreachable_apiserver_is_unavailable() -> None:
     assert isinstance(api_error(exc, verb="delete", namespace="ns"), UnavailableError)
 
 
-def _kube_tls_files(tmp: Path) -> tuple[Path, Path, Path]:
-    ca_key = generate_key(KeyType.EC_P256)
-    ca = build_self_signed_ca(ca_key, common_name="test kube ca")
-    key = generate_key(KeyType.EC_P256)
-    spec = LeafSpec(not_after=datetime.now(UTC) + timedelta(hours=1), dns_names=("kube.test",))
-    (tmp / "ca.pem").write_text(cert_to_pem(ca))
-    (tmp / "leaf.pem").write_text(cert_to_pem(build_leaf(key.public_key(), spec, ca, ca_key)))
-    (tmp / "leaf.key").write_bytes(key_to_pem(key))
-    return tmp / "ca.pem", tmp / "leaf.pem", tmp / "leaf.key"
-
-
 def test_https_with_the_configured_ca_and_client_certificate(tmp_path: Path) -> None:
     """The context urllib3 would build: the kubeconfig's CA bundle, client cert, tls-server-name."""
-    ca, cert, key = _kube_tls_files(tmp_path)  # a leaf for DNS kube.test only, signed by ca
+    ca, cert, key = tls_files(tmp_path, dns_names=("kube.test",), ip_addresses=())  # DNS kube.test only
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
     server_ctx.load_verify_locations(ca)
@@ -231,7 +213,7 @@ def test_https_with_the_configured_ca_and_client_certificate(tmp_path: Path) -> 
             await writer.drain()
 
         server, _ = await serve(handler, server_ctx)
-        cfg = _config(_host(server, "https"))
+        cfg = _config(address(server, "https"))
         cfg.ssl_ca_cert = str(ca)
         cfg.cert_file, cfg.key_file = str(cert), str(key)
         cfg.tls_server_name = "kube.test"  # the address is an IP the certificate does not name
@@ -322,7 +304,7 @@ def test_exec_credential_plugin_is_rerun_when_its_token_expires(tmp_path: Path) 
                 {
                     "apiVersion": "v1",
                     "kind": "Config",
-                    "clusters": [{"name": "c", "cluster": {"server": _host(server)}}],
+                    "clusters": [{"name": "c", "cluster": {"server": address(server)}}],
                     "users": [{"name": "u", "user": user}],
                     "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
                     "current-context": "x",
