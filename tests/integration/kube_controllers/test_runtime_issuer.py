@@ -72,6 +72,10 @@ def test_runtime_switch_between_two_issuers(kube: KubeCluster, jwks_file: Path, 
         put({"issuer": "local", "local-ca-dir": str(ca2.directory)})
         wait_for(lambda: _all_signed_by(workload, srv, ca2, tmp_path / "after"), what="signing moved to CA 2")
         wait_for(lambda: _events(kube, me.namespace, cfg_name, "IssuerChanged"), what="IssuerChanged event")
+        # Each worker watches the ConfigMap on its own, and the calls above may all have reached
+        # one of them: wait until both have switched, or a worker whose watch starts late first
+        # sees the broken configuration below and keeps CA 1 (the check on "kept" then fails).
+        wait_for(lambda: srv.log().count("runtime issuer: now signing with") >= 2, what="both workers switched to CA 2")
 
         # A broken configuration: refused, with an Event; CA 2 stays active.
         put({"issuer": "local", "local-ca-dir": str(tmp_path / "missing")})
