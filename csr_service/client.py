@@ -22,6 +22,7 @@ from csr_service.fsutil import write_atomic
 from csr_service.pki.certs import build_csr
 from csr_service.pki.chain import ChainError, build_path
 from csr_service.pki.keys import KeyType, generate_key
+from csr_service.pki.names import subject_alt_names
 from csr_service.pki.pem import key_to_pem, parse_certs
 
 __all__ = ["RequestError", "RequestResult", "request_certificate"]
@@ -91,8 +92,7 @@ def request_certificate(
         build_path(leaf, intermediates, roots, now=datetime.now(UTC))
     except (ValueError, ChainError) as exc:
         raise RequestError("INVALID_RESPONSE", f"returned chain does not verify: {exc}") from exc
-    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    if sans.get_values_for_type(x509.UniformResourceIdentifier) != [identity]:
+    if subject_alt_names(leaf).uris != (identity,):
         raise RequestError("INVALID_RESPONSE", f"certificate is not for {identity}")
     out_dir.mkdir(parents=True, exist_ok=True)
     # Key first, then chain, then roots: a watcher that reloads on cert-chain.pem finds

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cryptography import x509
-
 from csr_service.controllers.kube_util import EventRecorder, LoopInformer, api_status
 from csr_service.errors import CSRServiceError, InternalError
 from csr_service.issuers.own_cert import issue_own_certificate
@@ -37,6 +35,7 @@ from csr_service.pipeline.handler import IssuerSlot
 from csr_service.pipeline.trust import TrustBundle
 from csr_service.pki.chain import ChainError, build_path
 from csr_service.pki.keys import KeyType
+from csr_service.pki.names import subject_alt_names
 from csr_service.pki.pem import cert_to_pem, key_to_pem, load_private_key, parse_certs, same_public_key
 
 __all__ = ["SECRET_NAME", "IstiodCertController", "IstiodCertSpec", "renewal_reason"]
@@ -95,13 +94,10 @@ def renewal_reason(secret: Any, spec: IstiodCertSpec, trust: TrustBundle, now: d
         return "due for renewal", now
     if not same_public_key(leaf, key):
         return "tls.key does not match tls.crt", now
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
+    names = subject_alt_names(leaf)
+    if not names.present:
         return "no SubjectAltName", now
-    if set(san.get_values_for_type(x509.DNSName)) != set(spec.dns_names) or san.get_values_for_type(
-        x509.UniformResourceIdentifier
-    ) != [spec.uri]:
+    if set(names.dns_names) != set(spec.dns_names) or names.uris != (spec.uri,):
         return "names changed", now
     snapshot = trust.current
     if _secret_bytes(secret, "ca.crt").decode(errors="replace") != snapshot.pem:

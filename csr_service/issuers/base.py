@@ -47,6 +47,7 @@ from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 __all__ = [
     "Closable",
@@ -74,6 +75,16 @@ class SigningRequest:
     request_id: str = "-"
     #: "workload" for CreateCertificate; "serving"/"istiod" for certificates we need ourselves.
     purpose: str = "workload"
+    _public_key: CertificatePublicKeyTypes | None = field(default=None, init=False, repr=False, compare=False)
+
+    def public_key(self) -> CertificatePublicKeyTypes:
+        """The CSR's public key. Parsed once: each parse costs ~5 µs, and both the issuer's and
+        the pipeline's checks of the issued leaf need it."""
+        key = self._public_key
+        if key is None:
+            key = self.csr.public_key()
+            object.__setattr__(self, "_public_key", key)  # a cache, not a change of value
+        return key
 
 
 @dataclass(frozen=True, slots=True)

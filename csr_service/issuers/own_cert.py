@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from csr_service.issuers.base import IssuedChain, Issuer, SigningRequest
 from csr_service.pki.certs import build_csr
-from csr_service.pki.chain import ChainError, build_path, certifies_key_of
+from csr_service.pki.chain import ChainError, build_path, certifies_key
 from csr_service.pki.keys import KeyType, PrivateKey, generate_key
 
 __all__ = ["OwnCertificate", "issue_own_certificate"]
@@ -63,7 +63,7 @@ async def issue_own_certificate(
             purpose=purpose,
         )
     )
-    if not certifies_key_of(issued.leaf, csr):
+    if not certifies_key(issued.leaf, key.public_key()):
         raise ChainError("the issued certificate carries another public key than the one generated for it")
     path = build_path(issued.leaf, list(issued.chain), roots, now=datetime.now(UTC))
     return OwnCertificate(key=key, issued=issued, path=path)

@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from csr_service.errors import AuthenticationError, InvalidRequestError
 from csr_service.identity import parse_spiffe_id
+from csr_service.pki.names import subject_alt_names
 from csr_service.pki.pem import count_pem_blocks
 
 __all__ = ["MAX_CSR_BYTES", "RULES", "ValidatedCSR", "parse_csr", "validate_csr"]
@@ -92,9 +93,10 @@ def rule_key(csr: x509.CertificateSigningRequest) -> None:
 
 def rule_subject(csr: x509.CertificateSigningRequest) -> None:
     """No common name or e-mail in the subject (identity lives in the URI SAN only)."""
-    if csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+    subject = csr.subject  # built anew on each access
+    if subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         raise _bad("subject has a common name (CN); Istio CSRs carry the identity only as a URI SAN")
-    if csr.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS):
+    if subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS):
         raise _bad("subject has an e-mail address")
 
 
@@ -126,25 +128,18 @@ def rule_extensions(csr: x509.CertificateSigningRequest) -> None:
 
 def rule_san(csr: x509.CertificateSigningRequest) -> None:
     """Exactly one SAN entry: a SPIFFE URI. No DNS, IP, e-mail or other names."""
-    try:
-        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound as exc:
-        raise _bad("no SubjectAltName; expected one spiffe:// URI") from exc
-    for kind, label in (
-        (x509.DNSName, "DNS"),
-        (x509.IPAddress, "IP"),
-        (x509.RFC822Name, "e-mail"),
-        (x509.DirectoryName, "directory name"),
-        (x509.RegisteredID, "registered ID"),
-        (x509.OtherName, "other name"),
-    ):
-        if san.get_values_for_type(kind):
+    names = subject_alt_names(csr)
+    if not names.present:
+        raise _bad("no SubjectAltName; expected one spiffe:// URI")
+    for label, present in (("DNS", names.dns_names), ("IP", names.ip_addresses)):
+        if present:
             raise _bad(f"{label} SANs are not allowed; only the workload's spiffe:// URI")
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        raise _bad(f"expected exactly one URI SAN, found {len(uris)}")
+    if names.other:
+        raise _bad(f"{names.other[0]} SANs are not allowed; only the workload's spiffe:// URI")
+    if len(names.uris) != 1:
+        raise _bad(f"expected exactly one URI SAN, found {len(names.uris)}")
     try:
-        parse_spiffe_id(uris[0])
+        parse_spiffe_id(names.uris[0])
     except ValueError as exc:
         raise _bad("URI SAN is not a spiffe://<trust-domain>/ns/<ns>/sa/<sa> identity", str(exc)) from exc
 
@@ -168,9 +163,7 @@ def validate_csr(pem: str | bytes, allowed_identities: Sequence[str]) -> Validat
     csr, data = parse_csr(pem)
     for rule in RULES:
         rule(csr)
-    uri = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-        x509.UniformResourceIdentifier
-    )[0]
+    uri = subject_alt_names(csr).uris[0]  # rule_san made sure there is exactly one
     if uri not in allowed_identities:
         raise AuthenticationError(
             "the CSR identity does not match the caller",

@@ -15,7 +15,8 @@ from cryptography import x509
 from csr_service.errors import InternalError
 from csr_service.issuers.base import IssuedChain, SigningRequest
 from csr_service.pipeline.trust import TrustSnapshot
-from csr_service.pki.chain import ChainError, build_path, certifies_key_of, signed_by
+from csr_service.pki.chain import ChainError, build_path, certifies_key, signed_by
+from csr_service.pki.names import subject_alt_names
 from csr_service.pki.pem import cert_to_pem
 
 __all__ = ["ChainVerifier"]
@@ -69,23 +70,21 @@ class ChainVerifier:
 
     @staticmethod
     def _check_leaf(leaf: x509.Certificate, request: SigningRequest, now: datetime) -> None:
-        if not certifies_key_of(leaf, request.csr):
+        if not certifies_key(leaf, request.public_key()):
             raise InternalError(
                 "the issued certificate is invalid", detail="issued leaf has another public key than the CSR"
             )
-        try:
-            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound as exc:
-            raise InternalError("the issued certificate is invalid", detail="issued leaf has no SAN") from exc
-        got_uris = sorted(san.get_values_for_type(x509.UniformResourceIdentifier))
-        got_dns = sorted(san.get_values_for_type(x509.DNSName))
+        names = subject_alt_names(leaf)
+        if not names.present:
+            raise InternalError("the issued certificate is invalid", detail="issued leaf has no SAN")
+        got_uris, got_dns, _ = names.sorted_names()
         if got_uris != sorted(request.uris) or (request.dns_names and got_dns != sorted(request.dns_names)):
             raise InternalError(
                 "the issued certificate is invalid",
                 detail=f"issued leaf names URIs={got_uris} DNS={got_dns}, asked URIs={list(request.uris)} "
                 f"DNS={list(request.dns_names)}",
             )
-        if request.purpose == "workload" and (got_dns or san.get_values_for_type(x509.IPAddress)):
+        if request.purpose == "workload" and (got_dns or names.ip_addresses):
             raise InternalError("the issued certificate is invalid", detail="issued workload leaf carries DNS/IP SANs")
         if leaf.not_valid_after_utc > now + request.ttl + _TTL_SLACK:
             raise InternalError(

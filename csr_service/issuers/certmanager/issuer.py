@@ -40,6 +40,7 @@ from csr_service.issuers.certmanager.sweeper import sweep
 from csr_service.issuers.certmanager.watch import RequestWatch
 from csr_service.kube.rest import KubeAPIError
 from csr_service.pki.chain import fingerprint, is_self_signed, order_chain
+from csr_service.pki.names import subject_alt_names
 from csr_service.pki.pem import parse_certs
 
 __all__ = [
@@ -401,15 +402,7 @@ def _check_csr_names(request: SigningRequest) -> None:
     certificate's CSR carries its names, so this holds in practice; checking it keeps the
     contract (names come from the request) even for a caller that breaks that rule.
     """
-    try:
-        san = request.csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = (
-            sorted(san.get_values_for_type(x509.UniformResourceIdentifier)),
-            sorted(san.get_values_for_type(x509.DNSName)),
-            sorted(str(ip) for ip in san.get_values_for_type(x509.IPAddress)),
-        )
-    except x509.ExtensionNotFound:
-        names = ([], [], [])
+    names = subject_alt_names(request.csr).sorted_names()
     wanted = (sorted(request.uris), sorted(request.dns_names), sorted(request.ip_addresses))
     if names != wanted:
         raise InternalError(

@@ -30,7 +30,8 @@ from csr_service.issuers import IssuerContext
 from csr_service.issuers.base import IssuedChain, SigningRequest
 from csr_service.issuers.vault.client import VaultClient, response_object, response_warnings
 from csr_service.issuers.vault.settings import ConnectionSettings, IssuerSettings
-from csr_service.pki.chain import certifies_key_of, fingerprint, is_self_signed, order_chain
+from csr_service.pki.chain import certifies_key, fingerprint, is_self_signed, order_chain
+from csr_service.pki.names import subject_alt_names
 from csr_service.pki.pem import parse_certs
 
 __all__ = ["VaultIssuer", "create"]
@@ -262,25 +263,14 @@ class VaultIssuer:
         return list(roots.values())
 
 
-def _names(cert: x509.Certificate) -> tuple[list[str], list[str], list[str]]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return [], [], []
-    return (
-        san.get_values_for_type(x509.UniformResourceIdentifier),
-        san.get_values_for_type(x509.DNSName),
-        [str(ip) for ip in san.get_values_for_type(x509.IPAddress)],
-    )
-
-
 def _check_leaf(leaf: x509.Certificate, request: SigningRequest, *, received: datetime, path: str) -> None:
     """The contract's MUSTs on what Vault returned: key, exact names, lifetime."""
-    if not certifies_key_of(leaf, request.csr):
+    if not certifies_key(leaf, request.public_key()):
         raise InternalError("the certificate authority certified a different key", detail=f"{path}: leaf key ≠ CSR key")
-    uris, dns, ips = _names(leaf)
+    names = subject_alt_names(leaf)
+    uris, dns, ips = list(names.uris), list(names.dns_names), list(names.ip_addresses)
     want = (sorted(request.uris), sorted(request.dns_names), sorted(request.ip_addresses))
-    if (sorted(uris), sorted(dns), sorted(ips)) != want:
+    if names.sorted_names() != want:
         # Typically a role with use_csr_sans=true given a CSR without those names: the
         # operator has to fix the role (or the CSR source), so FAILED_PRECONDITION.
         raise FailedPreconditionError(
