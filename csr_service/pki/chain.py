@@ -12,8 +12,9 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 __all__ = ["ChainError", "build_path", "certifies_key", "fingerprint", "is_self_signed", "order_chain"]
@@ -45,9 +46,32 @@ def signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     if child.issuer != parent.subject:
         return False
     try:
-        child.verify_directly_issued_by(parent)
-    except (InvalidSignature, ValueError, TypeError):
+        return _signature_valid(child, parent.public_key())
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
         return False
+
+
+def _signature_valid(child: x509.Certificate, key: CertificatePublicKeyTypes) -> bool:
+    """Check ``child``'s signature with ``key``, which must be of the signature's kind.
+
+    What ``verify_directly_issued_by`` does after its name check, but with the parent's key
+    object, which a certificate parses once and keeps: verify_directly_issued_by rebuilds
+    the key from the parent's DER on every call (~20 µs of a ~90 µs P-256 check, paid for
+    every issued certificate).
+    """
+    params = child.signature_algorithm_parameters
+    signature, tbs = child.signature, child.tbs_certificate_bytes
+    if isinstance(key, rsa.RSAPublicKey) and isinstance(params, padding.PKCS1v15 | padding.PSS):
+        digest = child.signature_hash_algorithm
+        if digest is None:
+            return False
+        key.verify(signature, tbs, params, digest)
+    elif isinstance(key, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
+        key.verify(signature, tbs, params)
+    elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey) and params is None:
+        key.verify(signature, tbs)
+    else:
+        return False  # DSA, or a signature algorithm that does not fit the key
     return True
 
 
