@@ -10,31 +10,42 @@ Starts an OpenBao dev server (the test bed's, with the ``pki`` root mount and th
 - **csr-service**: ``csr-service serve --dev --issuer vault`` (TLS, JWT, CSR checks, Vault
   round trip, chain verification) driven by ghz with the same CSR, TTL and concurrency.
 
-It prints CSR/s and p50/p99 for both and the ratio (goal: >= 80% of the direct ceiling), the
-median of ``--rounds`` alternating rounds, and the CPU each certificate cost OpenBao, the
-direct client and csr-service (which explains the ratio when the cores are the bottleneck).
-Everything shares the machine's cores: OpenBao, csr-service, ghz and the direct client.
-Numbers are printed, never asserted.
+- **bare forwarder** (``bench.vault_forwarder``): the cheapest possible gRPC front for the
+  same sign call — grpcio with TLS and the same workers, the same ghz load, csr-service's
+  HTTP client, and none of a CA's work (no authentication, CSR checks or verification). It
+  shows what share of the ceiling the gRPC transport and load generator leave to anyone.
+
+It prints CSR/s and p50/p99 for all three and the ratios (goal: csr-service >= 80% of the
+direct ceiling), the median of ``--rounds`` alternating rounds, and the CPU each certificate
+cost OpenBao, the direct client, the forwarder and csr-service (which explains the ratios
+when the cores are the bottleneck). Everything shares the machine's cores: OpenBao,
+csr-service, the forwarder, ghz and the direct client. Numbers are printed, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import hvac
 from requests.adapters import HTTPAdapter
 
 from bench.common import LoadResult, cpu_seconds, run_ghz
-from csr_service.pki.certs import build_csr
+from csr_service.pki.certs import LeafSpec, build_csr, build_leaf, build_self_signed_ca
 from csr_service.pki.keys import KeyType, generate_key
+from csr_service.pki.pem import cert_to_pem, key_to_pem
 from tests.support.dev_server import free_port, running_server
 from tests.testbed.openbao import POLICY, ROLE, ROLE_PARAMS, start_openbao
 
@@ -110,6 +121,33 @@ def direct(address: str, token: str, csr: str, concurrency: int, requests: int) 
     return DirectResult(concurrency, n, n / elapsed, q[49] * 1000, q[98] * 1000, cpu / n * 1000)
 
 
+@contextlib.contextmanager
+def running_forwarder(tmp: Path, vault_address: str, token_file: Path, workers: int) -> Iterator[tuple[str, Path, int]]:
+    """Start ``bench.vault_forwarder`` with a throwaway TLS certificate for localhost;
+    yields (address, its root certificate, the launcher's pid)."""
+    ca_key, leaf_key = generate_key(KeyType.EC_P256), generate_key(KeyType.EC_P256)
+    ca = build_self_signed_ca(ca_key, common_name="bench forwarder CA")
+    spec = LeafSpec(not_after=datetime.now(UTC) + timedelta(days=1), dns_names=("localhost",))
+    leaf = build_leaf(leaf_key.public_key(), spec, ca, ca_key)
+    (tmp / "fwd-ca.pem").write_text(cert_to_pem(ca))
+    (tmp / "fwd-cert.pem").write_text(cert_to_pem(leaf))
+    (tmp / "fwd-key.pem").write_bytes(key_to_pem(leaf_key))
+    (tmp / "fwd-key.pem").chmod(0o600)
+    address = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "bench.vault_forwarder", "--listen", address, "--workers", str(workers)]
+    cmd += ["--cert", str(tmp / "fwd-cert.pem"), "--key", str(tmp / "fwd-key.pem"), "--uri", IDENTITY]
+    cmd += ["--vault-address", vault_address, "--vault-token-file", str(token_file), "--role", ROLE]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("bench.vault_forwarder did not start")
+        yield address, tmp / "fwd-ca.pem", proc.pid
+    finally:
+        proc.kill()  # its workers are daemonic children: they go with it
+        proc.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=3000, help="requests per load level (a quarter at c=1)")
@@ -138,15 +176,18 @@ def main() -> None:
             serve += ["--vault-role", ROLE, "--vault-serving-role", "serving"]
             serve += ["--vault-max-connections", str(args.vault_max_connections)]
             csr = _csr()
-            rows: list[tuple[DirectResult, LoadResult, float, float]] = []
+            rows: list[tuple[DirectResult, LoadResult, LoadResult, float, float]] = []
             bao_pids = [bao._proc.pid]
-            with running_server(
-                serve,
-                root_cert=tmp / "vault-root.pem",
-                state_dir=tmp / "state",
-                log_path=tmp / "server.log",
-                port=port,
-            ) as srv:
+            with (
+                running_server(
+                    serve,
+                    root_cert=tmp / "vault-root.pem",
+                    state_dir=tmp / "state",
+                    log_path=tmp / "server.log",
+                    port=port,
+                ) as srv,
+                running_forwarder(tmp, bao.address, tmp / "vault-token", args.workers) as (fwd, fwd_root, fwd_pid),
+            ):
                 jwt = srv.token("default", "bench", ttl="24h")
 
                 def through(concurrency: int, requests: int, label: str = "csr-service (vault)") -> LoadResult:
@@ -163,7 +204,22 @@ def main() -> None:
                         validity=TTL_SECONDS,
                     )
 
+                def forwarded(concurrency: int, requests: int) -> LoadResult:
+                    return run_ghz(
+                        label="bare gRPC forwarder",
+                        address=fwd,
+                        root_cert=fwd_root,
+                        token=jwt,  # ignored by the forwarder; sent so both carry the same bytes
+                        csr_pem=csr,
+                        concurrency=concurrency,
+                        requests=requests,
+                        server_pid=fwd_pid,
+                        connections=min(concurrency, 4 * args.workers),
+                        validity=TTL_SECONDS,
+                    )
+
                 through(4, 300, "warm-up")
+                forwarded(4, 300)
                 direct(bao.address, token, csr, 4, 300)
                 for conc in levels:
                     n = args.requests if conc > 1 else args.requests // 4
@@ -175,10 +231,13 @@ def main() -> None:
                         d = direct(bao.address, token, csr, conc, n)
                         b1 = cpu_seconds(bao_pids)
                         print(d.row(), flush=True)
-                        s = through(conc, n)
+                        f = forwarded(conc, n)
+                        print(f.row(), flush=True)
                         b2 = cpu_seconds(bao_pids)
+                        s = through(conc, n)
+                        b3 = cpu_seconds(bao_pids)
                         print(s.row(), flush=True)
-                        rounds.append((d, s, (b1 - b0) / d.count * 1000, (b2 - b1) / max(s.ok, 1) * 1000))
+                        rounds.append((d, s, f, (b1 - b0) / d.count * 1000, (b3 - b2) / max(s.ok, 1) * 1000))
                     rounds.sort(key=lambda r: r[1].rps / r[0].rps if r[0].rps else 0.0)
                     rows.append(rounds[len(rounds) // 2])
                 log = srv.log()
@@ -186,18 +245,25 @@ def main() -> None:
             bao.stop()
 
     print(f"\nSummary (median of {args.rounds} alternating rounds; same OpenBao, CSR and TTL; all on this machine)")
-    for d, s, bao_direct, bao_through in rows:
+    for d, s, f, bao_direct, bao_through in rows:
         ratio = s.rps / d.rps if d.rps else float("nan")
         print(
             f"c={d.concurrency:<3} direct {d.rps:6.0f} CSR/s (p50 {d.p50_ms:5.1f} / p99 {d.p99_ms:6.1f} ms)  "
             f"csr-service {s.rps:6.0f} CSR/s (p50 {s.p50_ms:5.1f} / p99 {s.p99_ms:6.1f} ms)  "
             f"{ratio:4.0%} of the ceiling (goal >= 80%)" + (f"  errors={s.errors}" if s.errors else "")
         )
+        print(
+            f"      bare gRPC forwarder {f.rps:6.0f} CSR/s (p50 {f.p50_ms:5.1f} ms): "
+            f"{f.rps / d.rps:4.0%} of the ceiling; "
+            f"csr-service does a CA's work at {s.rps / f.rps:4.0%} of the forwarder's rate"
+            + (f"  forwarder errors={f.errors}" if f.errors else "")
+        )
         server_ms = s.server_cpu_cores / s.rps * 1000 if s.rps else float("nan")
+        fwd_ms = f.server_cpu_cores / f.rps * 1000 if f.rps else float("nan")
         print(
             f"      CPU per certificate: OpenBao {bao_direct:4.2f} ms direct / {bao_through:4.2f} ms through; "
-            f"direct client {d.client_cpu_ms:4.2f} ms; csr-service {server_ms:4.2f} ms (all workers) "
-            f"+ ghz {s.loadgen_cpu_ms:4.2f} ms"
+            f"direct client {d.client_cpu_ms:4.2f} ms; forwarder {fwd_ms:4.2f} ms; csr-service {server_ms:4.2f} ms "
+            f"(all workers) + ghz {s.loadgen_cpu_ms:4.2f} ms"
         )
     if "Traceback" in log:
         print("WARNING: the server logged a traceback during the run")
