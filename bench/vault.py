@@ -1,9 +1,11 @@
 """Benchmark: CreateCertificate through csr-service with the Vault issuer, next to the ceiling.
 
     python -m bench.vault [--requests 3000] [--concurrency 1,16,64] [--workers 2] [--rounds 3]
+                          [--key-types rsa2048,ec-p256]
 
 Starts an OpenBao dev server (the test bed's, with the ``pki`` root mount and the SPIFFE role
-``spiffe``), then, for each concurrency, in the same run and against the same OpenBao:
+``spiffe``), then, for each workload key type (``--key-types``: RSA 2048, istio-agent's
+default, and ECDSA P-256) and concurrency, in the same run and against the same OpenBao:
 
 - **direct**: hvac ``POST pki/sign/spiffe`` calls from a thread pool sharing one pooled hvac
   client — what a Vault client can get out of this OpenBao at all (the ceiling);
@@ -83,10 +85,15 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _csr() -> str:
+#: Workload key types, by --key-types name. istio-agent's default is RSA 2048
+#: (WORKLOAD_RSA_KEY_SIZE); ECDSA P-256 with ECC_SIGNATURE_ALGORITHM=ECDSA.
+KEY_TYPES = {"rsa2048": KeyType.RSA2048, "ec-p256": KeyType.EC_P256}
+
+
+def _csr(kind: KeyType = KeyType.EC_P256) -> str:
     from cryptography.hazmat.primitives import serialization
 
-    return build_csr(generate_key(KeyType.EC_P256), uris=(IDENTITY,)).public_bytes(serialization.Encoding.PEM).decode()
+    return build_csr(generate_key(kind), uris=(IDENTITY,)).public_bytes(serialization.Encoding.PEM).decode()
 
 
 def direct(address: str, token: str, csr: str, concurrency: int, requests: int) -> DirectResult:
@@ -155,8 +162,17 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="csr-service worker processes")
     ap.add_argument("--vault-max-connections", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per level; the median is kept")
+    ap.add_argument(
+        "--key-types",
+        default="rsa2048,ec-p256",
+        help="workload CSR key types (rsa2048 is istio-agent's default, ec-p256 its ECDSA option)",
+    )
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    kinds = [k.strip() for k in args.key_types.split(",") if k.strip()]
+    for kind in kinds:
+        if kind not in KEY_TYPES:
+            ap.error(f"--key-types: unknown {kind!r}; choose from {', '.join(KEY_TYPES)}")
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -175,8 +191,8 @@ def main() -> None:
             serve += ["--vault-address", bao.address, "--vault-token-file", str(tmp / "vault-token")]
             serve += ["--vault-role", ROLE, "--vault-serving-role", "serving"]
             serve += ["--vault-max-connections", str(args.vault_max_connections)]
-            csr = _csr()
-            rows: list[tuple[DirectResult, LoadResult, LoadResult, float, float]] = []
+            csrs = {kind: _csr(KEY_TYPES[kind]) for kind in kinds}
+            rows: list[tuple[str, DirectResult, LoadResult, LoadResult, float, float]] = []
             bao_pids = [bao._proc.pid]
             with (
                 running_server(
@@ -190,7 +206,9 @@ def main() -> None:
             ):
                 jwt = srv.token("default", "bench", ttl="24h")
 
-                def through(concurrency: int, requests: int, label: str = "csr-service (vault)") -> LoadResult:
+                def through(
+                    csr: str, concurrency: int, requests: int, label: str = "csr-service (vault)"
+                ) -> LoadResult:
                     return run_ghz(
                         label=label,
                         address=srv.address,
@@ -204,7 +222,7 @@ def main() -> None:
                         validity=TTL_SECONDS,
                     )
 
-                def forwarded(concurrency: int, requests: int) -> LoadResult:
+                def forwarded(csr: str, concurrency: int, requests: int) -> LoadResult:
                     return run_ghz(
                         label="bare gRPC forwarder",
                         address=fwd,
@@ -218,37 +236,43 @@ def main() -> None:
                         validity=TTL_SECONDS,
                     )
 
-                through(4, 300, "warm-up")
-                forwarded(4, 300)
-                direct(bao.address, token, csr, 4, 300)
-                for conc in levels:
-                    n = args.requests if conc > 1 else args.requests // 4
-                    # Alternate direct / through-csr-service rounds and keep the median pair, so
-                    # a burst of other work on this shared machine does not decide the ratio.
-                    rounds = []
-                    for _ in range(args.rounds):
-                        b0 = cpu_seconds(bao_pids)
-                        d = direct(bao.address, token, csr, conc, n)
-                        b1 = cpu_seconds(bao_pids)
-                        print(d.row(), flush=True)
-                        f = forwarded(conc, n)
-                        print(f.row(), flush=True)
-                        b2 = cpu_seconds(bao_pids)
-                        s = through(conc, n)
-                        b3 = cpu_seconds(bao_pids)
-                        print(s.row(), flush=True)
-                        rounds.append((d, s, f, (b1 - b0) / d.count * 1000, (b3 - b2) / max(s.ok, 1) * 1000))
-                    rounds.sort(key=lambda r: r[1].rps / r[0].rps if r[0].rps else 0.0)
-                    rows.append(rounds[len(rounds) // 2])
+                for csr in csrs.values():
+                    through(csr, 4, 300, "warm-up")
+                    forwarded(csr, 4, 300)
+                    direct(bao.address, token, csr, 4, 300)
+                for kind, csr in csrs.items():
+                    for conc in levels:
+                        n = args.requests if conc > 1 else args.requests // 4
+                        # Alternate direct / forwarder / csr-service rounds and keep the median, so
+                        # a burst of other work on this shared machine does not decide the ratio.
+                        print(f"-- {kind} CSRs, c={conc}", flush=True)
+                        rounds = []
+                        for _ in range(args.rounds):
+                            b0 = cpu_seconds(bao_pids)
+                            d = direct(bao.address, token, csr, conc, n)
+                            b1 = cpu_seconds(bao_pids)
+                            print(d.row(), flush=True)
+                            f = forwarded(csr, conc, n)
+                            print(f.row(), flush=True)
+                            b2 = cpu_seconds(bao_pids)
+                            s = through(csr, conc, n)
+                            b3 = cpu_seconds(bao_pids)
+                            print(s.row(), flush=True)
+                            rounds.append((kind, d, s, f, (b1 - b0) / d.count * 1000, (b3 - b2) / max(s.ok, 1) * 1000))
+                        rounds.sort(key=lambda r: r[2].rps / r[1].rps if r[1].rps else 0.0)
+                        rows.append(rounds[len(rounds) // 2])
                 log = srv.log()
         finally:
             bao.stop()
 
-    print(f"\nSummary (median of {args.rounds} alternating rounds; same OpenBao, CSR and TTL; all on this machine)")
-    for d, s, f, bao_direct, bao_through in rows:
+    print(
+        f"\nSummary (median of {args.rounds} alternating rounds; same OpenBao, CSRs and TTL; all on this machine; "
+        "rsa2048 is istio-agent's default key)"
+    )
+    for kind, d, s, f, bao_direct, bao_through in rows:
         ratio = s.rps / d.rps if d.rps else float("nan")
         print(
-            f"c={d.concurrency:<3} direct {d.rps:6.0f} CSR/s (p50 {d.p50_ms:5.1f} / p99 {d.p99_ms:6.1f} ms)  "
+            f"{kind:<8} c={d.concurrency:<3} direct {d.rps:6.0f} CSR/s (p50 {d.p50_ms:5.1f} / p99 {d.p99_ms:6.1f} ms)  "
             f"csr-service {s.rps:6.0f} CSR/s (p50 {s.p50_ms:5.1f} / p99 {s.p99_ms:6.1f} ms)  "
             f"{ratio:4.0%} of the ceiling (goal >= 80%)" + (f"  errors={s.errors}" if s.errors else "")
         )
