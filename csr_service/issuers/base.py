@@ -77,6 +77,11 @@ class SigningRequest:
     purpose: str = "workload"
     _public_key: CertificatePublicKeyTypes | None = field(default=None, init=False, repr=False, compare=False)
 
+    def sorted_names(self) -> tuple[list[str], list[str], list[str]]:
+        """(URIs, DNS names, IP addresses) to certify, each sorted: compares with
+        :meth:`csr_service.pki.names.SubjectAltNames.sorted_names`."""
+        return sorted(self.uris), sorted(self.dns_names), sorted(self.ip_addresses)
+
     def public_key(self) -> CertificatePublicKeyTypes:
         """The CSR's public key. Parsed once: each parse costs ~5 µs, and both the issuer's and
         the pipeline's checks of the issued leaf need it."""

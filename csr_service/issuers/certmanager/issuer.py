@@ -403,7 +403,7 @@ def _check_csr_names(request: SigningRequest) -> None:
     contract (names come from the request) even for a caller that breaks that rule.
     """
     names = subject_alt_names(request.csr).sorted_names()
-    wanted = (sorted(request.uris), sorted(request.dns_names), sorted(request.ip_addresses))
+    wanted = request.sorted_names()
     if names != wanted:
         raise InternalError(
             "the certificate request cannot be signed as asked",

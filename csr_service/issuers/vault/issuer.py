@@ -268,9 +268,9 @@ def _check_leaf(leaf: x509.Certificate, request: SigningRequest, *, received: da
     if not certifies_key(leaf, request.public_key()):
         raise InternalError("the certificate authority certified a different key", detail=f"{path}: leaf key ≠ CSR key")
     names = subject_alt_names(leaf)
-    uris, dns, ips = list(names.uris), list(names.dns_names), list(names.ip_addresses)
-    want = (sorted(request.uris), sorted(request.dns_names), sorted(request.ip_addresses))
+    want = request.sorted_names()
     if names.sorted_names() != want:
+        uris, dns, ips = list(names.uris), list(names.dns_names), list(names.ip_addresses)
         # Typically a role with use_csr_sans=true given a CSR without those names: the
         # operator has to fix the role (or the CSR source), so FAILED_PRECONDITION.
         raise FailedPreconditionError(
