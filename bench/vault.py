@@ -151,7 +151,7 @@ def running_forwarder(tmp: Path, vault_address: str, token_file: Path, workers: 
             raise RuntimeError("bench.vault_forwarder did not start")
         yield address, tmp / "fwd-ca.pem", proc.pid
     finally:
-        proc.kill()  # its workers are daemonic children: they go with it
+        proc.kill()  # its workers follow (PR_SET_PDEATHSIG, see bench.vault_forwarder)
         proc.wait()
 
 
@@ -206,39 +206,25 @@ def main() -> None:
             ):
                 jwt = srv.token("default", "bench", ttl="24h")
 
-                def through(
-                    csr: str, concurrency: int, requests: int, label: str = "csr-service (vault)"
-                ) -> LoadResult:
+                def load(target: str, csr: str, concurrency: int, requests: int, label: str = "") -> LoadResult:
+                    """ghz against csr-service (``target="service"``) or the forwarder, same load."""
+                    service = target == "service"
                     return run_ghz(
-                        label=label,
-                        address=srv.address,
-                        root_cert=srv.root_cert,
-                        token=jwt,
+                        label=label or ("csr-service (vault)" if service else "bare gRPC forwarder"),
+                        address=srv.address if service else fwd,
+                        root_cert=srv.root_cert if service else fwd_root,
+                        token=jwt,  # the forwarder ignores it; sent so both carry the same bytes
                         csr_pem=csr,
                         concurrency=concurrency,
                         requests=requests,
-                        server_pid=srv.proc.pid,
-                        connections=min(concurrency, 4 * args.workers),
-                        validity=TTL_SECONDS,
-                    )
-
-                def forwarded(csr: str, concurrency: int, requests: int) -> LoadResult:
-                    return run_ghz(
-                        label="bare gRPC forwarder",
-                        address=fwd,
-                        root_cert=fwd_root,
-                        token=jwt,  # ignored by the forwarder; sent so both carry the same bytes
-                        csr_pem=csr,
-                        concurrency=concurrency,
-                        requests=requests,
-                        server_pid=fwd_pid,
+                        server_pid=srv.proc.pid if service else fwd_pid,
                         connections=min(concurrency, 4 * args.workers),
                         validity=TTL_SECONDS,
                     )
 
                 for csr in csrs.values():
-                    through(csr, 4, 300, "warm-up")
-                    forwarded(csr, 4, 300)
+                    load("service", csr, 4, 300, "warm-up")
+                    load("forwarder", csr, 4, 300, "warm-up")
                     direct(bao.address, token, csr, 4, 300)
                 for kind, csr in csrs.items():
                     for conc in levels:
@@ -252,10 +238,10 @@ def main() -> None:
                             d = direct(bao.address, token, csr, conc, n)
                             b1 = cpu_seconds(bao_pids)
                             print(d.row(), flush=True)
-                            f = forwarded(csr, conc, n)
+                            f = load("forwarder", csr, conc, n)
                             print(f.row(), flush=True)
                             b2 = cpu_seconds(bao_pids)
-                            s = through(csr, conc, n)
+                            s = load("service", csr, conc, n)
                             b3 = cpu_seconds(bao_pids)
                             print(s.row(), flush=True)
                             rounds.append((kind, d, s, f, (b1 - b0) / d.count * 1000, (b3 - b2) / max(s.ok, 1) * 1000))

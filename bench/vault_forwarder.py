@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
+from csr_service.app import die_with_parent
 from csr_service.httpclient import AsyncHTTP
 
 
@@ -55,6 +56,9 @@ class _Forwarder(ca_pb2_grpc.IstioCertificateServiceServicer):
 
 
 def _worker(args: argparse.Namespace, ready: multiprocessing.connection.Connection) -> None:
+    # Killing the launcher (what bench.vault does) must take its workers along: daemonic
+    # children are only reaped on a normal exit, so without this they outlived every run.
+    die_with_parent()
     token = Path(args.vault_token_file).read_text().strip()
     creds = grpc.ssl_server_credentials([(Path(args.key).read_bytes(), Path(args.cert).read_bytes())])
 

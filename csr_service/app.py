@@ -48,7 +48,7 @@ from csr_service.transport.http import HttpApp, HttpServer, HttpThread
 from csr_service.transport.servicer import IstioCertificateServicer
 from csr_service.transport.serving_cert import ServingCertificate
 
-__all__ = ["Service", "build_service", "run"]
+__all__ = ["Service", "build_service", "die_with_parent", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -258,14 +258,15 @@ async def serve_forever(
 # --- supervisor -----------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: a worker must not outlive a supervisor that was SIGKILLed.
+def die_with_parent() -> None:
+    """Get SIGTERM when the parent process dies (PR_SET_PDEATHSIG): a worker must not
+    outlive a supervisor that was SIGKILLed."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def _worker_main(config: Config, conn: multiprocessing.connection.Connection, index: int) -> None:
-    _die_with_parent()
+    die_with_parent()
     setup_logging(config.log_level, config.log_format, worker=index)
 
     def send(message: tuple[str, Any]) -> None:
