@@ -22,7 +22,7 @@ from csr_service.identity import parse_spiffe_id
 from csr_service.pki.names import subject_alt_names
 from csr_service.pki.pem import count_pem_blocks
 
-__all__ = ["MAX_CSR_BYTES", "RULES", "ValidatedCSR", "parse_csr", "validate_csr"]
+__all__ = ["MAX_CSR_BYTES", "RULES", "ValidatedCSR", "parse_csr", "rule_signature", "validate_csr"]
 
 #: A P-384 CSR is ~600 bytes, RSA-8192 ~2.5 KiB; refuse anything far beyond before parsing.
 MAX_CSR_BYTES = 64 * 1024
@@ -144,18 +144,21 @@ def rule_san(csr: x509.CertificateSigningRequest) -> None:
         raise _bad("URI SAN is not a spiffe://<trust-domain>/ns/<ns>/sa/<sa> identity", str(exc)) from exc
 
 
-#: The rules, in the order they run. Cheap structural checks first, the signature last.
+#: The structural rules, in the order they run; :func:`rule_signature`, the one costly
+#: rule (a public-key verification), runs after them.
 RULES: Sequence[Callable[[x509.CertificateSigningRequest], None]] = (
     rule_key,
     rule_subject,
     rule_extensions,
     rule_san,
-    rule_signature,
 )
 
 
-def validate_csr(pem: str | bytes, allowed_identities: Sequence[str]) -> ValidatedCSR:
+def validate_csr(pem: str | bytes, allowed_identities: Sequence[str], *, check_signature: bool = True) -> ValidatedCSR:
     """Run every rule, then check the CSR asks for exactly one of ``allowed_identities``.
+
+    ``check_signature=False`` leaves the proof of possession to an issuer whose backend
+    verifies it itself (``Issuer.checks_csr_signature``, see csr_service.issuers.base).
 
     Raises InvalidRequestError for a malformed or forbidden CSR, AuthenticationError when a
     well-formed CSR names another identity than the caller's.
@@ -163,6 +166,8 @@ def validate_csr(pem: str | bytes, allowed_identities: Sequence[str]) -> Validat
     csr, data = parse_csr(pem)
     for rule in RULES:
         rule(csr)
+    if check_signature:
+        rule_signature(csr)
     uri = subject_alt_names(csr).uris[0]  # rule_san made sure there is exactly one
     if uri not in allowed_identities:
         raise AuthenticationError(

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from cryptography import x509
+
 from csr_service.errors import FailedPreconditionError, InvalidRequestError
 from csr_service.issuers.base import Issuer, SigningRequest
 from csr_service.metrics import observe_sign
 from csr_service.pipeline.authn import Authenticator
 from csr_service.pipeline.clusterid import check_cluster_id
 from csr_service.pipeline.context import RequestContext
-from csr_service.pipeline.csr import validate_csr
+from csr_service.pipeline.csr import rule_signature, validate_csr
 from csr_service.pipeline.duration import decide_ttl
 from csr_service.pipeline.impersonation import IMPERSONATION_KEY, ImpersonationPolicy, NoImpersonation
 from csr_service.pipeline.trust import TrustBundle
@@ -78,9 +80,12 @@ class CertificatePipeline:
             if not isinstance(requested, str):
                 raise InvalidRequestError(f"{IMPERSONATION_KEY} must be a string")
             identities = (await self.impersonation.authorize(caller, requested),)
-        validated = validate_csr(csr, identities)  # ~0.1 ms: inline (see csr_service.cpu)
-
         issuer = self.issuers.current
+        # The proof of possession is verified once: here, or by a backend that always does it.
+        backend_checks_signature = getattr(issuer, "checks_csr_signature", False) is True
+        # ~0.1 ms: inline (see csr_service.cpu)
+        validated = validate_csr(csr, identities, check_signature=not backend_checks_signature)
+
         now = datetime.now(UTC)
         # getattr, not isinstance(SigningCAInfo): runtime Protocol checks cost ~10 µs per call.
         not_after_of = getattr(issuer, "signing_ca_not_after", None)
@@ -101,7 +106,12 @@ class CertificatePipeline:
             uris=(validated.uri,),
             request_id=ctx.request_id,
         )
-        issued = await observe_sign(issuer, request)  # timed and counted per issuer
+        try:
+            issued = await observe_sign(issuer, request)  # timed and counted per issuer
+        except FailedPreconditionError as exc:
+            if backend_checks_signature:  # refused: a forged CSR, or the backend's configuration?
+                _signature_or_refusal(validated.csr, exc)
+            raise
         trust = self.trust.current
         # A fresh clock reading: a remote backend may take a while and stamp its own "now".
         leaf_pem, intermediates = self._verifier.verify(issued, request, trust, now=datetime.now(UTC))
@@ -117,3 +127,14 @@ class CertificatePipeline:
                 (time.perf_counter() - started) * 1000,
             )
         return response_chain(leaf_pem, intermediates, trust)
+
+
+def _signature_or_refusal(csr: x509.CertificateSigningRequest, refusal: FailedPreconditionError) -> None:
+    """Raise INVALID_ARGUMENT if the backend refused a CSR whose signature does not verify:
+    the caller's CSR is at fault, not the backend's configuration the refusal points at."""
+    try:
+        rule_signature(csr)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(
+            exc.public, detail=f"{exc.detail}; the backend refused it too: {refusal.detail}"
+        ) from refusal

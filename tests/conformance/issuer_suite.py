@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,11 +24,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from csr_service.errors import CSRServiceError
+from csr_service.errors import CSRServiceError, FailedPreconditionError, InvalidRequestError
 from csr_service.issuers.base import IssuedChain, Issuer
 from csr_service.pki.chain import build_path
 from csr_service.pki.keys import KeyType
-from tests.support.certs import WORKLOAD, assert_is_leaf, uri_sans
+from tests.support.certs import WORKLOAD, assert_is_leaf, forge_signature, uri_sans
 from tests.support.issuers import run_fresh, signing_request
 
 IssuerFactory = Callable[[], Issuer]
@@ -110,6 +111,25 @@ class IssuerConformance:
     ) -> None:
         issued: IssuedChain = run_fresh(issuer_factory, lambda i: i.sign(signing_request()))
         assert issued.leaf.serial_number.bit_length() >= 64 - 8  # >= 64 random bits, leading zeros aside
+
+    @pytest.mark.parametrize("key_type", [KeyType.EC_P256, KeyType.RSA2048])
+    def test_a_claimed_csr_signature_check_is_real(
+        self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate], key_type: KeyType
+    ) -> None:
+        """Contract item 7: an issuer that leaves the proof of possession to its backend must
+        be refused a CSR whose signature does not verify, in a way the pipeline re-checks."""
+        good = signing_request(key_type=key_type)
+        forged_pem = forge_signature(good.csr_pem)
+        forged = replace(good, csr=x509.load_pem_x509_csr(forged_pem), csr_pem=forged_pem)
+
+        async def body(issuer: Issuer) -> None:
+            if getattr(issuer, "checks_csr_signature", False) is not True:
+                pytest.skip("the pipeline verifies this issuer's CSR signatures itself")
+            await issuer.sign(forged)
+            raise AssertionError("the backend signed a CSR whose signature does not verify")
+
+        with pytest.raises((FailedPreconditionError, InvalidRequestError)):
+            run_fresh(issuer_factory, body)
 
     def test_failures_are_csr_service_errors(self, unusable_issuer_factory: IssuerFactory | None) -> None:
         """An issuer whose backend is unusable raises a classified error, never a raw exception."""

@@ -21,6 +21,14 @@ def csr_pem(key: PrivateKey, *, uris: tuple[str, ...] = (WORKLOAD,), **kw: objec
     return build_csr(key, uris=uris, **kw).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
 
 
+def forge_signature(pem: bytes) -> bytes:
+    """The same CSR with one byte of its signature value flipped: still parseable, but no
+    longer signed by its own key (no proof of possession)."""
+    der = bytearray(x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER))
+    der[-3] ^= 0xFF  # inside the signature value, the DER's last element
+    return x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
+
+
 def write_ca_dir(
     directory: Path,
     *,

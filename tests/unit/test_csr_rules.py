@@ -11,7 +11,7 @@ from cryptography.x509.oid import NameOID
 from csr_service.errors import AuthenticationError, InvalidRequestError
 from csr_service.pipeline.csr import MAX_CSR_BYTES, validate_csr
 from csr_service.pki.keys import KeyType, generate_key
-from tests.support.certs import WORKLOAD, csr_pem
+from tests.support.certs import WORKLOAD, csr_pem, forge_signature
 
 ALLOWED = (WORKLOAD,)
 
@@ -114,13 +114,21 @@ def test_forbidden_csr_is_invalid_argument(case: str) -> None:
     assert info.value.public.startswith("invalid CSR:")
 
 
-def test_bad_signature_is_rejected() -> None:
-    pem = csr_pem(generate_key(KeyType.EC_P256))
-    der = bytearray(x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER))
-    der[-3] ^= 0xFF  # inside the signature value
-    csr = x509.load_der_x509_csr(bytes(der))
-    with pytest.raises(InvalidRequestError, match="signature"):
-        validate_csr(csr.public_bytes(serialization.Encoding.PEM), ALLOWED)
+@pytest.mark.parametrize("key_type", [KeyType.EC_P256, KeyType.RSA2048])
+def test_bad_signature_is_rejected(key_type: KeyType) -> None:
+    forged = forge_signature(csr_pem(generate_key(key_type)))
+    with pytest.raises(InvalidRequestError, match="signature does not verify"):
+        validate_csr(forged, ALLOWED)
+
+
+def test_signature_left_to_the_backend_when_asked() -> None:
+    """check_signature=False: an issuer whose backend verifies it (issuers.base, item 7)."""
+    forged = forge_signature(csr_pem(generate_key(KeyType.EC_P256)))
+    assert validate_csr(forged, ALLOWED, check_signature=False).uri == WORKLOAD
+    with pytest.raises(InvalidRequestError, match="only the workload's spiffe"):  # every other rule still runs
+        validate_csr(
+            forge_signature(csr_pem(generate_key(KeyType.EC_P256), dns_names=("x",))), ALLOWED, check_signature=False
+        )
 
 
 def test_size_is_capped_before_parsing() -> None:

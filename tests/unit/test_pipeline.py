@@ -16,6 +16,7 @@ from csr_service.errors import (
     STATUS_TABLE,
     AuthenticationError,
     CSRServiceError,
+    FailedPreconditionError,
     InternalError,
     InvalidRequestError,
     PermissionDeniedError,
@@ -26,7 +27,7 @@ from csr_service.issuers.base import IssuedChain, SigningRequest
 from csr_service.pki.certs import build_self_signed_ca
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import parse_certs
-from tests.support.certs import WORKLOAD, csr_pem, uri_sans
+from tests.support.certs import WORKLOAD, csr_pem, forge_signature, uri_sans
 from tests.support.pipeline import ctx, make_pipeline, token
 
 
@@ -221,3 +222,74 @@ def test_not_before_of_a_non_backdating_backend(tmp_path: Path, ahead: timedelta
     else:
         with pytest.raises(InternalError, match="NotBefore"):
             _run(scenario())
+
+
+class _BackendChecksSignature:
+    """Wraps a real issuer like Vault's: claims to verify CSR signatures itself (contract item
+    7) and refuses with FailedPreconditionError, as Vault's 400 maps; ``refuse_all`` refuses
+    every CSR, as a misconfigured role does."""
+
+    name = "pop-backend"
+    checks_csr_signature = True
+
+    def __init__(self, inner: Any, *, refuse_all: bool = False) -> None:
+        self.inner, self.refuse_all, self.calls = inner, refuse_all, 0
+
+    async def sign(self, request: SigningRequest) -> IssuedChain:
+        self.calls += 1
+        if self.refuse_all or not request.csr.is_signature_valid:
+            raise FailedPreconditionError("the role refused it; check the role", detail="400 from the backend")
+        issued: IssuedChain = await self.inner.sign(request)
+        return issued
+
+
+def _with_issuer(tmp: Path, wrap: Any, csr: bytes) -> tuple[Any, BaseException | None]:
+    async def scenario() -> tuple[Any, BaseException | None]:
+        kit = await make_pipeline(tmp / "ca")
+        issuer = kit.pipeline.issuers.current = wrap(kit.issuer)
+        try:
+            await kit.pipeline.create_certificate(csr.decode(), 0, {}, ctx())
+        except CSRServiceError as exc:
+            return issuer, exc
+        return issuer, None
+
+    result: tuple[Any, BaseException | None] = _run(scenario())
+    return result
+
+
+def test_forged_csr_never_reaches_an_issuer_that_relies_on_the_pipeline(tmp_path: Path) -> None:
+    class Counting(_BackendChecksSignature):
+        checks_csr_signature = False
+
+    issuer, error = _with_issuer(tmp_path, Counting, forge_signature(csr_pem(generate_key(KeyType.EC_P256))))
+    assert isinstance(error, InvalidRequestError)
+    assert "signature does not verify" in error.public
+    assert issuer.calls == 0
+
+
+def test_signature_is_left_to_a_backend_that_checks_it(tmp_path: Path) -> None:
+    """A forged CSR reaches the backend once; its refusal becomes INVALID_ARGUMENT about the
+    signature, not FAILED_PRECONDITION about the backend's configuration."""
+    issuer, error = _with_issuer(
+        tmp_path, _BackendChecksSignature, forge_signature(csr_pem(generate_key(KeyType.EC_P256)))
+    )
+    assert issuer.calls == 1
+    assert isinstance(error, InvalidRequestError)
+    assert error.public == "invalid CSR: signature does not verify"
+    assert "the backend refused it too: 400 from the backend" in error.detail
+    assert isinstance(error.__cause__, FailedPreconditionError)
+
+
+def test_a_backend_refusing_a_good_csr_is_still_failed_precondition(tmp_path: Path) -> None:
+    issuer, error = _with_issuer(
+        tmp_path, lambda inner: _BackendChecksSignature(inner, refuse_all=True), csr_pem(generate_key(KeyType.RSA2048))
+    )
+    assert issuer.calls == 1
+    assert isinstance(error, FailedPreconditionError)
+    assert "check the role" in error.public
+
+
+def test_a_backend_that_checks_signatures_signs_good_csrs(tmp_path: Path) -> None:
+    issuer, error = _with_issuer(tmp_path, _BackendChecksSignature, csr_pem(generate_key(KeyType.EC_P256)))
+    assert error is None
+    assert issuer.calls == 1

@@ -67,6 +67,10 @@ class VaultIssuer:
     """Signs through a Vault PKI role; implements Issuer, RootsProvider and the lifecycle protocols."""
 
     name = "vault"
+    #: Vault and OpenBao refuse a CSR whose signature does not verify, on sign and on
+    #: sign-verbatim alike (400 "request signature invalid"; tests/integration/vault proves it
+    #: against OpenBao), so the pipeline does not verify it a second time (contract item 7).
+    checks_csr_signature = True
 
     def __init__(self, client: VaultClient, settings: IssuerSettings) -> None:
         self._client = client

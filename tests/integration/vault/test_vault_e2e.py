@@ -25,7 +25,7 @@ from tests.integration.vault.conftest import (
     RestartableOpenBao,
     VaultEnv,
 )
-from tests.support.certs import csr_pem, uri_sans
+from tests.support.certs import csr_pem, forge_signature, uri_sans
 from tests.support.dev_server import DevServer, free_port, running_server
 from tests.testbed.openbao import POLICY
 
@@ -66,8 +66,10 @@ def vault_server(tmp: Path, root_pem: str, values: Mapping[str, Any]) -> Iterato
         yield srv
 
 
-def create_certificate(srv: DevServer, timeout: float = 20) -> ca_pb2.IstioCertificateResponse:
-    pem = csr_pem(generate_key(KeyType.EC_P256), uris=(IDENTITY,))
+def create_certificate(
+    srv: DevServer, timeout: float = 20, pem: bytes | None = None
+) -> ca_pb2.IstioCertificateResponse:
+    pem = pem or csr_pem(generate_key(KeyType.EC_P256), uris=(IDENTITY,))
     req = ca_pb2.IstioCertificateRequest(csr=pem.decode(), validity_duration=1800)
     md = [("authorization", f"Bearer {srv.token('default', 'sleep')}")]
     with srv.channel() as ch:
@@ -174,3 +176,26 @@ def test_trust_roots_from_vault_pinned_by_fingerprint(vault_env: VaultEnv, tmp_p
     chain = [c for pem in resp.cert_chain for c in parse_certs(pem.encode())]
     assert chain[-1] == root
     assert "trust on first use" in log or "pinned by fingerprint" in log
+
+
+@pytest.mark.parametrize("verbatim", [False, True], ids=["sign", "sign-verbatim"])
+def test_forged_csr_is_refused_by_openbao_and_reported_as_invalid(
+    vault_env: VaultEnv, tmp_path: Path, verbatim: bool
+) -> None:
+    """csr-service leaves the CSR's proof of possession to Vault (issuers.base, item 7): OpenBao
+    must refuse a forged CSR on both sign paths, and the workload must still hear that its
+    CSR is invalid, not that the Vault role is misconfigured."""
+    values = vault_env.issuer_values(
+        tmp_path / "creds", role="spiffe", **{"vault-serving-role": "mesh", "vault-sign-verbatim": verbatim}
+    )
+    with vault_server(tmp_path, vault_env.bao.mounts["pki"].root_pem, values) as srv:
+        for key_type in (KeyType.EC_P256, KeyType.RSA2048):
+            forged = forge_signature(csr_pem(generate_key(key_type), uris=(IDENTITY,)))
+            with pytest.raises(grpc.RpcError) as refused:
+                create_certificate(srv, pem=forged)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "invalid CSR: signature does not verify" in (refused.value.details() or "")
+        assert uri_sans(parse_certs(create_certificate(srv).cert_chain[0].encode())[0]) == [IDENTITY]
+        log = srv.log()
+    assert "the backend refused it too" in log, log[-3000:]
+    assert "request signature invalid" in log, log[-3000:]  # OpenBao's own words, in the detail
