@@ -17,11 +17,13 @@ default, and ECDSA P-256) and concurrency, in the same run and against the same 
   HTTP client, and none of a CA's work (no authentication, CSR checks or verification). It
   shows what share of the ceiling the gRPC transport and load generator leave to anyone.
 
-It prints CSR/s and p50/p99 for all three and the ratios (goal: csr-service >= 80% of the
-direct ceiling), the median of ``--rounds`` alternating rounds, and the CPU each certificate
-cost OpenBao, the direct client, the forwarder and csr-service (which explains the ratios
-when the cores are the bottleneck). Everything shares the machine's cores: OpenBao,
-csr-service, the forwarder, ghz and the direct client. Numbers are printed, never asserted.
+It prints CSR/s and p50/p99 for all three and the ratios per load level, the median of
+``--rounds`` alternating rounds; then, per key type, the peak: the most CSR/s csr-service
+reaches at any level against the most the direct client reaches (the ceiling; goal: at
+least 80%). It also prints the CPU each certificate cost OpenBao, the direct client, the
+forwarder and csr-service (which explains the ratios when the cores are the bottleneck).
+Everything shares the machine's cores: OpenBao, csr-service, the forwarder, ghz and the
+direct client. Numbers are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -260,11 +262,11 @@ def main() -> None:
         print(
             f"{kind:<8} c={d.concurrency:<3} direct {d.rps:6.0f} CSR/s (p50 {d.p50_ms:5.1f} / p99 {d.p99_ms:6.1f} ms)  "
             f"csr-service {s.rps:6.0f} CSR/s (p50 {s.p50_ms:5.1f} / p99 {s.p99_ms:6.1f} ms)  "
-            f"{ratio:4.0%} of the ceiling (goal >= 80%)" + (f"  errors={s.errors}" if s.errors else "")
+            f"{ratio:4.0%} of direct" + (f"  errors={s.errors}" if s.errors else "")
         )
         print(
             f"      bare gRPC forwarder {f.rps:6.0f} CSR/s (p50 {f.p50_ms:5.1f} ms): "
-            f"{f.rps / d.rps:4.0%} of the ceiling; "
+            f"{f.rps / d.rps:4.0%} of direct; "
             f"csr-service does a CA's work at {s.rps / f.rps:4.0%} of the forwarder's rate"
             + (f"  forwarder errors={f.errors}" if f.errors else "")
         )
@@ -274,6 +276,17 @@ def main() -> None:
             f"      CPU per certificate: OpenBao {bao_direct:4.2f} ms direct / {bao_through:4.2f} ms through; "
             f"direct client {d.client_cpu_ms:4.2f} ms; forwarder {fwd_ms:4.2f} ms; csr-service {server_ms:4.2f} ms "
             f"(all workers) + ghz {s.loadgen_cpu_ms:4.2f} ms"
+        )
+    # The ceiling proper: the most CSR/s each side reaches at any load level, per key type.
+    # c=1 is one request in flight, a latency measurement: there the gRPC hop's fixed cost
+    # decides the ratio (see the forwarder's), not how much signing either side sustains.
+    for kind in dict.fromkeys(r[0] for r in rows):
+        of_kind = [r for r in rows if r[0] == kind]
+        d_best = max((r[1] for r in of_kind), key=lambda d: d.rps)
+        s_best = max((r[2] for r in of_kind), key=lambda s: s.rps)
+        print(
+            f"{kind:<8} peak: direct {d_best.rps:6.0f} CSR/s (c={d_best.concurrency}), csr-service {s_best.rps:6.0f} "
+            f"CSR/s (c={s_best.concurrency}): {s_best.rps / d_best.rps:4.0%} of the ceiling (goal >= 80%)"
         )
     if "Traceback" in log:
         print("WARNING: the server logged a traceback during the run")
