@@ -84,7 +84,8 @@ class SigningRequest:
     request_id: str = "-"
     #: "workload" for CreateCertificate; "serving"/"istiod" for certificates we need ourselves.
     purpose: str = "workload"
-    _public_key: CertificatePublicKeyTypes | None = field(default=None, init=False, repr=False, compare=False)
+    #: The CSR's public key when the caller has parsed it already (see :meth:`public_key`).
+    csr_public_key: CertificatePublicKeyTypes | None = field(default=None, repr=False, compare=False)
 
     def sorted_names(self) -> tuple[list[str], list[str], list[str]]:
         """(URIs, DNS names, IP addresses) to certify, each sorted: compares with
@@ -92,12 +93,13 @@ class SigningRequest:
         return sorted(self.uris), sorted(self.dns_names), sorted(self.ip_addresses)
 
     def public_key(self) -> CertificatePublicKeyTypes:
-        """The CSR's public key. Parsed once: each parse costs ~5 µs, and both the issuer's and
-        the pipeline's checks of the issued leaf need it."""
-        key = self._public_key
+        """The CSR's public key. Parsed at most once (the pipeline passes the one its CSR checks
+        parsed): an EC key parse costs ~5 µs, and both the issuer's and the pipeline's checks
+        of the issued leaf need it."""
+        key = self.csr_public_key
         if key is None:
             key = self.csr.public_key()
-            object.__setattr__(self, "_public_key", key)  # a cache, not a change of value
+            object.__setattr__(self, "csr_public_key", key)  # a cache, not a change of value
         return key
 
 

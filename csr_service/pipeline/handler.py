@@ -105,6 +105,7 @@ class CertificatePipeline:
             ttl=ttl,
             uris=(validated.uri,),
             request_id=ctx.request_id,
+            csr_public_key=validated.public_key,
         )
         try:
             issued = await observe_sign(issuer, request)  # timed and counted per issuer

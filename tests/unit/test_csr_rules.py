@@ -43,8 +43,10 @@ def _csr(
 
 @pytest.mark.parametrize("key_type", [KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA2048, KeyType.RSA4096])
 def test_istio_agent_csr_is_accepted(key_type: KeyType) -> None:
-    v = validate_csr(csr_pem(generate_key(key_type)), ALLOWED)
+    key = generate_key(key_type)
+    v = validate_csr(csr_pem(key), ALLOWED)
     assert v.uri == WORKLOAD
+    assert v.public_key == key.public_key()  # parsed once, reused by the issued leaf's checks
 
 
 def test_key_and_eku_extension_requests_with_istio_values_are_accepted() -> None:

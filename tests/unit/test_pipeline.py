@@ -293,3 +293,15 @@ def test_a_backend_that_checks_signatures_signs_good_csrs(tmp_path: Path) -> Non
     issuer, error = _with_issuer(tmp_path, _BackendChecksSignature, csr_pem(generate_key(KeyType.EC_P256)))
     assert error is None
     assert issuer.calls == 1
+
+
+def test_the_issuer_gets_the_csr_key_the_checks_parsed(tmp_path: Path) -> None:
+    class Recording(_BackendChecksSignature):
+        async def sign(self, request: SigningRequest) -> IssuedChain:
+            self.seen = request.csr_public_key
+            return await super().sign(request)
+
+    key = generate_key(KeyType.EC_P256)
+    issuer, error = _with_issuer(tmp_path, Recording, csr_pem(key))
+    assert error is None
+    assert issuer.seen == key.public_key()
