@@ -4,7 +4,7 @@ The rest of the code calls one function per hook point:
 
 - :func:`observe_rpc` decorates the gRPC servicer method (gRPC server metrics, the
   ``citadel_server_*`` counters Istio operators already alert on);
-- :func:`observe_sign` wraps ``issuer.sign`` in the pipeline (per-issuer latency and errors,
+- :func:`observe_sign` wraps the issuer's ``sign`` call in the pipeline (per-issuer latency and errors,
   ``citadel_server_csr_sign_err_count{error}``);
 - :func:`refresh` is called periodically by each worker (certificate expiry gauges, leader
   status, authentication-cache counters read from the components that keep them).
@@ -54,7 +54,7 @@ from csr_service.errors import (
     UnavailableError,
     status_code_for,
 )
-from csr_service.issuers.base import IssuedChain, Issuer, SigningRequest
+from csr_service.issuers.base import IssuedChain
 
 __all__ = [
     "CONTENT_TYPE",
@@ -228,20 +228,20 @@ def sign_error_label(exc: BaseException) -> str:
 _SIGN_SECONDS: dict[str, Any] = {}  # issuer name -> its histogram child (label lookup costs ~1 µs)
 
 
-async def observe_sign(issuer: Issuer, request: SigningRequest) -> IssuedChain:
-    """``await issuer.sign(request)``, timed and counted per issuer."""
+async def observe_sign(issuer: str, signing: Awaitable[IssuedChain]) -> IssuedChain:
+    """``await signing`` (an issuer's ``sign`` call), timed and counted per issuer name."""
     t0 = time.perf_counter()
     try:
-        issued = await issuer.sign(request)
+        issued = await signing
     except BaseException as exc:
         code = status_code_for(exc).name if isinstance(exc, CSRServiceError) else "INTERNAL"
-        ISSUER_ERRORS.labels(issuer.name, code).inc()
+        ISSUER_ERRORS.labels(issuer, code).inc()
         SIGN_ERRORS.labels(sign_error_label(exc)).inc()
         raise
     finally:
-        seconds = _SIGN_SECONDS.get(issuer.name)
+        seconds = _SIGN_SECONDS.get(issuer)
         if seconds is None:
-            seconds = _SIGN_SECONDS[issuer.name] = ISSUER_SECONDS.labels(issuer.name)
+            seconds = _SIGN_SECONDS[issuer] = ISSUER_SECONDS.labels(issuer)
         seconds.observe(time.perf_counter() - t0)
     return issued
 

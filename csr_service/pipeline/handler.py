@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cryptography import x509
-
 from csr_service.errors import FailedPreconditionError, InvalidRequestError
-from csr_service.issuers.base import Issuer, SigningRequest
+from csr_service.issuers.base import IssuedChain, Issuer, SigningRequest
 from csr_service.metrics import observe_sign
 from csr_service.pipeline.authn import Authenticator
 from csr_service.pipeline.clusterid import check_cluster_id
@@ -83,7 +81,7 @@ class CertificatePipeline:
         issuer = self.issuers.current
         # The proof of possession is verified once: here, or by a backend that always does it.
         backend_checks_signature = getattr(issuer, "checks_csr_signature", False) is True
-        # ~0.1 ms: inline (see csr_service.cpu)
+        # 0.05-0.1 ms (with the signature): inline (see csr_service.cpu)
         validated = validate_csr(csr, identities, check_signature=not backend_checks_signature)
 
         now = datetime.now(UTC)
@@ -107,12 +105,8 @@ class CertificatePipeline:
             request_id=ctx.request_id,
             csr_public_key=validated.public_key,
         )
-        try:
-            issued = await observe_sign(issuer, request)  # timed and counted per issuer
-        except FailedPreconditionError as exc:
-            if backend_checks_signature:  # refused: a forged CSR, or the backend's configuration?
-                _signature_or_refusal(validated.csr, exc)
-            raise
+        signing = _sign_checked(issuer, request) if backend_checks_signature else issuer.sign(request)
+        issued = await observe_sign(issuer.name, signing)  # timed and counted per issuer
         trust = self.trust.current
         # A fresh clock reading: a remote backend may take a while and stamp its own "now".
         leaf_pem, intermediates = self._verifier.verify(issued, request, trust, now=datetime.now(UTC))
@@ -130,12 +124,20 @@ class CertificatePipeline:
         return response_chain(leaf_pem, intermediates, trust)
 
 
-def _signature_or_refusal(csr: x509.CertificateSigningRequest, refusal: FailedPreconditionError) -> None:
-    """Raise INVALID_ARGUMENT if the backend refused a CSR whose signature does not verify:
-    the caller's CSR is at fault, not the backend's configuration the refusal points at."""
+async def _sign_checked(issuer: Issuer, request: SigningRequest) -> IssuedChain:
+    """``issuer.sign`` for an issuer whose backend checks the CSR's signature (contract item 7).
+
+    A refusal may be a forged CSR or the backend's configuration: a CSR whose signature does
+    not verify is the caller's fault, so it becomes INVALID_ARGUMENT (and counts as Istio's
+    CSR_ERROR), not the FAILED_PRECONDITION about the backend the issuer raised.
+    """
     try:
-        rule_signature(csr)
-    except InvalidRequestError as exc:
-        raise InvalidRequestError(
-            exc.public, detail=f"{exc.detail}; the backend refused it too: {refusal.detail}"
-        ) from refusal
+        return await issuer.sign(request)
+    except FailedPreconditionError as refusal:
+        try:
+            rule_signature(request.csr)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(
+                exc.public, detail=f"{exc.detail}; the backend refused it too: {refusal.detail}"
+            ) from refusal
+        raise

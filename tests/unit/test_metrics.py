@@ -70,7 +70,7 @@ def test_sign_errors_are_counted_per_issuer_and_with_istio_labels(exc: Exception
     before_istio = _value("citadel_server_csr_sign_err_count_total", {"error": label})
     before_n = _value("csr_service_issuer_sign_seconds_count", {"issuer": "fake"})
     with pytest.raises(type(exc)):
-        asyncio.run(metrics.observe_sign(_Issuer(exc), None))  # type: ignore[arg-type]
+        asyncio.run(metrics.observe_sign("fake", _Issuer(exc).sign(None)))  # type: ignore[arg-type]
     assert _value("csr_service_issuer_sign_errors_total", {"issuer": "fake", "code": code}) == before_err + 1
     assert _value("citadel_server_csr_sign_err_count_total", {"error": label}) == before_istio + 1
     assert _value("csr_service_issuer_sign_seconds_count", {"issuer": "fake"}) == before_n + 1
@@ -79,7 +79,7 @@ def test_sign_errors_are_counted_per_issuer_and_with_istio_labels(exc: Exception
 def test_successful_sign_is_timed_not_counted_as_error() -> None:
     before = _value("csr_service_issuer_sign_seconds_count", {"issuer": "fake"})
     errors = _value("csr_service_issuer_sign_errors_total", {"issuer": "fake", "code": "INTERNAL"})
-    asyncio.run(metrics.observe_sign(_Issuer(), None))  # type: ignore[arg-type]
+    asyncio.run(metrics.observe_sign("fake", _Issuer().sign(None)))  # type: ignore[arg-type]
     assert _value("csr_service_issuer_sign_seconds_count", {"issuer": "fake"}) == before + 1
     assert _value("csr_service_issuer_sign_errors_total", {"issuer": "fake", "code": "INTERNAL"}) == errors
 

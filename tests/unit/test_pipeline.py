@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
+from prometheus_client import REGISTRY
 
 from csr_service.errors import (
     STATUS_TABLE,
@@ -270,6 +271,11 @@ def test_forged_csr_never_reaches_an_issuer_that_relies_on_the_pipeline(tmp_path
 def test_signature_is_left_to_a_backend_that_checks_it(tmp_path: Path) -> None:
     """A forged CSR reaches the backend once; its refusal becomes INVALID_ARGUMENT about the
     signature, not FAILED_PRECONDITION about the backend's configuration."""
+
+    def sign_errors(label: str) -> float:
+        return REGISTRY.get_sample_value("citadel_server_csr_sign_err_count_total", {"error": label}) or 0.0
+
+    csr_errors, not_ready = sign_errors("CSR_ERROR"), sign_errors("CA_NOT_READY")
     issuer, error = _with_issuer(
         tmp_path, _BackendChecksSignature, forge_signature(csr_pem(generate_key(KeyType.EC_P256)))
     )
@@ -278,6 +284,9 @@ def test_signature_is_left_to_a_backend_that_checks_it(tmp_path: Path) -> None:
     assert error.public == "invalid CSR: signature does not verify"
     assert "the backend refused it too: 400 from the backend" in error.detail
     assert isinstance(error.__cause__, FailedPreconditionError)
+    # Counted as Istio's CA counts a bad CSR, not as a CA that is not ready (what operators alert on).
+    assert sign_errors("CSR_ERROR") == csr_errors + 1
+    assert sign_errors("CA_NOT_READY") == not_ready
 
 
 def test_a_backend_refusing_a_good_csr_is_still_failed_precondition(tmp_path: Path) -> None:
