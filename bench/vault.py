@@ -40,16 +40,16 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import hvac
 from requests.adapters import HTTPAdapter
 
 from bench.common import LoadResult, cpu_seconds, run_ghz
-from csr_service.pki.certs import LeafSpec, build_csr, build_leaf, build_self_signed_ca
+from csr_service.pki.certs import build_csr
 from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import cert_to_pem, key_to_pem
+from tests.support.certs import tls_files
 from tests.support.dev_server import free_port, running_server
 from tests.testbed.openbao import POLICY, ROLE, ROLE_PARAMS, start_openbao
 
@@ -134,24 +134,19 @@ def direct(address: str, token: str, csr: str, concurrency: int, requests: int) 
 def running_forwarder(tmp: Path, vault_address: str, token_file: Path, workers: int) -> Iterator[tuple[str, Path, int]]:
     """Start ``bench.vault_forwarder`` with a throwaway TLS certificate for localhost;
     yields (address, its root certificate, the launcher's pid)."""
-    ca_key, leaf_key = generate_key(KeyType.EC_P256), generate_key(KeyType.EC_P256)
-    ca = build_self_signed_ca(ca_key, common_name="bench forwarder CA")
-    spec = LeafSpec(not_after=datetime.now(UTC) + timedelta(days=1), dns_names=("localhost",))
-    leaf = build_leaf(leaf_key.public_key(), spec, ca, ca_key)
-    (tmp / "fwd-ca.pem").write_text(cert_to_pem(ca))
-    (tmp / "fwd-cert.pem").write_text(cert_to_pem(leaf))
-    (tmp / "fwd-key.pem").write_bytes(key_to_pem(leaf_key))
-    (tmp / "fwd-key.pem").chmod(0o600)
+    tls_dir = tmp / "forwarder-tls"
+    tls_dir.mkdir()
+    ca, cert, key = tls_files(tls_dir, dns_names=("localhost",), ip_addresses=(), lifetime=timedelta(days=1))
     address = f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "bench.vault_forwarder", "--listen", address, "--workers", str(workers)]
-    cmd += ["--cert", str(tmp / "fwd-cert.pem"), "--key", str(tmp / "fwd-key.pem"), "--uri", IDENTITY]
+    cmd += ["--cert", str(cert), "--key", str(key), "--uri", IDENTITY]
     cmd += ["--vault-address", vault_address, "--vault-token-file", str(token_file), "--role", ROLE]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError("bench.vault_forwarder did not start")
-        yield address, tmp / "fwd-ca.pem", proc.pid
+        yield address, ca, proc.pid
     finally:
         proc.kill()  # its workers follow (PR_SET_PDEATHSIG, see bench.vault_forwarder)
         proc.wait()

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from csr_service.pki.certs import build_csr, build_intermediate_ca, build_self_signed_ca
+from csr_service.pki.certs import LeafSpec, build_csr, build_intermediate_ca, build_leaf, build_self_signed_ca
 from csr_service.pki.keys import KeyType, PrivateKey, generate_key
 from csr_service.pki.pem import cert_to_pem, key_to_pem
 
@@ -27,6 +27,27 @@ def forge_signature(pem: bytes) -> bytes:
     der = bytearray(x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER))
     der[-3] ^= 0xFF  # inside the signature value, the DER's last element
     return x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
+
+
+def tls_files(
+    tmp: Path,
+    *,
+    dns_names: tuple[str, ...] = (),
+    ip_addresses: tuple[str, ...] = ("127.0.0.1",),
+    lifetime: timedelta = timedelta(hours=1),
+) -> tuple[Path, Path, Path]:
+    """(CA bundle, leaf, leaf key) files in ``tmp``: a fresh CA and a server leaf for the
+    given names, for a TLS server in a test or benchmark. The key file is 0600."""
+    ca_key = generate_key(KeyType.EC_P256)
+    ca = build_self_signed_ca(ca_key, common_name="test ca")
+    key = generate_key(KeyType.EC_P256)
+    spec = LeafSpec(not_after=datetime.now(UTC) + lifetime, dns_names=dns_names, ip_addresses=ip_addresses)
+    leaf = build_leaf(key.public_key(), spec, ca, ca_key)
+    (tmp / "ca.pem").write_text(cert_to_pem(ca))
+    (tmp / "server.pem").write_text(cert_to_pem(leaf))
+    (tmp / "server.key").write_bytes(key_to_pem(key))
+    (tmp / "server.key").chmod(0o600)
+    return tmp / "ca.pem", tmp / "server.pem", tmp / "server.key"
 
 
 def write_ca_dir(

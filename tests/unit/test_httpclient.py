@@ -13,15 +13,12 @@ import contextlib
 import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from csr_service.httpclient import MAX_BODY, AsyncHTTP, ssl_context
-from csr_service.pki.certs import LeafSpec, build_leaf, build_self_signed_ca
-from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import cert_to_pem, key_to_pem
+from tests.support.certs import tls_files
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, dict[str, int]], Awaitable[None]]
 
@@ -262,22 +259,6 @@ def test_a_line_break_in_a_header_is_refused_before_sending() -> None:
             assert stats["requests"] == 0
 
     asyncio.run(body())
-
-
-def tls_files(
-    tmp: Path, *, dns_names: tuple[str, ...] = (), ip_addresses: tuple[str, ...] = ("127.0.0.1",)
-) -> tuple[Path, Path, Path]:
-    """(CA bundle, leaf, leaf key) files: a fresh CA and a leaf for the given names."""
-    ca_key = generate_key(KeyType.EC_P256)
-    ca = build_self_signed_ca(ca_key, common_name="test ca")
-    key = generate_key(KeyType.EC_P256)
-    now = datetime.now(UTC)
-    spec = LeafSpec(not_after=now + timedelta(hours=1), dns_names=dns_names, ip_addresses=ip_addresses)
-    leaf = build_leaf(key.public_key(), spec, ca, ca_key)
-    (tmp / "ca.pem").write_text(cert_to_pem(ca))
-    (tmp / "server.pem").write_text(cert_to_pem(leaf))
-    (tmp / "server.key").write_bytes(key_to_pem(key))
-    return tmp / "ca.pem", tmp / "server.pem", tmp / "server.key"
 
 
 def test_https_verifies_the_server_against_the_bundle(tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ from csr_service.errors import FailedPreconditionError, ResourceExhaustedError, 
 from csr_service.issuers.certmanager.api import api_error
 from csr_service.kube.client import KubeSettings, new_api_client
 from csr_service.kube.rest import KubeAPIError, KubeREST, for_client
-from tests.unit.test_httpclient import address, answer, read_request, serve, tls_files
+from tests.support.certs import tls_files
+from tests.unit.test_httpclient import address, answer, read_request, serve
 
 
 def _config(host: str, token: str = "t0k3n") -> Any:
