@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.dev_server import CSR_SERVICE, DevServer, free_port, running_dev_server
+from tests.support.dev_server import CSR_SERVICE, DevServer, free_port, metric_sample, running_dev_server
 
 pytestmark = pytest.mark.e2e
 
@@ -36,13 +36,6 @@ def _issue(srv: DevServer, out: Path, service_account: str = "sleep") -> subproc
     return subprocess.run(args, capture_output=True, text=True, check=False)
 
 
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
 def _wait(predicate: object, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -63,13 +56,13 @@ def test_single_worker_probes_and_istio_metrics(tmp_path: Path) -> None:
         assert _issue(srv, tmp_path / "ok").returncode == 0
         assert _issue(srv, tmp_path / "bad", service_account="other").returncode != 0
         _, text = _get(port, "/metrics")
-    assert _metric(text, "citadel_server_csr_count") == 2
-    assert _metric(text, "citadel_server_success_cert_issuance_count") == 1
-    assert _metric(text, "citadel_server_authentication_failure_count") == 1
+    assert metric_sample(text, "citadel_server_csr_count") == 2
+    assert metric_sample(text, "citadel_server_success_cert_issuance_count") == 1
+    assert metric_sample(text, "citadel_server_authentication_failure_count") == 1
     assert "# TYPE citadel_server_csr_count counter" in text
     assert 'grpc_server_handled_total{grpc_code="UNAUTHENTICATED"' in text
-    assert _metric(text, "citadel_server_root_cert_expiry_timestamp") > time.time()
-    assert _metric(text, "csr_service_serving_certificate_expiry_timestamp") > time.time()
+    assert metric_sample(text, "citadel_server_root_cert_expiry_timestamp") > time.time()
+    assert metric_sample(text, "csr_service_serving_certificate_expiry_timestamp") > time.time()
 
 
 def test_workers_share_one_http_side(tmp_path: Path) -> None:
@@ -83,8 +76,8 @@ def test_workers_share_one_http_side(tmp_path: Path) -> None:
         for i in range(6):  # SO_REUSEPORT spreads new connections over both workers
             assert _issue(srv, tmp_path / f"out{i}").returncode == 0
         text = _get(port, "/metrics")[1]
-        assert _metric(text, "citadel_server_csr_count") == 6  # summed over the workers
-        assert _metric(text, "csr_service_workers") == 2
+        assert metric_sample(text, "citadel_server_csr_count") == 6  # summed over the workers
+        assert metric_sample(text, "csr_service_workers") == 2
         ours = set(glob.glob("/tmp/csr-service-metrics-*")) - before
         assert len(ours) == 1
 
@@ -95,8 +88,8 @@ def test_workers_share_one_http_side(tmp_path: Path) -> None:
         _wait(lambda: _get(port, "/readyz")[0] == 503, timeout=10)
         _wait(lambda: _get(port, "/readyz")[0] == 200)
         text = _get(port, "/metrics")[1]
-        assert _metric(text, "csr_service_worker_restarts_total") == 1
-        assert _metric(text, "citadel_server_csr_count") == 6
+        assert metric_sample(text, "csr_service_worker_restarts_total") == 1
+        assert metric_sample(text, "citadel_server_csr_count") == 6
     assert not any(Path(p).exists() for p in ours)  # the supervisor removed its metrics dir
 
 

@@ -38,7 +38,7 @@ from csr_service._generated import ca_pb2, ca_pb2_grpc
 from csr_service.pki.keys import KeyType, generate_key
 from tests.helm.chart import Manifest, container_args, render
 from tests.support.certs import csr_pem
-from tests.support.dev_server import CSR_SERVICE, DevServer, free_port, running_server
+from tests.support.dev_server import CSR_SERVICE, DevServer, free_port, metric_sample, running_server
 from tests.testbed.certmanager import CertManager
 from tests.testbed.kube import KubeCluster, unique_name, wait_for
 
@@ -195,8 +195,8 @@ def test_chart_rbac_is_enough_and_no_more(kube: KubeCluster, cert_manager: CertM
             return text if miss in text and "csr_service_leader 1.0" in text else None
 
         text = wait_for(scraped, what="authn cache and leader metrics")
-        assert _sample(text, "citadel_server_success_cert_issuance_count") >= 2
-        assert _sample(text, 'csr_service_issuer_sign_seconds_count{issuer="cert-manager"}') >= 2
+        assert metric_sample(text, "citadel_server_success_cert_issuance_count") >= 2
+        assert metric_sample(text, 'csr_service_issuer_sign_seconds_count{issuer="cert-manager"}') >= 2
         log = srv.log()
 
     # Nothing was forbidden at run time... (not counting the timestamps: "14:48:43,403" once
@@ -245,13 +245,6 @@ def test_chart_rbac_is_enough_and_no_more(kube: KubeCluster, cert_manager: CertM
         if "/" in resource:
             resource, sub["subresource"] = resource.split("/")
         assert not _can(kube, user, verb, resource, ns, **kw, **sub), f"must be denied: {verb} {resource} {ns} {kw}"
-
-
-def _sample(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def _ready(port: int) -> bool:

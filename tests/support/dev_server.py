@@ -158,3 +158,11 @@ def running_dev_server(
         timeout=timeout,
     ) as srv:
         yield srv
+
+
+def metric_sample(text: str, name: str) -> float:
+    """The value of the sample ``name`` (with its labels, as exposed) in a /metrics page."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")

@@ -4,6 +4,7 @@ certificate, and an OpenBao outage is UNAVAILABLE then heals without restarting 
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -26,7 +27,7 @@ from tests.integration.vault.conftest import (
     VaultEnv,
 )
 from tests.support.certs import csr_pem, forge_signature, uri_sans
-from tests.support.dev_server import DevServer, free_port, running_server
+from tests.support.dev_server import DevServer, free_port, metric_sample, running_server
 from tests.testbed.openbao import POLICY
 
 pytestmark = pytest.mark.vault
@@ -53,8 +54,11 @@ def vault_flags(values: Mapping[str, Any]) -> list[str]:
 
 
 @contextmanager
-def vault_server(tmp: Path, root_pem: str, values: Mapping[str, Any]) -> Iterator[DevServer]:
-    """``csr-service serve --dev --issuer vault`` trusting ``root_pem`` (Vault's root)."""
+def vault_server(
+    tmp: Path, root_pem: str, values: Mapping[str, Any], *, http_port: int | None = None
+) -> Iterator[DevServer]:
+    """``csr-service serve --dev --issuer vault`` trusting ``root_pem`` (Vault's root); its
+    HTTP side (/metrics) on ``http_port`` when given."""
     root_file = tmp / "vault-root.pem"
     root_file.write_text(root_pem)
     state = tmp / "state"
@@ -62,7 +66,10 @@ def vault_server(tmp: Path, root_pem: str, values: Mapping[str, Any]) -> Iterato
     args = ["--dev", "--state-dir", str(state), "--issuer", "vault", "--root-ca-file", str(root_file)]
     args += ["--grpc-listen", f"127.0.0.1:{port}", "--workers", "1"]
     args += ["--serving-dns-names", "localhost", "--serving-ip-addresses", "127.0.0.1", *vault_flags(values)]
-    with running_server(args, root_cert=root_file, state_dir=state, log_path=tmp / "server.log", port=port) as srv:
+    env = {"CSR_SERVICE_HTTP_LISTEN": f"127.0.0.1:{http_port}"} if http_port else None
+    with running_server(
+        args, root_cert=root_file, state_dir=state, log_path=tmp / "server.log", port=port, env=env
+    ) as srv:
         yield srv
 
 
@@ -188,7 +195,8 @@ def test_forged_csr_is_refused_by_openbao_and_reported_as_invalid(
     values = vault_env.issuer_values(
         tmp_path / "creds", role="spiffe", **{"vault-serving-role": "mesh", "vault-sign-verbatim": verbatim}
     )
-    with vault_server(tmp_path, vault_env.bao.mounts["pki"].root_pem, values) as srv:
+    http_port = free_port()
+    with vault_server(tmp_path, vault_env.bao.mounts["pki"].root_pem, values, http_port=http_port) as srv:
         for key_type in (KeyType.EC_P256, KeyType.RSA2048):
             forged = forge_signature(csr_pem(generate_key(key_type), uris=(IDENTITY,)))
             with pytest.raises(grpc.RpcError) as refused:
@@ -196,6 +204,11 @@ def test_forged_csr_is_refused_by_openbao_and_reported_as_invalid(
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "invalid CSR: signature does not verify" in (refused.value.details() or "")
         assert uri_sans(parse_certs(create_certificate(srv).cert_chain[0].encode())[0]) == [IDENTITY]
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
         log = srv.log()
+    # Counted as istiod counts a bad CSR, not as a CA that is not ready (what operators alert on).
+    assert metric_sample(metrics, 'citadel_server_csr_sign_err_count{error="CSR_ERROR"}') == 2
+    assert 'error="CA_NOT_READY"' not in metrics
     assert "the backend refused it too" in log, log[-3000:]
     assert "request signature invalid" in log, log[-3000:]  # OpenBao's own words, in the detail
