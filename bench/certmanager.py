@@ -81,7 +81,7 @@ def _apiserver_requests(kube: KubeCluster) -> float:
 
 
 def _authn_args(kube: KubeCluster, tmp: Path) -> tuple[list[str], str]:
-    from csr_service.pipeline.authn import AUTHENTICATORS
+    from csr_service.plugins.authenticator import AUTHENTICATORS
 
     if "tokenreview" in AUTHENTICATORS:
         return ["--authenticator", "tokenreview"], "TokenReview (like istio-csr)"

@@ -39,9 +39,9 @@ def _ceiling_worker(args: tuple[str, str, str, float, int]) -> int:
     state_dir, csr, token, seconds, concurrency = args
     import logging
 
-    from csr_service.app import build_service
     from csr_service.cli import build_config
     from csr_service.pipeline.context import RequestContext
+    from csr_service.service.wiring import build_service
 
     logging.disable(logging.INFO)  # the server logs one line per issuance; keep parity cheap
 

@@ -40,7 +40,7 @@ async def _bare(self: Any, request: Any, context: Any) -> Any:
 
 
 def _measure(calls: int) -> tuple[float, float, float, float]:
-    from csr_service import metrics
+    from csr_service.infra import metrics
 
     observed = metrics.observe_rpc("bench.Service", "Call")(_bare)
     issuer, ctx = _Issuer(), _Context()

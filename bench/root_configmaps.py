@@ -30,9 +30,9 @@ from kubernetes import watch
 
 from csr_service.controllers.root_configmaps import ROOT_CERT_KEY, RootConfigMapController
 from csr_service.kube.client import KubeSettings, new_api_client
-from csr_service.pipeline.trust import TrustBundle
 from csr_service.pki.certs import build_self_signed_ca
 from csr_service.pki.keys import KeyType, generate_key
+from csr_service.trust.bundle import TrustBundle
 from tests.testbed.kube import KubeCluster, start_kube
 
 CM = "istio-ca-root-cert"

@@ -27,8 +27,8 @@ from typing import Any
 import grpc
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
-from csr_service.app import die_with_parent
-from csr_service.httpclient import AsyncHTTP
+from csr_service.infra.httpclient import AsyncHTTP
+from csr_service.service.supervisor import die_with_parent
 
 
 class _Forwarder(ca_pb2_grpc.IstioCertificateServiceServicer):

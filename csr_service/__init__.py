@@ -9,7 +9,7 @@ Layout (transport → request pipeline → issuers):
 
 - ``csr_service.transport``: the gRPC server (TLS, health, reflection) and its thin servicer.
 - ``csr_service.pipeline``: authenticate → cluster id → validate CSR → duration → sign → verify.
-- ``csr_service.issuers``: the issuer contract and its backends (local CA, ...).
+- ``csr_service.plugins.registry``: the issuer contract and its backends (local CA, ...).
 - ``csr_service.pki``: X.509 helpers shared by all of the above.
 """
 

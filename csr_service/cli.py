@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from csr_service import __version__
+from csr_service.common.durations import parse_duration
+from csr_service.common.errors import ConfigError
 from csr_service.config import Config, all_options, resolve
-from csr_service.durations import parse_duration
-from csr_service.errors import ConfigError
 from csr_service.pki.keys import KeyType
 
 __all__ = ["main"]
@@ -54,7 +54,7 @@ def _serve_parser(sub: Any) -> None:
 
 
 def _dev_defaults(state_dir: str) -> dict[str, Any]:
-    from csr_service.dev import DEV_ISSUER, prepare_dev_state
+    from csr_service.service.dev import DEV_ISSUER, prepare_dev_state
 
     state = prepare_dev_state(state_dir)
     return {
@@ -111,8 +111,8 @@ Try it:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from csr_service.app import run
-    from csr_service.logs import setup_logging
+    from csr_service.infra.logs import setup_logging
+    from csr_service.service.supervisor import run
 
     flag_values = {o.name: getattr(args, o.dest) for o in all_options() if hasattr(args, o.dest)}
     config = build_config(flag_values)
@@ -128,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_dev_token(args: argparse.Namespace) -> int:
-    from csr_service.dev import mint_dev_token
+    from csr_service.service.dev import mint_dev_token
 
     token = mint_dev_token(
         args.state_dir,

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf import struct_pb2
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
-from csr_service.fsutil import write_atomic
+from csr_service.infra.fsutil import write_atomic
 from csr_service.pki.certs import build_csr
 from csr_service.pki.chain import ChainError, build_path
 from csr_service.pki.keys import KeyType, generate_key

@@ -1,9 +1,11 @@
 """The one typed, validated configuration, built once at start-up.
 
-Every setting is declared as an :class:`~csr_service.options.Option` (here for the core,
-in ``issuers/<name>/options.py`` for each backend). :func:`resolve` merges flags,
-environment and config file; :meth:`Config.from_values` validates and freezes the result.
-Errors name the flag, so the operator knows exactly what to fix.
+Every setting is declared as an :class:`~csr_service.common.options.Option`: here for the
+core (transport, pipeline, Kubernetes access, controllers, which plugins to use), and by each
+plugin for itself (issuers, authenticators: see :mod:`csr_service.plugins.registry`).
+:func:`resolve` merges flags, environment and config file; :meth:`Config.from_values`
+validates the core's values and hands each selected plugin exactly the values of the options
+it declares. Errors name the flag, so the operator knows exactly what to fix.
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from csr_service.common.durations import parse_duration
+from csr_service.common.errors import ConfigError
+from csr_service.common.options import Option
 from csr_service.controllers.options import CONTROLLER_OPTIONS, TRUST_SOURCE_OPTIONS
 from csr_service.controllers.settings import ControllerSettings
-from csr_service.errors import ConfigError
-from csr_service.issuers import BACKENDS, backend_options
 from csr_service.kube.client import KubeSettings
-from csr_service.options import Option
 from csr_service.pki.keys import KeyType
+from csr_service.plugins.registry import AUTHENTICATORS, ISSUERS, Kind, find, kind_options, plugin_values
+from csr_service.plugins.runtime import Runtime
 
-__all__ = ["CORE_OPTIONS", "AuthConfig", "Config", "PipelineConfig", "ServerConfig", "all_options", "resolve"]
+__all__ = ["CORE_OPTIONS", "Config", "PipelineConfig", "PluginChoice", "ServerConfig", "all_options", "resolve"]
 
 CORE_OPTIONS: list[Option] = [
     # --- general / dev
@@ -150,66 +154,10 @@ CORE_OPTIONS: list[Option] = [
     Option(
         "authenticator",
         "How callers are authenticated: jwt (keys from --jwt-jwks-file), tokenreview (ask the apiserver; "
-        "the in-cluster choice), jwks (the apiserver's published keys). See docs/kubernetes.md.",
+        "the in-cluster choice), jwks (the apiserver's published keys), or an installed plugin. "
+        "See docs/kubernetes.md.",
         "jwt",
         group="auth",
-    ),
-    Option(
-        "token-audiences",
-        "Audiences accepted in caller tokens (Istio's TOKEN_AUDIENCES).",
-        ("istio-ca",),
-        group="auth",
-        kind="list",
-    ),
-    Option(
-        "jwt-jwks-file",
-        "JWKS file with the public keys that sign caller tokens.",
-        "",
-        group="auth",
-        kind="path",
-    ),
-    Option("jwt-issuer", "Required iss claim of caller tokens; empty: not checked.", "", group="auth"),
-    Option(
-        "jwt-leeway",
-        "Clock-skew allowance for exp/nbf/iat.",
-        timedelta(seconds=30),
-        group="auth",
-        kind="duration",
-    ),
-    Option(
-        "tokenreview-cache-ttl",
-        "--authenticator tokenreview: how long an accepted token is remembered (never past its exp).",
-        timedelta(minutes=5),
-        group="auth",
-        kind="duration",
-    ),
-    Option(
-        "tokenreview-cache-size",
-        "--authenticator tokenreview: most tokens remembered (least recently used are dropped).",
-        10000,
-        group="auth",
-        kind="int",
-    ),
-    Option(
-        "jwks-url",
-        "--authenticator jwks: OIDC issuer URL whose /.well-known/openid-configuration names the keys; "
-        "empty: the apiserver of --kubeconfig / in-cluster config.",
-        "",
-        group="auth",
-    ),
-    Option(
-        "jwks-ca-file",
-        "--authenticator jwks: CA bundle for --jwks-url; empty: the system CAs.",
-        "",
-        group="auth",
-        kind="path",
-    ),
-    Option(
-        "jwks-refresh-interval",
-        "--authenticator jwks: how often the key set is re-read (also re-read on an unknown key id).",
-        timedelta(minutes=5),
-        group="auth",
-        kind="duration",
     ),
     Option(
         "ca-trusted-node-accounts",
@@ -246,16 +194,22 @@ CORE_OPTIONS: list[Option] = [
     # --- Kubernetes controllers (root ConfigMaps, leader election, istiod-tls, runtime issuer)
     *CONTROLLER_OPTIONS,
     # --- issuer
-    Option("issuer", "Signing backend: " + ", ".join(sorted(BACKENDS)) + ".", "local", group="issuer"),
+    Option(
+        "issuer",
+        "Signing backend: local, vault, cert-manager, or an installed plugin (see docs/plugins.md).",
+        "local",
+        group="issuer",
+    ),
 ]
 
 
 def all_options() -> list[Option]:
-    """Core options followed by every registered backend's options."""
-    opts = list(CORE_OPTIONS)
-    for name in sorted(BACKENDS):
-        opts.extend(backend_options(name))
-    return opts
+    """Core options, then every installed authenticator's, then every installed issuer's (each once)."""
+    declared: dict[str, Option] = {o.name: o for o in CORE_OPTIONS}
+    for opt in (*kind_options(AUTHENTICATORS), *kind_options(ISSUERS)):
+        if declared.setdefault(opt.name, opt) != opt:
+            raise ConfigError(f"--{opt.name}: declared by a plugin and by the core or another kind of plugin")
+    return list(declared.values())
 
 
 def resolve(
@@ -343,33 +297,34 @@ class PipelineConfig:
     default_certificate_duration: timedelta
     root_ca_file: str | None
     cluster_id_aliases: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class AuthConfig:
-    authenticator: str
-    token_audiences: tuple[str, ...]
-    jwt_jwks_file: str | None
-    jwt_issuer: str | None
-    jwt_leeway: timedelta
-    tokenreview_cache_ttl: timedelta = timedelta(minutes=5)
-    tokenreview_cache_size: int = 10000
-    jwks_url: str | None = None
-    jwks_ca_file: str | None = None
-    jwks_refresh_interval: timedelta = timedelta(minutes=5)
-    #: (namespace, service account) pairs from --ca-trusted-node-accounts.
+    #: (namespace, service account) pairs from --ca-trusted-node-accounts (ztunnel impersonation).
     trusted_node_accounts: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
+class PluginChoice:
+    """A selected plugin (``--issuer``, ``--authenticator``) and the values of its own options."""
+
+    name: str
+    values: Mapping[str, Any] = field(repr=False)
+
+    @classmethod
+    def select(cls, kind: Kind, v: Mapping[str, Any]) -> PluginChoice:
+        """The plugin named by ``--<kind.flag>``, with its values validated by the plugin."""
+        plugin = find(kind, v[kind.flag])
+        values = plugin_values(plugin, v)
+        plugin.validate(values)
+        return cls(plugin.name, values)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
-    """Everything csr-service needs to run, validated. ``issuer_options`` are the backend's own."""
+    """Everything csr-service needs to run, validated. Plugins get only their own values."""
 
     server: ServerConfig
     pipeline: PipelineConfig
-    auth: AuthConfig
-    issuer: str
-    issuer_options: Mapping[str, Any] = field(repr=False)
+    authenticator: PluginChoice
+    issuer: PluginChoice
     kube: KubeSettings | None = None
     controllers: ControllerSettings | None = None
     dev: bool = False
@@ -415,8 +370,6 @@ class Config:
             raise ConfigError("--max-certificate-duration: must be at least 1m")
         default_dur = max_dur
         if v["default-certificate-duration"]:
-            from csr_service.durations import parse_duration
-
             try:
                 default_dur = parse_duration(v["default-certificate-duration"])
             except ValueError as exc:
@@ -424,27 +377,10 @@ class Config:
             if default_dur <= timedelta(0):
                 raise ConfigError("--default-certificate-duration: must be positive")
             default_dur = min(default_dur, max_dur)
-        from csr_service.pipeline.authn import AUTHENTICATORS
-
-        if v["authenticator"] not in AUTHENTICATORS:
-            raise ConfigError(
-                f"--authenticator: unknown {v['authenticator']!r}; choose one of {', '.join(sorted(AUTHENTICATORS))}"
-            )
-        if not v["token-audiences"]:
-            raise ConfigError("--token-audiences: at least one audience is required")
-        if v["tokenreview-cache-size"] < 1:
-            raise ConfigError("--tokenreview-cache-size: must be >= 1")
-        if v["tokenreview-cache-ttl"] < timedelta(0):
-            raise ConfigError("--tokenreview-cache-ttl: must be >= 0 (0 disables the cache)")
-        if v["jwks-refresh-interval"] < timedelta(seconds=10):
-            raise ConfigError("--jwks-refresh-interval: must be at least 10s")
-        if v["issuer"] not in BACKENDS:
-            raise ConfigError(f"--issuer: unknown {v['issuer']!r}; choose one of {', '.join(sorted(BACKENDS))}")
         if v["log-format"] not in {"text", "json"}:
             raise ConfigError("--log-format: choose text or json")
         if v["log-level"].lower() not in {"debug", "info", "warning", "error"}:
             raise ConfigError("--log-level: choose debug, info, warning or error")
-        issuer_opts = {o.name: v[o.name] for o in backend_options(v["issuer"], include_shared=True)}
         return cls(
             server=ServerConfig(
                 grpc_listen=v["grpc-listen"],
@@ -465,26 +401,24 @@ class Config:
                 default_certificate_duration=default_dur,
                 root_ca_file=v["root-ca-file"] or None,
                 cluster_id_aliases=tuple(v["cluster-id-aliases"]),
-            ),
-            auth=AuthConfig(
-                authenticator=v["authenticator"],
-                token_audiences=tuple(v["token-audiences"]),
-                jwt_jwks_file=v["jwt-jwks-file"] or None,
-                jwt_issuer=v["jwt-issuer"] or None,
-                jwt_leeway=v["jwt-leeway"],
-                tokenreview_cache_ttl=v["tokenreview-cache-ttl"],
-                tokenreview_cache_size=v["tokenreview-cache-size"],
-                jwks_url=v["jwks-url"] or None,
-                jwks_ca_file=v["jwks-ca-file"] or None,
-                jwks_refresh_interval=v["jwks-refresh-interval"],
                 trusted_node_accounts=_node_accounts(v["ca-trusted-node-accounts"]),
             ),
-            issuer=v["issuer"],
-            issuer_options=issuer_opts,
+            authenticator=PluginChoice.select(AUTHENTICATORS, v),
+            issuer=PluginChoice.select(ISSUERS, v),
             kube=KubeSettings.from_values(dict(v)),
             controllers=ControllerSettings.from_values(v),
             dev=v["dev"],
             state_dir=v["state-dir"],
             log_level=v["log-level"].lower(),
             log_format=v["log-format"],
+        )
+
+    def runtime(self, *, worker_index: int = 0) -> Runtime:
+        """The shared things handed to plugins and controllers in one worker process."""
+        return Runtime(
+            trust_domain=self.pipeline.trust_domain,
+            dev=self.dev,
+            state_dir=self.state_dir,
+            worker_index=worker_index,
+            kube_settings=self.kube,
         )

@@ -4,6 +4,6 @@ One module each: ``leader`` (Lease-based leader election and the gate for leader
 ``root_configmaps`` (the ``istio-ca-root-cert`` ConfigMap in every namespace),
 ``istiod_cert`` (Secret ``istiod-tls`` for istiod with ``ENABLE_CA_SERVER=false``),
 ``runtime_issuer`` (the active issuer chosen by a watched ConfigMap). Each is a
-:class:`csr_service.runtime.Component`. This package's ``__init__`` and ``options`` import
+:class:`csr_service.common.lifecycle.Component`. This package's ``__init__`` and ``options`` import
 nothing heavy: the configuration imports them on every start.
 """

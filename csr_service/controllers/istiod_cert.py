@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from csr_service.controllers.kube_util import EventRecorder, LoopInformer, api_status
-from csr_service.errors import CSRServiceError, InternalError
-from csr_service.issuers.own_cert import issue_own_certificate
+from csr_service.common.errors import CSRServiceError, InternalError
+from csr_service.kube.util import EventRecorder, LoopInformer, api_status
 from csr_service.pipeline.handler import IssuerSlot
-from csr_service.pipeline.trust import TrustBundle
 from csr_service.pki.chain import ChainError, build_path
 from csr_service.pki.keys import KeyType
 from csr_service.pki.names import subject_alt_names
+from csr_service.pki.own_cert import issue_own_certificate
 from csr_service.pki.pem import cert_to_pem, key_to_pem, load_private_key, parse_certs, same_public_key
+from csr_service.trust.bundle import TrustBundle
 
 __all__ = ["SECRET_NAME", "IstiodCertController", "IstiodCertSpec", "renewal_reason"]
 

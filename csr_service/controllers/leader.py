@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from csr_service.controllers.kube_util import EventRecorder, api_status
+from csr_service.common.lifecycle import Component
 from csr_service.controllers.settings import LeaderSettings
-from csr_service.runtime import Component
+from csr_service.kube.util import EventRecorder, api_status
 
 __all__ = ["LeaderElector", "LeaseClient"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from csr_service.options import Option
+from csr_service.common.options import Option
 
 __all__ = ["CONTROLLER_OPTIONS", "TRUST_SOURCE_OPTIONS"]
 

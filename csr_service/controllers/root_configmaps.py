@@ -31,8 +31,8 @@ import logging
 import random
 from typing import Any
 
-from csr_service.controllers.kube_util import LoopInformer, api_status
-from csr_service.pipeline.trust import TrustBundle, TrustSnapshot
+from csr_service.kube.util import LoopInformer, api_status
+from csr_service.trust.bundle import TrustBundle, TrustSnapshot
 
 __all__ = ["ROOT_CERT_KEY", "RootConfigMapController", "desired_configmap", "is_up_to_date"]
 

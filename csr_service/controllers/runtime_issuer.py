@@ -29,18 +29,22 @@ import json
 import logging
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from csr_service.controllers.kube_util import LoopInformer, record_event
-from csr_service.controllers.settings import ObjectRef
-from csr_service.errors import ConfigError, CSRServiceError
-from csr_service.issuers import BACKENDS, IssuerContext, backend_options, create_issuer
-from csr_service.issuers.base import Closable, Issuer, Startable
-from csr_service.issuers.own_cert import issue_own_certificate
+from csr_service.common.errors import ConfigError, CSRServiceError
+from csr_service.common.lifecycle import Lifecycle
+from csr_service.kube.refs import ObjectRef
+from csr_service.kube.util import LoopInformer, record_event
 from csr_service.pipeline.handler import IssuerSlot
-from csr_service.pipeline.trust import TrustBundle
 from csr_service.pki.chain import ChainError
 from csr_service.pki.keys import KeyType
+from csr_service.pki.own_cert import issue_own_certificate
+from csr_service.plugins.issuer import Issuer
+from csr_service.plugins.registry import ISSUERS, find, plugins
+from csr_service.trust.bundle import TrustBundle
+
+if TYPE_CHECKING:
+    from csr_service.plugins.runtime import Runtime
 
 __all__ = ["RuntimeIssuerController", "issuer_values_from_configmap"]
 
@@ -58,15 +62,13 @@ def issuer_values_from_configmap(
     if not backend:
         backend = default_backend
         if any(k in data for k in _ALIASES):
-            with_aliases = [n for n in sorted(BACKENDS) if _alias_targets(n)]
+            with_aliases = [n for n in plugins(ISSUERS) if _alias_targets(n)]
             backend = with_aliases[0] if with_aliases else ""
             if not backend:
-                raise ConfigError(
-                    "issuer-name/issuer-kind/issuer-group: no issuer backend with such options is built in"
-                )
-    if backend not in BACKENDS:
-        raise ConfigError(f"issuer: unknown {backend!r}; choose one of {', '.join(sorted(BACKENDS))}")
-    options = {o.name: o for o in backend_options(backend, include_shared=True)}
+                raise ConfigError("issuer-name/issuer-kind/issuer-group: no installed issuer plugin has such options")
+    if backend not in plugins(ISSUERS):
+        raise ConfigError(f"issuer: unknown {backend!r}; choose one of {', '.join(plugins(ISSUERS))}")
+    options = {o.name: o for o in find(ISSUERS, backend).options}
     values = {name: opt.default for name, opt in options.items()}
     if backend == default_backend:
         values.update(default_values)
@@ -84,7 +86,7 @@ def issuer_values_from_configmap(
 
 
 def _alias_targets(backend: str) -> dict[str, str]:
-    names = [o.name for o in backend_options(backend, include_shared=True)]
+    names = [o.name for o in find(ISSUERS, backend).options]
     return {alias: n for alias in _ALIASES for n in names if n.endswith("-" + alias)}
 
 
@@ -100,12 +102,11 @@ class RuntimeIssuerController:
 
     def __init__(
         self,
-        runtime: Any,
+        runtime: Runtime,
         slot: IssuerSlot,
         trust: TrustBundle,
         *,
         ref: ObjectRef,
-        context: IssuerContext,
         default_backend: str,
         default_values: Mapping[str, Any],
         probe_dns_names: tuple[str, ...],
@@ -116,7 +117,6 @@ class RuntimeIssuerController:
         self._slot = slot
         self._trust = trust
         self._ref = ref
-        self._context = context
         self._default_backend = default_backend
         self._default_values = dict(default_values)
         self._probe_dns = probe_dns_names or ("csr-service.invalid",)
@@ -200,9 +200,11 @@ class RuntimeIssuerController:
         backend, values = issuer_values_from_configmap(
             data, default_backend=self._default_backend, default_values=self._default_values
         )
-        issuer = create_issuer(backend, values, self._context)
+        plugin = find(ISSUERS, backend)
+        plugin.validate(values)
+        issuer: Issuer = plugin.create(values, self._runtime)
         try:
-            if isinstance(issuer, Startable):
+            if isinstance(issuer, Lifecycle):
                 await issuer.start()
             await self._probe(issuer)
         except BaseException:
@@ -282,8 +284,8 @@ class RuntimeIssuerController:
 
 
 async def _close(issuer: Issuer) -> None:
-    if isinstance(issuer, Closable):
+    if isinstance(issuer, Lifecycle):
         try:
-            await issuer.aclose()
+            await issuer.stop()
         except Exception:  # closing must not break switching
             log.exception("runtime issuer: closing %s failed", issuer.name)

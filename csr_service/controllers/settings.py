@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import socket
 from collections.abc import Mapping
@@ -11,34 +10,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from csr_service.errors import ConfigError
+from csr_service.common.errors import ConfigError
+from csr_service.kube.refs import DNS1123, ObjectRef, parse_object_ref
 from csr_service.pki.keys import KeyType
 
-__all__ = ["ControllerSettings", "LeaderSettings", "ObjectRef", "parse_object_ref"]
-
-_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectRef:
-    """A namespaced object, optionally one key of its data (``ns/name[:key]``)."""
-
-    namespace: str
-    name: str
-    key: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}" + (f":{self.key}" if self.key else "")
-
-
-def parse_object_ref(text: str, flag: str, *, with_key: bool = False, default_key: str = "") -> ObjectRef:
-    """Parse ``ns/name`` (or ``ns/name[:key]`` with ``with_key``); ConfigError naming ``flag``."""
-    ref, _, key = text.partition(":") if with_key else (text, "", "")
-    ns, sep, name = ref.partition("/")
-    if not sep or not _DNS1123.match(ns) or not _DNS1123.match(name):
-        form = "NS/NAME[:KEY]" if with_key else "NS/NAME"
-        raise ConfigError(f"--{flag}: expected {form}, got {text!r}")
-    return ObjectRef(ns, name, key or default_key)
+__all__ = ["ControllerSettings", "LeaderSettings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +63,7 @@ class ControllerSettings:
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> ControllerSettings:
         """Validate the option values of ``controllers/options.py``."""
-        if v["root-configmaps"] and not _DNS1123.match(v["root-configmap-name"]):
+        if v["root-configmaps"] and not DNS1123.fullmatch(v["root-configmap-name"]):
             raise ConfigError(f"--root-configmap-name: not a valid name: {v['root-configmap-name']!r}")
         if v["root-configmap-workers"] < 1:
             raise ConfigError("--root-configmap-workers: must be >= 1")
@@ -148,7 +124,7 @@ def _leader(v: Mapping[str, Any]) -> LeaderSettings:
             f"is required (got {retry}, {renew}, {lease})"
         )
     for flag in ("leader-election-namespace", "leader-election-lease-name"):
-        if not _DNS1123.match(v[flag]):
+        if not DNS1123.fullmatch(v[flag]):
             raise ConfigError(f"--{flag}: not a valid name: {v[flag]!r}")
     identity = v["leader-election-identity"] or (
         f"{os.environ.get('POD_NAME') or socket.gethostname()}_{secrets.token_hex(4)}"

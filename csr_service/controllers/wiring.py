@@ -9,14 +9,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from csr_service.issuers import IssuerContext
-
 if TYPE_CHECKING:
+    from csr_service.common.lifecycle import Component
     from csr_service.config import Config
     from csr_service.pipeline.handler import IssuerSlot
-    from csr_service.pipeline.trust import TrustBundle
-    from csr_service.runtime import Component, Runtime
+    from csr_service.plugins.runtime import Runtime
     from csr_service.transport.serving_cert import ServingCertificate
+    from csr_service.trust.bundle import TrustBundle
 
 __all__ = ["build_components", "trust_from_source"]
 
@@ -34,13 +33,13 @@ def build_components(
     c = config.controllers
     components: list[Component] = []
     if config.pipeline.root_ca_file:
-        from csr_service.pipeline.trust_sources import FileTrustSource
+        from csr_service.trust.sources import FileTrustSource
 
         components.append(FileTrustSource(config.pipeline.root_ca_file, trust))
     if c is None:
         return components
     if c.root_ca_configmap or c.root_ca_secret:
-        from csr_service.pipeline.trust_sources import KubeTrustSource
+        from csr_service.trust.sources import KubeTrustSource
 
         ref = c.root_ca_secret or c.root_ca_configmap
         assert ref is not None
@@ -54,14 +53,8 @@ def build_components(
                 slot,
                 trust,
                 ref=c.runtime_issuer_configmap,
-                context=IssuerContext(
-                    trust_domain=config.pipeline.trust_domain,
-                    dev=config.dev,
-                    state_dir=config.state_dir,
-                    runtime=runtime,
-                ),
-                default_backend=config.issuer,
-                default_values=config.issuer_options,
+                default_backend=config.issuer.name,
+                default_values=config.issuer.values,
                 probe_dns_names=config.server.serving_dns_names,
                 grace=config.server.request_timeout + timedelta(seconds=1),
                 on_change=serving.request_renewal,

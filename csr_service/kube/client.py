@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from csr_service.errors import ConfigError
+from csr_service.common.errors import ConfigError
 
 __all__ = ["KubeSettings", "RateLimitedApiClient", "TokenBucket", "new_api_client"]
 

@@ -4,7 +4,7 @@ The per-CSR calls of the cert-manager issuer (create and delete a CertificateReq
 what csr-service spends most of its CPU on with that issuer when they go through the
 synchronous ``kubernetes`` client: a thread hand-off, its parameter and model handling and
 urllib3 per call (``python -m bench.certmanager`` shows the cost). :class:`KubeREST` makes
-those JSON calls on :class:`~csr_service.httpclient.AsyncHTTP` instead, from the event loop.
+those JSON calls on :class:`~csr_service.infra.httpclient.AsyncHTTP` instead, from the event loop.
 
 Everything that decides *how* to reach the apiserver still comes from the loaded
 ``kubernetes`` configuration, so kubeconfig and in-cluster set-ups behave the same on both
@@ -30,7 +30,7 @@ import ssl
 import time
 from typing import Any
 
-from csr_service.httpclient import AsyncHTTP
+from csr_service.infra.httpclient import AsyncHTTP
 
 __all__ = ["KubeAPIError", "KubeREST", "for_client"]
 

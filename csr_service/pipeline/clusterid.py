@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from csr_service.errors import AuthenticationError
+from csr_service.common.errors import AuthenticationError
 from csr_service.pipeline.context import RequestContext
 
 __all__ = ["check_cluster_id"]

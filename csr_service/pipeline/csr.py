@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from csr_service.errors import AuthenticationError, InvalidRequestError
-from csr_service.identity import parse_spiffe_id
+from csr_service.common.errors import AuthenticationError, InvalidRequestError
+from csr_service.common.identity import parse_spiffe_id
 from csr_service.pki.names import subject_alt_names
 from csr_service.pki.pem import count_pem_blocks
 
@@ -160,7 +160,7 @@ def validate_csr(pem: str | bytes, allowed_identities: Sequence[str], *, check_s
     """Run every rule, then check the CSR asks for exactly one of ``allowed_identities``.
 
     ``check_signature=False`` leaves the proof of possession to an issuer whose backend
-    verifies it itself (``Issuer.checks_csr_signature``, see csr_service.issuers.base).
+    verifies it itself (``Issuer.checks_csr_signature``, see csr_service.plugins.issuer).
 
     Raises InvalidRequestError for a malformed or forbidden CSR, AuthenticationError when a
     well-formed CSR names another identity than the caller's.

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from csr_service.errors import PermissionDeniedError
-from csr_service.pipeline.authn import Caller
+from csr_service.common.errors import PermissionDeniedError
+from csr_service.plugins.authenticator import Caller
 
 __all__ = ["IMPERSONATION_KEY", "ImpersonationPolicy", "NoImpersonation"]
 

@@ -20,17 +20,17 @@ client's retry (istiod has the same window).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from csr_service.errors import InvalidRequestError, PermissionDeniedError, UnavailableError
-from csr_service.identity import parse_spiffe_id
+from csr_service.common.errors import InvalidRequestError, PermissionDeniedError, UnavailableError
+from csr_service.common.identity import parse_spiffe_id
 from csr_service.kube.podcache import PodInfo
-from csr_service.pipeline.authn import Caller
+from csr_service.plugins.authenticator import Caller
 
 if TYPE_CHECKING:
     from csr_service.kube.podcache import PodCache
-    from csr_service.runtime import Runtime
+    from csr_service.plugins.runtime import Runtime
 
 __all__ = ["NodeImpersonationPolicy", "PodLookup", "node_impersonation"]
 
@@ -130,13 +130,14 @@ class NodeImpersonationPolicy:
         return pod
 
 
-def node_impersonation(runtime: Runtime) -> tuple[NodeImpersonationPolicy, PodCache] | None:
+def node_impersonation(
+    accounts: Sequence[tuple[str, str]], runtime: Runtime
+) -> tuple[NodeImpersonationPolicy, PodCache] | None:
     """The policy and its pod cache when ``--ca-trusted-node-accounts`` is set, else None."""
-    accounts = runtime.config.auth.trusted_node_accounts
     if not accounts:
         return None
     from csr_service.kube.podcache import PodCache
 
     pods = PodCache(runtime.kube())
-    policy = NodeImpersonationPolicy(pods, trusted_accounts=accounts, trust_domain=runtime.config.pipeline.trust_domain)
+    policy = NodeImpersonationPolicy(pods, trusted_accounts=accounts, trust_domain=runtime.trust_domain)
     return policy, pods

@@ -12,12 +12,12 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 
-from csr_service.errors import InternalError
-from csr_service.issuers.base import IssuedChain, SigningRequest
-from csr_service.pipeline.trust import TrustSnapshot
+from csr_service.common.errors import InternalError
 from csr_service.pki.chain import ChainError, build_path, certifies_key, signed_by
 from csr_service.pki.names import subject_alt_names
 from csr_service.pki.pem import cert_to_pem
+from csr_service.plugins.issuer import IssuedChain, SigningRequest
+from csr_service.trust.bundle import TrustSnapshot
 
 __all__ = ["ChainVerifier"]
 

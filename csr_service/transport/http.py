@@ -3,7 +3,7 @@
 A plain ASGI callable (no framework) served by uvicorn. One per replica: in the single
 worker's event loop, or in the supervisor when there are several workers (then readiness
 and metrics cover all of them). Nothing here waits on a backend: readiness comes from a
-:class:`~csr_service.health.ReadinessSource` that only reads cached state, and metrics are
+:class:`~csr_service.service.health.ReadinessSource` that only reads cached state, and metrics are
 rendered in a thread so a scrape never stalls gRPC.
 
 - ``GET /livez``   200 ``ok`` while the process answers (the kubelet restarts it otherwise).
@@ -23,8 +23,8 @@ from typing import Any
 
 import uvicorn
 
-from csr_service import metrics
-from csr_service.health import ReadinessSource
+from csr_service.common.readiness import ReadinessSource
+from csr_service.infra import metrics
 
 __all__ = ["HttpApp", "HttpServer", "HttpThread"]
 

@@ -16,8 +16,8 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
-from csr_service.errors import CSRServiceError, DeadlineExceededError, InternalError, status_code_for
-from csr_service.metrics import observe_rpc
+from csr_service.common.errors import CSRServiceError, DeadlineExceededError, InternalError, status_code_for
+from csr_service.infra.metrics import observe_rpc
 from csr_service.pipeline.context import REQUEST_ID, RequestContext, new_request_id
 from csr_service.pipeline.handler import CertificatePipeline
 

@@ -24,13 +24,13 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 
-from csr_service.errors import CSRServiceError
-from csr_service.issuers.own_cert import issue_own_certificate
+from csr_service.common.errors import CSRServiceError
 from csr_service.pipeline.handler import IssuerSlot
-from csr_service.pipeline.trust import TrustBundle
 from csr_service.pki.chain import ChainError
 from csr_service.pki.keys import KeyType
+from csr_service.pki.own_cert import issue_own_certificate
 from csr_service.pki.pem import cert_to_pem, key_to_pem
+from csr_service.trust.bundle import TrustBundle
 
 __all__ = ["ServingCertificate", "ServingMaterial"]
 
@@ -131,7 +131,7 @@ class ServingCertificate:
         self._wake.clear()  # the certificate we just got already reflects the current roots
         self._task = asyncio.create_task(self._renew_loop(), name="serving-cert-renewal")
 
-    async def aclose(self) -> None:
+    async def stop(self) -> None:
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,4 +1,4 @@
-"""The issuer conformance suite: what every backend must do (csr_service.issuers.base).
+"""The issuer conformance suite: what every backend must do (csr_service.plugins.issuer).
 
 A backend's test module subclasses :class:`IssuerConformance` and provides two fixtures:
 
@@ -24,10 +24,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from csr_service.errors import CSRServiceError, FailedPreconditionError, InvalidRequestError
-from csr_service.issuers.base import IssuedChain, Issuer
+from csr_service.common.errors import CSRServiceError, FailedPreconditionError, InvalidRequestError
 from csr_service.pki.chain import build_path
 from csr_service.pki.keys import KeyType
+from csr_service.plugins.issuer import IssuedChain, Issuer
 from tests.support.certs import WORKLOAD, assert_is_leaf, forge_signature, uri_sans
 from tests.support.issuers import run_fresh, signing_request
 

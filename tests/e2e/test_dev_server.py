@@ -23,10 +23,10 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
-from csr_service.dev import dev_jwt_algorithm
 from csr_service.pki.chain import build_path
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import load_private_key, parse_certs
+from csr_service.service.dev import dev_jwt_algorithm
 from tests.support.certs import csr_pem, uri_sans
 from tests.support.dev_server import CSR_SERVICE, DevServer, running_dev_server
 

@@ -9,8 +9,9 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 
-from csr_service.issuers.base import Closable, Issuer, SigningRequest, Startable
+from csr_service.common.lifecycle import Lifecycle
 from csr_service.pki.keys import KeyType, generate_key
+from csr_service.plugins.issuer import Issuer, SigningRequest
 from tests.support.certs import WORKLOAD, csr_pem
 
 __all__ = ["run_fresh", "run_issuer", "signing_request", "with_started"]
@@ -46,13 +47,14 @@ def signing_request(
 
 async def with_started(issuer: IssuerT, body: Callable[[IssuerT], Awaitable[T]]) -> T:
     """Start ``issuer`` (if it has a lifecycle), run ``body``, close it: the way the server uses it."""
-    if isinstance(issuer, Startable):
-        await issuer.start()
+    lifecycle = issuer if isinstance(issuer, Lifecycle) else None
+    if lifecycle is not None:
+        await lifecycle.start()
     try:
         return await body(issuer)
     finally:
-        if isinstance(issuer, Closable):
-            await issuer.aclose()
+        if lifecycle is not None:
+            await lifecycle.stop()
 
 
 def run_issuer(issuer: IssuerT, body: Callable[[IssuerT], Awaitable[T]]) -> T:

@@ -12,12 +12,12 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from csr_service.issuers.base import Issuer
-from csr_service.issuers.local.issuer import DirectorySource, LocalCAIssuer
 from csr_service.pipeline.authn.jwt import JWTAuthenticator, StaticKeySource
 from csr_service.pipeline.context import RequestContext
 from csr_service.pipeline.handler import CertificatePipeline, IssuerSlot, PipelineSettings
-from csr_service.pipeline.trust import TrustBundle
+from csr_service.plugins.issuer import Issuer
+from csr_service.trust.bundle import TrustBundle
+from issuers.local.issuer import DirectorySource, LocalCAIssuer
 from tests.support.certs import write_ca_dir
 
 JWT_KEY = ec.generate_private_key(ec.SECP256R1())

@@ -1,6 +1,6 @@
 """The cert-manager issuer against an in-memory CertificateRequest API (no cluster).
 
-``FakeRequests`` stands in for :class:`~csr_service.issuers.certmanager.api.RequestsApi`: an
+``FakeRequests`` stands in for :class:`~issuers.certmanager.api.RequestsApi`: an
 object store with resourceVersions, label selectors and *real* watch streams (the informer and
 ``kubernetes.watch`` run unchanged and read JSON event lines from it), plus a tiny "cert-manager"
 that approves/denies/signs each new request according to ``behaviour``. The same issuer is
@@ -26,7 +26,7 @@ from cryptography import x509
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import ProtocolError
 
-from csr_service.errors import (
+from csr_service.common.errors import (
     ConfigError,
     DeadlineExceededError,
     FailedPreconditionError,
@@ -36,24 +36,25 @@ from csr_service.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from csr_service.issuers import BACKENDS, IssuerContext, backend_options, create_issuer
-from csr_service.issuers.base import IssuedChain, SigningRequest
-from csr_service.issuers.certmanager.api import api_error
-from csr_service.issuers.certmanager.issuer import (
+from csr_service.pki.certs import LeafSpec, build_intermediate_ca, build_leaf, build_self_signed_ca
+from csr_service.pki.keys import KeyType, generate_key
+from csr_service.pki.pem import cert_to_pem
+from csr_service.plugins.issuer import IssuedChain, SigningRequest
+from csr_service.plugins.registry import ISSUERS, create_issuer, find, plugins
+from csr_service.plugins.runtime import Runtime
+from issuers.certmanager.api import api_error
+from issuers.certmanager.issuer import (
     IDENTITIES_ANNOTATION,
     INSTANCE_LABEL,
     MANAGED_BY_LABEL,
     USAGES,
     CertManagerIssuer,
 )
-from csr_service.issuers.certmanager.options import OPTIONS
-from csr_service.issuers.certmanager.settings import Settings
-from csr_service.issuers.certmanager.status import Phase, classify, timeout_error
-from csr_service.issuers.certmanager.sweeper import sweep
-from csr_service.issuers.certmanager.watch import Waiter
-from csr_service.pki.certs import LeafSpec, build_intermediate_ca, build_leaf, build_self_signed_ca
-from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import cert_to_pem
+from issuers.certmanager.options import OPTIONS
+from issuers.certmanager.settings import Settings
+from issuers.certmanager.status import Phase, classify, timeout_error
+from issuers.certmanager.sweeper import sweep
+from issuers.certmanager.watch import Waiter
 from tests.support.certs import WORKLOAD, csr_pem
 
 T = TypeVar("T")
@@ -313,7 +314,7 @@ def run(fake: FakeRequests, issuer: CertManagerIssuer, body: Callable[[CertManag
         finally:
             fake.watches_while_running = [op for op, _ in fake.calls].count("watch")
             fake.stopping.set()
-            await issuer.aclose()
+            await issuer.stop()
 
     return asyncio.run(main())
 
@@ -330,8 +331,8 @@ def wait_for(pred: Callable[[], Any], timeout: float = 5) -> Any:
 
 # ------------------------------------------------------------------------------ settings
 def test_registered_with_light_options_module() -> None:
-    assert "cert-manager" in BACKENDS
-    names = {o.name for o in backend_options("cert-manager")}
+    assert "cert-manager" in plugins(ISSUERS)
+    names = {o.name for o in find(ISSUERS, "cert-manager").options}
     assert {
         "certmanager-namespace",
         "certmanager-issuer-name",
@@ -384,8 +385,8 @@ def test_sweeper_off_when_preserving_or_age_zero() -> None:
 
 
 def test_create_needs_a_kubernetes_client() -> None:
-    with pytest.raises(ConfigError, match="Kubernetes client"):
-        create_issuer("cert-manager", values(), IssuerContext(trust_domain="cluster.local"))
+    with pytest.raises(ConfigError, match="--kubeconfig"):
+        create_issuer("cert-manager", values(), Runtime(trust_domain="cluster.local"))
 
 
 # ------------------------------------------------------------------------------ the request body
@@ -615,7 +616,7 @@ def test_terminal_failures(behaviour: str, error: type, public: str) -> None:
 
 def test_not_approved_in_time(caplog: pytest.LogCaptureFixture) -> None:
     fake = FakeRequests("none")
-    caplog.set_level(logging.WARNING, "csr_service.issuers.certmanager")
+    caplog.set_level(logging.WARNING, "issuers.certmanager")
     with pytest.raises(DeadlineExceededError) as info:
         run(fake, make(fake, certmanager_timeout=timedelta(seconds=0.3)), lambda i: i.sign(request()))
     assert "not approved in time" in info.value.public
@@ -625,7 +626,7 @@ def test_not_approved_in_time(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_approved_but_not_signed_in_time(caplog: pytest.LogCaptureFixture) -> None:
     fake = FakeRequests("approve-only")
-    caplog.set_level(logging.WARNING, "csr_service.issuers.certmanager")
+    caplog.set_level(logging.WARNING, "issuers.certmanager")
     with pytest.raises(DeadlineExceededError) as info:
         run(fake, make(fake, certmanager_timeout=timedelta(seconds=0.3)), lambda i: i.sign(request()))
     assert "did not sign in time" in info.value.public
@@ -735,7 +736,7 @@ def test_start_is_retryable_while_the_apiserver_is_down() -> None:
             return await issuer.sign(request())
         finally:
             fake.stopping.set()
-            await issuer.aclose()
+            await issuer.stop()
 
     assert asyncio.run(main()).leaf is not None
 
@@ -754,7 +755,7 @@ def test_status_ca_is_trusted_only_when_configured(caplog: pytest.LogCaptureFixt
 
     assert run(fake, make(fake), body) == []
     fake2 = FakeRequests()
-    caplog.set_level(logging.WARNING, "csr_service.issuers.certmanager")
+    caplog.set_level(logging.WARNING, "issuers.certmanager")
     assert run(fake2, make(fake2, certmanager_trust_status_ca=True), body) == [fake2.root]
     assert "trust on first use" in caplog.text
 

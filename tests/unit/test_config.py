@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from csr_service.cli import build_config, make_parser
+from csr_service.common.errors import ConfigError
 from csr_service.config import Config, all_options, resolve
-from csr_service.errors import ConfigError
 
 
 def test_defaults_match_istio_csr() -> None:
@@ -17,7 +17,8 @@ def test_defaults_match_istio_csr() -> None:
     assert c.pipeline.max_certificate_duration == timedelta(hours=1)
     assert c.pipeline.cluster_id == "Kubernetes"
     assert c.pipeline.trust_domain == "cluster.local"
-    assert c.auth.token_audiences == ("istio-ca",)
+    assert c.authenticator.name == "jwt"
+    assert c.authenticator.values["token-audiences"] == ("istio-ca",)
     assert c.server.insecure_grpc_listen is None  # TLS only by default
 
 
@@ -69,7 +70,7 @@ def test_dev_mode_defaults_and_loopback_only(tmp_path: Path) -> None:
     c = build_config({"dev": "true", "state-dir": str(tmp_path / "s")})
     assert c.server.grpc_listen.startswith("127.0.0.1:")
     assert c.server.serving_dns_names == ("localhost",)
-    assert c.issuer_options["local-ca-dir"].endswith("/s/ca")
+    assert c.issuer.values["local-ca-dir"].endswith("/s/ca")
     assert (tmp_path / "s" / "ca" / "ca-key.pem").stat().st_mode & 0o777 == 0o600
     with pytest.raises(ConfigError, match="loopback"):
         build_config({"dev": "true", "state-dir": str(tmp_path / "s"), "grpc-listen": "0.0.0.0:6443"})

@@ -16,19 +16,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from kubernetes import client as k8s
 
+from csr_service.common.errors import ConfigError
 from csr_service.config import Config, resolve
 from csr_service.controllers.istiod_cert import IstiodCertController, IstiodCertSpec, renewal_reason
 from csr_service.controllers.root_configmaps import RootConfigMapController, desired_configmap, is_up_to_date
 from csr_service.controllers.runtime_issuer import RuntimeIssuerController, issuer_values_from_configmap
-from csr_service.controllers.settings import ObjectRef, parse_object_ref
-from csr_service.errors import ConfigError
-from csr_service.issuers import IssuerContext, create_issuer
-from csr_service.issuers.base import Issuer
+from csr_service.kube.refs import ObjectRef, parse_object_ref
 from csr_service.pipeline.handler import IssuerSlot
-from csr_service.pipeline.trust import TrustBundle
 from csr_service.pki.chain import build_path
 from csr_service.pki.keys import KeyType
 from csr_service.pki.pem import cert_to_pem, load_private_key, parse_certs, same_public_key
+from csr_service.plugins.issuer import Issuer
+from csr_service.plugins.registry import create_issuer
+from csr_service.plugins.runtime import Runtime
+from csr_service.trust.bundle import TrustBundle
 from tests.support.certs import write_ca_dir
 
 # --- settings ------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ def local_issuer(directory: Path) -> Issuer:
     issuer = create_issuer(
         "local",
         {"local-ca-dir": str(directory), "local-ca-reload-interval": timedelta(0)},
-        IssuerContext(trust_domain="cluster.local"),
+        Runtime(trust_domain="cluster.local"),
     )
     asyncio.run(issuer.start())  # type: ignore[attr-defined]
     return issuer
@@ -251,10 +252,6 @@ def test_bad_configmaps_are_refused(data: dict[str, str], message: str) -> None:
         issuer_values_from_configmap(data, default_backend="local", default_values={})
 
 
-class FakeRuntime:
-    worker_index = 1  # not worker 0: no Events
-
-
 def test_switch_and_rejection_keep_a_working_issuer(tmp_path: Path) -> None:
     _, _, root1 = write_ca_dir(tmp_path / "ca1")
     _, _, root2 = write_ca_dir(tmp_path / "ca2")
@@ -264,11 +261,10 @@ def test_switch_and_rejection_keep_a_working_issuer(tmp_path: Path) -> None:
     trust = TrustBundle([root1, root2])
     renewals: list[int] = []
     ctl = RuntimeIssuerController(
-        FakeRuntime(),
+        Runtime(worker_index=1),  # not worker 0: no Events
         slot,
         trust,
         ref=ObjectRef("ns", "cfg"),
-        context=IssuerContext(trust_domain="cluster.local"),
         default_backend="local",
         default_values={"local-ca-dir": str(tmp_path / "ca1"), "local-ca-reload-interval": timedelta(0)},
         probe_dns_names=("csr-service.test",),
@@ -307,7 +303,7 @@ def test_switch_and_rejection_keep_a_working_issuer(tmp_path: Path) -> None:
 
 
 def _components(tmp_path: Path, **flags: Any) -> list[Any]:
-    from csr_service.app import build_service
+    from csr_service.service.wiring import build_service
 
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
@@ -329,7 +325,7 @@ def _components(tmp_path: Path, **flags: Any) -> list[Any]:
 
 def test_only_what_is_switched_on_is_built(tmp_path: Path) -> None:
     from csr_service.controllers.leader import LeaderElector
-    from csr_service.pipeline.trust_sources import FileTrustSource
+    from csr_service.trust.sources import FileTrustSource
 
     assert _components(tmp_path) == []
     (tmp_path / "bundle.pem").write_text(cert_to_pem(write_ca_dir(tmp_path / "r")[2]))

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from csr_service.errors import AuthenticationError, InvalidRequestError
+from csr_service.common.errors import AuthenticationError, InvalidRequestError
 from csr_service.pipeline.csr import MAX_CSR_BYTES, validate_csr
 from csr_service.pki.keys import KeyType, generate_key
 from tests.support.certs import WORKLOAD, csr_pem, forge_signature

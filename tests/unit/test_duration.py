@@ -2,7 +2,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from csr_service.durations import format_duration, parse_duration
+from csr_service.common.durations import format_duration, parse_duration
 from csr_service.pipeline.duration import MIN_TTL, decide_ttl
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

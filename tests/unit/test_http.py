@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from csr_service.health import Check, Readiness, ReadinessReport, WorkerBoard
-from csr_service.issuers.base import IssuedChain, SigningRequest
+from csr_service.common.readiness import Check, ReadinessReport
 from csr_service.pipeline.handler import IssuerSlot
-from csr_service.pipeline.trust import TrustBundle
+from csr_service.plugins.issuer import IssuedChain, SigningRequest
+from csr_service.service.health import Readiness, WorkerBoard
 from csr_service.transport.http import HttpApp, HttpServer, HttpThread
 from csr_service.transport.serving_cert import ServingMaterial
+from csr_service.trust.bundle import TrustBundle
 from tests.support.certs import write_ca_dir
 
 
@@ -214,7 +215,7 @@ def test_json_logs_name_the_worker(capsys: pytest.CaptureFixture[str]) -> None:
     import json
     import logging
 
-    from csr_service.logs import setup_logging
+    from csr_service.infra.logs import setup_logging
     from csr_service.pipeline.context import REQUEST_ID
 
     root = logging.getLogger()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from csr_service.httpclient import MAX_BODY, AsyncHTTP, ssl_context
+from csr_service.infra.httpclient import MAX_BODY, AsyncHTTP, ssl_context
 from tests.support.certs import tls_files
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, dict[str, int]], Awaitable[None]]

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from csr_service.common.errors import ConfigError, InvalidRequestError, PermissionDeniedError, UnavailableError
+from csr_service.common.identity import SpiffeId
 from csr_service.config import Config, resolve
-from csr_service.errors import ConfigError, InvalidRequestError, PermissionDeniedError, UnavailableError
-from csr_service.identity import SpiffeId
 from csr_service.kube.podcache import PodIndex, PodInfo, slim
-from csr_service.pipeline.authn import Caller
 from csr_service.pipeline.impersonation_k8s import NodeImpersonationPolicy
 from csr_service.pki.keys import KeyType, generate_key
+from csr_service.plugins.authenticator import Caller
 from tests.support.certs import csr_pem, uri_sans
 from tests.support.pipeline import ctx, make_pipeline, token
 
@@ -177,8 +177,8 @@ def test_pipeline_issues_the_impersonated_identity(tmp_path: Path) -> None:
 
 def test_trusted_node_accounts_option() -> None:
     config = Config.from_values(resolve({"ca-trusted-node-accounts": "istio-system/ztunnel,kube-system/agent"}, env={}))
-    assert config.auth.trusted_node_accounts == (("istio-system", "ztunnel"), ("kube-system", "agent"))
-    assert Config.from_values(resolve({}, env={})).auth.trusted_node_accounts == ()
+    assert config.pipeline.trusted_node_accounts == (("istio-system", "ztunnel"), ("kube-system", "agent"))
+    assert Config.from_values(resolve({}, env={})).pipeline.trusted_node_accounts == ()
 
 
 @pytest.mark.parametrize("bad", ["ztunnel", "istio-system/", "/ztunnel", "a/b/c"])

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from csr_service.issuers.local.issuer import DirectorySource, LocalCAIssuer
 from csr_service.pki.keys import KeyType
+from issuers.local.issuer import DirectorySource, LocalCAIssuer
 from tests.conformance.issuer_suite import IssuerConformance, IssuerFactory
 from tests.support.certs import write_ca_dir
 

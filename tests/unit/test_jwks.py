@@ -13,8 +13,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from csr_service.errors import AuthenticationError, ConfigError, UnavailableError
-from csr_service.pipeline.authn import Caller
+from csr_service.common.errors import AuthenticationError, ConfigError, UnavailableError
 from csr_service.pipeline.authn.jwks import (
     Discovery,
     DiscoveryKeySource,
@@ -22,6 +21,7 @@ from csr_service.pipeline.authn.jwks import (
     UrlFetcher,
 )
 from csr_service.pipeline.context import RequestContext
+from csr_service.plugins.authenticator import Caller
 
 ISS = "https://kubernetes.default.svc.cluster.local"
 KEYS = {kid: ec.generate_private_key(ec.SECP256R1()) for kid in ("old", "new")}

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from csr_service.errors import AuthenticationError, ConfigError
+from csr_service.common.errors import AuthenticationError, ConfigError
 from csr_service.pipeline.authn.jwt import JWTAuthenticator, StaticKeySource
 from csr_service.pipeline.context import RequestContext
 

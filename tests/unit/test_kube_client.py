@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from csr_service.common.errors import ConfigError
 from csr_service.config import resolve
-from csr_service.errors import ConfigError
 from csr_service.kube.client import KubeSettings, TokenBucket, new_api_client
 
 

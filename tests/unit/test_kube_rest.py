@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from csr_service.errors import FailedPreconditionError, ResourceExhaustedError, UnavailableError
-from csr_service.issuers.certmanager.api import api_error
+from csr_service.common.errors import FailedPreconditionError, ResourceExhaustedError, UnavailableError
 from csr_service.kube.client import KubeSettings, new_api_client
 from csr_service.kube.rest import KubeAPIError, KubeREST, for_client
+from issuers.certmanager.api import api_error
 from tests.support.certs import tls_files
 from tests.unit.test_httpclient import address, answer, read_request, serve
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from csr_service.issuers.local.issuer import DirectorySource, LocalCAIssuer
-from csr_service.issuers.local.material import CAMaterialError, load_ca_dir
 from csr_service.pki.certs import LeafSpec, build_leaf, build_self_signed_ca
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import cert_to_pem, key_to_pem
+from issuers.local.issuer import DirectorySource, LocalCAIssuer
+from issuers.local.material import CAMaterialError, load_ca_dir
 from tests.support.certs import write_ca_dir
 
 
@@ -112,8 +112,8 @@ def test_missing_and_garbage(tmp_path: Path) -> None:
 def test_reload_adopts_good_and_keeps_last_good_on_bad(tmp_path: Path) -> None:
     first, _, _ = write_ca_dir(tmp_path)
     issuer = LocalCAIssuer(DirectorySource(str(tmp_path)), reload_interval=timedelta(0))
-    changes: list[x509.Certificate] = []
-    issuer.add_change_listener(lambda m: changes.append(m.cert))
+    changes: list[list[x509.Certificate]] = []
+    issuer.add_roots_listener(lambda roots: changes.append(list(roots)))
 
     async def scenario() -> None:
         await issuer.start()
@@ -125,10 +125,10 @@ def test_reload_adopts_good_and_keeps_last_good_on_bad(tmp_path: Path) -> None:
         ok, why = issuer.health()
         assert ok
         assert "last reload failed" in why
-        second, _, _ = write_ca_dir(tmp_path)
+        second, _, second_root = write_ca_dir(tmp_path)
         assert await issuer.reload() is True
         assert issuer.material.cert == second
-        assert changes == [second]
+        assert changes == [[second_root]]
         assert "last reload failed" not in issuer.health()[1]
 
     asyncio.run(scenario())
@@ -145,7 +145,7 @@ def test_watch_task_picks_up_changes(tmp_path: Path) -> None:
             if issuer.material.cert == new:
                 break
             await asyncio.sleep(0.05)
-        await issuer.aclose()
+        await issuer.stop()
         assert issuer.material.cert == new
 
     asyncio.run(scenario())

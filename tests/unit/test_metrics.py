@@ -15,15 +15,15 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from csr_service import metrics
-from csr_service.errors import (
+from csr_service.common.errors import (
     AuthenticationError,
     FailedPreconditionError,
     InternalError,
     InvalidRequestError,
     UnavailableError,
 )
-from csr_service.issuers.base import IssuedChain, SigningRequest
+from csr_service.infra import metrics
+from csr_service.plugins.issuer import IssuedChain, SigningRequest
 
 
 def _value(name: str, labels: dict[str, str] | None = None) -> float:
@@ -162,14 +162,14 @@ def test_refresh_sets_expiry_gauges_and_advances_cache_counters() -> None:
 
 def test_authentication_failure_is_an_authentication_error() -> None:
     # The servicer maps AuthenticationError to UNAUTHENTICATED, which observe_rpc counts.
-    from csr_service.errors import status_code_for
+    from csr_service.common.errors import status_code_for
 
     assert status_code_for(AuthenticationError("x")) == grpc.StatusCode.UNAUTHENTICATED
 
 
 _WORKER = """
 import sys
-from csr_service import metrics
+from csr_service.infra import metrics
 from datetime import datetime, UTC
 metrics.CSR_COUNT.inc(int(sys.argv[1]))
 metrics.refresh(roots_not_after=[datetime.fromtimestamp(int(sys.argv[2]), UTC)], signing_ca_not_after=None,
@@ -231,10 +231,12 @@ class _CachingAuthenticator:
         return self.hits, self.misses
 
 
-def test_worker_monitor_reads_leader_and_cache_from_components(tmp_path: Path) -> None:
-    from csr_service.health import Readiness, ReadinessReport, WorkerMonitor
+def test_worker_monitor_reads_leader_and_authenticator_cache(tmp_path: Path) -> None:
+    from csr_service.common.readiness import ReadinessReport
     from csr_service.pipeline.handler import IssuerSlot
-    from csr_service.pipeline.trust import TrustBundle
+    from csr_service.plugins.authenticator import AuthenticatorAbilities
+    from csr_service.service.health import Readiness, WorkerMonitor
+    from csr_service.trust.bundle import TrustBundle
     from tests.support.certs import write_ca_dir
 
     root = write_ca_dir(tmp_path / "ca")[2]
@@ -250,7 +252,8 @@ def test_worker_monitor_reads_leader_and_cache_from_components(tmp_path: Path) -
         issuers=slot,
         serving=_Serving(),  # type: ignore[arg-type]
         trust=trust,
-        components=[authn, _Elector()],
+        authenticator=AuthenticatorAbilities.of(authn),  # type: ignore[arg-type]
+        leader=_Elector(),
         publish=published.append,
     )
     labels = {"authenticator": "tokenreview", "result": "hit"}

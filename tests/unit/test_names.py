@@ -9,10 +9,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from csr_service.issuers.base import SigningRequest
 from csr_service.pki.certs import build_csr
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.names import subject_alt_names
+from csr_service.plugins.issuer import SigningRequest
 
 SPIFFE = "spiffe://cluster.local/ns/default/sa/app"
 

@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from prometheus_client import REGISTRY
 
-from csr_service.errors import (
+from csr_service.common.errors import (
     STATUS_TABLE,
     AuthenticationError,
     CSRServiceError,
@@ -24,10 +24,10 @@ from csr_service.errors import (
     UnavailableError,
     status_code_for,
 )
-from csr_service.issuers.base import IssuedChain, SigningRequest
 from csr_service.pki.certs import build_self_signed_ca
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import parse_certs
+from csr_service.plugins.issuer import IssuedChain, SigningRequest
 from tests.support.certs import WORKLOAD, csr_pem, forge_signature, uri_sans
 from tests.support.pipeline import ctx, make_pipeline, token
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from csr_service.errors import AuthenticationError, ResourceExhaustedError, UnavailableError
-from csr_service.pipeline.authn import Caller
+from csr_service.common.errors import AuthenticationError, ResourceExhaustedError, UnavailableError
 from csr_service.pipeline.authn.tokenreview import (
     POD_NAME_KEY,
     POD_UID_KEY,
@@ -22,6 +21,7 @@ from csr_service.pipeline.authn.tokenreview import (
     unverified_exp,
 )
 from csr_service.pipeline.context import RequestContext
+from csr_service.plugins.authenticator import Caller
 
 NOW = 1_800_000_000.0
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from kubernetes import client as k8s
 
-from csr_service.controllers.settings import ObjectRef
-from csr_service.pipeline.trust import TrustBundle
-from csr_service.pipeline.trust_sources import FileTrustSource, KubeTrustSource, parse_roots
+from csr_service.kube.refs import ObjectRef
 from csr_service.pki.certs import LeafSpec, build_csr, build_leaf
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import cert_to_pem
+from csr_service.trust.bundle import TrustBundle
+from csr_service.trust.sources import FileTrustSource, KubeTrustSource, parse_roots
 from tests.support.certs import write_ca_dir
 
 

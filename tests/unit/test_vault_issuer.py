@@ -26,24 +26,25 @@ import requests
 from cryptography import x509
 from requests.adapters import BaseAdapter
 
-from csr_service.errors import (
+from csr_service.common.errors import (
     CSRServiceError,
     FailedPreconditionError,
     InternalError,
     ResourceExhaustedError,
     UnavailableError,
 )
-from csr_service.issuers.base import IssuedChain, SigningRequest
-from csr_service.issuers.local.issuer import LocalCAIssuer
-from csr_service.issuers.local.material import CAMaterialError
-from csr_service.issuers.local.vault_kv import KVSettings, VaultKVSource
-from csr_service.issuers.vault.client import VaultClient
-from csr_service.issuers.vault.issuer import VaultIssuer
-from csr_service.issuers.vault.settings import ConnectionSettings, IssuerSettings
 from csr_service.pki.certs import LeafSpec, build_intermediate_ca, build_leaf, build_self_signed_ca
 from csr_service.pki.chain import fingerprint
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import cert_to_pem, key_to_pem
+from csr_service.plugins.issuer import IssuedChain, SigningRequest
+from issuers.local.issuer import LocalCAIssuer
+from issuers.local.material import CAMaterialError
+from issuers.local.vault_kv import KVSettings, VaultKVSource
+from issuers.vault.issuer import VaultIssuer
+from issuers.vault.settings import IssuerSettings
+from issuers.vault_connection.client import VaultClient
+from issuers.vault_connection.settings import ConnectionSettings
 from tests.support.certs import WORKLOAD
 from tests.support.issuers import run_issuer as run_with
 from tests.support.issuers import signing_request as request
@@ -297,7 +298,7 @@ def test_truncated_ttl_is_accepted_and_the_warning_logged_once(
     fake: FakeVault, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake.roles["spiffe"].max_ttl = timedelta(minutes=10)
-    caplog.set_level(logging.DEBUG, logger="csr_service.issuers.vault")
+    caplog.set_level(logging.DEBUG, logger="issuers.vault")
 
     async def body(i: VaultIssuer) -> IssuedChain:
         await i.sign(request(ttl=timedelta(hours=1)))
@@ -623,7 +624,7 @@ def test_local_issuer_keeps_the_last_good_kv_ca(fake: FakeVault, tmp_path: Path)
         ok, reason = issuer.health()
         assert ok
         assert "last reload failed" in reason
-        await issuer.aclose()
+        await issuer.stop()
 
     asyncio.run(body())
 

@@ -9,17 +9,11 @@ from typing import Any
 
 import pytest
 
-from csr_service.errors import ConfigError
-from csr_service.issuers import BACKENDS, backend_options
-from csr_service.issuers.local.vault_kv import KVSettings
-from csr_service.issuers.vault.settings import (
-    AppRoleAuth,
-    ConnectionSettings,
-    IssuerSettings,
-    KubernetesAuth,
-    TokenAuth,
-    normalise_fingerprint,
-)
+from csr_service.common.errors import ConfigError
+from csr_service.plugins.registry import ISSUERS, find, kind_options
+from issuers.local.vault_kv import KVSettings
+from issuers.vault.settings import IssuerSettings, normalise_fingerprint
+from issuers.vault_connection.settings import AppRoleAuth, ConnectionSettings, KubernetesAuth, TokenAuth
 
 BASE = {"vault-address": "https://vault.example:8200", "vault-token-file": "/run/vault/token"}
 
@@ -29,7 +23,7 @@ def conn(**kw: Any) -> ConnectionSettings:
 
 
 def test_defaults_from_the_declared_options() -> None:
-    values = {o.name: o.default for o in backend_options("vault")}
+    values = {o.name: o.default for o in find(ISSUERS, "vault").options}
     values.update(BASE)
     values["vault-role"] = "spiffe"
     c = ConnectionSettings.from_values(values)
@@ -114,23 +108,25 @@ def test_kv_settings_seed_layout_defaults() -> None:
     assert (s.path, s.version, s.cert_field, s.key_field) == ("secret/data/pki/istiod", 2, "certificate", "privateKey")
 
 
-def test_options_are_declared_once_and_local_borrows_the_connection_options() -> None:
-    names = [o.name for name in BACKENDS for o in backend_options(name)]
+def test_options_are_declared_once_and_local_shares_the_connection_options() -> None:
+    names = [o.name for o in kind_options(ISSUERS)]
     assert len(names) == len(set(names))
-    shared = {o.name for o in backend_options("local", include_shared=True)}
-    assert {"vault-address", "vault-auth", "local-ca-vault-kv-path"} <= shared
-    assert "vault-role" not in shared
+    local = {o.name: o for o in find(ISSUERS, "local").options}
+    vault = {o.name: o for o in find(ISSUERS, "vault").options}
+    assert {"vault-address", "vault-auth", "local-ca-vault-kv-path"} <= set(local)
+    assert "vault-role" not in local
+    assert local["vault-address"] is vault["vault-address"]  # one declaration, read by both plugins
 
 
 def test_no_option_holds_a_secret_value() -> None:
     # Secrets live in files named by options, read at login time, never in flags/env/config.
-    for o in backend_options("vault"):
+    for o in find(ISSUERS, "vault").options:
         assert "token" not in o.name or o.name.endswith("-file")
 
 
 def test_the_core_and_option_modules_do_not_import_hvac() -> None:
     code = (
-        "import sys, csr_service.config, csr_service.issuers.vault.options, csr_service.issuers.vault.settings;"
+        "import sys, csr_service.config, issuers.vault, issuers.vault.settings, issuers.vault_connection.settings;"
         "assert 'hvac' not in sys.modules, 'hvac imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -45,12 +45,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from jwt import PyJWK
 
-from csr_service.errors import AuthenticationError, ConfigError, UnavailableError
-from csr_service.pipeline.authn import Caller
+from csr_service.common.errors import AuthenticationError, ConfigError, UnavailableError
 from csr_service.pipeline.authn.jwt import JWTAuthenticator, StaticKeySource
+from csr_service.plugins.authenticator import Caller
 
 if TYPE_CHECKING:
-    from csr_service.runtime import Runtime
+    from csr_service.plugins.runtime import Runtime
 
 __all__ = [
     "MIN_REFRESH_INTERVAL",
@@ -303,19 +303,18 @@ class JWKSAuthenticator(JWTAuthenticator):
         return super()._caller(claims)
 
 
-def create(runtime: Runtime) -> JWKSAuthenticator:
+def create(values: Mapping[str, Any], runtime: Runtime) -> JWKSAuthenticator:
     """``--authenticator jwks``: keys from the apiserver's discovery, or from ``--jwks-url``."""
-    auth = runtime.config.auth
     fetcher: Fetcher
-    if auth.jwks_url:
-        timeout = runtime.config.kube.request_timeout.total_seconds() if runtime.config.kube else 10.0
-        fetcher = UrlFetcher(auth.jwks_url, ca_file=auth.jwks_ca_file, timeout=timeout)
+    if values["jwks-url"]:
+        timeout = runtime.kube_request_timeout.total_seconds()
+        fetcher = UrlFetcher(values["jwks-url"], ca_file=values["jwks-ca-file"] or None, timeout=timeout)
     else:
         fetcher = KubeFetcher(runtime.kube())
     return JWKSAuthenticator(
-        DiscoveryKeySource(fetcher, refresh_interval=auth.jwks_refresh_interval),
-        trust_domain=runtime.config.pipeline.trust_domain,
-        audiences=auth.token_audiences,
-        issuer=auth.jwt_issuer,
-        leeway=auth.jwt_leeway,
+        DiscoveryKeySource(fetcher, refresh_interval=values["jwks-refresh-interval"]),
+        trust_domain=runtime.trust_domain,
+        audiences=values["token-audiences"],
+        issuer=values["jwt-issuer"] or None,
+        leeway=values["jwt-leeway"],
     )

@@ -46,19 +46,20 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from csr_service.errors import (
+from csr_service.common.errors import (
     AuthenticationError,
     CSRServiceError,
     ResourceExhaustedError,
     UnavailableError,
 )
-from csr_service.identity import SpiffeId, service_account_from_username
-from csr_service.pipeline.authn import Caller
+from csr_service.common.identity import SpiffeId, service_account_from_username
+from csr_service.kube.util import api_status
 from csr_service.pipeline.authn.jwt import MAX_TOKEN_BYTES
 from csr_service.pipeline.context import RequestContext
+from csr_service.plugins.authenticator import Caller
 
 if TYPE_CHECKING:
-    from csr_service.runtime import Runtime
+    from csr_service.plugins.runtime import Runtime
 
 __all__ = [
     "NEGATIVE_TTL",
@@ -133,7 +134,7 @@ class KubeTokenReviewer:
 
 
 def _api_error(exc: Exception) -> CSRServiceError:
-    status = getattr(exc, "status", None)
+    status = api_status(exc)
     reason = getattr(exc, "reason", None) or type(exc).__name__
     if status == 429:
         return ResourceExhaustedError("token review rate-limited; retry later", detail=f"TokenReview: 429 {reason}")
@@ -323,13 +324,12 @@ def _with_expiry(caller: Caller, exp: float) -> Caller:
     return replace(caller, token_expires_at=datetime.fromtimestamp(exp, UTC))
 
 
-def create(runtime: Runtime) -> TokenReviewAuthenticator:
+def create(values: Mapping[str, Any], runtime: Runtime) -> TokenReviewAuthenticator:
     """``--authenticator tokenreview``: reviews through ``runtime.kube()`` (needs create on tokenreviews)."""
-    config = runtime.config
     return TokenReviewAuthenticator(
         KubeTokenReviewer(runtime.kube()),
-        trust_domain=config.pipeline.trust_domain,
-        audiences=config.auth.token_audiences,
-        cache_ttl=config.auth.tokenreview_cache_ttl,
-        cache_size=config.auth.tokenreview_cache_size,
+        trust_domain=runtime.trust_domain,
+        audiences=values["token-audiences"],
+        cache_ttl=values["tokenreview-cache-ttl"],
+        cache_size=values["tokenreview-cache-size"],
     )

@@ -7,10 +7,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from csr_service.issuers.certmanager.issuer import CertManagerIssuer
-from csr_service.issuers.certmanager.options import OPTIONS
-from csr_service.issuers.certmanager.settings import Settings
 from csr_service.kube.client import KubeSettings, new_api_client
+from issuers.certmanager.issuer import CertManagerIssuer
+from issuers.certmanager.options import OPTIONS
+from issuers.certmanager.settings import Settings
 from tests.testbed import kube as kube_mod
 from tests.testbed.certmanager import CertManager
 from tests.testbed.kube import KubeCluster

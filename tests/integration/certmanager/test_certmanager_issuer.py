@@ -19,21 +19,21 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from csr_service.errors import (
+from csr_service.common.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     PermissionDeniedError,
     UnavailableError,
 )
-from csr_service.issuers.base import IssuedChain, SigningRequest
-from csr_service.issuers.certmanager.issuer import (
+from csr_service.pki.chain import build_path
+from csr_service.pki.keys import KeyType, generate_key
+from csr_service.plugins.issuer import IssuedChain, SigningRequest
+from issuers.certmanager.issuer import (
     IDENTITIES_ANNOTATION,
     INSTANCE_LABEL,
     MANAGED_BY_LABEL,
     CertManagerIssuer,
 )
-from csr_service.pki.chain import build_path
-from csr_service.pki.keys import KeyType, generate_key
 from tests.integration.certmanager.support import (
     LEAST_PRIVILEGE_VERBS,
     list_ours,
@@ -137,7 +137,7 @@ def test_never_approved_times_out_naming_approval(
 ) -> None:
     cm = cert_manager_no_approver
     issuer = make_issuer(cm, certmanager_timeout=timedelta(seconds=3))
-    caplog.set_level(logging.WARNING, "csr_service.issuers.certmanager")
+    caplog.set_level(logging.WARNING, "issuers.certmanager")
 
     with pytest.raises(DeadlineExceededError) as info:
         run(issuer, lambda i: i.sign(signing_request()))

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from csr_service.errors import UnavailableError
-from csr_service.identity import SpiffeId
+from csr_service.common.errors import UnavailableError
+from csr_service.common.identity import SpiffeId
 from csr_service.kube.podcache import PodCache
-from csr_service.pipeline.authn import Caller
 from csr_service.pipeline.impersonation_k8s import NodeImpersonationPolicy
+from csr_service.plugins.authenticator import Caller
 from tests.integration.kube_authn.conftest import new_csr_service_account
 from tests.testbed.kube import KubeCluster, unique_name, wait_for
 

@@ -31,15 +31,15 @@ import hvac
 import pytest
 import requests
 
-from csr_service.issuers import IssuerContext
 from csr_service.pki.certs import LeafSpec, build_leaf, build_self_signed_ca
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import cert_to_pem, key_to_pem
+from csr_service.plugins.runtime import Runtime
 from tests.testbed.install import ensure
 from tests.testbed.openbao import POLICY, ROLE_PARAMS, OpenBao, configure
 from tests.testbed.process import ManagedProcess, free_port
 
-CONTEXT = IssuerContext(trust_domain="cluster.local")
+CONTEXT = Runtime(trust_domain="cluster.local")
 TEST_POLICY = "csr-service-tests"
 TEST_APPROLE = "csr-service-tests"
 
@@ -112,7 +112,7 @@ class VaultEnv:
     def issuer_values(
         self, tmp: Path, *, auth: str = "token", mount: str = "pki", role: str = "spiffe", **extra: Any
     ) -> dict[str, Any]:
-        """Everything ``csr_service.issuers.vault.issuer.create`` needs."""
+        """Everything ``issuers.vault.issuer.create`` needs."""
         return self.connection_values(tmp, auth, **{"vault-mount": mount, "vault-role": role, **extra})
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from csr_service.issuers.vault.issuer import create
+from issuers.vault.issuer import create
 from tests.conformance.issuer_suite import IssuerConformance, IssuerFactory
 from tests.integration.vault.conftest import CONTEXT, VaultEnv
 from tests.testbed.process import free_port

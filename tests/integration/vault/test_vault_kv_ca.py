@@ -11,11 +11,11 @@ import pytest
 from cryptography import x509
 
 from csr_service.config import Config, resolve
-from csr_service.issuers import create_issuer
-from csr_service.issuers.base import IssuedChain
-from csr_service.issuers.local.issuer import LocalCAIssuer
 from csr_service.pki.chain import build_path
 from csr_service.pki.pem import cert_to_pem, key_to_pem
+from csr_service.plugins.issuer import IssuedChain
+from csr_service.plugins.registry import create_issuer
+from issuers.local.issuer import LocalCAIssuer
 from tests.integration.vault.conftest import CONTEXT, VaultEnv, random_name
 from tests.support.certs import write_ca_dir
 from tests.support.issuers import signing_request
@@ -66,7 +66,7 @@ def test_local_ca_from_vault_kv_signs(vault_env: VaultEnv, tmp_path: Path, versi
             assert list(await issuer.roots()) == [root]
             return await issuer.sign(signing_request())
         finally:
-            await issuer.aclose()
+            await issuer.stop()
 
     issued = asyncio.run(body())
     build_path(issued.leaf, issued.chain, [root], now=datetime.now(UTC))
@@ -84,15 +84,14 @@ def test_seed_layout_through_the_real_config(vault_env: VaultEnv, tmp_path: Path
         **{k: v for k, v in conn.items() if k.startswith("vault-") and k != "vault-timeout"},
     }
     config = Config.from_values(resolve(flags, env={}))
-    assert "vault-address" in config.issuer_options, (
-        "config.py must hand the local issuer the vault-* options it shares: "
-        "backend_options(v['issuer'], include_shared=True)"
+    assert "vault-address" in config.issuer.values, (
+        "the local issuer plugin must declare the vault-* connection options it reads"
     )
-    issuer = create_issuer(config.issuer, config.issuer_options, CONTEXT)
+    issuer = create_issuer(config.issuer.name, config.issuer.values, CONTEXT)
 
     async def body() -> None:
         await issuer.start()  # type: ignore[attr-defined]
-        await issuer.aclose()  # type: ignore[attr-defined]
+        await issuer.stop()  # type: ignore[attr-defined]
 
     asyncio.run(body())
 
@@ -126,7 +125,7 @@ def test_reread_keeps_the_last_good_ca(vault_env: VaultEnv, tmp_path: Path) -> N
             assert await issuer.reload() is True
             assert list(await issuer.roots()) == [root2]
         finally:
-            await issuer.aclose()
+            await issuer.stop()
 
     asyncio.run(body())
 
@@ -150,6 +149,6 @@ def test_periodic_reread_picks_up_a_rotation(vault_env: VaultEnv, tmp_path: Path
                     return
             raise AssertionError("the rotated CA was not picked up")
         finally:
-            await issuer.aclose()
+            await issuer.stop()
 
     asyncio.run(body())

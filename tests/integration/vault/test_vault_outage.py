@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from csr_service.errors import UnavailableError
-from csr_service.issuers.vault.issuer import VaultIssuer, create
+from csr_service.common.errors import UnavailableError
+from issuers.vault.issuer import VaultIssuer, create
 from tests.integration.vault.conftest import CONTEXT, RestartableOpenBao
 from tests.support.issuers import signing_request
 from tests.testbed.openbao import POLICY
@@ -77,6 +77,6 @@ def test_unavailable_while_down_or_sealed_then_recovers(
         try:
             await body(issuer)
         finally:
-            await issuer.aclose()
+            await issuer.stop()
 
     asyncio.run(main())

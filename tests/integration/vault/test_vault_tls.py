@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from csr_service.errors import UnavailableError
-from csr_service.issuers.base import IssuedChain, SigningRequest
-from csr_service.issuers.vault.issuer import create
+from csr_service.common.errors import UnavailableError
 from csr_service.pki.keys import KeyType, generate_key
+from csr_service.plugins.issuer import IssuedChain, SigningRequest
+from issuers.vault.issuer import create
 from tests.integration.vault.conftest import CONTEXT, RestartableOpenBao
 from tests.support.certs import WORKLOAD, csr_pem, uri_sans
 from tests.testbed.openbao import POLICY
@@ -48,7 +48,7 @@ def _sign(values: dict[str, Any]) -> IssuedChain:
         try:
             return await issuer.sign(req)
         finally:
-            await issuer.aclose()
+            await issuer.stop()
 
     return asyncio.run(main())
 

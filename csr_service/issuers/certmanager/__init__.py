@@ -1,1 +1,0 @@
-"""The cert-manager issuer: signs through ``cert-manager.io/v1`` CertificateRequests."""

@@ -1,1 +1,0 @@
-"""The Vault / OpenBao PKI issuer (``--issuer vault``); needs the ``vault`` extra (hvac)."""
