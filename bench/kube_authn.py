@@ -27,9 +27,9 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+from csr_service.common.request import RequestContext
 from csr_service.kube.podcache import PodCache
 from csr_service.pipeline.authn.tokenreview import KubeTokenReviewer, TokenReviewAuthenticator
-from csr_service.pipeline.context import RequestContext
 from tests.testbed.kube import KubeCluster, start_kube, unique_name
 
 

@@ -40,7 +40,7 @@ def _ceiling_worker(args: tuple[str, str, str, float, int]) -> int:
     import logging
 
     from csr_service.cli import build_config
-    from csr_service.pipeline.context import RequestContext
+    from csr_service.common.request import RequestContext
     from csr_service.service.wiring import build_service
 
     logging.disable(logging.INFO)  # the server logs one line per issuance; keep parity cheap

@@ -31,10 +31,10 @@ from typing import Any
 from csr_service.common.errors import CSRServiceError, InternalError
 from csr_service.kube.util import EventRecorder, LoopInformer, api_status
 from csr_service.pipeline.handler import IssuerSlot
+from csr_service.pipeline.own_cert import issue_own_certificate
 from csr_service.pki.chain import ChainError, build_path
 from csr_service.pki.keys import KeyType
 from csr_service.pki.names import subject_alt_names
-from csr_service.pki.own_cert import issue_own_certificate
 from csr_service.pki.pem import cert_to_pem, key_to_pem, load_private_key, parse_certs, same_public_key
 from csr_service.trust.bundle import TrustBundle
 

@@ -36,9 +36,9 @@ from csr_service.common.lifecycle import Lifecycle
 from csr_service.kube.refs import ObjectRef
 from csr_service.kube.util import LoopInformer, record_event
 from csr_service.pipeline.handler import IssuerSlot
+from csr_service.pipeline.own_cert import issue_own_certificate
 from csr_service.pki.chain import ChainError
 from csr_service.pki.keys import KeyType
-from csr_service.pki.own_cert import issue_own_certificate
 from csr_service.plugins.issuer import Issuer
 from csr_service.plugins.registry import ISSUERS, find, plugins
 from csr_service.trust.bundle import TrustBundle

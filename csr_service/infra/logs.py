@@ -7,7 +7,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-from csr_service.pipeline.context import REQUEST_ID
+from csr_service.common.request import REQUEST_ID
 
 __all__ = ["setup_logging"]
 

@@ -54,7 +54,6 @@ from csr_service.common.errors import (
     UnavailableError,
     status_code_for,
 )
-from csr_service.plugins.issuer import IssuedChain
 
 __all__ = [
     "CONTENT_TYPE",
@@ -169,6 +168,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # --- hooks ------------------------------------------------------------------------------------
 _R = TypeVar("_R")
+T = TypeVar("T")
 _Method = Callable[[Any, Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[_R]]
 
 
@@ -228,7 +228,7 @@ def sign_error_label(exc: BaseException) -> str:
 _SIGN_SECONDS: dict[str, Any] = {}  # issuer name -> its histogram child (label lookup costs ~1 µs)
 
 
-async def observe_sign(issuer: str, signing: Awaitable[IssuedChain]) -> IssuedChain:
+async def observe_sign(issuer: str, signing: Awaitable[T]) -> T:
     """``await signing`` (an issuer's ``sign`` call), timed and counted per issuer name."""
     t0 = time.perf_counter()
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from csr_service.common.errors import AuthenticationError
-from csr_service.pipeline.context import RequestContext
+from csr_service.common.request import RequestContext
 
 __all__ = ["check_cluster_id"]
 

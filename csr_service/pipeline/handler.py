@@ -14,9 +14,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from csr_service.common.errors import FailedPreconditionError, InvalidRequestError
+from csr_service.common.request import RequestContext
 from csr_service.infra.metrics import observe_sign
 from csr_service.pipeline.clusterid import check_cluster_id
-from csr_service.pipeline.context import RequestContext
 from csr_service.pipeline.csr import rule_signature, validate_csr
 from csr_service.pipeline.duration import decide_ttl
 from csr_service.pipeline.impersonation import IMPERSONATION_KEY, ImpersonationPolicy, NoImpersonation

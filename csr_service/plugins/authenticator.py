@@ -8,7 +8,8 @@ their own options, their own settings, a factory taking a narrow
 
 The contract (every authenticator MUST):
 
-1. ``authenticate`` is a coroutine that returns a :class:`Caller` whose ``identity`` is the
+1. ``authenticate(ctx)`` is a coroutine (``ctx``: the call's :class:`RequestContext`, with its
+   metadata and request id) that returns a :class:`Caller` whose ``identity`` is the
    caller's SPIFFE identity in the configured trust domain, or raises
    :class:`~csr_service.common.errors.AuthenticationError` (UNAUTHENTICATED) for a credential
    that is missing, malformed, expired, forged or for the wrong audience.
@@ -32,9 +33,9 @@ from typing import Protocol, runtime_checkable
 
 from csr_service.common.identity import SpiffeId
 from csr_service.common.lifecycle import Lifecycle
-from csr_service.pipeline.context import RequestContext
+from csr_service.common.request import RequestContext
 
-__all__ = ["Authenticator", "AuthenticatorAbilities", "CacheReporter", "Caller"]
+__all__ = ["Authenticator", "AuthenticatorAbilities", "CacheReporter", "Caller", "RequestContext"]
 
 
 @dataclass(frozen=True, slots=True)

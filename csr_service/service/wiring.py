@@ -21,7 +21,6 @@ from csr_service.common.errors import (
 )
 from csr_service.common.lifecycle import Component, Lifecycle
 from csr_service.config import Config
-from csr_service.controllers.wiring import build_components, trust_from_source
 from csr_service.infra.fsutil import write_atomic
 from csr_service.pipeline.handler import CertificatePipeline, IssuerSlot, PipelineSettings
 from csr_service.pipeline.impersonation_k8s import node_impersonation
@@ -29,6 +28,7 @@ from csr_service.plugins.authenticator import AuthenticatorAbilities
 from csr_service.plugins.issuer import IssuerAbilities
 from csr_service.plugins.registry import create_authenticator, create_issuer
 from csr_service.plugins.runtime import Runtime
+from csr_service.service.components import build_components, trust_from_source
 from csr_service.transport.grpc_server import GrpcServer
 from csr_service.transport.servicer import IstioCertificateServicer
 from csr_service.transport.serving_cert import ServingCertificate

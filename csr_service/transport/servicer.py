@@ -17,8 +17,8 @@ from google.protobuf import json_format, struct_pb2
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
 from csr_service.common.errors import CSRServiceError, DeadlineExceededError, InternalError, status_code_for
+from csr_service.common.request import REQUEST_ID, RequestContext, new_request_id
 from csr_service.infra.metrics import observe_rpc
-from csr_service.pipeline.context import REQUEST_ID, RequestContext, new_request_id
 from csr_service.pipeline.handler import CertificatePipeline
 
 __all__ = ["IstioCertificateServicer"]

@@ -26,9 +26,9 @@ import grpc
 
 from csr_service.common.errors import CSRServiceError
 from csr_service.pipeline.handler import IssuerSlot
+from csr_service.pipeline.own_cert import issue_own_certificate
 from csr_service.pki.chain import ChainError
 from csr_service.pki.keys import KeyType
-from csr_service.pki.own_cert import issue_own_certificate
 from csr_service.pki.pem import cert_to_pem, key_to_pem
 from csr_service.trust.bundle import TrustBundle
 

@@ -12,8 +12,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from csr_service.common.request import RequestContext
 from csr_service.pipeline.authn.jwt import JWTAuthenticator, StaticKeySource
-from csr_service.pipeline.context import RequestContext
 from csr_service.pipeline.handler import CertificatePipeline, IssuerSlot, PipelineSettings
 from csr_service.plugins.issuer import Issuer
 from csr_service.trust.bundle import TrustBundle

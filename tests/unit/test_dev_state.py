@@ -7,8 +7,8 @@ import json
 import stat
 from pathlib import Path
 
+from csr_service.common.request import RequestContext
 from csr_service.pipeline.authn.jwt import JWTAuthenticator, StaticKeySource
-from csr_service.pipeline.context import RequestContext
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import key_to_pem
 from csr_service.service.dev import mint_dev_token, prepare_dev_state

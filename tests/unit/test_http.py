@@ -215,8 +215,8 @@ def test_json_logs_name_the_worker(capsys: pytest.CaptureFixture[str]) -> None:
     import json
     import logging
 
+    from csr_service.common.request import REQUEST_ID
     from csr_service.infra.logs import setup_logging
-    from csr_service.pipeline.context import REQUEST_ID
 
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level

@@ -14,13 +14,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from csr_service.common.errors import AuthenticationError, ConfigError, UnavailableError
+from csr_service.common.request import RequestContext
 from csr_service.pipeline.authn.jwks import (
     Discovery,
     DiscoveryKeySource,
     JWKSAuthenticator,
     UrlFetcher,
 )
-from csr_service.pipeline.context import RequestContext
 from csr_service.plugins.authenticator import Caller
 
 ISS = "https://kubernetes.default.svc.cluster.local"

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from csr_service.common.errors import AuthenticationError, ConfigError
+from csr_service.common.request import RequestContext
 from csr_service.pipeline.authn.jwt import JWTAuthenticator, StaticKeySource
-from csr_service.pipeline.context import RequestContext
 
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
 RSA_KEY = rsa.generate_private_key(65537, 2048)

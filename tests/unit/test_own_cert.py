@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from csr_service.pipeline.own_cert import issue_own_certificate
 from csr_service.pki.certs import LeafSpec, build_leaf, build_self_signed_ca
 from csr_service.pki.chain import ChainError
 from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.own_cert import issue_own_certificate
 from csr_service.plugins.issuer import IssuedChain, SigningRequest
 
 CA_KEY = generate_key(KeyType.EC_P256)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from csr_service.common.errors import AuthenticationError, ResourceExhaustedError, UnavailableError
+from csr_service.common.request import RequestContext
 from csr_service.pipeline.authn.tokenreview import (
     POD_NAME_KEY,
     POD_UID_KEY,
@@ -20,7 +21,6 @@ from csr_service.pipeline.authn.tokenreview import (
     _api_error,
     unverified_exp,
 )
-from csr_service.pipeline.context import RequestContext
 from csr_service.plugins.authenticator import Caller
 
 NOW = 1_800_000_000.0

@@ -29,7 +29,7 @@ from jwt import PyJWK, PyJWKSet
 
 from csr_service.common.errors import AuthenticationError, ConfigError
 from csr_service.common.identity import SpiffeId, service_account_from_username
-from csr_service.pipeline.context import RequestContext
+from csr_service.common.request import RequestContext
 from csr_service.plugins.authenticator import Caller
 
 if TYPE_CHECKING:

@@ -53,9 +53,9 @@ from csr_service.common.errors import (
     UnavailableError,
 )
 from csr_service.common.identity import SpiffeId, service_account_from_username
+from csr_service.common.request import RequestContext
 from csr_service.kube.util import api_status
 from csr_service.pipeline.authn.jwt import MAX_TOKEN_BYTES
-from csr_service.pipeline.context import RequestContext
 from csr_service.plugins.authenticator import Caller
 
 if TYPE_CHECKING:

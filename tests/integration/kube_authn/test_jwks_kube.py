@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from csr_service.common.errors import AuthenticationError
+from csr_service.common.request import RequestContext
 from csr_service.pipeline.authn.jwks import DiscoveryKeySource, JWKSAuthenticator, KubeFetcher, UrlFetcher
-from csr_service.pipeline.context import RequestContext
 from csr_service.plugins.authenticator import Caller
 from tests.integration.kube_authn.conftest import call, csr_service, rpc_error, spiffe
 from tests.testbed import pki

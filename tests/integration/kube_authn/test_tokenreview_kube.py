@@ -12,8 +12,8 @@ import pytest
 from kubernetes import client as k8s
 
 from csr_service.common.errors import AuthenticationError, UnavailableError
+from csr_service.common.request import RequestContext
 from csr_service.pipeline.authn.tokenreview import KubeTokenReviewer, TokenReviewAuthenticator
-from csr_service.pipeline.context import RequestContext
 from csr_service.plugins.authenticator import Caller
 from tests.integration.kube_authn.conftest import (
     CsrServiceAccount,
