@@ -14,6 +14,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 COPY pyproject.toml README.md ./
 COPY csr_service ./csr_service
+# The built-in issuer plugins (registered as entry points in pyproject.toml).
+COPY issuers ./issuers
 # The vault extra (hvac) is included: one image serves every issuer.
 RUN pip wheel --wheel-dir /wheels ".[vault]"
 

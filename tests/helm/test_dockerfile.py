@@ -84,6 +84,12 @@ def test_promised_properties() -> None:
         assert f"org.opencontainers.image.{key}=" in labels, key
     ignored = (ROOT / ".dockerignore").read_text()
     assert ignored.splitlines()[1] == "*", "context is allow-listed"
+    # Every top-level package of the distribution (the core and the built-in issuer plugins)
+    # reaches the build stage; a missing one would leave its entry points dangling in the image.
+    copied = {a.split()[0] for w, a in build if w == "COPY"}
+    for package in ("csr_service", "issuers"):
+        assert package in copied, f"COPY {package} missing from the build stage"
+        assert f"!{package}/" in ignored.splitlines(), f"{package}/ is not allow-listed in .dockerignore"
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
