@@ -5,9 +5,10 @@ from issuers.certmanager.options import OPTIONS
 
 __all__ = ["PLUGIN"]
 
+#: name, summary, options, factory (imported only when --issuer cert-manager is chosen)
 PLUGIN = Plugin(
-    name="cert-manager",
-    summary="cert-manager CertificateRequests signed by an Issuer, ClusterIssuer or external issuer",
-    options=tuple(OPTIONS),
-    factory="issuers.certmanager.issuer:create",
+    "cert-manager",
+    "cert-manager CertificateRequests signed by an Issuer, ClusterIssuer or external issuer",
+    tuple(OPTIONS),
+    "issuers.certmanager.issuer:create",
 )

@@ -8,6 +8,10 @@ The contract is in :mod:`csr_service.plugins.authenticator`. This module is chea
 the implementations are imported only when selected.
 """
 
+import itertools
+from collections.abc import Sequence
+
+from csr_service.common.options import Option
 from csr_service.pipeline.authn.options import (
     AUDIENCE_OPTIONS,
     JWKS_OPTIONS,
@@ -19,24 +23,35 @@ from csr_service.plugins.registry import Plugin
 
 __all__ = ["JWKS", "JWT", "TOKENREVIEW"]
 
-JWT = Plugin(
-    name="jwt",
-    summary="the token's signature checked against a JWKS file (--jwt-jwks-file)",
-    options=(*AUDIENCE_OPTIONS, *JWT_KEY_OPTIONS, *JWT_CLAIM_OPTIONS),
-    factory="csr_service.pipeline.authn.jwt:create",
-    validator="csr_service.pipeline.authn.options:validate",
+
+def _builtin(name: str, summary: str, *options: Sequence[Option]) -> Plugin:
+    """A built-in authenticator: its implementation is the module of the same name here."""
+    return Plugin(
+        name,
+        summary,
+        tuple(itertools.chain(*options)),
+        f"csr_service.pipeline.authn.{name}:create",
+        validator="csr_service.pipeline.authn.options:validate",
+    )
+
+
+JWT = _builtin(
+    "jwt",
+    "the token's signature checked against a JWKS file (--jwt-jwks-file)",
+    AUDIENCE_OPTIONS,
+    JWT_KEY_OPTIONS,
+    JWT_CLAIM_OPTIONS,
 )
-TOKENREVIEW = Plugin(
-    name="tokenreview",
-    summary="the apiserver reviews every token (the in-cluster choice; cached)",
-    options=(*AUDIENCE_OPTIONS, *TOKENREVIEW_OPTIONS),
-    factory="csr_service.pipeline.authn.tokenreview:create",
-    validator="csr_service.pipeline.authn.options:validate",
+TOKENREVIEW = _builtin(
+    "tokenreview",
+    "the apiserver reviews every token (the in-cluster choice; cached)",
+    AUDIENCE_OPTIONS,
+    TOKENREVIEW_OPTIONS,
 )
-JWKS = Plugin(
-    name="jwks",
-    summary="the apiserver's published keys (or --jwks-url), refreshed",
-    options=(*AUDIENCE_OPTIONS, *JWT_CLAIM_OPTIONS, *JWKS_OPTIONS),
-    factory="csr_service.pipeline.authn.jwks:create",
-    validator="csr_service.pipeline.authn.options:validate",
+JWKS = _builtin(
+    "jwks",
+    "the apiserver's published keys (or --jwks-url), refreshed",
+    AUDIENCE_OPTIONS,
+    JWT_CLAIM_OPTIONS,
+    JWKS_OPTIONS,
 )

@@ -12,13 +12,7 @@ ISSUER = Plugin(
     summary="signs with a CA keypair in a directory (an example plugin)",
     options=(
         Option("example-ca-dir", "Directory with ca-cert.pem, ca-key.pem and root-cert.pem.", "", group="example"),
-        Option(
-            "example-max-ttl",
-            "Longest certificate this issuer signs (it may shorten requests).",
-            timedelta(hours=1),
-            group="example",
-            kind="duration",
-        ),
+        Option("example-max-ttl", "Longest certificate signed.", timedelta(hours=1), group="example", kind="duration"),
     ),
     factory="csr_service_example.issuer:create",
     validator="csr_service_example.issuer:validate",
