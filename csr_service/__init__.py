@@ -5,12 +5,21 @@ ztunnel call at ``values.global.caAddress``), authenticates each caller, checks 
 asks for exactly the caller's SPIFFE identity, caps the lifetime, and has a pluggable issuer
 sign it.
 
-Layout (transport → request pipeline → issuers):
+Layout, lowest layer first (a module imports only from its own layer or below;
+``tests/unit/test_layering.py`` keeps it so):
 
-- ``csr_service.transport``: the gRPC server (TLS, health, reflection) and its thin servicer.
-- ``csr_service.pipeline``: authenticate → cluster id → validate CSR → duration → sign → verify.
-- ``csr_service.plugins.registry``: the issuer contract and its backends (local CA, ...).
-- ``csr_service.pki``: X.509 helpers shared by all of the above.
+- ``common``: vocabulary (errors, identity, options, lifecycle, readiness, a request's context);
+  ``infra``: plumbing (HTTP client, CPU offload, files, logs, metrics); ``pki``: X.509 helpers;
+- ``kube``: Kubernetes clients, informers and caches;
+- ``plugins``: the issuer and authenticator contracts, the registry (entry points) and the
+  ``Runtime`` plugins receive; ``trust``: the trust bundle and its sources;
+- ``pipeline``: authenticate → cluster id → validate CSR → duration → sign → verify;
+- ``transport``: the gRPC server and its thin servicer, the HTTP side, the serving certificate;
+- ``controllers``: Kubernetes controllers (root ConfigMaps, istiod-tls, leader, runtime issuer);
+- ``config``: the validated configuration; ``service``: wiring, worker supervisor, health;
+- ``cli``: the command line.
+
+The issuer backends are plugins in the top-level ``issuers`` package; the core never imports them.
 """
 
 __version__ = "0.1.0"
