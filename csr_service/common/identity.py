@@ -8,8 +8,8 @@ from dataclasses import dataclass
 __all__ = ["SpiffeId", "parse_spiffe_id", "service_account_from_username"]
 
 # Kubernetes names: namespaces and service accounts are DNS labels / subdomains.
-_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _SA_USERNAME_PREFIX = "system:serviceaccount:"
 
 
@@ -39,9 +39,9 @@ def parse_spiffe_id(uri: str) -> SpiffeId:
     if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
         raise ValueError(f"not of the form spiffe://<trust-domain>/ns/<ns>/sa/<sa>: {uri[:200]!r}")
     td, _, ns, _, sa = parts
-    if not _TRUST_DOMAIN.match(td):
+    if not _TRUST_DOMAIN.fullmatch(td):
         raise ValueError(f"invalid trust domain in {uri[:200]!r}")
-    if not _K8S_NAME.match(ns) or not _K8S_NAME.match(sa):
+    if not _K8S_NAME.fullmatch(ns) or not _K8S_NAME.fullmatch(sa):
         raise ValueError(f"invalid namespace or service account in {uri[:200]!r}")
     return SpiffeId(td, ns, sa)
 
@@ -51,6 +51,6 @@ def service_account_from_username(username: str) -> tuple[str, str]:
     if not username.startswith(_SA_USERNAME_PREFIX):
         raise ValueError("subject is not a Kubernetes service account")
     parts = username[len(_SA_USERNAME_PREFIX) :].split(":")
-    if len(parts) != 2 or not _K8S_NAME.match(parts[0]) or not _K8S_NAME.match(parts[1]):
+    if len(parts) != 2 or not _K8S_NAME.fullmatch(parts[0]) or not _K8S_NAME.fullmatch(parts[1]):
         raise ValueError("malformed service-account subject")
     return parts[0], parts[1]

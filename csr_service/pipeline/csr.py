@@ -20,10 +20,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from csr_service.common.errors import AuthenticationError, InvalidRequestError
 from csr_service.common.identity import parse_spiffe_id
-from csr_service.pki.names import subject_alt_names
+from csr_service.pki.names import SubjectAltNames, subject_alt_names
 from csr_service.pki.pem import count_pem_blocks
 
-__all__ = ["MAX_CSR_BYTES", "RULES", "ValidatedCSR", "parse_csr", "rule_signature", "validate_csr"]
+__all__ = ["MAX_CSR_BYTES", "RULES", "ParsedCSR", "ValidatedCSR", "parse_csr", "rule_signature", "validate_csr"]
 
 #: A P-384 CSR is ~600 bytes, RSA-8192 ~2.5 KiB; refuse anything far beyond before parsing.
 MAX_CSR_BYTES = 64 * 1024
@@ -43,12 +43,36 @@ class ValidatedCSR:
     public_key: CertificatePublicKeyTypes
 
 
+@dataclass(frozen=True, slots=True)
+class ParsedCSR:
+    """A CSR with every part the rules read already decoded.
+
+    cryptography decodes a CSR lazily: the subject, the extensions and the key are parsed when
+    first read, and each can raise its own exceptions (``InvalidVersion`` at load, ``ValueError``
+    for a subject attribute of the wrong ASN.1 type or an unsupported name type in the SAN,
+    ``UnsupportedAlgorithm`` for an unknown key). :func:`parse_csr` reads them all in one place,
+    so any decoding failure of the client's input becomes INVALID_ARGUMENT there, and the rules
+    below only look at decoded values.
+    """
+
+    csr: x509.CertificateSigningRequest
+    pem: bytes
+    subject: x509.Name
+    extensions: tuple[x509.Extension[x509.ExtensionType], ...]
+    san: SubjectAltNames
+    public_key: CertificatePublicKeyTypes
+
+
 def _bad(public: str, detail: str | None = None) -> InvalidRequestError:
     return InvalidRequestError(f"invalid CSR: {public}", detail=f"invalid CSR: {detail or public}")
 
 
-def parse_csr(pem: str | bytes) -> tuple[x509.CertificateSigningRequest, bytes]:
-    """Size cap, exactly one PEM ``CERTIFICATE REQUEST`` block, DER parse."""
+def _failure(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def parse_csr(pem: str | bytes) -> ParsedCSR:
+    """Size cap, exactly one PEM ``CERTIFICATE REQUEST`` block, DER parse, every part decoded."""
     data = pem.encode("utf-8", "replace") if isinstance(pem, str) else pem
     if len(data) > MAX_CSR_BYTES:
         raise _bad(f"larger than {MAX_CSR_BYTES} bytes", f"{len(data)} bytes, limit {MAX_CSR_BYTES}")
@@ -59,11 +83,26 @@ def parse_csr(pem: str | bytes) -> tuple[x509.CertificateSigningRequest, bytes]:
         raise _bad("no PEM CERTIFICATE REQUEST block")
     if blocks > 1:
         raise _bad("more than one CERTIFICATE REQUEST in the PEM", f"{blocks} CSR blocks")
+    # Whatever cryptography raises while decoding the client's bytes is the client's fault:
+    # its exception classes vary by part and version (InvalidVersion, ValueError,
+    # DuplicateExtension, UnsupportedAlgorithm, ...), so every one is caught here.
     try:
         csr = x509.load_pem_x509_csr(data)
-    except ValueError as exc:
-        raise _bad("not a parseable PEM CSR", f"parse error: {exc}") from exc
-    return csr, data
+        subject = csr.subject
+        for attribute in subject:
+            _ = attribute.value
+    except Exception as exc:  # client input: see above
+        raise _bad("not a parseable PEM CSR", f"parse error: {_failure(exc)}") from exc
+    try:
+        extensions = tuple(csr.extensions)
+        san = subject_alt_names(csr)
+    except Exception as exc:  # client input: see above
+        raise _bad("malformed extensions", f"malformed extensions: {_failure(exc)}") from exc
+    try:
+        key = csr.public_key()
+    except Exception as exc:  # client input: unknown key algorithms and malformed keys
+        raise _bad("unsupported public key", f"unsupported public key: {_failure(exc)}") from exc
+    return ParsedCSR(csr=csr, pem=data, subject=subject, extensions=extensions, san=san, public_key=key)
 
 
 def rule_signature(csr: x509.CertificateSigningRequest) -> None:
@@ -76,40 +115,32 @@ def rule_signature(csr: x509.CertificateSigningRequest) -> None:
         raise _bad("signature does not verify")
 
 
-def rule_key(csr: x509.CertificateSigningRequest) -> CertificatePublicKeyTypes:
-    """RSA 2048–8192 or ECDSA P-256/P-384 — the keys Istio generates. Returns the key, which
-    the checks of the issued leaf reuse: parsing an EC key validates its point (~5 µs)."""
-    try:
-        key = csr.public_key()
-    except Exception as exc:  # unknown key algorithms
-        raise _bad("unsupported public key", f"unsupported public key: {exc}") from exc
+def rule_key(parsed: ParsedCSR) -> None:
+    """RSA 2048–8192 or ECDSA P-256/P-384 — the keys Istio generates."""
+    key = parsed.public_key
     if isinstance(key, rsa.RSAPublicKey):
         if not RSA_MIN_BITS <= key.key_size <= RSA_MAX_BITS:
             raise _bad(f"RSA key of {key.key_size} bits; allowed {RSA_MIN_BITS}-{RSA_MAX_BITS}")
-        return key
+        return
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ALLOWED_CURVES):
             raise _bad(f"ECDSA curve {key.curve.name} not allowed; use P-256 or P-384")
-        return key
+        return
     raise _bad(f"{type(key).__name__.removeprefix('_')} keys are not allowed; use RSA or ECDSA")
 
 
-def rule_subject(csr: x509.CertificateSigningRequest) -> None:
+def rule_subject(parsed: ParsedCSR) -> None:
     """No common name or e-mail in the subject (identity lives in the URI SAN only)."""
-    subject = csr.subject  # built anew on each access
+    subject = parsed.subject
     if subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         raise _bad("subject has a common name (CN); Istio CSRs carry the identity only as a URI SAN")
     if subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS):
         raise _bad("subject has an e-mail address")
 
 
-def rule_extensions(csr: x509.CertificateSigningRequest) -> None:
+def rule_extensions(parsed: ParsedCSR) -> None:
     """Only SAN, KeyUsage and ExtendedKeyUsage, with values a workload certificate may have."""
-    try:
-        extensions = list(csr.extensions)
-    except (ValueError, x509.DuplicateExtension) as exc:
-        raise _bad("malformed extensions", f"malformed extensions: {exc}") from exc
-    for ext in extensions:
+    for ext in parsed.extensions:
         value = ext.value
         if isinstance(value, x509.BasicConstraints):
             raise _bad("asks for BasicConstraints; workload certificates are never CAs")
@@ -129,9 +160,9 @@ def rule_extensions(csr: x509.CertificateSigningRequest) -> None:
                 raise _bad(f"ExtendedKeyUsage {', '.join(extra)} not allowed")
 
 
-def rule_san(csr: x509.CertificateSigningRequest) -> None:
+def rule_san(parsed: ParsedCSR) -> None:
     """Exactly one SAN entry: a SPIFFE URI. No DNS, IP, e-mail or other names."""
-    names = subject_alt_names(csr)
+    names = parsed.san
     if not names.present:
         raise _bad("no SubjectAltName; expected one spiffe:// URI")
     for label, present in (("DNS", names.dns_names), ("IP", names.ip_addresses)):
@@ -147,9 +178,10 @@ def rule_san(csr: x509.CertificateSigningRequest) -> None:
         raise _bad("URI SAN is not a spiffe://<trust-domain>/ns/<ns>/sa/<sa> identity", str(exc)) from exc
 
 
-#: The structural rules, in the order they run after :func:`rule_key`; :func:`rule_signature`,
-#: the one costly rule (a public-key verification), runs after them.
-RULES: Sequence[Callable[[x509.CertificateSigningRequest], None]] = (
+#: The structural rules, in order; :func:`rule_signature`, the one costly rule (a public-key
+#: verification), runs after them.
+RULES: Sequence[Callable[[ParsedCSR], None]] = (
+    rule_key,
     rule_subject,
     rule_extensions,
     rule_san,
@@ -165,16 +197,16 @@ def validate_csr(pem: str | bytes, allowed_identities: Sequence[str], *, check_s
     Raises InvalidRequestError for a malformed or forbidden CSR, AuthenticationError when a
     well-formed CSR names another identity than the caller's.
     """
-    csr, data = parse_csr(pem)
-    key = rule_key(csr)
+    parsed = parse_csr(pem)
     for rule in RULES:
-        rule(csr)
+        rule(parsed)
     if check_signature:
-        rule_signature(csr)
-    uri = subject_alt_names(csr).uris[0]  # rule_san made sure there is exactly one
+        rule_signature(parsed.csr)
+    uri = parsed.san.uris[0]  # rule_san made sure there is exactly one
     if uri not in allowed_identities:
         raise AuthenticationError(
             "the CSR identity does not match the caller",
             detail=f"CSR asks for {uri!r}, caller is {', '.join(allowed_identities)}",
         )
-    return ValidatedCSR(csr=csr, pem=data, uri=uri, public_key=key)
+    # The key is handed on: the checks of the issued leaf reuse it (an EC key parse costs ~5 µs).
+    return ValidatedCSR(csr=parsed.csr, pem=parsed.pem, uri=uri, public_key=parsed.public_key)

@@ -16,11 +16,11 @@ from csr_service.common.errors import ConfigError
 
 __all__ = ["Settings", "parse_annotations"]
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_KIND = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,62}$")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_KIND = re.compile(r"[A-Za-z][A-Za-z0-9]{0,62}")
 # Kubernetes qualified name: optional DNS-subdomain prefix, then a name of <= 63 characters.
-_QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_QUALIFIED_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 #: A sweeper must never delete a request that is still being waited for.
 _MIN_SWEEP_AGE = timedelta(minutes=1)
 
@@ -32,9 +32,9 @@ def parse_annotations(items: tuple[str, ...], flag: str) -> dict[str, str]:
         key, sep, value = item.partition("=")
         key = key.strip()
         prefix, slash, name = key.rpartition("/")
-        valid = bool(sep) and _QUALIFIED_NAME.match(name) is not None
+        valid = bool(sep) and _QUALIFIED_NAME.fullmatch(name) is not None
         if slash:
-            valid = valid and len(prefix) <= 253 and _DNS_SUBDOMAIN.match(prefix) is not None
+            valid = valid and len(prefix) <= 253 and _DNS_SUBDOMAIN.fullmatch(prefix) is not None
         if not valid:
             raise ConfigError(f"--{flag}: {item!r} is not KEY=VALUE with a valid annotation key")
         out[key] = value.strip()
@@ -76,16 +76,16 @@ class Settings:
     def from_values(cls, values: Mapping[str, Any]) -> Settings:
         """Validate the ``certmanager-*`` options; ConfigError names the flag."""
         namespace = str(values.get("certmanager-namespace") or "")
-        if not _DNS_LABEL.match(namespace):
+        if not _DNS_LABEL.fullmatch(namespace):
             raise ConfigError(f"--certmanager-namespace: {namespace!r} is not a valid namespace name")
         name = str(values.get("certmanager-issuer-name") or "")
-        if not name or len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
+        if not name or len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
             raise ConfigError(f"--certmanager-issuer-name: {name!r} is not a valid object name")
         kind = str(values.get("certmanager-issuer-kind") or "")
-        if not _KIND.match(kind):
+        if not _KIND.fullmatch(kind):
             raise ConfigError(f"--certmanager-issuer-kind: {kind!r} is not a kind (e.g. Issuer, ClusterIssuer)")
         group = str(values.get("certmanager-issuer-group") or "")
-        if not group or not _DNS_SUBDOMAIN.match(group):
+        if not group or not _DNS_SUBDOMAIN.fullmatch(group):
             raise ConfigError(f"--certmanager-issuer-group: {group!r} is not an API group (e.g. cert-manager.io)")
         timeout: timedelta = values.get("certmanager-timeout", timedelta(seconds=8))
         if timeout <= timedelta(0):

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from csr_service.common.errors import ConfigError
-from issuers.vault_connection.settings import mount_path
+from issuers.vault_connection.settings import PATH_SEGMENT, mount_path
 
 __all__ = ["IssuerSettings", "normalise_fingerprint"]
-
-_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 
 
 def normalise_fingerprint(text: str) -> str:
@@ -48,10 +46,10 @@ class IssuerSettings:
             ("vault-role", role),
             ("vault-serving-role", values.get("vault-serving-role") or ""),
         ):
-            if name and (not _PATH_SEGMENT.match(name) or "/" in name):
+            if name and (not PATH_SEGMENT.fullmatch(name) or "/" in name):
                 raise ConfigError(f"--{flag}: not a valid role name {name!r}")
         ref = str(values.get("vault-issuer-ref") or "") or None
-        if ref is not None and not _PATH_SEGMENT.match(ref):
+        if ref is not None and not PATH_SEGMENT.fullmatch(ref):
             raise ConfigError(f"--vault-issuer-ref: not a valid issuer reference {ref!r}")
         fps = tuple(normalise_fingerprint(f) for f in values.get("vault-root-fingerprints", ()) or ())
         for fp in fps:

@@ -20,6 +20,7 @@ from csr_service.common.errors import ConfigError
 
 __all__ = [
     "AUTH_METHODS",
+    "PATH_SEGMENT",
     "AppRoleAuth",
     "AuthSettings",
     "ConnectionSettings",
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 AUTH_METHODS = ("token", "kubernetes", "approle")
-_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+PATH_SEGMENT = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,6 @@ def _auth_from_values(values: Mapping[str, Any]) -> AuthSettings:
 
 def mount_path(value: str, flag: str) -> str:
     mount = value.strip("/")
-    if not _PATH_SEGMENT.match(mount):
+    if not PATH_SEGMENT.fullmatch(mount):
         raise ConfigError(f"--{flag}: not a valid Vault path {value!r}")
     return mount

@@ -28,6 +28,7 @@ from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import load_private_key, parse_certs
 from csr_service.service.dev import dev_jwt_algorithm
 from tests.support.certs import csr_pem, uri_sans
+from tests.support.der import CN_OID, EDI, TAG_INTEGER, X400, hostile_csr, uri_name
 from tests.support.dev_server import CSR_SERVICE, DevServer, running_dev_server
 
 pytestmark = pytest.mark.e2e
@@ -224,6 +225,16 @@ BAD_INPUTS: dict[str, tuple[Any, Any, dict[str, str], grpc.StatusCode]] = {
     "garbage PEM": (lambda: b"garbage", None, {}, IA),
     "truncated PEM": (lambda: GOOD_CSR()[:150], None, {}, IA),
     "empty PEM": (lambda: b"", None, {}, IA),
+    # Parse, but cryptography decodes these parts lazily and raised outside our error classes:
+    "CSR version 2": (lambda: hostile_csr(version=1), None, {}, IA),
+    "subject value of the wrong ASN.1 type": (
+        lambda: hostile_csr(subject=[(CN_OID, TAG_INTEGER, b"\x05")]),
+        None,
+        {},
+        IA,
+    ),
+    "x400Address SAN": (lambda: hostile_csr(san=[uri_name(ID), X400]), None, {}, IA),
+    "ediPartyName SAN": (lambda: hostile_csr(san=[uri_name(ID), EDI]), None, {}, IA),
     "two CSRs": (lambda: GOOD_CSR() + GOOD_CSR(), None, {}, IA),
     "1 MiB CSR": (lambda: GOOD_CSR() + b"A" * (1024 * 1024), None, {}, IA),
 }

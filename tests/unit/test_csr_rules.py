@@ -12,6 +12,7 @@ from csr_service.common.errors import AuthenticationError, InvalidRequestError
 from csr_service.pipeline.csr import MAX_CSR_BYTES, validate_csr
 from csr_service.pki.keys import KeyType, generate_key
 from tests.support.certs import WORKLOAD, csr_pem, forge_signature
+from tests.support.der import CN_OID, EDI, TAG_BOOLEAN, TAG_INTEGER, X400, hostile_csr, uri_name
 
 ALLOWED = (WORKLOAD,)
 
@@ -106,7 +107,20 @@ BAD_CSRS = {
     "two CSRs": lambda: csr_pem(generate_key(KeyType.EC_P256)) + csr_pem(generate_key(KeyType.EC_P256)),
     "certificate instead of CSR": lambda: b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
     "1 MiB CSR": lambda: csr_pem(generate_key(KeyType.EC_P256)) + b"#" * (1024 * 1024),
+    # These parse, but cryptography decodes the parts lazily, with exceptions of its own:
+    "version 2 (InvalidVersion)": lambda: hostile_csr(version=1),
+    "version 3": lambda: hostile_csr(version=2),
+    "CN of ASN.1 type INTEGER": lambda: hostile_csr(subject=[(CN_OID, TAG_INTEGER, b"\x05")]),
+    "O of ASN.1 type BOOLEAN": lambda: hostile_csr(subject=[("2.5.4.10", TAG_BOOLEAN, b"\xff")]),
+    "x400Address in the SAN": lambda: hostile_csr(san=[uri_name(WORKLOAD), X400]),
+    "ediPartyName in the SAN": lambda: hostile_csr(san=[uri_name(WORKLOAD), EDI]),
+    "SPIFFE URI with a trailing newline": lambda: hostile_csr(san=[uri_name(WORKLOAD + "\n")]),
 }
+
+
+def test_the_hand_built_csr_is_valid_as_it_is() -> None:
+    """The DER builder's baseline passes: a hostile variant fails for its one changed part."""
+    assert validate_csr(hostile_csr(), ALLOWED).uri == WORKLOAD
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CSRS))

@@ -126,8 +126,34 @@ BAD = {
     "no iat": (lambda: _token(_claims(iat=None)), "iat"),
     "no sub": (lambda: _token(_claims(sub=None)), "sub"),
     "no aud": (lambda: _token(_claims(aud=None)), "aud"),
-    "exp not a number": (lambda: _token(_claims(exp="tomorrow")), "exp claim is not a number"),
-    "exp a boolean": (lambda: _token(_claims(exp=True)), "exp claim is not a number"),
+    "exp not a number": (lambda: _token(_claims(exp="tomorrow")), "exp claim is not a valid NumericDate"),
+    "exp a boolean": (lambda: _token(_claims(exp=True)), "exp claim is not a valid NumericDate"),
+    # Numbers that are not sane dates: NaN compares false with everything (an unchecked NaN
+    # exp never expires), and the others overflow datetime; json.dumps writes NaN/Infinity.
+    **{
+        f"{claim} {label}": (
+            (lambda claim=claim, value=value: _resign(json.dumps(_claims(**{claim: value}) | {claim: value}).encode())),
+            f"{claim} claim is not a valid NumericDate",
+        )
+        for claim in ("exp", "iat", "nbf")
+        for label, value in (
+            ("null", None),
+            ("NaN", float("nan")),
+            ("Infinity", float("inf")),
+            ("-Infinity", float("-inf")),
+            ("10^30", 1e30),
+            ("in the year 10000", 253402300800),
+            ("negative", -1),
+        )
+    },
+    "sub with a trailing newline": (
+        lambda: _token(_claims(sub="system:serviceaccount:default:sleep\n")),
+        "service-account",
+    ),
+    "namespace with a trailing newline": (
+        lambda: _token(_claims(sub="system:serviceaccount:default\n:sleep")),
+        "service-account",
+    ),
     "aud a number": (lambda: _token(_claims(aud=7)), "aud claim"),
     "aud list with a number": (lambda: _token(_claims(aud=["x", 7])), "aud claim"),
     "missing iss when configured": (lambda: _token(_claims(iss=None)), "issuer"),

@@ -180,11 +180,14 @@ def test_entry_lives_at_most_the_configured_ttl() -> None:
     assert len(reviewer.calls) == 2
 
 
-def test_token_without_exp_is_cached_for_the_ttl() -> None:
+@pytest.mark.parametrize("exp", [None, float("nan"), float("inf"), 1e30])
+def test_token_without_a_sane_exp_is_cached_for_the_ttl(exp: float | None) -> None:
+    # The apiserver accepted it (an OIDC issuer might sign anything): no crash, no eternal entry.
     clock, reviewer = Clock(), FakeReviewer()
     authn = make(reviewer, clock, cache_ttl=timedelta(seconds=30))
-    token = jwt_like(exp=None)
-    _call_n(authn, clock, [(0, token), (29, token), (31, token)])
+    token = jwt_like(exp=exp)
+    assert run(authn, token).token_expires_at is None
+    _call_n(authn, clock, [(29, token), (31, token)])
     assert len(reviewer.calls) == 2
 
 
@@ -312,6 +315,11 @@ def test_api_error_mapping(exc: Exception, kind: type, fragment: str) -> None:
         ("a.!!!.c", None),
         ("a." + base64.urlsafe_b64encode(b'{"exp": true}').decode() + ".c", None),
         ("a." + base64.urlsafe_b64encode(b"[1]").decode() + ".c", None),
+        # Not sane dates: used as they are, they broke the cache lifetime and the expiry's date.
+        *(
+            ("a." + base64.urlsafe_b64encode(b'{"exp": ' + raw + b"}").decode() + ".c", None)
+            for raw in (b"NaN", b"Infinity", b"-Infinity", b"1e30", b"253402300800", b"null", b"-5")
+        ),
     ],
 )
 def test_unverified_exp(token: str, exp: float | None) -> None:

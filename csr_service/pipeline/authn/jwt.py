@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -90,6 +91,25 @@ class StaticKeySource:
 
 #: What every service-account token has; a token without one of these is refused.
 _REQUIRED_CLAIMS = ("exp", "iat", "sub", "aud")
+#: The largest NumericDate we accept: 9999-12-31T23:59:59Z, the end of what datetime represents.
+MAX_NUMERIC_DATE = 253402300799
+
+
+def numeric_date(value: Any) -> float | None:
+    """A JWT NumericDate (RFC 7519 §2) as a float, or None unless it is a sane one.
+
+    Sane: a JSON number (not a boolean, not null), finite, and between the epoch and the year
+    9999. NaN compares false with everything, so an unchecked NaN ``exp`` would make a token
+    valid forever; ±Infinity and 10^30 break date conversions further down.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    if not math.isfinite(number) or not 0 <= number <= MAX_NUMERIC_DATE:
+        return None
+    return number
+
+
 _ALGORITHMS = {alg: jwt.get_algorithm_by_name(alg) for alg in ALLOWED_ALGORITHMS}
 
 
@@ -211,10 +231,14 @@ class JWTAuthenticator:
                 raise _fail(f"token lacks the {name} claim")
         now = time.time()
         leeway = self._leeway.total_seconds()
-        exp, iat, nbf = claims["exp"], claims["iat"], claims.get("nbf")
-        for name, value in (("exp", exp), ("iat", iat), ("nbf", nbf)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise _fail("invalid token", f"invalid token: the {name} claim is not a number")
+        times: dict[str, float] = {}
+        for name in ("exp", "iat", "nbf"):
+            if name in claims:  # present means valid: a null nbf is as wrong as a null exp
+                value = numeric_date(claims[name])
+                if value is None:
+                    raise _fail("invalid token", f"invalid token: the {name} claim is not a valid NumericDate")
+                times[name] = value
+        exp, iat, nbf = times["exp"], times["iat"], times.get("nbf")
         if exp <= now - leeway:
             raise _fail("token expired")
         if iat > now + leeway:
@@ -244,12 +268,12 @@ class JWTAuthenticator:
             pod = k8s.get("pod")
             if isinstance(pod, Mapping):
                 pod_name, pod_uid = pod.get("name"), pod.get("uid")
-        exp = claims.get("exp")
+        exp = numeric_date(claims.get("exp"))  # _check_claims has made sure it is one
         return Caller(
             identity=SpiffeId(self._trust_domain, ns, sa),
             pod_name=pod_name if isinstance(pod_name, str) else None,
             pod_uid=pod_uid if isinstance(pod_uid, str) else None,
-            token_expires_at=datetime.fromtimestamp(exp, UTC) if isinstance(exp, int | float) else None,
+            token_expires_at=datetime.fromtimestamp(exp, UTC) if exp is not None else None,
             authenticator=self.name,
         )
 

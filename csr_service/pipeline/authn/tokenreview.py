@@ -55,7 +55,7 @@ from csr_service.common.errors import (
 from csr_service.common.identity import SpiffeId, service_account_from_username
 from csr_service.common.request import RequestContext
 from csr_service.kube.util import api_status
-from csr_service.pipeline.authn.jwt import MAX_TOKEN_BYTES
+from csr_service.pipeline.authn.jwt import MAX_TOKEN_BYTES, numeric_date
 from csr_service.plugins.authenticator import Caller
 
 if TYPE_CHECKING:
@@ -181,8 +181,9 @@ def unverified_exp(token: str) -> float | None:
         payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (ValueError, binascii.Error):
         return None
-    exp = payload.get("exp") if isinstance(payload, dict) else None
-    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+    # Only a sane NumericDate counts: NaN, ±Infinity or 10^30 would break the cache's arithmetic
+    # and the date conversion; such a token is then cached for the default TTL at most.
+    return numeric_date(payload.get("exp")) if isinstance(payload, dict) else None
 
 
 class TokenReviewAuthenticator:
