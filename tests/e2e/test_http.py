@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import subprocess
@@ -67,8 +66,12 @@ def test_single_worker_probes_and_istio_metrics(tmp_path: Path) -> None:
 
 def test_workers_share_one_http_side(tmp_path: Path) -> None:
     port = free_port()
-    before = set(glob.glob("/tmp/csr-service-metrics-*"))
-    with running_dev_server(tmp_path / "state", "--http-listen", f"127.0.0.1:{port}", workers=2) as srv:
+    # The supervisor's metrics directory goes under TMPDIR: this test's own, so another
+    # csr-service on the machine (a test run, a benchmark) cannot change what it counts.
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    args = ("--http-listen", f"127.0.0.1:{port}")
+    with running_dev_server(tmp_path / "state", *args, workers=2, env={"TMPDIR": str(tmpdir)}) as srv:
         _wait(lambda: _get(port, "/readyz")[0] == 200)
         body = _get(port, "/readyz")[1]
         assert "[+]worker-0/serving-certificate ok" in body
@@ -78,7 +81,7 @@ def test_workers_share_one_http_side(tmp_path: Path) -> None:
         text = _get(port, "/metrics")[1]
         assert metric_sample(text, "citadel_server_csr_count") == 6  # summed over the workers
         assert metric_sample(text, "csr_service_workers") == 2
-        ours = set(glob.glob("/tmp/csr-service-metrics-*")) - before
+        ours = list(tmpdir.glob("csr-service-metrics-*"))
         assert len(ours) == 1
 
         # A worker dies: not ready until its replacement reports; counters survive it.
@@ -90,7 +93,7 @@ def test_workers_share_one_http_side(tmp_path: Path) -> None:
         text = _get(port, "/metrics")[1]
         assert metric_sample(text, "csr_service_worker_restarts_total") == 1
         assert metric_sample(text, "citadel_server_csr_count") == 6
-    assert not any(Path(p).exists() for p in ours)  # the supervisor removed its metrics dir
+    assert not any(p.exists() for p in ours)  # the supervisor removed its metrics dir
 
 
 @pytest.mark.parametrize("workers", [1, 2])

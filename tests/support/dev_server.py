@@ -136,7 +136,11 @@ def running_server(
 
 @contextlib.contextmanager
 def running_dev_server(
-    state_dir: Path, *extra_args: str, workers: int = 1, timeout: float = 60.0
+    state_dir: Path,
+    *extra_args: str,
+    workers: int = 1,
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
 ) -> Iterator[DevServer]:
     """``csr-service serve --dev --state-dir state_dir`` on a free loopback port."""
     port = free_port()
@@ -156,6 +160,7 @@ def running_dev_server(
         log_path=state_dir.parent / f"{state_dir.name}-server.log",
         port=port,
         timeout=timeout,
+        env=env,
     ) as srv:
         yield srv
 
