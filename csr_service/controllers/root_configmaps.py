@@ -26,11 +26,11 @@ Terminating namespaces are skipped (the apiserver refuses writes there).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from typing import Any
 
+from csr_service.common.lifecycle import BackgroundTask
 from csr_service.kube.util import LoopInformer, api_status
 from csr_service.trust.bundle import TrustBundle, TrustSnapshot
 
@@ -84,7 +84,7 @@ class RootConfigMapController:
         self._queue: asyncio.Queue[str] | None = None
         self._queued: set[str] = set()
         self._failures: dict[str, int] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[BackgroundTask] = []
         self._ns: LoopInformer | None = None
         self._cms: LoopInformer | None = None
         #: Counts for tests, the benchmark and metrics.
@@ -106,9 +106,11 @@ class RootConfigMapController:
             name="root-configmaps",
             list_kwargs={"field_selector": f"metadata.name={self._cm_name}"},
         )
-        self._tasks = [asyncio.create_task(self._worker(), name=f"root-configmaps-{i}") for i in range(self._workers)]
+        self._tasks = [BackgroundTask(f"root-configmaps-{i}", self._worker, logger=log) for i in range(self._workers)]
         # The ConfigMap cache first, so namespaces found up to date need no write at start-up.
-        self._tasks.append(asyncio.create_task(self._start_informers(), name="root-configmaps-informers"))
+        self._tasks.append(BackgroundTask("root-configmaps-informers", self._start_informers, logger=log))
+        for task in self._tasks:
+            task.start()
         log.info(
             "root ConfigMaps: %s in namespaces matching %r, %d workers",
             self._cm_name,
@@ -123,11 +125,8 @@ class RootConfigMapController:
         await self._ns.start()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # All at once, as they were started: no worker picks up more work while others stop.
+        await asyncio.gather(*(task.stop() for task in self._tasks))
         self._tasks = []
         for inf in (self._ns, self._cms):
             if inf is not None:

@@ -27,12 +27,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from csr_service.common.errors import ConfigError, CSRServiceError
-from csr_service.common.lifecycle import Lifecycle
+from csr_service.common.lifecycle import BackgroundTask, Lifecycle
 from csr_service.kube.refs import ObjectRef
 from csr_service.kube.util import LoopInformer, record_event
 from csr_service.pipeline.handler import IssuerSlot
@@ -127,9 +128,9 @@ class RuntimeIssuerController:
         #: A rejected configuration is not retried until the ConfigMap changes (no Event storm).
         self._rejected_digest = ""
         self._desired: Any = None  # the ConfigMap (model) or None
-        self._wake = asyncio.Event()
         self._informer: LoopInformer | None = None
-        self._task: asyncio.Task[None] | None = None
+        # No timer: it runs when the watch reports a change (an event during start() counts).
+        self._loop = BackgroundTask("runtime-issuer", self._reconcile, every=math.inf, logger=log)
         self._closing: set[asyncio.Task[None]] = set()
         #: Counts for tests and metrics.
         self.stats = {"switched": 0, "rejected": 0}
@@ -150,13 +151,10 @@ class RuntimeIssuerController:
             await self._reconcile()
         else:
             log.warning("runtime issuer: %s not readable yet; using --issuer %s", self._ref, self._default_backend)
-        self._task = asyncio.create_task(self._run(), name="runtime-issuer")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
         if self._informer is not None:
             await self._informer.stop()
         for task in list(self._closing):
@@ -169,13 +167,7 @@ class RuntimeIssuerController:
 
     def _on_event(self, kind: str, obj: Any) -> None:
         self._desired = None if kind == "DELETED" else obj
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._reconcile()
+        self._loop.wake()
 
     # --- switching -------------------------------------------------------------------------
     async def _reconcile(self) -> None:
