@@ -22,7 +22,7 @@ import asyncio
 import base64
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -110,13 +110,27 @@ def renewal_reason(secret: Any, spec: IstiodCertSpec, trust: TrustBundle, now: d
 
 
 class IstiodCertController:
-    """Keeps Secret ``istiod-tls`` valid. A restartable Component (leader only)."""
+    """Keeps Secret ``istiod-tls`` valid. A restartable Component (leader only).
+
+    ``write(data, existing)`` writes the Secret's three keys (``existing``: the Secret as
+    last watched, None to create it); by default one create or one full replace through
+    ``api``. Tests pass their own and call :meth:`issue_and_write` directly.
+    """
 
     name = "istiod-cert"
     all_workers = False
 
-    def __init__(self, api: Any, issuers: IssuerSlot, trust: TrustBundle, spec: IstiodCertSpec) -> None:
+    def __init__(
+        self,
+        api: Any,
+        issuers: IssuerSlot,
+        trust: TrustBundle,
+        spec: IstiodCertSpec,
+        *,
+        write: Callable[[dict[str, bytes], Any], None] | None = None,
+    ) -> None:
         self._api = api
+        self._write = write or self._replace
         self._issuers = issuers
         self._trust = trust
         self.spec = spec
@@ -156,7 +170,9 @@ class IstiodCertController:
             self._informer = None
 
     def _cached(self) -> Any:
-        assert self._informer is not None
+        """The Secret as last watched; None if missing, or before start (then a write creates it)."""
+        if self._informer is None:
+            return None
         return self._informer.cache.get(f"{self.spec.namespace}/{SECRET_NAME}")
 
     async def _round(self) -> None:
@@ -244,7 +260,8 @@ class IstiodCertController:
             warning=warning,
         )
 
-    def _write(self, data: dict[str, bytes], existing: Any) -> None:
+    def _replace(self, data: dict[str, bytes], existing: Any) -> None:
+        """The default ``write``."""
         from kubernetes import client
 
         core = client.CoreV1Api(self._api)

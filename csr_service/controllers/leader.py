@@ -152,6 +152,11 @@ class LeaderElector:
         #: Counts for tests and metrics.
         self.stats = {"acquired": 0, "lost": 0, "errors": 0}
 
+    @property
+    def tasks(self) -> tuple[Component, ...]:
+        """The leader-only components, in the order they are started."""
+        return tuple(self._tasks)
+
     @classmethod
     def from_runtime(cls, runtime: Any, settings: LeaderSettings, tasks: Sequence[Component]) -> LeaderElector:
         return cls(LeaseClient(runtime.kube(), settings), settings, tasks, api=runtime.kube())

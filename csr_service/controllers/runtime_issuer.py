@@ -96,7 +96,11 @@ def _digest(data: Mapping[str, str] | None) -> str:
 
 
 class RuntimeIssuerController:
-    """Component (every worker) that swaps the active issuer as the ConfigMap says."""
+    """Component (every worker) that swaps the active issuer as the ConfigMap says.
+
+    :meth:`on_event` (the watch's callback) and :meth:`reconcile` (what the loop runs after
+    each event) are public so tests can drive a switch without an apiserver.
+    """
 
     name = "runtime-issuer"
     all_workers = True
@@ -130,7 +134,7 @@ class RuntimeIssuerController:
         self._desired: Any = None  # the ConfigMap (model) or None
         self._informer: LoopInformer | None = None
         # No timer: it runs when the watch reports a change (an event during start() counts).
-        self._loop = BackgroundTask("runtime-issuer", self._reconcile, every=math.inf, logger=log)
+        self._loop = BackgroundTask("runtime-issuer", self.reconcile, every=math.inf, logger=log)
         self._closing: set[asyncio.Task[None]] = set()
         #: Counts for tests and metrics.
         self.stats = {"switched": 0, "rejected": 0}
@@ -141,14 +145,14 @@ class RuntimeIssuerController:
 
         self._informer = LoopInformer(
             client.CoreV1Api(self._runtime.kube()).list_namespaced_config_map,
-            self._on_event,
+            self.on_event,
             name="runtime-issuer",
             list_kwargs={"namespace": self._ref.namespace, "field_selector": f"metadata.name={self._ref.name}"},
         )
         if await self._informer.start(sync_timeout=30):
             # Apply before the serving certificate is first issued.
             self._desired = self._informer.cache.get(f"{self._ref.namespace}/{self._ref.name}")
-            await self._reconcile()
+            await self.reconcile()
         else:
             log.warning("runtime issuer: %s not readable yet; using --issuer %s", self._ref, self._default_backend)
         self._loop.start()
@@ -165,12 +169,14 @@ class RuntimeIssuerController:
         if current is not self._static:
             await _close(current)
 
-    def _on_event(self, kind: str, obj: Any) -> None:
+    def on_event(self, kind: str, obj: Any) -> None:
+        """Note the watched ConfigMap (``DELETED``: gone) and wake the loop to apply it."""
         self._desired = None if kind == "DELETED" else obj
         self._loop.wake()
 
     # --- switching -------------------------------------------------------------------------
-    async def _reconcile(self) -> None:
+    async def reconcile(self) -> None:
+        """Apply the ConfigMap last noted by :meth:`on_event`: switch, reject, or nothing if unchanged."""
         cm = self._desired
         data = (cm.data or {}) if cm is not None else None
         digest = _digest(data)
