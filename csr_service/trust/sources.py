@@ -135,7 +135,11 @@ class KubeTrustSource:
         self._last_error = ""
         self._trust.update(roots)
 
-    def _on_event(self, kind: str, obj: Any) -> None:
+    def on_event(self, kind: str, obj: Any) -> None:
+        """The watch's callback: adopt good roots, keep the last good ones otherwise.
+
+        Public so tests can feed it events without an apiserver.
+        """
         if kind == "DELETED":
             log.error("%s %s was deleted; keeping the current roots", self._flag, self._ref)
             return
@@ -150,7 +154,7 @@ class KubeTrustSource:
         list_fn = core.list_namespaced_secret if self._secret else core.list_namespaced_config_map
         self._informer = LoopInformer(
             list_fn,
-            self._on_event,
+            self.on_event,
             name=self.name,
             list_kwargs={"namespace": self._ref.namespace, "field_selector": f"metadata.name={self._ref.name}"},
         )
