@@ -134,6 +134,15 @@ class CertManagerIssuer:
         self.sync_timeout = _SYNC_TIMEOUT
         self._status_ca_roots: dict[str, x509.Certificate] = {}
 
+    @property
+    def event_loop_calls(self) -> bool:
+        """Whether CertificateRequest create/delete run on the event loop (else in threads).
+
+        False when a proxy applies to the apiserver address, or the API client is not
+        csr-service's own (see :mod:`csr_service.kube.rest`). Logged at start.
+        """
+        return self._api.event_loop_calls
+
     def __repr__(self) -> str:
         return f"CertManagerIssuer({self.settings.describe_issuer()!r}, namespace={self.settings.namespace!r})"
 
@@ -205,7 +214,7 @@ class CertManagerIssuer:
         log.info(
             "CertificateRequest create/delete: %s",
             "event-loop HTTP client"
-            if self._api.event_loop_calls
+            if self.event_loop_calls
             else "kubernetes client in threads (a proxy applies to the apiserver address)",
         )
 
