@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from csr_service.common.errors import CSRServiceError, InternalError
+from csr_service.common.lifecycle import BackgroundTask
 from csr_service.kube.util import EventRecorder, LoopInformer, api_status
 from csr_service.pipeline.handler import IssuerSlot
 from csr_service.pipeline.own_cert import issue_own_certificate
@@ -110,80 +110,101 @@ def renewal_reason(secret: Any, spec: IstiodCertSpec, trust: TrustBundle, now: d
 
 
 class IstiodCertController:
-    """Keeps Secret ``istiod-tls`` valid. A restartable Component (leader only)."""
+    """Keeps Secret ``istiod-tls`` valid. A restartable Component (leader only).
+
+    ``write(data, existing)`` writes the Secret's three keys (``existing``: the Secret as
+    last watched, None to create it); by default one create or one full replace through
+    ``api``. Tests pass their own and call :meth:`issue_and_write` directly.
+    """
 
     name = "istiod-cert"
     all_workers = False
 
-    def __init__(self, api: Any, issuers: IssuerSlot, trust: TrustBundle, spec: IstiodCertSpec) -> None:
+    def __init__(
+        self,
+        api: Any,
+        issuers: IssuerSlot,
+        trust: TrustBundle,
+        spec: IstiodCertSpec,
+        *,
+        write: Callable[[dict[str, bytes], Any], None] | None = None,
+    ) -> None:
         self._api = api
+        self._write = write or self._replace
         self._issuers = issuers
         self._trust = trust
         self.spec = spec
-        self._wake = asyncio.Event()
         self._informer: LoopInformer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._watching = False
+        self._next_look = 0.0
+        # A look at once, then when the certificate is due, after a write or a failure, or
+        # when woken by the Secret's watch or a trust-bundle change.
+        self._loop = BackgroundTask(
+            "istiod-cert", self._round, every=lambda: self._next_look, first_delay=0, logger=log
+        )
+        self._last_issue = 0.0
+        self._failures = 0
         #: Counts for tests and metrics.
         self.stats = {"issued": 0, "errors": 0}
         self._events = EventRecorder(api)
-        trust.add_listener(lambda _snapshot: self._wake.set())
+        trust.add_listener(lambda _snapshot: self._loop.wake())
 
     async def start(self) -> None:
         from kubernetes import client
 
-        self._wake = asyncio.Event()
         self._informer = LoopInformer(
             client.CoreV1Api(self._api).list_namespaced_secret,
-            lambda _kind, _obj: self._wake.set(),
+            lambda _kind, _obj: self._loop.wake(),
             name="istiod-tls",
             list_kwargs={"namespace": self.spec.namespace, "field_selector": f"metadata.name={SECRET_NAME}"},
         )
-        self._task = asyncio.create_task(self._run(), name="istiod-cert")
+        self._watching = False
+        self._last_issue = 0.0
+        self._failures = 0
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
         if self._informer is not None:
             await self._informer.stop()
             self._informer = None
 
     def _cached(self) -> Any:
-        assert self._informer is not None
+        """The Secret as last watched; None if missing, or before start (then a write creates it)."""
+        if self._informer is None:
+            return None
         return self._informer.cache.get(f"{self.spec.namespace}/{SECRET_NAME}")
 
-    async def _run(self) -> None:
+    async def _round(self) -> None:
+        """Look at the Secret, (re)issue it if needed, and set when to look again."""
         assert self._informer is not None
-        await self._informer.start()
-        failures = 0
-        last_issue = 0.0
+        self._next_look = MIN_INTERVAL  # what an unexpected failure of this round leaves: no hot loop
+        if not self._watching:
+            # In the task, not in start(): the elector waits for start(), and a list can be slow.
+            await self._informer.start()
+            self._watching = True
         loop = asyncio.get_running_loop()
-        while True:
-            self._wake.clear()
-            now = datetime.now(UTC)
-            reason, next_check = renewal_reason(self._cached(), self.spec, self._trust, now)
-            wait = max((next_check - now).total_seconds(), 0.0)
-            if reason is not None:
-                # Right after a write the informer may not show it yet: wait for its event.
-                pause = MIN_INTERVAL - (loop.time() - last_issue)
-                if last_issue and pause > 0:
-                    wait = pause
-                else:
-                    try:
-                        last_issue = loop.time()
-                        await self.issue_and_write(reason)
-                        failures = 0
-                        wait = MIN_INTERVAL
-                    except Exception as exc:  # noqa: BLE001 (issuer or apiserver trouble: retry)
-                        failures += 1
-                        self.stats["errors"] += 1
-                        wait = min(60.0, 2.0**failures) * (0.5 + random.random() / 2)  # noqa: S311
-                        log.error("istiod certificate not written (%s; retry in %.0fs): %s", reason, wait, exc)
-                        self._event("IstiodCertificateFailed", f"not written ({reason}), retrying: {exc}", warning=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+        now = datetime.now(UTC)
+        reason, next_check = renewal_reason(self._cached(), self.spec, self._trust, now)
+        wait = max((next_check - now).total_seconds(), 0.0)
+        if reason is not None:
+            # Right after a write the informer may not show it yet: wait for its event.
+            pause = MIN_INTERVAL - (loop.time() - self._last_issue)
+            if self._last_issue and pause > 0:
+                wait = pause
+            else:
+                try:
+                    self._last_issue = loop.time()
+                    await self.issue_and_write(reason)
+                    self._failures = 0
+                    wait = MIN_INTERVAL
+                except Exception as exc:  # noqa: BLE001 (issuer or apiserver trouble: retry)
+                    self._failures += 1
+                    self.stats["errors"] += 1
+                    wait = min(60.0, 2.0**self._failures) * (0.5 + random.random() / 2)  # noqa: S311
+                    log.error("istiod certificate not written (%s; retry in %.0fs): %s", reason, wait, exc)
+                    self._event("IstiodCertificateFailed", f"not written ({reason}), retrying: {exc}", warning=True)
+        self._next_look = wait
 
     async def issue_and_write(self, reason: str) -> None:
         """Issue a fresh istiod certificate, verify it, and write the whole Secret in one call."""
@@ -239,7 +260,8 @@ class IstiodCertController:
             warning=warning,
         )
 
-    def _write(self, data: dict[str, bytes], existing: Any) -> None:
+    def _replace(self, data: dict[str, bytes], existing: Any) -> None:
+        """The default ``write``."""
         from kubernetes import client
 
         core = client.CoreV1Api(self._api)

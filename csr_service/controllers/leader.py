@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from csr_service.common.lifecycle import Component
+from csr_service.common.lifecycle import BackgroundTask, Component
 from csr_service.controllers.settings import LeaderSettings
 from csr_service.kube.util import EventRecorder, api_status
 
@@ -143,10 +143,19 @@ class LeaderElector:
         self._s = settings
         self._tasks = list(tasks)
         self._running: list[Component] = []
-        self._loop_task: asyncio.Task[None] | None = None
+        # An attempt at once, then one every retry period (client-go's loop).
+        self._loop = BackgroundTask(
+            "leader-election", self._round, every=settings.retry_period.total_seconds(), first_delay=0, logger=log
+        )
+        self._last_renew = 0.0
         self.is_leader = False
         #: Counts for tests and metrics.
         self.stats = {"acquired": 0, "lost": 0, "errors": 0}
+
+    @property
+    def tasks(self) -> tuple[Component, ...]:
+        """The leader-only components, in the order they are started."""
+        return tuple(self._tasks)
 
     @classmethod
     def from_runtime(cls, runtime: Any, settings: LeaderSettings, tasks: Sequence[Component]) -> LeaderElector:
@@ -154,14 +163,11 @@ class LeaderElector:
 
     async def start(self) -> None:
         log.info("leader election: lease %s/%s as %s", self._s.namespace, self._s.lease_name, self._lease.identity)
-        self._loop_task = asyncio.create_task(self._run(), name="leader-election")
+        self._last_renew = 0.0
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        await self._loop.stop()
         was_leader = self.is_leader
         await self._step_down("shutting down")
         if was_leader:
@@ -193,22 +199,18 @@ class LeaderElector:
             log.warning("leader election: lease update failed (HTTP %s): %s", api_status(exc), exc)
             return False
 
-    async def _run(self) -> None:
-        retry = self._s.retry_period.total_seconds()
-        deadline = self._s.renew_deadline.total_seconds()
-        last_renew = 0.0
-        while True:
-            held = await self._attempt()
-            now = time.monotonic()
-            if held:
-                last_renew = now
-                if not self.is_leader:
-                    await self._become_leader()
-            elif self.is_leader and self._lease.last_holder not in ("", self._lease.identity):
-                await self._step_down(f"lease taken over by {self._lease.last_holder}")
-            elif self.is_leader and now - last_renew > deadline:
-                await self._step_down(f"lease not renewed for {now - last_renew:.1f}s")
-            await asyncio.sleep(retry)
+    async def _round(self) -> None:
+        """One attempt to acquire or renew, and what follows from it."""
+        held = await self._attempt()
+        now = time.monotonic()
+        if held:
+            self._last_renew = now
+            if not self.is_leader:
+                await self._become_leader()
+        elif self.is_leader and self._lease.last_holder not in ("", self._lease.identity):
+            await self._step_down(f"lease taken over by {self._lease.last_holder}")
+        elif self.is_leader and now - self._last_renew > self._s.renew_deadline.total_seconds():
+            await self._step_down(f"lease not renewed for {now - self._last_renew:.1f}s")
 
     async def _become_leader(self) -> None:
         self.is_leader = True

@@ -26,12 +26,13 @@ Terminating namespaces are skipped (the apiserver refuses writes there).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
-from csr_service.kube.util import LoopInformer, api_status
+from csr_service.common.lifecycle import BackgroundTask
+from csr_service.kube.util import LoopInformer, Watch, WatchFactory, api_status
 from csr_service.trust.bundle import TrustBundle, TrustSnapshot
 
 __all__ = ["ROOT_CERT_KEY", "RootConfigMapController", "desired_configmap", "is_up_to_date"]
@@ -62,7 +63,13 @@ def is_up_to_date(cm: Any, pem: str) -> bool:
 
 
 class RootConfigMapController:
-    """Keeps the root ConfigMap current in every matching namespace. A restartable Component."""
+    """Keeps the root ConfigMap current in every matching namespace. A restartable Component.
+
+    Seams for tests (the defaults talk to the apiserver): ``watch`` opens the two watches
+    (:class:`~csr_service.kube.util.WatchFactory`, named ``namespaces`` and
+    ``root-configmaps``), ``write(namespace, pem)`` writes one ConfigMap (in a thread), and
+    ``workers=0`` leaves the queue undrained so :attr:`queued` shows what events queued.
+    """
 
     name = "root-configmaps"
     all_workers = False
@@ -75,18 +82,23 @@ class RootConfigMapController:
         configmap_name: str = "istio-ca-root-cert",
         namespace_selector: str = "",
         workers: int = 16,
+        watch: WatchFactory = LoopInformer,
+        write: Callable[[str, str], None] | None = None,
     ) -> None:
         self._api = api
         self._trust = trust
         self._cm_name = configmap_name
         self._selector = namespace_selector
         self._workers = workers
+        self._watch = watch
+        self._write = write or self._apply
         self._queue: asyncio.Queue[str] | None = None
-        self._queued: set[str] = set()
+        # The names in the queue, in queue order (a dict as an ordered set): each at most once.
+        self._queued: dict[str, None] = {}
         self._failures: dict[str, int] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-        self._ns: LoopInformer | None = None
-        self._cms: LoopInformer | None = None
+        self._tasks: list[BackgroundTask] = []
+        self._ns: Watch | None = None
+        self._cms: Watch | None = None
         #: Counts for tests, the benchmark and metrics.
         self.stats = {"applied": 0, "errors": 0, "skipped": 0}
         trust.add_listener(self._on_trust)
@@ -99,16 +111,18 @@ class RootConfigMapController:
         self._queue = asyncio.Queue()
         self._queued.clear()
         ns_kwargs = {"label_selector": self._selector} if self._selector else {}
-        self._ns = LoopInformer(core.list_namespace, self._on_namespace, name="namespaces", list_kwargs=ns_kwargs)
-        self._cms = LoopInformer(
+        self._ns = self._watch(core.list_namespace, self._on_namespace, name="namespaces", list_kwargs=ns_kwargs)
+        self._cms = self._watch(
             core.list_config_map_for_all_namespaces,
             self._on_configmap,
             name="root-configmaps",
             list_kwargs={"field_selector": f"metadata.name={self._cm_name}"},
         )
-        self._tasks = [asyncio.create_task(self._worker(), name=f"root-configmaps-{i}") for i in range(self._workers)]
+        self._tasks = [BackgroundTask(f"root-configmaps-{i}", self._worker, logger=log) for i in range(self._workers)]
         # The ConfigMap cache first, so namespaces found up to date need no write at start-up.
-        self._tasks.append(asyncio.create_task(self._start_informers(), name="root-configmaps-informers"))
+        self._tasks.append(BackgroundTask("root-configmaps-informers", self._start_informers, logger=log))
+        for task in self._tasks:
+            task.start()
         log.info(
             "root ConfigMaps: %s in namespaces matching %r, %d workers",
             self._cm_name,
@@ -123,11 +137,8 @@ class RootConfigMapController:
         await self._ns.start()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # All at once, as they were started: no worker picks up more work while others stop.
+        await asyncio.gather(*(task.stop() for task in self._tasks))
         self._tasks = []
         for inf in (self._ns, self._cms):
             if inf is not None:
@@ -135,10 +146,15 @@ class RootConfigMapController:
         self._ns = self._cms = None
         self._queue = None
 
+    @property
+    def queued(self) -> tuple[str, ...]:
+        """The namespaces waiting for a worker, oldest first (each at most once)."""
+        return tuple(self._queued)
+
     # --- events (on the loop) ----------------------------------------------------------
     def _enqueue(self, namespace: str) -> None:
         if self._queue is not None and namespace not in self._queued:
-            self._queued.add(namespace)
+            self._queued[namespace] = None
             self._queue.put_nowait(namespace)
 
     def _on_namespace(self, kind: str, ns: Any) -> None:
@@ -168,9 +184,9 @@ class RootConfigMapController:
         queue = self._queue
         while True:
             namespace = await queue.get()
-            self._queued.discard(namespace)
+            self._queued.pop(namespace, None)
             try:
-                await self._reconcile(namespace)
+                await self.reconcile(namespace)
                 self._failures.pop(namespace, None)
             except Exception as exc:  # noqa: BLE001 (apiserver trouble: retry this namespace later)
                 self._retry_later(namespace, exc)
@@ -190,7 +206,11 @@ class RootConfigMapController:
         )
         asyncio.get_running_loop().call_later(delay, self._enqueue, namespace)
 
-    async def _reconcile(self, namespace: str) -> None:
+    async def reconcile(self, namespace: str) -> None:
+        """Bring one namespace's ConfigMap up to date, as a worker does for a queued name.
+
+        Needs :meth:`start` (it reads the watches' caches); raises what the write raised.
+        """
         assert self._ns is not None
         assert self._cms is not None
         ns = self._ns.cache.get(namespace)
@@ -202,11 +222,12 @@ class RootConfigMapController:
             return  # nothing to publish yet; the first bundle queues every namespace
         if is_up_to_date(self._cms.cache.get(f"{namespace}/{self._cm_name}"), snapshot.pem):
             return
-        await asyncio.to_thread(self._apply, namespace, snapshot.pem)
+        await asyncio.to_thread(self._write, namespace, snapshot.pem)
         self.stats["applied"] += 1
         log.debug("root ConfigMaps: %s/%s written (bundle v%d)", namespace, self._cm_name, snapshot.version)
 
     def _apply(self, namespace: str, pem: str) -> None:
+        """The default ``write``: server-side apply of our key and label."""
         from kubernetes import client
 
         body = desired_configmap(self._cm_name, namespace, pem)

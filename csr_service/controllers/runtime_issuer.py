@@ -27,12 +27,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from csr_service.common.errors import ConfigError, CSRServiceError
-from csr_service.common.lifecycle import Lifecycle
+from csr_service.common.lifecycle import BackgroundTask, Lifecycle
 from csr_service.kube.refs import ObjectRef
 from csr_service.kube.util import LoopInformer, record_event
 from csr_service.pipeline.handler import IssuerSlot
@@ -95,7 +96,11 @@ def _digest(data: Mapping[str, str] | None) -> str:
 
 
 class RuntimeIssuerController:
-    """Component (every worker) that swaps the active issuer as the ConfigMap says."""
+    """Component (every worker) that swaps the active issuer as the ConfigMap says.
+
+    :meth:`on_event` (the watch's callback) and :meth:`reconcile` (what the loop runs after
+    each event) are public so tests can drive a switch without an apiserver.
+    """
 
     name = "runtime-issuer"
     all_workers = True
@@ -127,9 +132,9 @@ class RuntimeIssuerController:
         #: A rejected configuration is not retried until the ConfigMap changes (no Event storm).
         self._rejected_digest = ""
         self._desired: Any = None  # the ConfigMap (model) or None
-        self._wake = asyncio.Event()
         self._informer: LoopInformer | None = None
-        self._task: asyncio.Task[None] | None = None
+        # No timer: it runs when the watch reports a change (an event during start() counts).
+        self._loop = BackgroundTask("runtime-issuer", self.reconcile, every=math.inf, logger=log)
         self._closing: set[asyncio.Task[None]] = set()
         #: Counts for tests and metrics.
         self.stats = {"switched": 0, "rejected": 0}
@@ -140,23 +145,20 @@ class RuntimeIssuerController:
 
         self._informer = LoopInformer(
             client.CoreV1Api(self._runtime.kube()).list_namespaced_config_map,
-            self._on_event,
+            self.on_event,
             name="runtime-issuer",
             list_kwargs={"namespace": self._ref.namespace, "field_selector": f"metadata.name={self._ref.name}"},
         )
         if await self._informer.start(sync_timeout=30):
             # Apply before the serving certificate is first issued.
             self._desired = self._informer.cache.get(f"{self._ref.namespace}/{self._ref.name}")
-            await self._reconcile()
+            await self.reconcile()
         else:
             log.warning("runtime issuer: %s not readable yet; using --issuer %s", self._ref, self._default_backend)
-        self._task = asyncio.create_task(self._run(), name="runtime-issuer")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
         if self._informer is not None:
             await self._informer.stop()
         for task in list(self._closing):
@@ -167,18 +169,14 @@ class RuntimeIssuerController:
         if current is not self._static:
             await _close(current)
 
-    def _on_event(self, kind: str, obj: Any) -> None:
+    def on_event(self, kind: str, obj: Any) -> None:
+        """Note the watched ConfigMap (``DELETED``: gone) and wake the loop to apply it."""
         self._desired = None if kind == "DELETED" else obj
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._reconcile()
+        self._loop.wake()
 
     # --- switching -------------------------------------------------------------------------
-    async def _reconcile(self) -> None:
+    async def reconcile(self) -> None:
+        """Apply the ConfigMap last noted by :meth:`on_event`: switch, reject, or nothing if unchanged."""
         cm = self._desired
         data = (cm.data or {}) if cm is not None else None
         digest = _digest(data)

@@ -138,6 +138,13 @@ class PodCache(PodIndex):
     def is_synced(self) -> bool:
         return self._informer is not None and self._informer.synced.is_set()
 
+    def stored_objects(self) -> dict[str, Any]:
+        """A shallow copy of what the watch keeps, by namespace/name: the slimmed raw pods.
+
+        For checking the memory claim in the module docstring; empty before :meth:`start`.
+        """
+        return dict(self._informer.cache) if self._informer is not None else {}
+
     async def start(self) -> None:
         from kubernetes import client
 

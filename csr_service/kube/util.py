@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from csr_service.kube.informer import Informer
 
-__all__ = ["EventRecorder", "LoopInformer", "api_status", "is_not_found", "record_event"]
+__all__ = ["EventRecorder", "LoopInformer", "Watch", "WatchFactory", "api_status", "is_not_found", "record_event"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,34 @@ class LoopInformer:
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.informer.stop)
+
+
+class Watch(Protocol):
+    """What a controller uses of a watch: a :class:`LoopInformer`, or a test's in-memory one."""
+
+    @property
+    def cache(self) -> Mapping[str, Any]: ...
+
+    async def start(self, *, sync_timeout: float | None = None) -> bool: ...
+
+    async def stop(self) -> None: ...
+
+
+class WatchFactory(Protocol):
+    """How a controller opens its watches (``LoopInformer`` itself by default).
+
+    Controllers take one as ``watch=``: the seam through which tests give them fixed caches
+    and send them events, without an apiserver (``tests/support/kube.py``).
+    """
+
+    def __call__(
+        self,
+        list_fn: Callable[..., Any],
+        on_event: Callable[[str, Any], None],
+        *,
+        name: str,
+        list_kwargs: dict[str, Any],
+    ) -> Watch: ...
 
 
 def record_event(

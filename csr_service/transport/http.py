@@ -23,6 +23,7 @@ from typing import Any
 
 import uvicorn
 
+from csr_service.common.lifecycle import BackgroundTask
 from csr_service.common.readiness import ReadinessSource
 from csr_service.infra import metrics
 
@@ -97,7 +98,7 @@ class HttpServer:
         self._app = app
         self._listen = listen
         self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: BackgroundTask | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -127,19 +128,22 @@ class HttpServer:
         self._server = _Server(config)
         # uvicorn announces itself at INFO; our own line below says the same once.
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-server")
-        while not self._server.started:
-            if self._task.done():
-                await self._task  # raises what went wrong
+        server = self._server
+        self._task = BackgroundTask("http-server", lambda: server.serve(sockets=[sock]), logger=log)
+        self._task.start()
+        while not server.started:
+            if not self._task.running:
+                if self._task.error is not None:
+                    raise self._task.error  # what went wrong
                 raise OSError(f"--http-listen: HTTP server on {self._listen} stopped during start-up")
             await asyncio.sleep(0.01)
         log.info("HTTP listening on %s:%d (/livez, /readyz, /metrics)", host, self.port)
 
     async def stop(self) -> None:
         if self._server is not None and self._task is not None:
+            # uvicorn's own graceful shutdown (finish open responses), not a cancellation.
             self._server.should_exit = True
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task.wait()
 
 
 class HttpThread:

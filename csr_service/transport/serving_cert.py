@@ -14,7 +14,6 @@ Renewal failures are retried with backoff while the old certificate is still val
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import threading
@@ -25,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 
 from csr_service.common.errors import CSRServiceError
+from csr_service.common.lifecycle import BackgroundTask
 from csr_service.pipeline.handler import IssuerSlot
 from csr_service.pipeline.own_cert import issue_own_certificate
 from csr_service.pki.chain import ChainError
@@ -71,8 +71,8 @@ class ServingCertificate:
         self._material: ServingMaterial | None = None
         self._lock = threading.Lock()
         self._fetched: ServingMaterial | None = None
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._failures = 0
+        self._renewal = BackgroundTask("serving-cert-renewal", self._renew, every=self._next_renewal, logger=log)
         trust.add_listener(lambda _snapshot: self.request_renewal())
 
     @property
@@ -115,8 +115,12 @@ class ServingCertificate:
         return material
 
     def request_renewal(self) -> None:
-        """Renew now (e.g. the roots changed). Safe to call from any callback on the loop."""
-        self._wake.set()
+        """Renew now (e.g. the roots changed). Safe to call from any callback on the loop.
+
+        Before :meth:`start` it does nothing: start obtains a certificate for the roots of then.
+        """
+        if self._renewal.running:
+            self._renewal.wake()
 
     async def start(self) -> None:
         """Obtain the first certificate (retrying) and start the renewal loop."""
@@ -128,33 +132,30 @@ class ServingCertificate:
                 log.error("cannot obtain the serving certificate (retrying in %.0fs): %s", delay, exc.detail)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-        self._wake.clear()  # the certificate we just got already reflects the current roots
-        self._task = asyncio.create_task(self._renew_loop(), name="serving-cert-renewal")
+        self._failures = 0
+        self._renewal.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._renewal.stop()
 
-    async def _renew_loop(self) -> None:
-        failures = 0
-        while True:
-            material = self._material
-            assert material is not None
-            wait = (material.renew_at() - datetime.now(UTC)).total_seconds()
-            if failures:
-                wait = min(2.0**failures, 30.0) * (0.5 + random.random() / 2)  # noqa: S311 (jitter)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.0))
-            self._wake.clear()
-            try:
-                await self.obtain()
-                failures = 0
-            except Exception as exc:  # noqa: BLE001 (any failure: keep the old certificate, retry)
-                failures += 1
-                left = (material.not_after - datetime.now(UTC)).total_seconds()
-                log.error("serving certificate renewal failed (%d, %.0fs of validity left): %s", failures, left, exc)
+    def _next_renewal(self) -> float:
+        """Seconds until the next renewal: at two thirds of the lifetime, sooner after failures."""
+        if self._failures:
+            return min(2.0**self._failures, 30.0) * (0.5 + random.random() / 2)  # noqa: S311 (jitter)
+        material = self._material
+        assert material is not None
+        return (material.renew_at() - datetime.now(UTC)).total_seconds()
+
+    async def _renew(self) -> None:
+        material = self._material
+        assert material is not None
+        try:
+            await self.obtain()
+            self._failures = 0
+        except Exception as exc:  # noqa: BLE001 (any failure: keep the old certificate, retry)
+            self._failures += 1
+            left = (material.not_after - datetime.now(UTC)).total_seconds()
+            log.error("serving certificate renewal failed (%d, %.0fs of validity left): %s", self._failures, left, exc)
 
     # --- gRPC credentials ---------------------------------------------------------------
     def _config(self, material: ServingMaterial) -> grpc.ServerCertificateConfiguration:

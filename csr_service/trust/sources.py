@@ -16,9 +16,7 @@ certificate) react. Several roots at once (old + new during a rotation) are norm
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import hashlib
 import logging
 from datetime import timedelta
@@ -28,6 +26,7 @@ from typing import Any
 from cryptography import x509
 
 from csr_service.common.errors import ConfigError
+from csr_service.common.lifecycle import BackgroundTask
 from csr_service.kube.refs import ObjectRef
 from csr_service.pki.pem import parse_certs
 from csr_service.trust.bundle import TrustBundle
@@ -61,9 +60,8 @@ class FileTrustSource:
     def __init__(self, path: str, trust: TrustBundle, *, interval: timedelta = timedelta(seconds=10)) -> None:
         self._path = Path(path)
         self._trust = trust
-        self._interval = interval.total_seconds()
         self._digest = self._read_digest()
-        self._task: asyncio.Task[None] | None = None
+        self._poll = BackgroundTask("trust-file", self._check_async, every=interval.total_seconds(), logger=log)
         self._last_error = ""
 
     def _read_digest(self) -> str:
@@ -73,18 +71,13 @@ class FileTrustSource:
             return ""
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._poll(), name="trust-file")
+        self._poll.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._poll.stop()
 
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            self.check()
+    async def _check_async(self) -> None:
+        self.check()
 
     def check(self) -> bool:
         """Adopt the file's roots if the content changed and parses; True when the bundle changed."""
@@ -142,7 +135,11 @@ class KubeTrustSource:
         self._last_error = ""
         self._trust.update(roots)
 
-    def _on_event(self, kind: str, obj: Any) -> None:
+    def on_event(self, kind: str, obj: Any) -> None:
+        """The watch's callback: adopt good roots, keep the last good ones otherwise.
+
+        Public so tests can feed it events without an apiserver.
+        """
         if kind == "DELETED":
             log.error("%s %s was deleted; keeping the current roots", self._flag, self._ref)
             return
@@ -157,7 +154,7 @@ class KubeTrustSource:
         list_fn = core.list_namespaced_secret if self._secret else core.list_namespaced_config_map
         self._informer = LoopInformer(
             list_fn,
-            self._on_event,
+            self.on_event,
             name=self.name,
             list_kwargs={"namespace": self._ref.namespace, "field_selector": f"metadata.name={self._ref.name}"},
         )

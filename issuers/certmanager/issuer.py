@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import functools
 import logging
 import secrets
@@ -36,6 +35,7 @@ from csr_service.common.errors import (
     InternalError,
     UnavailableError,
 )
+from csr_service.common.lifecycle import BackgroundTask
 from csr_service.kube.rest import KubeAPIError
 from csr_service.pki.chain import fingerprint, is_self_signed, order_chain
 from csr_service.pki.names import subject_alt_names
@@ -114,8 +114,18 @@ class CertManagerIssuer:
             label_selector=f"{INSTANCE_LABEL}={self.instance}",
             executor=self._pool,
         )
-        self._run_sweeper = run_sweeper and settings.sweeping
-        self._sweeper: asyncio.Task[None] | None = None
+        # The first sweep right at start: leftovers of a previous process go at once.
+        self._sweeper = (
+            BackgroundTask(
+                "cert-manager-sweeper",
+                self._sweep_round,
+                every=settings.sweep_interval.total_seconds(),
+                first_delay=0,
+                logger=log,
+            )
+            if run_sweeper and settings.sweeping
+            else None
+        )
         self._deletes: set[asyncio.Task[None]] = set()
         self._started = False
         self._watch_running = False
@@ -123,6 +133,15 @@ class CertManagerIssuer:
         #: How long one start() waits for the first list of our requests.
         self.sync_timeout = _SYNC_TIMEOUT
         self._status_ca_roots: dict[str, x509.Certificate] = {}
+
+    @property
+    def event_loop_calls(self) -> bool:
+        """Whether CertificateRequest create/delete run on the event loop (else in threads).
+
+        False when a proxy applies to the apiserver address, or the API client is not
+        csr-service's own (see :mod:`csr_service.kube.rest`). Logged at start.
+        """
+        return self._api.event_loop_calls
 
     def __repr__(self) -> str:
         return f"CertManagerIssuer({self.settings.describe_issuer()!r}, namespace={self.settings.namespace!r})"
@@ -181,8 +200,8 @@ class CertManagerIssuer:
                 f"{self.sync_timeout:.0f}s (the watch keeps retrying; see the informer's log lines)",
             )
         self._started = True
-        if self._run_sweeper:
-            self._sweeper = loop.create_task(self._sweep_forever(), name="cert-manager-sweeper")
+        if self._sweeper is not None:
+            self._sweeper.start()
         log.info(
             "cert-manager issuer ready: signing with %s, requests in namespace %s labelled %s=%s, timeout %.0fs%s",
             s.describe_issuer(),
@@ -195,7 +214,7 @@ class CertManagerIssuer:
         log.info(
             "CertificateRequest create/delete: %s",
             "event-loop HTTP client"
-            if self._api.event_loop_calls
+            if self.event_loop_calls
             else "kubernetes client in threads (a proxy applies to the apiserver address)",
         )
 
@@ -226,9 +245,7 @@ class CertManagerIssuer:
             return
         self._closed = True
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await self._sweeper.stop()
         if self._deletes:
             await asyncio.wait(set(self._deletes), timeout=5)
         if self._watch_running:
@@ -390,16 +407,14 @@ class CertManagerIssuer:
             ),
         )
 
-    async def _sweep_forever(self) -> None:
-        interval = self.settings.sweep_interval.total_seconds()
-        while True:
-            try:
-                swept = await self.sweep_once()
-                if swept:
-                    log.info("sweeper deleted %d leftover CertificateRequest(s)", swept)
-            except CSRServiceError as exc:
-                log.warning("CertificateRequest sweep failed: %s", exc.detail)
-            await asyncio.sleep(interval)
+    async def _sweep_round(self) -> None:
+        try:
+            swept = await self.sweep_once()
+        except CSRServiceError as exc:
+            log.warning("CertificateRequest sweep failed: %s", exc.detail)
+            return
+        if swept:
+            log.info("sweeper deleted %d leftover CertificateRequest(s)", swept)
 
 
 def _check_csr_names(request: SigningRequest) -> None:

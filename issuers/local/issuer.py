@@ -10,7 +10,6 @@ from renewing its certificates.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -20,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from csr_service.common.errors import ConfigError, FailedPreconditionError
+from csr_service.common.lifecycle import BackgroundTask
 from csr_service.infra.cpu import run_cpu
 from csr_service.pki.certs import CLOCK_SKEW, LeafSpec, build_leaf
 from csr_service.plugins.issuer import IssuedChain, RootsListener, SigningRequest
@@ -72,11 +72,15 @@ class LocalCAIssuer:
 
     def __init__(self, source: MaterialSource, *, reload_interval: timedelta, initial: CAMaterial | None = None):
         self._source = source
-        self._interval = reload_interval
         self._material: CAMaterial | None = initial
         self._last_error: str | None = None
         self._listeners: list[RootsListener] = []
-        self._task: asyncio.Task[None] | None = None
+        # reload_interval 0 switches the re-reading off.
+        self._reloader = (
+            BackgroundTask("local-ca-reload", self.reload, every=reload_interval.total_seconds(), logger=log)
+            if reload_interval > timedelta(0)
+            else None
+        )
 
     # --- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -87,23 +91,15 @@ class LocalCAIssuer:
             except (CAMaterialError, OSError) as exc:
                 raise FailedPreconditionError("the local CA cannot be loaded", detail=str(exc)) from exc
             log.info("local CA loaded: %s", self._material.describe())
-        if self._task is None and self._interval > timedelta(0):
-            self._task = asyncio.create_task(self._watch(), name="local-ca-reload")
+        if self._reloader is not None:
+            self._reloader.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._reloader is not None:
+            await self._reloader.stop()
         close = getattr(self._source, "aclose", None)  # sources holding clients (Vault KV)
         if close is not None:
             await close()
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval.total_seconds())
-            await self.reload()
 
     async def reload(self) -> bool:
         """Re-read the CA; adopt it if it is good and different. Returns True on a change."""

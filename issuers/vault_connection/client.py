@@ -51,6 +51,7 @@ from csr_service.common.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from csr_service.common.lifecycle import BackgroundTask
 from csr_service.infra.httpclient import AsyncHTTP, HTTPAnswer, ssl_context
 from issuers.vault_connection.settings import AppRoleAuth, ConnectionSettings, KubernetesAuth, TokenAuth
 
@@ -193,7 +194,6 @@ class VaultClient:
     ) -> None:
         """``transport`` replaces the HTTP adapter (tests pass an in-memory Vault)."""
         self.settings = settings
-        self._name = name
         self._session, verify = _session(settings)
         # One pooled connection per worker thread: no request waits for a socket.
         adapter = transport or HTTPAdapter(pool_connections=4, pool_maxsize=settings.max_connections)
@@ -231,8 +231,10 @@ class VaultClient:
         self._lease: _Lease | None = None
         self._last_error: str | None = None
         self._failures = 0
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        # Sleeps until the next renewal; a failed call wakes it to start probing.
+        self._maintenance = BackgroundTask(
+            f"{name}-token-maintenance", self._maintain, every=self._next_delay, logger=log
+        )
         self._closed = False
 
     def __repr__(self) -> str:
@@ -247,9 +249,9 @@ class VaultClient:
             except Exception as exc:
                 self._note_failure(exc)
                 raise translate(exc, operation="login") from exc
-        if self._task is None:
+        if not self._maintenance.running:
             log.info("Vault sign calls go %s", self.sign_transport)
-            self._task = asyncio.create_task(self._maintain(), name=f"{self._name}-token-maintenance")
+            self._maintenance.start()
 
     @property
     def sign_transport(self) -> str:
@@ -264,11 +266,7 @@ class VaultClient:
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._maintenance.stop()
         if self._lease is not None and not isinstance(self.settings.auth, TokenAuth):
             # Tokens from logins are ours alone: revoke so leases do not pile up in Vault.
             # A token from a file belongs to the operator (or Vault Agent): leave it.
@@ -367,7 +365,7 @@ class VaultClient:
         # Only "Vault is not there" makes us unhealthy; a refused CSR says nothing about Vault.
         if isinstance(exc, (*_UNAVAILABLE_HV, requests.RequestException, OSError)):
             if self._last_error is None:
-                self._wake.set()  # the maintenance task was asleep until the next renewal
+                self._maintenance.wake()  # it was asleep until the next renewal
             self._last_error = _short(exc, 200)
             self._failures += 1
 
@@ -468,29 +466,13 @@ class VaultClient:
         return max(MIN_MAINTENANCE, renew_at - time.monotonic())
 
     async def _maintain(self) -> None:
-        while not self._closed:
-            await self._sleep_or_wake(self._next_delay())
-            try:
-                await self._run(self._maintain_sync)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the loop must survive anything: it is our only renewer
-                self._note_failure(exc)
-                self._failures = max(self._failures, 1)
-                log.warning("Vault token maintenance failed (will retry): %s", translate(exc, operation="maintenance"))
-
-    async def _sleep_or_wake(self, delay: float) -> None:
-        """Sleep until the next renewal, or until a failed call wakes us to start probing.
-
-        Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that arrives just
-        as the event fires, and ``stop`` would then wait forever for this task.
-        """
-        waiter = asyncio.ensure_future(self._wake.wait())
+        """One round: renew, log in again or probe, as :meth:`_maintain_sync` decides."""
         try:
-            await asyncio.wait({waiter}, timeout=delay)
-        finally:
-            waiter.cancel()
-        self._wake.clear()
+            await self._run(self._maintain_sync)
+        except Exception as exc:  # noqa: BLE001 - the loop must survive anything: it is our only renewer
+            self._note_failure(exc)
+            self._failures = max(self._failures, 1)
+            log.warning("Vault token maintenance failed (will retry): %s", translate(exc, operation="maintenance"))
 
     def _maintain_sync(self) -> None:
         with self._lock:

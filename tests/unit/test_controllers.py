@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from csr_service.plugins.registry import create_issuer
 from csr_service.plugins.runtime import Runtime
 from csr_service.trust.bundle import TrustBundle
 from tests.support.certs import write_ca_dir
+from tests.support.kube import FakeWatches
 
 # --- settings ------------------------------------------------------------------------------
 
@@ -89,11 +89,6 @@ def test_up_to_date_needs_our_key_and_label_only() -> None:
     assert body["metadata"]["labels"] == ours
 
 
-@dataclass
-class FakeInformer:
-    cache: dict[str, Any] = field(default_factory=dict)
-
-
 def ns(name: str, phase: str = "Active") -> k8s.V1Namespace:
     return k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name), status=k8s.V1NamespaceStatus(phase=phase))
 
@@ -101,16 +96,25 @@ def ns(name: str, phase: str = "Active") -> k8s.V1Namespace:
 def test_root_configmap_reconcile_writes_only_what_is_needed(tmp_path: Path) -> None:
     _, _, root = write_ca_dir(tmp_path / "ca")
     trust = TrustBundle([root])
-    ctl = RootConfigMapController(None, trust)
-    written: list[tuple[str, str]] = []
-    ctl._apply = lambda namespace, pem: written.append((namespace, pem))  # type: ignore[method-assign]
-    ctl._ns = FakeInformer({"a": ns("a"), "b": ns("b"), "gone": ns("gone", "Terminating")})  # type: ignore[assignment]
     current = cm({"root-cert.pem": trust.current.pem}, {"istio.io/config": "true"})
-    ctl._cms = FakeInformer({"b/istio-ca-root-cert": current})  # type: ignore[assignment]
+    watches = FakeWatches(
+        {
+            "namespaces": {"a": ns("a"), "b": ns("b"), "gone": ns("gone", "Terminating")},
+            "root-configmaps": {"b/istio-ca-root-cert": current},
+        }
+    )
+    written: list[tuple[str, str]] = []
+    ctl = RootConfigMapController(
+        None, trust, workers=0, watch=watches, write=lambda namespace, pem: written.append((namespace, pem))
+    )
 
     async def run() -> None:
-        for name in ("a", "b", "gone", "unselected"):
-            await ctl._reconcile(name)
+        await ctl.start()
+        try:
+            for name in ("a", "b", "gone", "unselected"):
+                await ctl.reconcile(name)
+        finally:
+            await ctl.stop()
 
     asyncio.run(run())
     assert written == [("a", trust.current.pem)]
@@ -121,17 +125,20 @@ def test_root_change_queues_every_selected_namespace_once(tmp_path: Path) -> Non
     _, _, root1 = write_ca_dir(tmp_path / "ca1")
     _, _, root2 = write_ca_dir(tmp_path / "ca2")
     trust = TrustBundle([root1])
-    ctl = RootConfigMapController(None, trust)
+    watches = FakeWatches({"namespaces": {"a": ns("a"), "b": ns("b")}})
+    ctl = RootConfigMapController(None, trust, workers=0, watch=watches)  # no workers: the queue stays as filled
 
-    async def run() -> list[str]:
-        ctl._queue = asyncio.Queue()
-        ctl._ns = FakeInformer({"a": ns("a"), "b": ns("b")})  # type: ignore[assignment]
-        ctl._on_namespace("ADDED", ns("a"))
-        trust.update([root1, root2])
-        ctl._on_namespace("DELETED", ns("b"))  # left alone, not queued again
-        return [ctl._queue.get_nowait() for _ in range(ctl._queue.qsize())]
+    async def run() -> tuple[str, ...]:
+        await ctl.start()
+        try:
+            watches["namespaces"].emit("ADDED", ns("a"))
+            trust.update([root1, root2])
+            watches["namespaces"].emit("DELETED", ns("b"))  # left alone, not queued again
+            return ctl.queued
+        finally:
+            await ctl.stop()
 
-    assert asyncio.run(run()) == ["a", "b"]
+    assert asyncio.run(run()) == ("a", "b")
 
 
 # --- istiod certificate --------------------------------------------------------------------
@@ -168,11 +175,16 @@ def test_istiod_names_follow_revisions() -> None:
 
 
 def _issue(tmp_path: Path, s: IstiodCertSpec, ca_dir: Path, trust: TrustBundle) -> k8s.V1Secret:
-    ctl = IstiodCertController(None, IssuerSlot(local_issuer(ca_dir)), trust, s)
     captured: dict[str, bytes] = {}
-    ctl._write = lambda data, existing: captured.update(data)  # type: ignore[method-assign]
-    ctl._informer = FakeInformer()  # type: ignore[assignment]
-    asyncio.run(ctl.issue_and_write("missing"))
+    existing: list[Any] = []
+
+    def write(data: dict[str, bytes], secret: Any) -> None:
+        captured.update(data)
+        existing.append(secret)
+
+    ctl = IstiodCertController(None, IssuerSlot(local_issuer(ca_dir)), trust, s, write=write)
+    asyncio.run(ctl.issue_and_write("missing"))  # not started: no watch, so the write is a create
+    assert existing == [None]
     return k8s.V1Secret(data={k: base64.b64encode(v).decode() for k, v in captured.items()})
 
 
@@ -273,10 +285,13 @@ def test_switch_and_rejection_keep_a_working_issuer(tmp_path: Path) -> None:
     )
 
     def apply(data: dict[str, str] | None) -> None:
-        ctl._desired = None if data is None else k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="cfg"), data=data)
+        if data is None:
+            ctl.on_event("DELETED", k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="cfg")))
+        else:
+            ctl.on_event("MODIFIED", k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="cfg"), data=data))
 
         async def go() -> None:
-            await ctl._reconcile()
+            await ctl.reconcile()
             await asyncio.sleep(0)  # let the close-later task run
 
         asyncio.run(go())
@@ -335,7 +350,7 @@ def test_only_what_is_switched_on_is_built(tmp_path: Path) -> None:
     elected = _components(tmp_path, root_configmaps="true", istiod_cert="true", leader_election="true")
     assert [type(c) for c in elected] == [LeaderElector]
     assert not elected[0].all_workers
-    assert [type(t) for t in elected[0]._tasks] == [RootConfigMapController, IstiodCertController]
+    assert [type(t) for t in elected[0].tasks] == [RootConfigMapController, IstiodCertController]
     runtime = _components(tmp_path, runtime_issuer_configmap="ns/cfg")
     assert [type(c) for c in runtime] == [RuntimeIssuerController]
     assert runtime[0].all_workers

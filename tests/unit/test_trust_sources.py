@@ -67,10 +67,10 @@ def test_kube_source_reads_its_key_and_ignores_bad_updates(tmp_path: Path, secre
             return k8s.V1Secret(metadata=meta, data={"bundle.pem": base64.b64encode(pem.encode()).decode()})
         return k8s.V1ConfigMap(metadata=meta, data={"bundle.pem": pem})
 
-    source._on_event("MODIFIED", obj(cert_to_pem(root1) + cert_to_pem(root2)))
+    source.on_event("MODIFIED", obj(cert_to_pem(root1) + cert_to_pem(root2)))
     assert trust.current.roots == (root1, root2)
-    source._on_event("MODIFIED", obj("nonsense"))
-    source._on_event("DELETED", obj(""))
+    source.on_event("MODIFIED", obj("nonsense"))
+    source.on_event("DELETED", obj(""))
     assert trust.current.roots == (root1, root2)
-    source._on_event("MODIFIED", obj(cert_to_pem(root2)))
+    source.on_event("MODIFIED", obj(cert_to_pem(root2)))
     assert trust.current.roots == (root2,)  # type: ignore[comparison-overlap]

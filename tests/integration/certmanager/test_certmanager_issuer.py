@@ -73,7 +73,7 @@ def test_signs_and_cleans_up(cert_manager: CertManager, kind: str) -> None:
     issuer = make_issuer(cm, kind=kind)
     req = signing_request()
     # create/delete go over the event-loop client with the admin kubeconfig's client certificate.
-    assert issuer._api.event_loop_calls  # type: ignore[attr-defined]
+    assert issuer.event_loop_calls
 
     issued: IssuedChain = run(issuer, lambda i: i.sign(req))
 
@@ -276,7 +276,7 @@ def test_least_privilege_service_account(cert_manager: CertManager) -> None:
     kubeconfig = service_account_kubeconfig(cm.kube, cm.issuer_namespace, LEAST_PRIVILEGE_VERBS)
     issuer = make_issuer(cm, kubeconfig=kubeconfig)
     # ... and with a ServiceAccount token (bearer) on that same client.
-    assert issuer._api.event_loop_calls  # type: ignore[attr-defined]
+    assert issuer.event_loop_calls
 
     issued: IssuedChain = run(issuer, lambda i: i.sign(signing_request()))
 

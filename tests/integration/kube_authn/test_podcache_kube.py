@@ -50,8 +50,7 @@ def test_pod_cache_indexes_live_pods_and_stores_them_slim(kube: KubeCluster) -> 
                 wait_for, lambda: not cache.has_pod_on_node(node, ns, "ratings"), 30, 0.05, "finished pod dropped"
             )
             assert cache.pod(ns, "ratings-1") is None
-            assert cache._informer is not None
-            return dict(cache._informer.cache)
+            return cache.stored_objects()
         finally:
             await cache.stop()
 

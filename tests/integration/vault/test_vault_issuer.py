@@ -114,6 +114,7 @@ def test_revoked_token_leads_to_one_new_login(
     values = vault_env.issuer_values(tmp_path, auth=auth)
     issuer = create(values, CONTEXT)
     caplog.set_level(logging.INFO, logger="issuers.vault")
+    caplog.set_level(logging.INFO, logger="issuers.vault_connection")  # logins and renewals
 
     async def body(i: VaultIssuer) -> list[IssuedChain]:
         await i.sign(request())
@@ -216,6 +217,7 @@ def test_one_login_shared_by_many_requests(
 ) -> None:
     issuer = create(vault_env.issuer_values(tmp_path, auth="approle"), CONTEXT)
     caplog.set_level(logging.INFO, logger="issuers.vault")
+    caplog.set_level(logging.INFO, logger="issuers.vault_connection")  # logins and renewals
 
     async def body(i: VaultIssuer) -> int:
         results = await asyncio.gather(*(i.sign(request()) for _ in range(64)))
@@ -278,6 +280,7 @@ def test_short_leases_are_renewed_then_replaced_at_max_ttl(
         "vault-role": "spiffe",
     }
     caplog.set_level(logging.DEBUG, logger="issuers.vault")
+    caplog.set_level(logging.DEBUG, logger="issuers.vault_connection")  # logins and renewals
 
     async def body(i: VaultIssuer) -> int:
         signed = 0
