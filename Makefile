@@ -39,8 +39,8 @@ testbed: venv
 	$(PY) -m tests.testbed.install all
 
 lint: venv
-	$(VENV)/bin/ruff check csr_service tests bench scripts
-	$(VENV)/bin/ruff format --check csr_service tests bench scripts
+	$(VENV)/bin/ruff check csr_service issuers tests bench scripts
+	$(VENV)/bin/ruff format --check csr_service issuers tests bench scripts
 	$(VENV)/bin/mypy
 
 bench: venv
