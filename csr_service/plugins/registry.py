@@ -67,8 +67,9 @@ class Plugin:
     options: Sequence[Option]
     #: ``"module:function"``; ``function(values, runtime)`` builds the plugin's object.
     factory: str
-    #: Optional ``"module:function"`` (a cheap module): ``function(values)`` raises ConfigError
-    #: for values that can never work, so ``serve`` fails at start-up, naming the flag.
+    #: Optional ``"module:function"`` (a cheap module; ``"module:Settings.from_values"`` works
+    #: too): ``function(values)`` raises ConfigError for values that can never work, so
+    #: ``serve`` fails at start-up, naming the flag.
     validator: str | None = None
 
     def validate(self, values: Mapping[str, Any]) -> None:
@@ -83,8 +84,9 @@ class Plugin:
 
 
 def _load(target: str) -> Any:
-    module_name, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    """``"package.module:name"`` or ``"package.module:Class.method"``."""
+    module_name, _, path = target.partition(":")
+    return functools.reduce(getattr, path.split("."), importlib.import_module(module_name))
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,19 +24,21 @@ from csr_service.plugins.registry import Plugin
 __all__ = ["JWKS", "JWT", "TOKENREVIEW"]
 
 
-def _builtin(name: str, summary: str, *options: Sequence[Option]) -> Plugin:
-    """A built-in authenticator: its implementation is the module of the same name here."""
+def _builtin(name: str, settings: str, summary: str, *options: Sequence[Option]) -> Plugin:
+    """A built-in authenticator: its implementation is the module of the same name here, its
+    settings a class in ``settings.py`` (validated at start-up)."""
     return Plugin(
         name,
         summary,
         tuple(itertools.chain(*options)),
         f"csr_service.pipeline.authn.{name}:create",
-        validator="csr_service.pipeline.authn.options:validate",
+        validator=f"csr_service.pipeline.authn.settings:{settings}.from_values",
     )
 
 
 JWT = _builtin(
     "jwt",
+    "JWTSettings",
     "the token's signature checked against a JWKS file (--jwt-jwks-file)",
     AUDIENCE_OPTIONS,
     JWT_KEY_OPTIONS,
@@ -44,12 +46,14 @@ JWT = _builtin(
 )
 TOKENREVIEW = _builtin(
     "tokenreview",
+    "TokenReviewSettings",
     "the apiserver reviews every token (the in-cluster choice; cached)",
     AUDIENCE_OPTIONS,
     TOKENREVIEW_OPTIONS,
 )
 JWKS = _builtin(
     "jwks",
+    "JWKSSettings",
     "the apiserver's published keys (or --jwks-url), refreshed",
     AUDIENCE_OPTIONS,
     JWT_CLAIM_OPTIONS,

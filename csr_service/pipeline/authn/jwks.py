@@ -47,6 +47,7 @@ from jwt import PyJWK
 
 from csr_service.common.errors import AuthenticationError, ConfigError, UnavailableError
 from csr_service.pipeline.authn.jwt import JWTAuthenticator, StaticKeySource
+from csr_service.pipeline.authn.settings import JWKSSettings
 from csr_service.plugins.authenticator import Caller
 
 if TYPE_CHECKING:
@@ -305,16 +306,17 @@ class JWKSAuthenticator(JWTAuthenticator):
 
 def create(values: Mapping[str, Any], runtime: Runtime) -> JWKSAuthenticator:
     """``--authenticator jwks``: keys from the apiserver's discovery, or from ``--jwks-url``."""
+    settings = JWKSSettings.from_values(values)
     fetcher: Fetcher
-    if values["jwks-url"]:
+    if settings.url:
         timeout = runtime.kube_request_timeout.total_seconds()
-        fetcher = UrlFetcher(values["jwks-url"], ca_file=values["jwks-ca-file"] or None, timeout=timeout)
+        fetcher = UrlFetcher(settings.url, ca_file=settings.ca_file, timeout=timeout)
     else:
         fetcher = KubeFetcher(runtime.kube())
     return JWKSAuthenticator(
-        DiscoveryKeySource(fetcher, refresh_interval=values["jwks-refresh-interval"]),
+        DiscoveryKeySource(fetcher, refresh_interval=settings.refresh_interval),
         trust_domain=runtime.trust_domain,
-        audiences=values["token-audiences"],
-        issuer=values["jwt-issuer"] or None,
-        leeway=values["jwt-leeway"],
+        audiences=settings.audiences,
+        issuer=settings.issuer,
+        leeway=settings.leeway,
     )

@@ -31,6 +31,7 @@ from jwt import PyJWK, PyJWKSet
 from csr_service.common.errors import AuthenticationError, ConfigError
 from csr_service.common.identity import SpiffeId, service_account_from_username
 from csr_service.common.request import RequestContext
+from csr_service.pipeline.authn.settings import JWTSettings
 from csr_service.plugins.authenticator import Caller
 
 if TYPE_CHECKING:
@@ -280,12 +281,13 @@ class JWTAuthenticator:
 
 def create(values: Mapping[str, Any], runtime: Runtime) -> JWTAuthenticator:
     """``--authenticator jwt``: keys from ``--jwt-jwks-file``."""
-    if not values["jwt-jwks-file"]:
+    settings = JWTSettings.from_values(values)
+    if not settings.jwks_file:
         raise ConfigError("--jwt-jwks-file: required with --authenticator jwt (or use --dev)")
     return JWTAuthenticator(
-        StaticKeySource.from_file(values["jwt-jwks-file"]),
+        StaticKeySource.from_file(settings.jwks_file),
         trust_domain=runtime.trust_domain,
-        audiences=values["token-audiences"],
-        issuer=values["jwt-issuer"] or None,
-        leeway=values["jwt-leeway"],
+        audiences=settings.audiences,
+        issuer=settings.issuer,
+        leeway=settings.leeway,
     )

@@ -4,11 +4,8 @@
 and ``jwks``. Each authenticator declares the full list it reads (see ``__init__``).
 """
 
-from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
 
-from csr_service.common.errors import ConfigError
 from csr_service.common.options import Option
 
 __all__ = [
@@ -17,7 +14,6 @@ __all__ = [
     "JWT_CLAIM_OPTIONS",
     "JWT_KEY_OPTIONS",
     "TOKENREVIEW_OPTIONS",
-    "validate",
 ]
 
 AUDIENCE_OPTIONS = [
@@ -91,15 +87,3 @@ JWKS_OPTIONS = [
         kind="duration",
     ),
 ]
-
-
-def validate(values: Mapping[str, Any]) -> None:
-    """Checks of the authenticator options that need no file or network (run at start-up)."""
-    if "token-audiences" in values and not values["token-audiences"]:
-        raise ConfigError("--token-audiences: at least one audience is required")
-    if "tokenreview-cache-size" in values and values["tokenreview-cache-size"] < 1:
-        raise ConfigError("--tokenreview-cache-size: must be >= 1")
-    if "tokenreview-cache-ttl" in values and values["tokenreview-cache-ttl"] < timedelta(0):
-        raise ConfigError("--tokenreview-cache-ttl: must be >= 0 (0 disables the cache)")
-    if "jwks-refresh-interval" in values and values["jwks-refresh-interval"] < timedelta(seconds=10):
-        raise ConfigError("--jwks-refresh-interval: must be at least 10s")

@@ -56,6 +56,7 @@ from csr_service.common.identity import SpiffeId, service_account_from_username
 from csr_service.common.request import RequestContext
 from csr_service.kube.util import api_status
 from csr_service.pipeline.authn.jwt import MAX_TOKEN_BYTES, numeric_date
+from csr_service.pipeline.authn.settings import TokenReviewSettings
 from csr_service.plugins.authenticator import Caller
 
 if TYPE_CHECKING:
@@ -327,10 +328,11 @@ def _with_expiry(caller: Caller, exp: float) -> Caller:
 
 def create(values: Mapping[str, Any], runtime: Runtime) -> TokenReviewAuthenticator:
     """``--authenticator tokenreview``: reviews through ``runtime.kube()`` (needs create on tokenreviews)."""
+    settings = TokenReviewSettings.from_values(values)
     return TokenReviewAuthenticator(
         KubeTokenReviewer(runtime.kube()),
         trust_domain=runtime.trust_domain,
-        audiences=values["token-audiences"],
-        cache_ttl=values["tokenreview-cache-ttl"],
-        cache_size=values["tokenreview-cache-size"],
+        audiences=settings.audiences,
+        cache_ttl=settings.cache_ttl,
+        cache_size=settings.cache_size,
     )
