@@ -89,7 +89,7 @@ def test_ttl_above_max_ttl_is_truncated_and_logged(
     vault_env: VaultEnv, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     issuer = create(vault_env.issuer_values(tmp_path, role="short"), CONTEXT)
-    caplog.set_level(logging.WARNING, logger="issuers.vault")
+    caplog.set_level(logging.WARNING, logger="issuers")
     before = datetime.now(UTC)
     issued: IssuedChain = run_with(issuer, lambda i: i.sign(request(ttl=timedelta(hours=1))))
     assert issued.leaf.not_valid_after_utc <= before + timedelta(minutes=10, seconds=5)
@@ -113,7 +113,7 @@ def test_revoked_token_leads_to_one_new_login(
 ) -> None:
     values = vault_env.issuer_values(tmp_path, auth=auth)
     issuer = create(values, CONTEXT)
-    caplog.set_level(logging.INFO, logger="issuers.vault")
+    caplog.set_level(logging.INFO, logger="issuers")
 
     async def body(i: VaultIssuer) -> list[IssuedChain]:
         await i.sign(request())
@@ -215,7 +215,7 @@ def test_one_login_shared_by_many_requests(
     vault_env: VaultEnv, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     issuer = create(vault_env.issuer_values(tmp_path, auth="approle"), CONTEXT)
-    caplog.set_level(logging.INFO, logger="issuers.vault")
+    caplog.set_level(logging.INFO, logger="issuers")
 
     async def body(i: VaultIssuer) -> int:
         results = await asyncio.gather(*(i.sign(request()) for _ in range(64)))
@@ -277,7 +277,7 @@ def test_short_leases_are_renewed_then_replaced_at_max_ttl(
         "vault-approle-secret-id-file": str(tmp_path / "secret-id"),
         "vault-role": "spiffe",
     }
-    caplog.set_level(logging.DEBUG, logger="issuers.vault")
+    caplog.set_level(logging.DEBUG, logger="issuers")
 
     async def body(i: VaultIssuer) -> int:
         signed = 0
