@@ -6,7 +6,7 @@ import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import hvac
 import pytest
@@ -22,7 +22,9 @@ from tests.integration.vault.conftest import CONTEXT, VaultEnv, random_name
 from tests.support.certs import WORKLOAD, uri_sans
 from tests.support.issuers import run_issuer as run_with
 from tests.support.issuers import signing_request as request
-from tests.testbed.openbao import ROLE_PARAMS
+from tests.support.waiting import wait_for
+from tests.testbed.kube import KubeCluster, unique_name
+from tests.testbed.openbao import ROLE_PARAMS, OpenBaoKubeAuth
 
 pytestmark = pytest.mark.vault
 
@@ -43,12 +45,26 @@ def test_signs_through_the_role_with_each_auth_method(vault_env: VaultEnv, tmp_p
 
 
 @pytest.mark.kube
+@pytest.mark.timeout(180)
 def test_kubernetes_auth_rereads_the_projected_token(
-    vault_env: VaultEnv, openbao_kube_auth: Any, kube: Any, tmp_path: Path
+    vault_env: VaultEnv,
+    openbao_kube_auth: OpenBaoKubeAuth,
+    kube: KubeCluster,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Every login presents the token file's *current* content.
+
+    The first projected token is bound to a Pod that is then deleted, so the apiserver (and
+    with it OpenBao's TokenReview) refuses it from then on, although it has not expired: a
+    client that kept the token it read at start could not log in again. (An unexpired token
+    alone would not tell the two apart: it stays valid for an hour.)
+    """
     auth = openbao_kube_auth
+    ns, sa = auth.namespace, auth.service_account
+    first_pod = kube.create_pod(ns, unique_name("csr-service"), sa)
     jwt_file = tmp_path / "sa-token"
-    jwt_file.write_text(kube.token(auth.namespace, auth.service_account, audiences=[]))
+    jwt_file.write_text(kube.token(ns, sa, audiences=[], pod=first_pod))
     values = vault_env.connection_values(
         tmp_path,
         auth="kubernetes",
@@ -61,16 +77,39 @@ def test_kubernetes_auth_rereads_the_projected_token(
         },
     )
     issuer = create(values, CONTEXT)
+    caplog.set_level(logging.INFO, logger="issuers")
 
-    async def body(i: VaultIssuer) -> None:
-        await i.sign(request())
-        # The kubelet rotates the projected token; a revoked Vault token forces a new login,
-        # which must present the file's *current* content.
-        jwt_file.write_text(kube.token(auth.namespace, auth.service_account, audiences=[]))
+    def openbao_accepts(jwt: str) -> bool:
+        try:
+            resp = hvac.Client(url=vault_env.bao.address).auth.kubernetes.login(
+                auth.role, jwt, use_token=False, mount_point=auth.mount
+            )
+        except (hvac.exceptions.Forbidden, hvac.exceptions.InvalidRequest):
+            return False
+        vault_env.root.auth.token.revoke(resp["auth"]["client_token"])  # leave no lease behind
+        return True
+
+    def rotate() -> None:
+        old_jwt = jwt_file.read_text()
+        # The kubelet replaces the projected token (this one is not bound to the doomed Pod).
+        jwt_file.write_text(kube.token(ns, sa, audiences=[]))
+        kube.core.delete_namespaced_pod(first_pod.metadata.name, ns, grace_period_seconds=0)
+        # The apiserver caches successful token reviews for ~10 s: poll until it refuses.
+        wait_for(lambda: not openbao_accepts(old_jwt), 60, 0.5, "OpenBao to refuse the token of the deleted Pod")
+        assert openbao_accepts(jwt_file.read_text()), "the new token must log in"
+
+    async def body(i: VaultIssuer) -> IssuedChain:
+        await i.sign(request())  # logged in at start with the first token
+        await asyncio.to_thread(rotate)
+        # A revoked Vault token forces a new login, which must read the file again.
         vault_env.root.auth.token.revoke(i._client._hvac.token)
-        await i.sign(request())
+        return await i.sign(request())
 
-    run_with(issuer, body)
+    issued: IssuedChain = run_with(issuer, body)
+    assert uri_sans(issued.leaf) == [WORKLOAD]
+    logins = [r.getMessage() for r in caplog.records if r.getMessage().startswith("logged in to Vault")]
+    assert len(logins) == 2, logins
+    assert "(token refused)" in logins[1]
 
 
 @pytest.mark.parametrize(("mount", "chain_len"), [("pki", 1), ("pki_int", 1)])
