@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,6 +34,7 @@ from csr_service.pki.certs import LeafSpec, build_leaf, build_self_signed_ca
 from csr_service.pki.keys import KeyType, generate_key
 from csr_service.pki.pem import cert_to_pem, key_to_pem
 from csr_service.plugins.runtime import Runtime
+from tests.support.waiting import wait_for
 from tests.testbed.install import ensure
 from tests.testbed.openbao import POLICY, ROLE_PARAMS, OpenBao, configure
 from tests.testbed.process import ManagedProcess, free_port
@@ -264,15 +264,17 @@ def tls_openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Restartabl
 
 
 def _wait_active(c: hvac.Client, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if c.sys.read_health_status(method="GET").get("sealed") is False:
-                return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("OpenBao did not become active")
+    # After the unseal the single raft node still has to elect itself leader before it serves.
+    def active() -> bool:
+        health = c.sys.read_health_status(method="GET")  # a Response, not a dict, until it answers JSON
+        return isinstance(health, dict) and health.get("sealed") is False
+
+    wait_for(
+        active,
+        timeout,
+        what="OpenBao to become active after the unseal",
+        ignoring=(hvac.exceptions.VaultError, requests.RequestException),
+    )
 
 
 def random_name(prefix: str) -> str:
