@@ -3,7 +3,6 @@ certificate, and an OpenBao outage is UNAVAILABLE then heals without restarting 
 
 from __future__ import annotations
 
-import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from tests.integration.vault.conftest import (
 )
 from tests.support.certs import csr_pem, forge_signature, uri_sans
 from tests.support.dev_server import DevServer, free_port, metric_sample, running_server
+from tests.support.waiting import wait_for
 from tests.testbed.openbao import POLICY
 
 pytestmark = pytest.mark.vault
@@ -142,15 +142,16 @@ def test_openbao_outage_is_unavailable_and_heals_without_restart(
         assert sealed.value.code() == grpc.StatusCode.UNAVAILABLE
 
         bao.unseal()
-        deadline = time.monotonic() + 60
-        while True:
+
+        def issued() -> ca_pb2.IstioCertificateResponse | None:
             try:
-                resp = create_certificate(srv)
-                break
+                return create_certificate(srv)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:  # anything else is a failure, not "not yet"
                     raise
-                time.sleep(0.5)
+                return None
+
+        resp = wait_for(issued, timeout=60, interval=0.5, what="a certificate after the unseal")
         assert uri_sans(parse_certs(resp.cert_chain[0].encode())[0]) == [IDENTITY]
         assert srv.proc.poll() is None, "csr-service kept running throughout"
         assert token not in srv.log(), "the Vault token must never be logged"

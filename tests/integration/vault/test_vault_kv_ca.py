@@ -19,6 +19,7 @@ from issuers.local.issuer import LocalCAIssuer
 from tests.integration.vault.conftest import CONTEXT, VaultEnv, random_name
 from tests.support.certs import write_ca_dir
 from tests.support.issuers import signing_request
+from tests.support.waiting import wait_for_async
 
 pytestmark = pytest.mark.vault
 
@@ -143,11 +144,11 @@ def test_periodic_reread_picks_up_a_rotation(vault_env: VaultEnv, tmp_path: Path
         await issuer.start()
         try:
             _kv_write(vault_env, 2, name, second)
-            for _ in range(50):
-                await asyncio.sleep(0.1)
-                if list(await issuer.roots()) == [root2]:
-                    return
-            raise AssertionError("the rotated CA was not picked up")
+
+            async def rotated() -> bool:
+                return list(await issuer.roots()) == [root2]
+
+            await wait_for_async(rotated, timeout=10, what="the periodic re-read to pick up the rotated CA")
         finally:
             await issuer.stop()
 

@@ -7,7 +7,6 @@ issuer must recover on its own, with the same client and no restart of csr-servi
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,18 +16,10 @@ from csr_service.common.errors import UnavailableError
 from issuers.vault.issuer import VaultIssuer, create
 from tests.integration.vault.conftest import CONTEXT, RestartableOpenBao
 from tests.support.issuers import signing_request
+from tests.support.waiting import wait_for_async
 from tests.testbed.openbao import POLICY
 
 pytestmark = pytest.mark.vault
-
-
-async def _eventually(check: object, within: float) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if callable(check) and check():
-            return
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"not true within {within}s")
 
 
 @pytest.mark.timeout(180)
@@ -68,7 +59,7 @@ def test_unavailable_while_down_or_sealed_then_recovers(
 
         bao.unseal()
         # Readiness recovers by itself (background probe), before any new request.
-        await _eventually(lambda: i.health()[0], within=45)
+        await wait_for_async(lambda: i.health()[0], timeout=45, what="readiness to recover after the unseal")
         issued = await i.sign(signing_request())
         assert issued.leaf.not_valid_after_utc > issued.leaf.not_valid_before_utc
 
