@@ -29,6 +29,7 @@ from csr_service.pki.pem import load_private_key, parse_certs
 from csr_service.service.dev import dev_jwt_algorithm
 from tests.support.certs import csr_pem, uri_sans
 from tests.support.dev_server import CSR_SERVICE, DevServer, running_dev_server
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -377,10 +378,7 @@ def test_serving_certificate_rotates_without_dropping_connections(tmp_path: Path
             md = [("authorization", f"Bearer {token}")]
             req = lambda: ca_pb2.IstioCertificateRequest(csr=GOOD_CSR().decode())  # noqa: E731
             stub.CreateCertificate(req(), metadata=md, timeout=10)
-            deadline = time.monotonic() + 30
-            while _peer_serial(srv) == first and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert _peer_serial(srv) != first, "serving certificate was not renewed"
+            wait_for(lambda: _peer_serial(srv) != first, interval=0.5, what="the serving certificate to be renewed")
             # The connection opened before the rotation still works.
             stub.CreateCertificate(req(), metadata=md, timeout=10)
         assert "renewal failed" not in srv.log()
@@ -455,20 +453,19 @@ def test_ca_rotation_reaches_requests_and_serving_cert_without_restart(tmp_path:
         old_roots = parse_certs(_call(srv, GOOD_CSR(), token).cert_chain[-1].encode())
         # A broken CA is refused; the last good one keeps signing.
         (state / "ca" / "ca-key.pem").write_text("not a key")
-        time.sleep(2.5)
+        wait_for(lambda: "keeping the last good CA" in srv.log(), what="the reload to refuse the broken CA")
         assert parse_certs(_call(srv, GOOD_CSR(), token).cert_chain[-1].encode()) == old_roots
-        assert "keeping the last good CA" in srv.log()
         # Rotate to a new CA (with an intermediate) while the bundle still carries the old
         # root, as a real rotation does: new leaves chain to the new root, both are trusted.
         _, _, new_root = write_ca_dir(state / "ca", intermediate=True)
         with (state / "ca" / "root-cert.pem").open("a") as fh:
             fh.write("".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in old_roots))
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+
+        def rotated() -> ca_pb2.IstioCertificateResponse | None:
             resp = _call(srv, GOOD_CSR(), token)
-            if len(resp.cert_chain) == 3 and len(parse_certs(resp.cert_chain[-1].encode())) == 2:
-                break
-            time.sleep(0.5)
+            return resp if len(resp.cert_chain) == 3 and len(parse_certs(resp.cert_chain[-1].encode())) == 2 else None
+
+        resp = wait_for(rotated, timeout=20, interval=0.5, what="leaves from the rotated CA")
         assert parse_certs(resp.cert_chain[-1].encode()) == [new_root, *old_roots]
         assert len(resp.cert_chain) == 3  # leaf, intermediate, root bundle
         # Dev mode republishes the bundle file, like the root ConfigMap in a cluster.
@@ -476,13 +473,16 @@ def test_ca_rotation_reaches_requests_and_serving_cert_without_restart(tmp_path:
         # The serving certificate follows: a client trusting only the new root connects.
         (tmp_path / "new-root.pem").write_bytes(new_root.public_bytes(serialization.Encoding.PEM))
         ctx = ssl.create_default_context(cafile=str(tmp_path / "new-root.pem"))
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
-                    ctx.wrap_socket(raw, server_hostname="localhost").close()
-                break
-            except ssl.SSLError:
-                if time.monotonic() > deadline:
-                    pytest.fail("serving certificate did not move to the new root")
-                time.sleep(0.5)
+
+        def handshake_with_new_root() -> bool:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+                ctx.wrap_socket(raw, server_hostname="localhost").close()
+            return True
+
+        wait_for(
+            handshake_with_new_root,
+            timeout=15,
+            interval=0.5,
+            what="the serving certificate to move to the new root",
+            ignoring=(ssl.SSLError,),
+        )
