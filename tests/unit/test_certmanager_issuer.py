@@ -56,6 +56,7 @@ from issuers.certmanager.status import Phase, classify, timeout_error
 from issuers.certmanager.sweeper import sweep
 from issuers.certmanager.watch import Waiter
 from tests.support.certs import WORKLOAD, csr_pem
+from tests.support.waiting import wait_for_async
 
 T = TypeVar("T")
 NAMESPACE = "istio-system"
@@ -317,16 +318,6 @@ def run(fake: FakeRequests, issuer: CertManagerIssuer, body: Callable[[CertManag
             await issuer.stop()
 
     return asyncio.run(main())
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise TimeoutError("condition not met")
 
 
 # ------------------------------------------------------------------------------ settings
@@ -646,7 +637,7 @@ def test_deleted_while_waiting_is_unavailable() -> None:
 
     async def body(issuer: CertManagerIssuer) -> IssuedChain:
         task = asyncio.create_task(issuer.sign(request()))
-        await asyncio.to_thread(wait_for, fake.ours)
+        await wait_for_async(fake.ours, timeout=5, what="the CertificateRequest")
         fake.delete(fake.ours()[0])
         return await task
 
@@ -660,8 +651,8 @@ def test_watch_restart_rereads_waiting_requests() -> None:
 
     async def body(issuer: CertManagerIssuer) -> IssuedChain:
         task = asyncio.create_task(issuer.sign(request()))
-        name = (await asyncio.to_thread(wait_for, fake.ours))[0]
-        await asyncio.to_thread(wait_for, lambda: issuer.watch.waiting)
+        name = (await wait_for_async(fake.ours, timeout=5, what="the CertificateRequest"))[0]
+        await wait_for_async(lambda: issuer.watch.waiting, timeout=5, what="the watch to wait for it")
         fake.drop_watches()
         fake.approve(name, silently=True)
         fake.sign(name, silently=True)  # no event: only a GET sees it
@@ -700,7 +691,7 @@ def test_request_created_after_the_caller_gave_up_is_deleted() -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(0.05):
                 await issuer.sign(request())
-        await asyncio.to_thread(wait_for, lambda: ("delete", "csr-service-00001") in fake.calls)
+        await wait_for_async(lambda: ("delete", "csr-service-00001") in fake.calls, timeout=5, what="the late delete")
 
     run(fake, make(fake), body)
     assert fake.ours() == []

@@ -15,6 +15,7 @@ from csr_service.pki.pem import cert_to_pem, key_to_pem
 from issuers.local.issuer import DirectorySource, LocalCAIssuer
 from issuers.local.material import CAMaterialError, load_ca_dir
 from tests.support.certs import write_ca_dir
+from tests.support.waiting import wait_for_async
 
 
 @pytest.mark.parametrize("layout", ["cacerts", "tls"])
@@ -141,12 +142,10 @@ def test_watch_task_picks_up_changes(tmp_path: Path) -> None:
     async def scenario() -> None:
         await issuer.start()
         new, _, _ = write_ca_dir(tmp_path)
-        for _ in range(100):
-            if issuer.material.cert == new:
-                break
-            await asyncio.sleep(0.05)
-        await issuer.stop()
-        assert issuer.material.cert == new
+        try:
+            await wait_for_async(lambda: issuer.material.cert == new, timeout=5, what="the watch to load the new CA")
+        finally:
+            await issuer.stop()
 
     asyncio.run(scenario())
 

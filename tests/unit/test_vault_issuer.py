@@ -48,6 +48,7 @@ from issuers.vault_connection.settings import ConnectionSettings
 from tests.support.certs import WORKLOAD
 from tests.support.issuers import run_issuer as run_with
 from tests.support.issuers import signing_request as request
+from tests.support.waiting import wait_for_async
 
 T = TypeVar("T")
 ADDRESS = "http://vault.test:8200"
@@ -508,11 +509,8 @@ def test_health_follows_outages_and_recovers_in_the_background(fake: FakeVault, 
         assert not ok
         assert "unavailable" in reason
         fake.down = False
-        for _ in range(40):  # first probe after ~1-2 s of back-off
-            await asyncio.sleep(0.1)
-            if i.health()[0]:
-                return
-        raise AssertionError("health did not recover without traffic")
+        # The first background probe comes after ~1-2 s of back-off, without any request.
+        await wait_for_async(lambda: i.health()[0], timeout=10, what="health to recover without traffic")
 
     run_with(issuer, body)
 
