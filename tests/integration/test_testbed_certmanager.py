@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import VerificationError
 
-from tests.testbed import pki
+from tests.support import pki
 from tests.testbed.certmanager import CertManager, condition, condition_reason, decode_certificate
 from tests.testbed.kube import wait_for
 

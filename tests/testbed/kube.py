@@ -23,9 +23,10 @@ from typing import Any
 
 from kubernetes import client as k8s
 
+from tests.support import pki
+
 # Re-exported: the Kubernetes tests poll the apiserver with it (see TESTING.md).
 from tests.support.waiting import wait_for as wait_for
-from tests.testbed import pki
 from tests.testbed.install import ensure
 from tests.testbed.process import ManagedProcess, free_port
 

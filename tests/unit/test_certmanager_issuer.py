@@ -36,9 +36,6 @@ from csr_service.common.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from csr_service.pki.certs import LeafSpec, build_intermediate_ca, build_leaf, build_self_signed_ca
-from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import cert_to_pem
 from csr_service.plugins.issuer import IssuedChain, SigningRequest
 from csr_service.plugins.registry import ISSUERS, create_issuer, find, plugins
 from csr_service.plugins.runtime import Runtime
@@ -55,7 +52,9 @@ from issuers.certmanager.settings import Settings
 from issuers.certmanager.status import Phase, classify, timeout_error
 from issuers.certmanager.sweeper import sweep
 from issuers.certmanager.watch import Waiter
+from tests.support import pki
 from tests.support.certs import WORKLOAD, csr_pem
+from tests.support.pki import certs_pem, new_key
 from tests.support.waiting import wait_for_async
 
 T = TypeVar("T")
@@ -111,12 +110,9 @@ class FakeRequests:
         self.failing_lists = 0
         #: Watches opened before the test's body ended (teardown opens more while stopping).
         self.watches_while_running = 0
-        self.root_key = generate_key(KeyType.EC_P256)
-        self.root = build_self_signed_ca(self.root_key, common_name="fake root")
-        self.ca, self.ca_key = self.root, self.root_key
-        if intermediate:
-            self.ca_key = generate_key(KeyType.EC_P256)
-            self.ca = build_intermediate_ca(self.ca_key, self.root, self.root_key, common_name="fake intermediate")
+        root = pki.make_ca("fake root")
+        self.issuing = pki.make_ca("fake intermediate", parent=root, path_length=0) if intermediate else root
+        self.root, self.ca = root.cert, self.issuing.cert
 
     # --- RequestsApi surface ------------------------------------------------------------
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -220,21 +216,18 @@ class FakeRequests:
             san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             seconds = int(obj["spec"]["duration"].rstrip("s"))
             now = datetime.now(UTC)
-            leaf = build_leaf(
+            leaf = pki.sign_leaf(
+                self.issuing,
                 csr.public_key(),  # type: ignore[arg-type]
-                LeafSpec(
-                    not_after=now + timedelta(seconds=seconds),
-                    uris=san.get_values_for_type(x509.UniformResourceIdentifier),
-                    dns_names=san.get_values_for_type(x509.DNSName),
-                    not_before=now,
-                ),
-                self.ca,
-                self.ca_key,
+                uris=san.get_values_for_type(x509.UniformResourceIdentifier),
+                dns=san.get_values_for_type(x509.DNSName),
+                not_before=now,
+                not_after=now + timedelta(seconds=seconds),
             )
-            pem = cert_to_pem(leaf) + (cert_to_pem(self.ca) if self.ca is not self.root else "")
+            pem = certs_pem(leaf) + (certs_pem(self.ca) if self.ca is not self.root else "")
             status = obj.setdefault("status", {})
             status["certificate"] = certificate or base64.b64encode(pem.encode()).decode()
-            status["ca"] = base64.b64encode(cert_to_pem(self.root).encode()).decode()
+            status["ca"] = base64.b64encode(certs_pem(self.root).encode()).decode()
         self.set_condition(
             name, "Ready", "True", "Issued", "Certificate fetched from issuer successfully", silently=silently
         )
@@ -298,7 +291,7 @@ def settings(**overrides: Any) -> Settings:
 
 
 def request(uri: str = WORKLOAD, **kw: Any) -> SigningRequest:
-    pem = csr_pem(generate_key(KeyType.EC_P256), uris=(uri,) if uri else ())
+    pem = csr_pem(new_key(), uris=(uri,) if uri else ())
     kw.setdefault("ttl", timedelta(minutes=30))
     return SigningRequest(csr=x509.load_pem_x509_csr(pem), csr_pem=pem, uris=(uri,) if uri else (), **kw)
 
@@ -412,7 +405,7 @@ def test_additional_annotations_cannot_override_ours() -> None:
 
 
 def test_serving_request_names_dns_and_ips_as_identities() -> None:
-    pem = csr_pem(generate_key(KeyType.EC_P256), uris=(), dns_names=("csr.example",))
+    pem = csr_pem(new_key(), uris=(), dns_names=("csr.example",))
     req = SigningRequest(
         csr=x509.load_pem_x509_csr(pem),
         csr_pem=pem,
@@ -666,7 +659,7 @@ def test_watch_restart_rereads_waiting_requests() -> None:
 
 def test_csr_names_must_be_the_requested_ones() -> None:
     fake = FakeRequests()
-    pem = csr_pem(generate_key(KeyType.EC_P256), uris=(WORKLOAD,))
+    pem = csr_pem(new_key(), uris=(WORKLOAD,))
     req = SigningRequest(
         csr=x509.load_pem_x509_csr(pem), csr_pem=pem, ttl=timedelta(hours=1), uris=(WORKLOAD + "-other",)
     )

@@ -33,10 +33,6 @@ from csr_service.common.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from csr_service.pki.certs import LeafSpec, build_intermediate_ca, build_leaf, build_self_signed_ca
-from csr_service.pki.chain import fingerprint
-from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import cert_to_pem, key_to_pem
 from csr_service.plugins.issuer import IssuedChain, SigningRequest
 from issuers.local.issuer import LocalCAIssuer
 from issuers.local.material import CAMaterialError
@@ -45,9 +41,11 @@ from issuers.vault.issuer import VaultIssuer
 from issuers.vault.settings import IssuerSettings
 from issuers.vault_connection.client import VaultClient
 from issuers.vault_connection.settings import ConnectionSettings
+from tests.support import pki
 from tests.support.certs import WORKLOAD
 from tests.support.issuers import run_issuer as run_with
 from tests.support.issuers import signing_request as request
+from tests.support.pki import certs_pem, key_pem, new_key
 from tests.support.waiting import wait_for_async
 
 T = TypeVar("T")
@@ -80,12 +78,10 @@ class FakeVault(BaseAdapter):
 
     def __post_init__(self) -> None:
         super().__init__()
-        self.root_key = generate_key(KeyType.EC_P256)
-        self.root = build_self_signed_ca(self.root_key, common_name="fake root", lifetime=timedelta(days=30))
-        self.ca_key = generate_key(KeyType.EC_P256)
-        self.ca = build_intermediate_ca(
-            self.ca_key, self.root, self.root_key, common_name="fake intermediate", lifetime=timedelta(days=30)
-        )
+        root = pki.make_ca("fake root")
+        issuing = pki.make_ca("fake intermediate", parent=root, path_length=0)
+        self.root, self.root_key = root.cert, root.key
+        self.ca, self.ca_key = issuing.cert, issuing.key
         self.tokens: dict[str, float] = {}  # token -> expiry (monotonic)
         self.counts: dict[str, int] = {}
         self.seen_tokens: list[str] = []
@@ -161,7 +157,7 @@ class FakeVault(BaseAdapter):
             self.tokens.pop(token, None)
             return 204, None
         if path == "/v1/pki/issuer/default/json":
-            return 200, {"data": {"certificate": cert_to_pem(self.ca), "ca_chain": [cert_to_pem(self.ca)]}}
+            return 200, {"data": {"certificate": certs_pem(self.ca), "ca_chain": [certs_pem(self.ca)]}}
         if "/sign/" in path or "/sign-verbatim/" in path:
             return self._sign(path, body)
         if path.startswith("/v1/") and path[4:] in self.kv:
@@ -190,21 +186,22 @@ class FakeVault(BaseAdapter):
             warnings.append(f'TTL "{ttl}" is longer than permitted maxTTL "{role.max_ttl}", so maxTTL is being used')
             ttl = role.max_ttl
         csr = x509.load_pem_x509_csr(str(body["csr"]).encode())
-        key = generate_key(KeyType.EC_P256).public_key() if self.swap_key else csr.public_key()
+        key = new_key().public_key() if self.swap_key else csr.public_key()
         now = datetime.now(UTC).replace(microsecond=0)
-        spec = LeafSpec(
+        leaf = pki.sign_leaf(
+            pki.KeyPair(self.ca, self.ca_key),
+            key,
+            uris=uris,
+            dns=[d for d in str(body.get("alt_names", "")).split(",") if d],
+            ips=[i for i in str(body.get("ip_sans", "")).split(",") if i],
             not_before=now - timedelta(seconds=30),
             not_after=now + ttl + self.extra_lifetime,
-            uris=uris,
-            dns_names=[d for d in str(body.get("alt_names", "")).split(",") if d],
-            ip_addresses=[i for i in str(body.get("ip_sans", "")).split(",") if i],
         )
-        leaf = build_leaf(key, spec, self.ca, self.ca_key)  # type: ignore[arg-type]
         # Like Vault: the issuing CA appears in ca_chain *and* issuing_ca, and ca_chain has the root.
         data = {
-            "certificate": cert_to_pem(leaf),
-            "issuing_ca": cert_to_pem(self.ca),
-            "ca_chain": [cert_to_pem(self.ca), cert_to_pem(self.root)],
+            "certificate": certs_pem(leaf),
+            "issuing_ca": certs_pem(self.ca),
+            "ca_chain": [certs_pem(self.ca), certs_pem(self.root)],
             "serial_number": f"{leaf.serial_number:x}",
         }
         return 200, {"data": data, "warnings": warnings or None}
@@ -536,7 +533,7 @@ def test_roots_from_vault_only_when_chosen_and_pinned(fake: FakeVault, tmp_path:
     with pytest.raises(FailedPreconditionError, match="--vault-roots-from-vault"):
         run_with(make_issuer(tmp_path, fake), lambda i: i.roots())
     fake.ca = fake.root  # now Vault's chain is its root
-    fp = fingerprint(fake.root)
+    fp = pki.fingerprint(fake.root)
     pinned = make_issuer(tmp_path, fake, **{"vault-roots-from-vault": True, "vault-root-fingerprints": (fp,)})
     assert list(run_with(pinned, lambda i: i.roots())) == [fake.root]
     wrong = make_issuer(tmp_path, fake, **{"vault-roots-from-vault": True, "vault-root-fingerprints": ("ab" * 32,)})
@@ -552,8 +549,8 @@ def _kv_source(tmp_path: Path, fake: FakeVault, version: int, path: str, **field
 
 def _ca_fields(fake: FakeVault) -> dict[str, str]:
     return {
-        "certificate": cert_to_pem(fake.ca) + cert_to_pem(fake.root),
-        "privateKey": key_to_pem(fake.ca_key).decode(),
+        "certificate": certs_pem(fake.ca) + certs_pem(fake.root),
+        "privateKey": key_pem(fake.ca_key).decode(),
     }
 
 
@@ -578,9 +575,9 @@ def test_kv_source_accepts_base64_and_custom_fields(fake: FakeVault, tmp_path: P
 
     fields = _ca_fields(fake)
     fake.kv["kv/ca"] = {
-        "crt": base64.b64encode(cert_to_pem(fake.ca).encode()).decode(),
+        "crt": base64.b64encode(certs_pem(fake.ca).encode()).decode(),
         "key": base64.b64encode(fields["privateKey"].encode()).decode(),
-        "root": cert_to_pem(fake.root),
+        "root": certs_pem(fake.root),
     }
     source = _kv_source(
         tmp_path,
@@ -597,7 +594,7 @@ def test_kv_source_accepts_base64_and_custom_fields(fake: FakeVault, tmp_path: P
     [
         (lambda f: None, "missing"),
         (lambda f: f.kv.update({"secret/data/ca": {"data": None, "metadata": {}}}), "deleted"),
-        (lambda f: f.kv.update({"secret/data/ca": {"data": {"certificate": cert_to_pem(f.ca)}}}), "privateKey"),
+        (lambda f: f.kv.update({"secret/data/ca": {"data": {"certificate": certs_pem(f.ca)}}}), "privateKey"),
         (lambda f: setattr(f, "down", True), "Connection refused"),
     ],
     ids=["missing", "deleted", "no-key-field", "vault-down"],

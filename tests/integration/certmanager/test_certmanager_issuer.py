@@ -25,8 +25,6 @@ from csr_service.common.errors import (
     PermissionDeniedError,
     UnavailableError,
 )
-from csr_service.pki.chain import build_path
-from csr_service.pki.keys import KeyType, generate_key
 from csr_service.plugins.issuer import IssuedChain, SigningRequest
 from issuers.certmanager.issuer import (
     IDENTITIES_ANNOTATION,
@@ -40,11 +38,12 @@ from tests.integration.certmanager.support import (
     make_issuer,
     service_account_kubeconfig,
 )
+from tests.support import pki
 from tests.support.certs import WORKLOAD, csr_pem
 from tests.support.issuers import run_issuer as run
 from tests.support.issuers import signing_request
+from tests.support.pki import new_key
 from tests.support.waiting import wait_for
-from tests.testbed import pki
 from tests.testbed.certmanager import GROUP, VERSION, CertManager, condition
 from tests.testbed.kube import unique_name
 
@@ -85,7 +84,7 @@ def test_signs_and_cleans_up(cert_manager: CertManager, kind: str) -> None:
     eku = issued.leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     root_pem = cm.issuer_ca_pem if kind == "Issuer" else cm.cluster_issuer_ca_pem
-    path = build_path(issued.leaf, list(issued.chain), pki.load_certs(root_pem), now=issued.leaf.not_valid_before_utc)
+    path = pki.verify_chain(issued.leaf, issued.chain, pki.load_certs(root_pem))
     assert path[-1] == pki.load_certs(root_pem)[0]
     # Deleted once finished (asynchronously, right after the answer).
     wait_for(lambda: not _instance_requests(cm, issuer), what="the request to be deleted")
@@ -94,7 +93,7 @@ def test_signs_and_cleans_up(cert_manager: CertManager, kind: str) -> None:
 def test_serving_certificate_names(cert_manager: CertManager) -> None:
     """csr-service's own serving certificate (DNS/IP names, no URI) comes through the same path."""
     dns, ips = ("csr-service.cert-manager.svc",), ("127.0.0.1",)
-    pem = csr_pem(generate_key(KeyType.EC_P256), uris=(), dns_names=dns, ip_addresses=ips)
+    pem = csr_pem(new_key(), uris=(), dns_names=dns, ip_addresses=ips)
     req = SigningRequest(
         csr=x509.load_pem_x509_csr(pem),
         csr_pem=pem,

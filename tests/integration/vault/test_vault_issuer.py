@@ -14,11 +14,11 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from csr_service.common.errors import FailedPreconditionError
-from csr_service.pki.chain import build_path, fingerprint
 from csr_service.plugins.issuer import IssuedChain, SigningRequest
 from csr_service.plugins.registry import create_issuer
 from issuers.vault.issuer import VaultIssuer, create
 from tests.integration.vault.conftest import CONTEXT, VaultEnv, random_name
+from tests.support import pki
 from tests.support.certs import WORKLOAD, uri_sans
 from tests.support.issuers import run_issuer as run_with
 from tests.support.issuers import signing_request as request
@@ -41,7 +41,7 @@ def test_signs_through_the_role_with_each_auth_method(vault_env: VaultEnv, tmp_p
     assert isinstance(issuer, VaultIssuer)
     issued: IssuedChain = run_with(issuer, lambda i: i.sign(request()))
     assert uri_sans(issued.leaf) == [WORKLOAD]
-    build_path(issued.leaf, issued.chain, [root_of(vault_env, "pki")], now=datetime.now(UTC))
+    pki.verify_chain(issued.leaf, issued.chain, [root_of(vault_env, "pki")])
 
 
 @pytest.mark.kube
@@ -120,7 +120,7 @@ def test_root_only_and_intermediate_chains(vault_env: VaultEnv, tmp_path: Path, 
     issuing = x509.load_pem_x509_certificate(info.issuing_ca_pem.encode())
     assert issued.chain[0] == issuing
     assert len(issued.chain) == chain_len  # no duplicates from certificate/ca_chain/issuing_ca
-    path = build_path(issued.leaf, issued.chain, [root_of(vault_env, mount)], now=datetime.now(UTC))
+    path = pki.verify_chain(issued.leaf, issued.chain, [root_of(vault_env, mount)])
     assert len(path) == (2 if mount == "pki" else 3)
 
 
@@ -226,7 +226,7 @@ def test_roots_only_from_vault_when_chosen_and_pinned(vault_env: VaultEnv, tmp_p
     tofu = create(vault_env.issuer_values(tmp_path / "b", **{"vault-roots-from-vault": True}), CONTEXT)
     assert list(run_with(tofu, lambda i: i.roots())) == [root]
 
-    pin = ":".join(fingerprint(root)[i : i + 2] for i in range(0, 64, 2)).upper()  # as openssl prints it
+    pin = ":".join(pki.fingerprint(root)[i : i + 2] for i in range(0, 64, 2)).upper()  # as openssl prints it
     pinned = create(
         vault_env.issuer_values(tmp_path / "c", **{"vault-roots-from-vault": True, "vault-root-fingerprints": (pin,)}),
         CONTEXT,
@@ -287,7 +287,7 @@ def test_vault_namespace(vault_env: VaultEnv, tmp_path: Path) -> None:
     }
     issued: IssuedChain = run_with(create(values, CONTEXT), lambda i: i.sign(request()))
     root = x509.load_pem_x509_certificate(root_pem["data"]["certificate"].encode())
-    build_path(issued.leaf, issued.chain, [root], now=datetime.now(UTC))
+    pki.verify_chain(issued.leaf, issued.chain, [root])
 
 
 @pytest.mark.timeout(120)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +11,11 @@ import pytest
 from cryptography import x509
 
 from csr_service.config import Config, resolve
-from csr_service.pki.chain import build_path
-from csr_service.pki.pem import cert_to_pem, key_to_pem
 from csr_service.plugins.issuer import IssuedChain
 from csr_service.plugins.registry import create_issuer
 from issuers.local.issuer import LocalCAIssuer
 from tests.integration.vault.conftest import CONTEXT, VaultEnv, random_name
+from tests.support import pki
 from tests.support.certs import write_ca_dir
 from tests.support.issuers import signing_request
 from tests.support.waiting import wait_for_async
@@ -27,8 +26,8 @@ pytestmark = pytest.mark.vault
 def _new_ca(tmp: Path, **kw: Any) -> tuple[dict[str, str], x509.Certificate]:
     """A CA as KV fields in the seed's layout: certificate (+chain) and privateKey."""
     cert, key, root = write_ca_dir(tmp, **kw)
-    bundle = cert_to_pem(cert) + (cert_to_pem(root) if cert != root else "")
-    return {"certificate": bundle, "privateKey": key_to_pem(key).decode()}, root
+    bundle = pki.certs_pem(cert, *([root] if cert != root else []))
+    return {"certificate": bundle, "privateKey": pki.key_pem(key).decode()}, root
 
 
 def _kv_write(env: VaultEnv, version: int, path: str, fields: dict[str, str]) -> str:
@@ -70,7 +69,7 @@ def test_local_ca_from_vault_kv_signs(vault_env: VaultEnv, tmp_path: Path, versi
             await issuer.stop()
 
     issued = asyncio.run(body())
-    build_path(issued.leaf, issued.chain, [root], now=datetime.now(UTC))
+    pki.verify_chain(issued.leaf, issued.chain, [root])
 
 
 def test_seed_layout_through_the_real_config(vault_env: VaultEnv, tmp_path: Path) -> None:
