@@ -1,4 +1,8 @@
-"""The local CA issuer with its CA keypair in Vault KV (v1 and v2), against a real OpenBao."""
+"""The local CA issuer with its CA keypair in Vault KV, against a real OpenBao.
+
+Reading the seed's layout (v1 and v2) is in test_vault_behaviours.py (fake and OpenBao);
+here: the real configuration path and re-reads after rotations and broken writes.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ import pytest
 from cryptography import x509
 
 from csr_service.config import Config, resolve
-from csr_service.plugins.issuer import IssuedChain
 from csr_service.plugins.registry import create_issuer
 from issuers.local.issuer import LocalCAIssuer
 from tests.integration.vault.conftest import CONTEXT, VaultEnv, random_name
@@ -50,26 +53,6 @@ def _values(env: VaultEnv, tmp: Path, kv_path: str, version: int, **extra: Any) 
             **extra,
         },
     )
-
-
-@pytest.mark.parametrize("version", [1, 2])
-@pytest.mark.parametrize("intermediate", [False, True])
-def test_local_ca_from_vault_kv_signs(vault_env: VaultEnv, tmp_path: Path, version: int, intermediate: bool) -> None:
-    fields, root = _new_ca(tmp_path / "ca", intermediate=intermediate)
-    kv_path = _kv_write(vault_env, version, f"pki/{random_name('istiod')}", fields)
-    issuer = create_issuer("local", _values(vault_env, tmp_path, kv_path, version), CONTEXT)
-    assert isinstance(issuer, LocalCAIssuer)
-
-    async def body() -> IssuedChain:
-        await issuer.start()
-        try:
-            assert list(await issuer.roots()) == [root]
-            return await issuer.sign(signing_request())
-        finally:
-            await issuer.stop()
-
-    issued = asyncio.run(body())
-    pki.verify_chain(issued.leaf, issued.chain, [root])
 
 
 def test_seed_layout_through_the_real_config(vault_env: VaultEnv, tmp_path: Path) -> None:
