@@ -229,7 +229,7 @@ def _run_model(
     levels: list[tuple[int, int]],
 ) -> list[tuple[LoadResult, float, str]]:
     """The istio-csr model (bench/istio_csr_model) with or without client-go's QPS 5 / burst 10."""
-    from tests.testbed import pki
+    from tests.support import pki
     from tests.testbed.process import ManagedProcess
 
     kube = cm.kube

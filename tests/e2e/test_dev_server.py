@@ -23,13 +23,12 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
-from csr_service.pki.chain import build_path
-from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import load_private_key, parse_certs
 from csr_service.service.dev import dev_jwt_algorithm
 from tests.support.certs import csr_pem, uri_sans
 from tests.support.der import CN_OID, EDI, TAG_INTEGER, X400, hostile_csr, uri_name
 from tests.support.dev_server import CSR_SERVICE, DevServer, running_dev_server
+from tests.support.pki import load_certs, new_key, verify_chain
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -51,12 +50,12 @@ def test_request_cli_writes_workload_files(dev_server: DevServer, out_dir: Path,
     res = _request_cli(dev_server, out_dir, dev_server.token("default", "sleep"), "--key-type", key_type)
     assert res.returncode == 0, res.stderr
     assert (out_dir / "key.pem").stat().st_mode & 0o777 == 0o600
-    chain = parse_certs((out_dir / "cert-chain.pem").read_bytes())
-    roots = parse_certs((out_dir / "root-cert.pem").read_bytes())
-    assert roots == parse_certs(dev_server.root_cert.read_bytes())
+    chain = load_certs((out_dir / "cert-chain.pem").read_bytes())
+    roots = load_certs((out_dir / "root-cert.pem").read_bytes())
+    assert roots == load_certs(dev_server.root_cert.read_bytes())
     assert uri_sans(chain[0]) == [ID]
-    build_path(chain[0], chain[1:], roots, now=__import__("datetime").datetime.now(__import__("datetime").UTC))
-    key = load_private_key((out_dir / "key.pem").read_bytes())
+    verify_chain(chain[0], chain[1:], roots)
+    key = serialization.load_pem_private_key((out_dir / "key.pem").read_bytes(), None)
     pub = serialization.PublicFormat.SubjectPublicKeyInfo
     assert key.public_key().public_bytes(serialization.Encoding.DER, pub) == chain[0].public_key().public_bytes(
         serialization.Encoding.DER, pub
@@ -94,7 +93,7 @@ def _call(
 
 
 def _dev_key(srv: DevServer) -> tuple[Any, str]:
-    key = load_private_key((srv.state_dir / "jwt-signing-key.pem").read_bytes())
+    key = serialization.load_pem_private_key((srv.state_dir / "jwt-signing-key.pem").read_bytes(), None)
     kid = json.loads((srv.state_dir / "jwks.json").read_text())["keys"][0]["kid"]
     return key, kid
 
@@ -152,7 +151,7 @@ def _bad_signature() -> bytes:
     return x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
 
 
-GOOD_CSR = lambda: csr_pem(generate_key(KeyType.EC_P256))  # noqa: E731
+GOOD_CSR = lambda: csr_pem(new_key())  # noqa: E731
 U, IA, PD = (
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -269,7 +268,7 @@ def test_impersonation_is_refused(dev_server: DevServer) -> None:
 @pytest.mark.parametrize("ttl", [-1, 0, 2**62])
 def test_any_validity_duration_is_clamped(dev_server: DevServer, ttl: int) -> None:
     resp = _call(dev_server, GOOD_CSR(), dev_server.token("default", "sleep"), ttl=ttl)
-    leaf = parse_certs(resp.cert_chain[0].encode())[0]
+    leaf = load_certs(resp.cert_chain[0].encode())[0]
     life = leaf.not_valid_after_utc - leaf.not_valid_before_utc
     assert life.total_seconds() <= 3600 + 120 + 5
 
@@ -295,7 +294,7 @@ def test_concurrent_requests(dev_server: DevServer) -> None:
     token = dev_server.token("default", "sleep")
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda _: _call(dev_server, GOOD_CSR(), token), range(64)))
-    serials = {parse_certs(r.cert_chain[0].encode())[0].serial_number for r in results}
+    serials = {load_certs(r.cert_chain[0].encode())[0].serial_number for r in results}
     assert len(serials) == 64
 
 
@@ -388,10 +387,7 @@ def test_serving_certificate_rotates_without_dropping_connections(tmp_path: Path
             md = [("authorization", f"Bearer {token}")]
             req = lambda: ca_pb2.IstioCertificateRequest(csr=GOOD_CSR().decode())  # noqa: E731
             stub.CreateCertificate(req(), metadata=md, timeout=10)
-            deadline = time.monotonic() + 30
-            while _peer_serial(srv) == first and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert _peer_serial(srv) != first, "serving certificate was not renewed"
+            wait_for(lambda: _peer_serial(srv) != first, interval=0.5, what="the serving certificate to be renewed")
             # The connection opened before the rotation still works.
             stub.CreateCertificate(req(), metadata=md, timeout=10)
         assert "renewal failed" not in srv.log()
@@ -463,37 +459,39 @@ def test_ca_rotation_reaches_requests_and_serving_cert_without_restart(tmp_path:
     state = tmp_path / "s"
     with running_dev_server(state, "--local-ca-reload-interval", "1s") as srv:
         token = srv.token("default", "sleep")
-        old_roots = parse_certs(_call(srv, GOOD_CSR(), token).cert_chain[-1].encode())
+        old_roots = load_certs(_call(srv, GOOD_CSR(), token).cert_chain[-1].encode())
         # A broken CA is refused; the last good one keeps signing.
         (state / "ca" / "ca-key.pem").write_text("not a key")
-        time.sleep(2.5)
-        assert parse_certs(_call(srv, GOOD_CSR(), token).cert_chain[-1].encode()) == old_roots
-        assert "keeping the last good CA" in srv.log()
+        wait_for(lambda: "keeping the last good CA" in srv.log(), what="the reload to refuse the broken CA")
+        assert load_certs(_call(srv, GOOD_CSR(), token).cert_chain[-1].encode()) == old_roots
         # Rotate to a new CA (with an intermediate) while the bundle still carries the old
         # root, as a real rotation does: new leaves chain to the new root, both are trusted.
         _, _, new_root = write_ca_dir(state / "ca", intermediate=True)
         with (state / "ca" / "root-cert.pem").open("a") as fh:
             fh.write("".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in old_roots))
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+
+        def rotated() -> ca_pb2.IstioCertificateResponse | None:
             resp = _call(srv, GOOD_CSR(), token)
-            if len(resp.cert_chain) == 3 and len(parse_certs(resp.cert_chain[-1].encode())) == 2:
-                break
-            time.sleep(0.5)
-        assert parse_certs(resp.cert_chain[-1].encode()) == [new_root, *old_roots]
+            return resp if len(resp.cert_chain) == 3 and len(load_certs(resp.cert_chain[-1].encode())) == 2 else None
+
+        resp = wait_for(rotated, timeout=20, interval=0.5, what="leaves from the rotated CA")
+        assert load_certs(resp.cert_chain[-1].encode()) == [new_root, *old_roots]
         assert len(resp.cert_chain) == 3  # leaf, intermediate, root bundle
         # Dev mode republishes the bundle file, like the root ConfigMap in a cluster.
-        assert parse_certs(srv.root_cert.read_bytes()) == [new_root, *old_roots]
+        assert load_certs(srv.root_cert.read_bytes()) == [new_root, *old_roots]
         # The serving certificate follows: a client trusting only the new root connects.
         (tmp_path / "new-root.pem").write_bytes(new_root.public_bytes(serialization.Encoding.PEM))
         ctx = ssl.create_default_context(cafile=str(tmp_path / "new-root.pem"))
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
-                    ctx.wrap_socket(raw, server_hostname="localhost").close()
-                break
-            except ssl.SSLError:
-                if time.monotonic() > deadline:
-                    pytest.fail("serving certificate did not move to the new root")
-                time.sleep(0.5)
+
+        def handshake_with_new_root() -> bool:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+                ctx.wrap_socket(raw, server_hostname="localhost").close()
+            return True
+
+        wait_for(
+            handshake_with_new_root,
+            timeout=15,
+            interval=0.5,
+            what="the serving certificate to move to the new root",
+            ignoring=(ssl.SSLError,),
+        )

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.dev_server import CSR_SERVICE, DevServer, free_port, metric_sample, running_dev_server
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -33,15 +34,6 @@ def _issue(srv: DevServer, out: Path, service_account: str = "sleep") -> subproc
     args += ["--token-file", str(token), "--trust-domain", "cluster.local", "--namespace", "default"]
     args += ["--service-account", service_account, "--out-dir", str(out)]
     return subprocess.run(args, capture_output=True, text=True, check=False)
-
-
-def _wait(predicate: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def test_single_worker_probes_and_istio_metrics(tmp_path: Path) -> None:
@@ -72,7 +64,7 @@ def test_workers_share_one_http_side(tmp_path: Path) -> None:
     tmpdir.mkdir()
     args = ("--http-listen", f"127.0.0.1:{port}")
     with running_dev_server(tmp_path / "state", *args, workers=2, env={"TMPDIR": str(tmpdir)}) as srv:
-        _wait(lambda: _get(port, "/readyz")[0] == 200)
+        wait_for(lambda: _get(port, "/readyz")[0] == 200, what="/readyz 200")
         body = _get(port, "/readyz")[1]
         assert "[+]worker-0/serving-certificate ok" in body
         assert "[+]worker-1/serving-certificate ok" in body
@@ -88,8 +80,8 @@ def test_workers_share_one_http_side(tmp_path: Path) -> None:
         workers = subprocess.run(["pgrep", "-P", str(srv.proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
         victim = int(workers.stdout.split()[0])
         os.kill(victim, signal.SIGKILL)
-        _wait(lambda: _get(port, "/readyz")[0] == 503, timeout=10)
-        _wait(lambda: _get(port, "/readyz")[0] == 200)
+        wait_for(lambda: _get(port, "/readyz")[0] == 503, timeout=10, what="/readyz 503 without a worker")
+        wait_for(lambda: _get(port, "/readyz")[0] == 200, what="/readyz 200 with the replacement worker")
         text = _get(port, "/metrics")[1]
         assert metric_sample(text, "csr_service_worker_restarts_total") == 1
         assert metric_sample(text, "citadel_server_csr_count") == 6

@@ -13,7 +13,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 
 from tests.helm.tools import ensure_tool
 from tests.support.dev_server import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.helm
 
@@ -158,17 +158,15 @@ def test_install_step_outside_docker(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 60
-        status = 0
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                status = _get(http_port, "/readyz")[0]
-            except OSError:
-                status = 0
-            if status == 200:
-                break
-            time.sleep(0.2)
-        assert status == 200, log.read_text()
+
+        def ready() -> bool:
+            assert proc.poll() is None, f"csr-service exited with {proc.returncode}:\n{log.read_text()}"
+            return _get(http_port, "/readyz")[0] == 200
+
+        try:
+            wait_for(ready, timeout=60, what="/readyz 200 from the installed wheel", ignoring=(OSError,))
+        except TimeoutError as exc:
+            raise AssertionError(log.read_text()) from exc
         assert "citadel_server_csr_count" in _get(http_port, "/metrics")[1]
     finally:
         proc.terminate()

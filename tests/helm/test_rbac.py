@@ -35,10 +35,10 @@ from kubernetes import client as k8s
 from kubernetes.dynamic import DynamicClient
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
-from csr_service.pki.keys import KeyType, generate_key
 from tests.helm.chart import Manifest, container_args, render
 from tests.support.certs import csr_pem
 from tests.support.dev_server import CSR_SERVICE, DevServer, free_port, metric_sample, running_server
+from tests.support.pki import new_key
 from tests.testbed.certmanager import CertManager
 from tests.testbed.kube import KubeCluster, unique_name, wait_for
 
@@ -77,7 +77,7 @@ def _can(kube: KubeCluster, user: str, verb: str, resource: str, namespace: str 
 
 
 def _impersonated_call(srv: DevServer, token: str, identity: str) -> list[str]:
-    csr = csr_pem(generate_key(KeyType.EC_P256), uris=(identity,)).decode()
+    csr = csr_pem(new_key(), uris=(identity,)).decode()
     meta = struct_pb2.Struct()
     meta.update({"ImpersonatedIdentity": identity})
     with srv.channel() as ch:

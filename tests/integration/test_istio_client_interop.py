@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tests.support import pki
 from tests.support.dev_server import DevServer, running_dev_server
-from tests.testbed import pki
 from tests.testbed.istio import IstioClient
 
 pytestmark = pytest.mark.istio

@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import VerificationError
 
-from tests.testbed import pki
+from tests.support import pki
 from tests.testbed.certmanager import CertManager, condition, condition_reason, decode_certificate
 from tests.testbed.kube import wait_for
 
@@ -46,7 +46,15 @@ def test_without_approver_requests_wait_for_approval(cert_manager_no_approver: C
     csr, _ = pki.make_csr(IDENTITY)
     name = cm.create_certificate_request(cm.issuer_namespace, csr)
 
-    # Give a running approver ample opportunity to act; none must.
+    # First proof that the controllers have seen the request: the CA issuer's controller says
+    # why it does not sign. The approver watches the same informer.
+    wait_for(
+        lambda: "WaitingForApproval" in _event_reasons(cm, name),
+        what="cert-manager's WaitingForApproval Event",
+    )
+    # Then a window in which a running approver would have acted; none must. Absence can
+    # only be shown over a span of time, so this sleep is the check itself, not a guess at
+    # when something has happened.
     time.sleep(5)
     cr = cm.get_certificate_request(cm.issuer_namespace, name)
     assert condition(cr, "Approved") is None
@@ -72,3 +80,9 @@ def test_denied_request_is_never_signed(cert_manager_no_approver: CertManager) -
     cr = wait_for(acknowledged, what="Ready reason Denied")
     assert condition(cr, "Ready") == "False"
     assert not cr.get("status", {}).get("certificate")
+
+
+def _event_reasons(cm: CertManager, name: str) -> set[str]:
+    """Reasons of the Events about the CertificateRequest ``name`` in the issuer namespace."""
+    events = cm.kube.core.list_namespaced_event(cm.issuer_namespace, field_selector=f"involvedObject.name={name}")
+    return {e.reason for e in events.items}

@@ -8,7 +8,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.testbed import pki
+from tests.support import pki
 from tests.testbed.kube import KubeCluster
 from tests.testbed.openbao import OpenBao, OpenBaoKubeAuth, PkiMount
 

@@ -7,9 +7,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
+from tests.support.waiting import wait_for
 from tests.testbed.process import ManagedProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,13 +27,8 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _wait_gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _gone(pid):
-            return True
-        time.sleep(0.05)
-    return False
+def _wait_gone(pid: int, what: str) -> None:
+    wait_for(lambda: _gone(pid), timeout=10, interval=0.05, what=what)
 
 
 def test_peer_dies_with_a_killed_parent(tmp_path: Path) -> None:
@@ -57,7 +52,7 @@ def test_peer_dies_with_a_killed_parent(tmp_path: Path) -> None:
             parent.send_signal(signal.SIGKILL)
             parent.wait(10)
 
-            assert _wait_gone(peer_pid), "peer survived its parent's SIGKILL"
+            _wait_gone(peer_pid, "the peer to die with its SIGKILLed parent")
         finally:
             if parent.poll() is None:
                 parent.kill()
@@ -71,13 +66,15 @@ def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
         tmp_path / "peer.log",
         grace=1,
     )
-    deadline = time.monotonic() + 10
-    while not marker.exists() or not marker.read_text().strip():
-        assert time.monotonic() < deadline, proc.tail()
-        time.sleep(0.05)
+    wait_for(
+        lambda: marker.exists() and marker.read_text().strip(),
+        timeout=10,
+        interval=0.05,
+        what=f"the shell to write its child's pid (peer log: {proc.log_path})",
+    )
     grandchild = int(marker.read_text())
 
     proc.stop()  # the shell ignores SIGTERM: only the SIGKILL to the group can end it
 
-    assert _wait_gone(proc.pid)
-    assert _wait_gone(grandchild)
+    _wait_gone(proc.pid, "the peer to die")
+    _wait_gone(grandchild, "the peer's child, which ignores SIGTERM, to die")

@@ -1,24 +1,33 @@
-"""Tiny helpers for tests: CSRs, CA directories, assertions on issued certificates."""
+"""Tiny helpers for tests: CSRs, CA directories, TLS files, assertions on issued certificates.
+
+Everything here is built with :mod:`tests.support.pki` (``cryptography`` alone), never with
+``csr_service.pki``: this is the material csr-service is checked against.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from csr_service.pki.certs import LeafSpec, build_csr, build_intermediate_ca, build_leaf, build_self_signed_ca
-from csr_service.pki.keys import KeyType, PrivateKey, generate_key
-from csr_service.pki.pem import cert_to_pem, key_to_pem
+from tests.support import pki
+from tests.support.pki import KeyKind, PrivateKey
 
 WORKLOAD = "spiffe://cluster.local/ns/default/sa/sleep"
 
 
-def csr_pem(key: PrivateKey, *, uris: tuple[str, ...] = (WORKLOAD,), **kw: object) -> bytes:
+def csr_pem(
+    key: PrivateKey,
+    *,
+    uris: tuple[str, ...] = (WORKLOAD,),
+    dns_names: tuple[str, ...] = (),
+    ip_addresses: tuple[str, ...] = (),
+) -> bytes:
     """An istio-agent-shaped CSR as PEM bytes."""
-    return build_csr(key, uris=uris, **kw).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
+    return pki.csr_pem(key, uris=uris, dns=dns_names, ips=ip_addresses)
 
 
 def forge_signature(pem: bytes) -> bytes:
@@ -36,17 +45,13 @@ def tls_files(
     ip_addresses: tuple[str, ...] = ("127.0.0.1",),
     lifetime: timedelta = timedelta(hours=1),
 ) -> tuple[Path, Path, Path]:
-    """(CA bundle, leaf, leaf key) files in ``tmp``: a fresh CA and a server leaf for the
-    given names, for a TLS server in a test or benchmark. The key file is 0600."""
-    ca_key = generate_key(KeyType.EC_P256)
-    ca = build_self_signed_ca(ca_key, common_name="test ca")
-    key = generate_key(KeyType.EC_P256)
-    spec = LeafSpec(not_after=datetime.now(UTC) + lifetime, dns_names=dns_names, ip_addresses=ip_addresses)
-    leaf = build_leaf(key.public_key(), spec, ca, ca_key)
-    (tmp / "ca.pem").write_text(cert_to_pem(ca))
-    (tmp / "server.pem").write_text(cert_to_pem(leaf))
-    (tmp / "server.key").write_bytes(key_to_pem(key))
-    (tmp / "server.key").chmod(0o600)
+    """(CA bundle, leaf, leaf key) files in ``tmp``: a fresh CA and a leaf for the given names,
+    for a TLS server in a test or benchmark (the leaf also works as a client certificate).
+    The key file is 0600."""
+    ca = pki.make_ca("test ca", lifetime=max(lifetime, timedelta(days=1)))
+    server = pki.issue(ca, "test", dns=dns_names, ips=ip_addresses, server=True, client=True, lifetime=lifetime)
+    (tmp / "ca.pem").write_bytes(ca.cert_pem)
+    server.write(tmp / "server.pem", tmp / "server.key")
     return tmp / "ca.pem", tmp / "server.pem", tmp / "server.key"
 
 
@@ -54,29 +59,28 @@ def write_ca_dir(
     directory: Path,
     *,
     layout: str = "cacerts",
-    key_type: KeyType = KeyType.EC_P256,
+    key_kind: KeyKind = "ec256",
     intermediate: bool = False,
     lifetime: timedelta = timedelta(days=30),
 ) -> tuple[x509.Certificate, PrivateKey, x509.Certificate]:
-    """Create a CA in ``directory``; returns (signing cert, signing key, root)."""
+    """Create a CA in ``directory`` (Istio's ``cacerts`` layout or a kubernetes.io/tls
+    Secret's); returns (signing cert, signing key, root)."""
     directory.mkdir(parents=True, exist_ok=True)
-    root_key = generate_key(key_type)
-    root = build_self_signed_ca(root_key, common_name="test root", lifetime=lifetime)
-    cert, key, chain = root, root_key, [root]
+    root = pki.make_ca("test root", key_kind, lifetime=lifetime)
+    signing, chain = root, [root.cert]
     if intermediate:
-        key = generate_key(key_type)
-        cert = build_intermediate_ca(key, root, root_key, common_name="test intermediate", lifetime=lifetime)
-        chain = [cert, root]
+        signing = pki.make_ca("test intermediate", key_kind, parent=root, lifetime=lifetime, path_length=0)
+        chain = [signing.cert, root.cert]
     if layout == "cacerts":
-        (directory / "ca-cert.pem").write_text(cert_to_pem(cert))
-        (directory / "ca-key.pem").write_bytes(key_to_pem(key))
-        (directory / "cert-chain.pem").write_text("".join(cert_to_pem(c) for c in chain))
-        (directory / "root-cert.pem").write_text(cert_to_pem(root))
+        (directory / "ca-cert.pem").write_bytes(signing.cert_pem)
+        (directory / "ca-key.pem").write_bytes(signing.key_pem)
+        (directory / "cert-chain.pem").write_text(pki.certs_pem(*chain))
+        (directory / "root-cert.pem").write_bytes(root.cert_pem)
     else:
-        (directory / "tls.crt").write_text("".join(cert_to_pem(c) for c in chain[:-1] or chain))
-        (directory / "tls.key").write_bytes(key_to_pem(key))
-        (directory / "ca.crt").write_text(cert_to_pem(root))
-    return cert, key, root
+        (directory / "tls.crt").write_text(pki.certs_pem(*(chain[:-1] or chain)))
+        (directory / "tls.key").write_bytes(signing.key_pem)
+        (directory / "ca.crt").write_bytes(root.cert_pem)
+    return signing.cert, signing.key, root.cert
 
 
 def uri_sans(cert: x509.Certificate) -> list[str]:

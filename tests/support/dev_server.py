@@ -16,13 +16,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support.waiting import wait_for
 
 __all__ = ["DevServer", "free_port", "running_dev_server", "running_server"]
 
@@ -74,21 +75,19 @@ class DevServer:
 
 
 def _wait_ready(srv: DevServer, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
+    def serving() -> bool:
         if srv.proc.poll() is not None:
             raise RuntimeError(f"csr-service exited with {srv.proc.returncode}:\n{srv.log()[-4000:]}")
-        if srv.root_cert.exists():
-            try:
-                with srv.channel() as ch:
-                    resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError as exc:
-                last = str(exc.code())
-        time.sleep(0.1)
-    raise TimeoutError(f"csr-service not ready after {timeout}s ({last}):\n{srv.log()[-4000:]}")
+        if not srv.root_cert.exists():
+            return False
+        with srv.channel() as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+    try:
+        wait_for(serving, timeout, interval=0.1, what="csr-service to report SERVING", ignoring=(grpc.RpcError,))
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}:\n{srv.log()[-4000:]}") from exc.__cause__
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 from cryptography import x509
 
 from csr_service.common.lifecycle import Lifecycle
-from csr_service.pki.keys import KeyType, generate_key
 from csr_service.plugins.issuer import Issuer, SigningRequest
 from tests.support.certs import WORKLOAD, csr_pem
+from tests.support.pki import KeyKind, new_key
 
 __all__ = ["run_fresh", "run_issuer", "signing_request", "with_started"]
 
@@ -23,7 +23,7 @@ T = TypeVar("T")
 def signing_request(
     uri: str = WORKLOAD,
     *,
-    key_type: KeyType = KeyType.EC_P256,
+    key_kind: KeyKind = "ec256",
     ttl: timedelta = timedelta(minutes=30),
     uris: Sequence[str] | None = None,
     dns_names: Sequence[str] = (),
@@ -33,7 +33,7 @@ def signing_request(
     """A request for a fresh key; the CSR carries the same names as the request (``uris``
     defaults to ``(uri,)``), as a workload's or the serving certificate's CSR does."""
     names = tuple((uri,) if uris is None else uris)
-    pem = csr_pem(generate_key(key_type), uris=names, dns_names=tuple(dns_names), ip_addresses=tuple(ip_addresses))
+    pem = csr_pem(new_key(key_kind), uris=names, dns_names=tuple(dns_names), ip_addresses=tuple(ip_addresses))
     return SigningRequest(
         csr=x509.load_pem_x509_csr(pem),
         csr_pem=pem,

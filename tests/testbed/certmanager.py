@@ -23,7 +23,7 @@ from typing import Any, cast
 import yaml
 from kubernetes import client as k8s
 
-from tests.testbed import pki
+from tests.support import pki
 from tests.testbed.install import ensure
 from tests.testbed.kube import KubeCluster, unique_name, wait_for
 from tests.testbed.process import ManagedProcess

@@ -117,6 +117,15 @@ def istio_client() -> IstioClient:
 # ------------------------------------------------------------------ collection hooks
 #: A marker that implies others: cert-manager tests need kube, but `-m kube` should not run them.
 IMPLIED_MARKERS = {"certmanager": {"kube"}}
+#: What a peer marker brings. A test body run against a fake and the real peer gets the peer
+#: from a parametrized fixture calling ``request.getfixturevalue`` for the real half only,
+#: which the fixture scan cannot see; its marker (on that half alone) still says what to build.
+MARKER_NEEDS: dict[str, tuple[str, ...]] = {
+    "kube": FIXTURE_NEEDS["kube"][0],
+    "vault": FIXTURE_NEEDS["openbao"][0],
+    "certmanager": FIXTURE_NEEDS["cert_manager"][0],
+    "istio": FIXTURE_NEEDS["istio_client"][0],
+}
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -143,6 +152,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         for fx, (components, _) in FIXTURE_NEEDS.items():
             if fx in fixtures:
                 needed.update(components)
+        for marker in item.iter_markers():
+            needed.update(MARKER_NEEDS.get(marker.name, ()))
     if not needed:
         return
     # ensure() remembers each failure; the fixtures that need the component re-raise it, so only

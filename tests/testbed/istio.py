@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from tests.testbed import pki
+from tests.support import pki
 from tests.testbed.install import ensure
 
 

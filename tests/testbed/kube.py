@@ -23,7 +23,10 @@ from typing import Any
 
 from kubernetes import client as k8s
 
-from tests.testbed import pki
+from tests.support import pki
+
+# Re-exported: the Kubernetes tests poll the apiserver with it (see TESTING.md).
+from tests.support.waiting import wait_for as wait_for
 from tests.testbed.install import ensure
 from tests.testbed.process import ManagedProcess, free_port
 
@@ -438,15 +441,3 @@ def jwt_claims(token: str) -> dict[str, Any]:
     payload = token.split(".")[1]
     payload += "=" * (-len(payload) % 4)
     return dict(json.loads(base64.urlsafe_b64decode(payload)))
-
-
-def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.2, what: str = "condition") -> Any:
-    """Poll ``predicate()`` until it returns a truthy value (returned); TimeoutError otherwise."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")

@@ -17,9 +17,10 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+from tests.support.waiting import wait_for
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -127,19 +128,23 @@ class ManagedProcess:
 
     def wait_ready(self, check: Callable[[], bool], timeout: float, what: str = "ready") -> None:
         """Poll ``check`` until it returns True; fail with the log tail on timeout or early exit."""
-        deadline = time.monotonic() + timeout
         last_exc: BaseException | None = None
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
+            nonlocal last_exc
             if not self.alive():
                 raise self.startup_error(f"exited with code {self.proc.returncode} before {what}")
             try:
-                if check():
-                    return
+                return bool(check())
             except Exception as exc:  # readiness probes fail in many ways until the peer is up
                 last_exc = exc
-            time.sleep(0.2)
-        detail = f" (last probe error: {last_exc!r})" if last_exc else ""
-        raise self.startup_error(f"not {what} after {timeout:.0f}s{detail}")
+                return False
+
+        try:
+            wait_for(ready, timeout, what=what)
+        except TimeoutError:
+            detail = f" (last probe error: {last_exc!r})" if last_exc else ""
+            raise self.startup_error(f"not {what} after {timeout:.0f}s{detail}") from None
 
     def startup_error(self, why: str) -> PeerStartupError:
         """A PeerStartupError naming the peer, the reason and its log tail."""

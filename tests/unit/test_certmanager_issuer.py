@@ -36,9 +36,6 @@ from csr_service.common.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from csr_service.pki.certs import LeafSpec, build_intermediate_ca, build_leaf, build_self_signed_ca
-from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import cert_to_pem
 from csr_service.plugins.issuer import IssuedChain, SigningRequest
 from csr_service.plugins.registry import ISSUERS, create_issuer, find, plugins
 from csr_service.plugins.runtime import Runtime
@@ -55,7 +52,10 @@ from issuers.certmanager.settings import Settings
 from issuers.certmanager.status import Phase, classify, timeout_error
 from issuers.certmanager.sweeper import sweep
 from issuers.certmanager.watch import Waiter
+from tests.support import pki
 from tests.support.certs import WORKLOAD, csr_pem
+from tests.support.pki import certs_pem, new_key
+from tests.support.waiting import wait_for_async
 
 T = TypeVar("T")
 NAMESPACE = "istio-system"
@@ -110,12 +110,9 @@ class FakeRequests:
         self.failing_lists = 0
         #: Watches opened before the test's body ended (teardown opens more while stopping).
         self.watches_while_running = 0
-        self.root_key = generate_key(KeyType.EC_P256)
-        self.root = build_self_signed_ca(self.root_key, common_name="fake root")
-        self.ca, self.ca_key = self.root, self.root_key
-        if intermediate:
-            self.ca_key = generate_key(KeyType.EC_P256)
-            self.ca = build_intermediate_ca(self.ca_key, self.root, self.root_key, common_name="fake intermediate")
+        root = pki.make_ca("fake root")
+        self.issuing = pki.make_ca("fake intermediate", parent=root, path_length=0) if intermediate else root
+        self.root, self.ca = root.cert, self.issuing.cert
 
     # --- RequestsApi surface ------------------------------------------------------------
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -219,21 +216,18 @@ class FakeRequests:
             san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             seconds = int(obj["spec"]["duration"].rstrip("s"))
             now = datetime.now(UTC)
-            leaf = build_leaf(
+            leaf = pki.sign_leaf(
+                self.issuing,
                 csr.public_key(),  # type: ignore[arg-type]
-                LeafSpec(
-                    not_after=now + timedelta(seconds=seconds),
-                    uris=san.get_values_for_type(x509.UniformResourceIdentifier),
-                    dns_names=san.get_values_for_type(x509.DNSName),
-                    not_before=now,
-                ),
-                self.ca,
-                self.ca_key,
+                uris=san.get_values_for_type(x509.UniformResourceIdentifier),
+                dns=san.get_values_for_type(x509.DNSName),
+                not_before=now,
+                not_after=now + timedelta(seconds=seconds),
             )
-            pem = cert_to_pem(leaf) + (cert_to_pem(self.ca) if self.ca is not self.root else "")
+            pem = certs_pem(leaf) + (certs_pem(self.ca) if self.ca is not self.root else "")
             status = obj.setdefault("status", {})
             status["certificate"] = certificate or base64.b64encode(pem.encode()).decode()
-            status["ca"] = base64.b64encode(cert_to_pem(self.root).encode()).decode()
+            status["ca"] = base64.b64encode(certs_pem(self.root).encode()).decode()
         self.set_condition(
             name, "Ready", "True", "Issued", "Certificate fetched from issuer successfully", silently=silently
         )
@@ -297,7 +291,7 @@ def settings(**overrides: Any) -> Settings:
 
 
 def request(uri: str = WORKLOAD, **kw: Any) -> SigningRequest:
-    pem = csr_pem(generate_key(KeyType.EC_P256), uris=(uri,) if uri else ())
+    pem = csr_pem(new_key(), uris=(uri,) if uri else ())
     kw.setdefault("ttl", timedelta(minutes=30))
     return SigningRequest(csr=x509.load_pem_x509_csr(pem), csr_pem=pem, uris=(uri,) if uri else (), **kw)
 
@@ -317,16 +311,6 @@ def run(fake: FakeRequests, issuer: CertManagerIssuer, body: Callable[[CertManag
             await issuer.stop()
 
     return asyncio.run(main())
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise TimeoutError("condition not met")
 
 
 # ------------------------------------------------------------------------------ settings
@@ -421,7 +405,7 @@ def test_additional_annotations_cannot_override_ours() -> None:
 
 
 def test_serving_request_names_dns_and_ips_as_identities() -> None:
-    pem = csr_pem(generate_key(KeyType.EC_P256), uris=(), dns_names=("csr.example",))
+    pem = csr_pem(new_key(), uris=(), dns_names=("csr.example",))
     req = SigningRequest(
         csr=x509.load_pem_x509_csr(pem),
         csr_pem=pem,
@@ -646,7 +630,7 @@ def test_deleted_while_waiting_is_unavailable() -> None:
 
     async def body(issuer: CertManagerIssuer) -> IssuedChain:
         task = asyncio.create_task(issuer.sign(request()))
-        await asyncio.to_thread(wait_for, fake.ours)
+        await wait_for_async(fake.ours, timeout=5, what="the CertificateRequest")
         fake.delete(fake.ours()[0])
         return await task
 
@@ -660,8 +644,8 @@ def test_watch_restart_rereads_waiting_requests() -> None:
 
     async def body(issuer: CertManagerIssuer) -> IssuedChain:
         task = asyncio.create_task(issuer.sign(request()))
-        name = (await asyncio.to_thread(wait_for, fake.ours))[0]
-        await asyncio.to_thread(wait_for, lambda: issuer.watch.waiting)
+        name = (await wait_for_async(fake.ours, timeout=5, what="the CertificateRequest"))[0]
+        await wait_for_async(lambda: issuer.watch.waiting, timeout=5, what="the watch to wait for it")
         fake.drop_watches()
         fake.approve(name, silently=True)
         fake.sign(name, silently=True)  # no event: only a GET sees it
@@ -675,7 +659,7 @@ def test_watch_restart_rereads_waiting_requests() -> None:
 
 def test_csr_names_must_be_the_requested_ones() -> None:
     fake = FakeRequests()
-    pem = csr_pem(generate_key(KeyType.EC_P256), uris=(WORKLOAD,))
+    pem = csr_pem(new_key(), uris=(WORKLOAD,))
     req = SigningRequest(
         csr=x509.load_pem_x509_csr(pem), csr_pem=pem, ttl=timedelta(hours=1), uris=(WORKLOAD + "-other",)
     )
@@ -700,7 +684,7 @@ def test_request_created_after_the_caller_gave_up_is_deleted() -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(0.05):
                 await issuer.sign(request())
-        await asyncio.to_thread(wait_for, lambda: ("delete", "csr-service-00001") in fake.calls)
+        await wait_for_async(lambda: ("delete", "csr-service-00001") in fake.calls, timeout=5, what="the late delete")
 
     run(fake, make(fake), body)
     assert fake.ours() == []

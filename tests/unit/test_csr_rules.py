@@ -10,9 +10,9 @@ from cryptography.x509.oid import NameOID
 
 from csr_service.common.errors import AuthenticationError, InvalidRequestError
 from csr_service.pipeline.csr import MAX_CSR_BYTES, validate_csr
-from csr_service.pki.keys import KeyType, generate_key
 from tests.support.certs import WORKLOAD, csr_pem, forge_signature
 from tests.support.der import CN_OID, EDI, TAG_BOOLEAN, TAG_INTEGER, X400, hostile_csr, uri_name
+from tests.support.pki import KeyKind, new_key
 
 ALLOWED = (WORKLOAD,)
 
@@ -42,9 +42,9 @@ def _csr(
     return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("key_type", [KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA2048, KeyType.RSA4096])
-def test_istio_agent_csr_is_accepted(key_type: KeyType) -> None:
-    key = generate_key(key_type)
+@pytest.mark.parametrize("key_kind", ["ec256", "ec384", "rsa", "rsa4096"])
+def test_istio_agent_csr_is_accepted(key_kind: KeyKind) -> None:
+    key = new_key(key_kind)
     v = validate_csr(csr_pem(key), ALLOWED)
     assert v.uri == WORKLOAD
     assert v.public_key == key.public_key()  # parsed once, reused by the issued leaf's checks
@@ -102,11 +102,11 @@ BAD_CSRS = {
     "garbage": lambda: b"hello, I am not a CSR",
     "empty": lambda: b"",
     "whitespace": lambda: b"   \n",
-    "truncated PEM": lambda: csr_pem(generate_key(KeyType.EC_P256))[:200],
+    "truncated PEM": lambda: csr_pem(new_key())[:200],
     "PEM with garbage body": lambda: b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
-    "two CSRs": lambda: csr_pem(generate_key(KeyType.EC_P256)) + csr_pem(generate_key(KeyType.EC_P256)),
+    "two CSRs": lambda: csr_pem(new_key()) + csr_pem(new_key()),
     "certificate instead of CSR": lambda: b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-    "1 MiB CSR": lambda: csr_pem(generate_key(KeyType.EC_P256)) + b"#" * (1024 * 1024),
+    "1 MiB CSR": lambda: csr_pem(new_key()) + b"#" * (1024 * 1024),
     # These parse, but cryptography decodes the parts lazily, with exceptions of its own:
     "version 2 (InvalidVersion)": lambda: hostile_csr(version=1),
     "version 3": lambda: hostile_csr(version=2),
@@ -130,21 +130,19 @@ def test_forbidden_csr_is_invalid_argument(case: str) -> None:
     assert info.value.public.startswith("invalid CSR:")
 
 
-@pytest.mark.parametrize("key_type", [KeyType.EC_P256, KeyType.RSA2048])
-def test_bad_signature_is_rejected(key_type: KeyType) -> None:
-    forged = forge_signature(csr_pem(generate_key(key_type)))
+@pytest.mark.parametrize("key_kind", ["ec256", "rsa"])
+def test_bad_signature_is_rejected(key_kind: KeyKind) -> None:
+    forged = forge_signature(csr_pem(new_key(key_kind)))
     with pytest.raises(InvalidRequestError, match="signature does not verify"):
         validate_csr(forged, ALLOWED)
 
 
 def test_signature_left_to_the_backend_when_asked() -> None:
     """check_signature=False: an issuer whose backend verifies it (issuers.base, item 7)."""
-    forged = forge_signature(csr_pem(generate_key(KeyType.EC_P256)))
+    forged = forge_signature(csr_pem(new_key()))
     assert validate_csr(forged, ALLOWED, check_signature=False).uri == WORKLOAD
     with pytest.raises(InvalidRequestError, match="only the workload's spiffe"):  # every other rule still runs
-        validate_csr(
-            forge_signature(csr_pem(generate_key(KeyType.EC_P256), dns_names=("x",))), ALLOWED, check_signature=False
-        )
+        validate_csr(forge_signature(csr_pem(new_key(), dns_names=("x",))), ALLOWED, check_signature=False)
 
 
 def test_size_is_capped_before_parsing() -> None:
@@ -162,6 +160,6 @@ def test_size_is_capped_before_parsing() -> None:
 )
 def test_other_identity_is_unauthenticated(uri: str) -> None:
     with pytest.raises(AuthenticationError) as info:
-        validate_csr(csr_pem(generate_key(KeyType.EC_P256), uris=(uri,)), ALLOWED)
+        validate_csr(csr_pem(new_key(), uris=(uri,)), ALLOWED)
     assert uri in info.value.detail
     assert uri not in info.value.public  # the client gets the short version

@@ -9,9 +9,8 @@ from pathlib import Path
 
 from csr_service.common.request import RequestContext
 from csr_service.pipeline.authn.jwt import JWTAuthenticator, StaticKeySource
-from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import key_to_pem
 from csr_service.service.dev import mint_dev_token, prepare_dev_state
+from tests.support.pki import key_pem, new_key
 
 
 def _authenticate(state_dir: Path, token: str) -> str:
@@ -38,7 +37,7 @@ def test_first_start_creates_an_rs256_key_like_kubernetes(tmp_path: Path) -> Non
 
 def test_a_state_directory_with_an_older_ec_key_keeps_signing_es256(tmp_path: Path) -> None:
     tmp_path.mkdir(exist_ok=True)
-    (tmp_path / "jwt-signing-key.pem").write_bytes(key_to_pem(generate_key(KeyType.EC_P256)))
+    (tmp_path / "jwt-signing-key.pem").write_bytes(key_pem(new_key()))
     state = prepare_dev_state(tmp_path)
     (jwk,) = json.loads(state.jwks.read_text())["keys"]
     assert (jwk["kty"], jwk["alg"]) == ("EC", "ES256")

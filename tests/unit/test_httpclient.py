@@ -19,6 +19,7 @@ import pytest
 
 from csr_service.infra.httpclient import MAX_BODY, AsyncHTTP, ssl_context
 from tests.support.certs import tls_files
+from tests.support.waiting import wait_for_async
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, dict[str, int]], Awaitable[None]]
 
@@ -156,12 +157,16 @@ def test_idle_connection_closed_by_server_is_replaced_transparently() -> None:
             stats["requests"] += 1
             writer.write(answer(200, b"{}"))
             await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+            stats["closed"] = stats.get("closed", 0) + 1
 
         async with client_for(one_shot) as (http, stats, _):
             assert (await http.request("GET", "/v1/a", {})).status == 200
-            await asyncio.sleep(0.05)
+            # The idle connection is dead before the next request goes out.
+            await wait_for_async(lambda: stats.get("closed") == 1, timeout=5, what="the server to close the connection")
             assert (await http.request("GET", "/v1/b", {})).status == 200
-            assert stats == {"connections": 2, "requests": 2}
+            assert (stats["connections"], stats["requests"]) == (2, 2)
 
     asyncio.run(body())
 

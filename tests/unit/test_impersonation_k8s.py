@@ -14,10 +14,10 @@ from csr_service.common.identity import SpiffeId
 from csr_service.config import Config, resolve
 from csr_service.kube.podcache import PodIndex, PodInfo, slim
 from csr_service.pipeline.impersonation_k8s import NodeImpersonationPolicy
-from csr_service.pki.keys import KeyType, generate_key
 from csr_service.plugins.authenticator import Caller
 from tests.support.certs import csr_pem, uri_sans
 from tests.support.pipeline import ctx, make_pipeline, token
+from tests.support.pki import new_key
 
 TARGET = "spiffe://cluster.local/ns/bookinfo/sa/reviews"
 
@@ -168,7 +168,7 @@ def test_pipeline_issues_the_impersonated_identity(tmp_path: Path) -> None:
         kit.pipeline.impersonation = policy()
         # The test JWT carries no pod binding; give the caller one through the claim Istio tokens have.
         tok = token("istio-system", "ztunnel", **{"kubernetes.io": {"pod": {"name": "ztunnel-a", "uid": "zt-uid"}}})
-        csr = csr_pem(generate_key(KeyType.EC_P256), uris=(TARGET,)).decode()
+        csr = csr_pem(new_key(), uris=(TARGET,)).decode()
         return await kit.pipeline.create_certificate(csr, 3600, {"ImpersonatedIdentity": TARGET}, ctx(tok))
 
     chain = asyncio.run(go())

@@ -9,15 +9,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from csr_service.pki.keys import KeyType
 from issuers.local.issuer import DirectorySource, LocalCAIssuer
 from tests.conformance.issuer_suite import IssuerConformance, IssuerFactory
 from tests.support.certs import write_ca_dir
 
 VARIANTS = {
-    "cacerts-ec-root": dict(layout="cacerts", key_type=KeyType.EC_P256),
-    "cacerts-rsa-intermediate": dict(layout="cacerts", key_type=KeyType.RSA2048, intermediate=True),
-    "tls-ec384-intermediate": dict(layout="tls", key_type=KeyType.EC_P384, intermediate=True),
+    "cacerts-ec-root": dict(layout="cacerts", key_kind="ec256"),
+    "cacerts-rsa-intermediate": dict(layout="cacerts", key_kind="rsa", intermediate=True),
+    "tls-ec384-intermediate": dict(layout="tls", key_kind="ec384", intermediate=True),
 }
 
 

@@ -22,6 +22,7 @@ from csr_service.pipeline.authn.jwks import (
     UrlFetcher,
 )
 from csr_service.plugins.authenticator import Caller
+from tests.support.waiting import wait_for_async
 
 ISS = "https://kubernetes.default.svc.cluster.local"
 KEYS = {kid: ec.generate_private_key(ec.SECP256R1()) for kid in ("old", "new")}
@@ -153,7 +154,15 @@ def test_stale_keys_are_refreshed_in_the_background() -> None:
         fetcher.keys = jwks("new")  # "old" retired upstream
         # This request still uses the keys it has; the refresh runs alongside.
         await authn.authenticate(RequestContext(metadata={"authorization": f"Bearer {token()}"}))
-        await asyncio.sleep(0.01)
+
+        async def old_key_retired() -> bool:
+            try:
+                await authn.authenticate(RequestContext(metadata={"authorization": f"Bearer {token('old')}"}))
+            except AuthenticationError:
+                return True
+            return False
+
+        await wait_for_async(old_key_retired, timeout=5, what="the background refresh to retire key 'old'")
 
     asyncio.run(go())
     assert fetcher.fetches == 2

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from csr_service.pki.certs import LeafSpec, build_leaf, build_self_signed_ca
-from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import cert_to_pem, key_to_pem
 from issuers.local.issuer import DirectorySource, LocalCAIssuer
 from issuers.local.material import CAMaterialError, load_ca_dir
+from tests.support import pki
 from tests.support.certs import write_ca_dir
+from tests.support.pki import certs_pem, key_pem, new_key
+from tests.support.waiting import wait_for_async
 
 
 @pytest.mark.parametrize("layout", ["cacerts", "tls"])
@@ -29,21 +29,16 @@ def test_layouts_load(tmp_path: Path, layout: str, intermediate: bool) -> None:
 
 
 def test_two_level_intermediates(tmp_path: Path) -> None:
-    from csr_service.pki.certs import build_intermediate_ca
-
-    root_key = generate_key(KeyType.EC_P256)
-    root = build_self_signed_ca(root_key, common_name="root", path_length=2)
-    k1 = generate_key(KeyType.EC_P256)
-    i1 = build_intermediate_ca(k1, root, root_key, common_name="i1", path_length=1)
-    k2 = generate_key(KeyType.RSA2048)
-    i2 = build_intermediate_ca(k2, i1, k1, common_name="i2")
-    (tmp_path / "ca-cert.pem").write_text(cert_to_pem(i2))
-    (tmp_path / "ca-key.pem").write_bytes(key_to_pem(k2))
-    (tmp_path / "cert-chain.pem").write_text(cert_to_pem(i2) + cert_to_pem(root) + cert_to_pem(i1))  # any order
-    (tmp_path / "root-cert.pem").write_text(cert_to_pem(root))
+    root = pki.make_ca("root", path_length=2)
+    i1 = pki.make_ca("i1", parent=root, path_length=1)
+    i2 = pki.make_ca("i2", "rsa", parent=i1, path_length=0)
+    (tmp_path / "ca-cert.pem").write_bytes(i2.cert_pem)
+    (tmp_path / "ca-key.pem").write_bytes(i2.key_pem)
+    (tmp_path / "cert-chain.pem").write_text(certs_pem(i2.cert, root.cert, i1.cert))  # any order
+    (tmp_path / "root-cert.pem").write_bytes(root.cert_pem)
     m = load_ca_dir(tmp_path)
-    assert m.cert == i2
-    assert m.intermediates == (i1,)
+    assert m.cert == i2.cert
+    assert m.intermediates == (i1.cert,)
 
 
 def test_self_signed_without_root_file(tmp_path: Path) -> None:
@@ -54,34 +49,28 @@ def test_self_signed_without_root_file(tmp_path: Path) -> None:
 
 def test_multiple_roots_in_bundle(tmp_path: Path) -> None:
     write_ca_dir(tmp_path)
-    other = build_self_signed_ca(generate_key(KeyType.EC_P256), common_name="next root")
+    other = pki.make_ca("next root")
     with (tmp_path / "root-cert.pem").open("a") as fh:
-        fh.write(cert_to_pem(other))
+        fh.write(certs_pem(other.cert))
     assert len(load_ca_dir(tmp_path).roots) == 2
 
 
 def test_key_mismatch(tmp_path: Path) -> None:
     write_ca_dir(tmp_path)
-    (tmp_path / "ca-key.pem").write_bytes(key_to_pem(generate_key(KeyType.EC_P256)))
+    (tmp_path / "ca-key.pem").write_bytes(key_pem(new_key()))
     with pytest.raises(CAMaterialError, match="does not match"):
         load_ca_dir(tmp_path)
 
 
 def test_not_a_ca(tmp_path: Path) -> None:
-    _, _, root = write_ca_dir(tmp_path)
-    root_key = generate_key(KeyType.EC_P256)
-    root = build_self_signed_ca(root_key, common_name="r")
-    leaf_key = generate_key(KeyType.EC_P256)
-    leaf = build_leaf(
-        leaf_key.public_key(),
-        LeafSpec(not_after=datetime.now(UTC) + timedelta(days=1), dns_names=["x"]),
-        root,
-        root_key,
-    )
-    (tmp_path / "ca-cert.pem").write_text(cert_to_pem(leaf))
-    (tmp_path / "ca-key.pem").write_bytes(key_to_pem(leaf_key))
-    (tmp_path / "cert-chain.pem").write_text(cert_to_pem(leaf))
-    (tmp_path / "root-cert.pem").write_text(cert_to_pem(root))
+    write_ca_dir(tmp_path)
+    root = pki.make_ca("r")
+    leaf_key = new_key()
+    leaf = pki.sign_leaf(root, leaf_key.public_key(), dns=["x"])
+    (tmp_path / "ca-cert.pem").write_text(certs_pem(leaf))
+    (tmp_path / "ca-key.pem").write_bytes(key_pem(leaf_key))
+    (tmp_path / "cert-chain.pem").write_text(certs_pem(leaf))
+    (tmp_path / "root-cert.pem").write_bytes(root.cert_pem)
     with pytest.raises(CAMaterialError, match="not a CA"):
         load_ca_dir(tmp_path)
 
@@ -94,8 +83,7 @@ def test_expired(tmp_path: Path) -> None:
 
 def test_chain_does_not_reach_root(tmp_path: Path) -> None:
     write_ca_dir(tmp_path, intermediate=True)
-    other = build_self_signed_ca(generate_key(KeyType.EC_P256), common_name="unrelated")
-    (tmp_path / "root-cert.pem").write_text(cert_to_pem(other))
+    (tmp_path / "root-cert.pem").write_bytes(pki.make_ca("unrelated").cert_pem)
     with pytest.raises(CAMaterialError, match="does not chain"):
         load_ca_dir(tmp_path)
 
@@ -141,12 +129,10 @@ def test_watch_task_picks_up_changes(tmp_path: Path) -> None:
     async def scenario() -> None:
         await issuer.start()
         new, _, _ = write_ca_dir(tmp_path)
-        for _ in range(100):
-            if issuer.material.cert == new:
-                break
-            await asyncio.sleep(0.05)
-        await issuer.stop()
-        assert issuer.material.cert == new
+        try:
+            await wait_for_async(lambda: issuer.material.cert == new, timeout=5, what="the watch to load the new CA")
+        finally:
+            await issuer.stop()
 
     asyncio.run(scenario())
 

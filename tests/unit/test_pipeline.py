@@ -24,12 +24,11 @@ from csr_service.common.errors import (
     UnavailableError,
     status_code_for,
 )
-from csr_service.pki.certs import build_self_signed_ca
-from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import parse_certs
 from csr_service.plugins.issuer import IssuedChain, SigningRequest
+from tests.support import pki
 from tests.support.certs import WORKLOAD, csr_pem, forge_signature, uri_sans
 from tests.support.pipeline import ctx, make_pipeline, token
+from tests.support.pki import load_certs, new_key
 
 
 def _run(coro: Any) -> Any:
@@ -45,19 +44,19 @@ async def _issue(
 
 
 def test_response_is_leaf_then_root_bundle(tmp_path: Path) -> None:
-    chain = _run(_issue(tmp_path, csr_pem(generate_key(KeyType.EC_P256))))
+    chain = _run(_issue(tmp_path, csr_pem(new_key())))
     assert len(chain) == 2
     assert all(e.endswith("\n") for e in chain)
-    leaf = parse_certs(chain[0].encode())[0]
+    leaf = load_certs(chain[0].encode())[0]
     assert uri_sans(leaf) == [WORKLOAD]
-    root = parse_certs(chain[1].encode())[0]
+    root = load_certs(chain[1].encode())[0]
     assert leaf.issuer == root.subject
 
 
 def test_intermediate_is_between_leaf_and_root(tmp_path: Path) -> None:
-    chain = _run(_issue(tmp_path, csr_pem(generate_key(KeyType.RSA2048)), intermediate=True))
+    chain = _run(_issue(tmp_path, csr_pem(new_key("rsa")), intermediate=True))
     assert len(chain) == 3
-    leaf, inter, root = (parse_certs(e.encode())[0] for e in chain)
+    leaf, inter, root = (load_certs(e.encode())[0] for e in chain)
     assert leaf.issuer == inter.subject
     assert inter.issuer == root.subject
 
@@ -65,22 +64,22 @@ def test_intermediate_is_between_leaf_and_root(tmp_path: Path) -> None:
 def test_multi_root_bundle_is_last_element(tmp_path: Path) -> None:
     async def scenario() -> list[str]:
         kit = await make_pipeline(tmp_path)
-        extra = build_self_signed_ca(generate_key(KeyType.EC_P256), common_name="next")
+        extra = pki.make_ca("next").cert
         kit.trust.update([*kit.trust.current.roots, extra])
-        return await kit.pipeline.create_certificate(csr_pem(generate_key(KeyType.EC_P256)).decode(), 0, {}, ctx())
+        return await kit.pipeline.create_certificate(csr_pem(new_key()).decode(), 0, {}, ctx())
 
     chain = _run(scenario())
-    assert len(parse_certs(chain[-1].encode())) == 2
+    assert len(load_certs(chain[-1].encode())) == 2
 
 
 def test_ttl_is_clamped(tmp_path: Path) -> None:
-    chain = _run(_issue(tmp_path, csr_pem(generate_key(KeyType.EC_P256)), seconds=86400 * 365))
-    leaf = parse_certs(chain[0].encode())[0]
+    chain = _run(_issue(tmp_path, csr_pem(new_key()), seconds=86400 * 365))
+    leaf = load_certs(chain[0].encode())[0]
     assert leaf.not_valid_after_utc <= datetime.now(UTC) + timedelta(hours=1, seconds=5)
 
 
 def test_other_identity_is_unauthenticated(tmp_path: Path) -> None:
-    csr = csr_pem(generate_key(KeyType.EC_P256), uris=("spiffe://cluster.local/ns/default/sa/admin",))
+    csr = csr_pem(new_key(), uris=("spiffe://cluster.local/ns/default/sa/admin",))
     with pytest.raises(AuthenticationError):
         _run(_issue(tmp_path, csr))
 
@@ -99,7 +98,7 @@ def test_cluster_id(tmp_path: Path, cluster: str, ok: bool) -> None:
     async def scenario() -> list[str]:
         kit = await make_pipeline(tmp_path)
         c = ctx(clusterid=cluster) if cluster else ctx()
-        return await kit.pipeline.create_certificate(csr_pem(generate_key(KeyType.EC_P256)).decode(), 0, {}, c)
+        return await kit.pipeline.create_certificate(csr_pem(new_key()).decode(), 0, {}, c)
 
     if ok:
         assert _run(scenario())
@@ -109,7 +108,7 @@ def test_cluster_id(tmp_path: Path, cluster: str, ok: bool) -> None:
 
 
 def test_impersonation_is_refused_without_policy(tmp_path: Path) -> None:
-    csr = csr_pem(generate_key(KeyType.EC_P256), uris=("spiffe://cluster.local/ns/a/sa/b",))
+    csr = csr_pem(new_key(), uris=("spiffe://cluster.local/ns/a/sa/b",))
     with pytest.raises(PermissionDeniedError, match="impersonat"):
         _run(_issue(tmp_path, csr, md={"ImpersonatedIdentity": "spiffe://cluster.local/ns/a/sa/b"}))
 
@@ -131,8 +130,7 @@ class _BadIssuer:
             request = replace(request, uris=("spiffe://cluster.local/ns/x/sa/y",))
         issued: IssuedChain = await self.inner.sign(request)
         if self.mode == "foreign-chain":
-            key = generate_key(KeyType.EC_P256)
-            return IssuedChain(leaf=issued.leaf, chain=[build_self_signed_ca(key, common_name="evil")])
+            return IssuedChain(leaf=issued.leaf, chain=[pki.make_ca("evil").cert])
         return issued
 
 
@@ -144,7 +142,7 @@ def test_issuer_output_is_verified(tmp_path: Path, mode: str, error: type[CSRSer
     async def scenario() -> None:
         kit = await make_pipeline(tmp_path / "ca")
         kit.pipeline.issuers.current = _BadIssuer(kit.issuer, mode)
-        await kit.pipeline.create_certificate(csr_pem(generate_key(KeyType.EC_P256)).decode(), 0, {}, ctx())
+        await kit.pipeline.create_certificate(csr_pem(new_key()).decode(), 0, {}, ctx())
 
     with pytest.raises(error):
         _run(scenario())
@@ -153,9 +151,9 @@ def test_issuer_output_is_verified(tmp_path: Path, mode: str, error: type[CSRSer
 def test_chain_not_reaching_trust_bundle_is_internal(tmp_path: Path) -> None:
     async def scenario() -> None:
         kit = await make_pipeline(tmp_path / "ca")
-        other = build_self_signed_ca(generate_key(KeyType.EC_P256), common_name="other root")
+        other = pki.make_ca("other root").cert
         kit.trust.update([other])  # the bundle no longer contains the issuing root
-        await kit.pipeline.create_certificate(csr_pem(generate_key(KeyType.EC_P256)).decode(), 0, {}, ctx())
+        await kit.pipeline.create_certificate(csr_pem(new_key()).decode(), 0, {}, ctx())
 
     with pytest.raises(InternalError, match="trust bundle"):
         _run(scenario())
@@ -164,9 +162,9 @@ def test_chain_not_reaching_trust_bundle_is_internal(tmp_path: Path) -> None:
 def test_verification_cache_notices_a_changed_bundle(tmp_path: Path) -> None:
     async def scenario() -> None:
         kit = await make_pipeline(tmp_path / "ca")
-        csr = csr_pem(generate_key(KeyType.EC_P256)).decode()
+        csr = csr_pem(new_key()).decode()
         await kit.pipeline.create_certificate(csr, 0, {}, ctx())  # fills the cache
-        kit.trust.update([build_self_signed_ca(generate_key(KeyType.EC_P256), common_name="other root")])
+        kit.trust.update([pki.make_ca("other root").cert])
         await kit.pipeline.create_certificate(csr, 0, {}, ctx())
 
     with pytest.raises(InternalError):
@@ -175,7 +173,7 @@ def test_verification_cache_notices_a_changed_bundle(tmp_path: Path) -> None:
 
 def test_non_string_impersonation_is_invalid(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError):
-        _run(_issue(tmp_path, csr_pem(generate_key(KeyType.EC_P256)), md={"ImpersonatedIdentity": True}))
+        _run(_issue(tmp_path, csr_pem(new_key()), md={"ImpersonatedIdentity": True}))
 
 
 def test_error_table_covers_every_error_class() -> None:
@@ -203,12 +201,16 @@ class _StampingIssuer:
         self.inner, self.ahead = inner, ahead
 
     async def sign(self, request: SigningRequest) -> IssuedChain:
-        from csr_service.pki.certs import LeafSpec, build_leaf
-
         m = self.inner.material
         start = datetime.now(UTC).replace(microsecond=0) + self.ahead
-        spec = LeafSpec(not_before=start, not_after=start + request.ttl - self.ahead, uris=request.uris)
-        return IssuedChain(leaf=build_leaf(request.csr.public_key(), spec, m.cert, m.key), chain=(m.cert,))
+        leaf = pki.sign_leaf(
+            pki.KeyPair(m.cert, m.key),
+            request.csr.public_key(),
+            uris=request.uris,
+            not_before=start,
+            not_after=start + request.ttl - self.ahead,
+        )
+        return IssuedChain(leaf=leaf, chain=(m.cert,))
 
 
 @pytest.mark.parametrize(("ahead", "ok"), [(timedelta(seconds=1), True), (timedelta(minutes=10), False)])
@@ -216,7 +218,7 @@ def test_not_before_of_a_non_backdating_backend(tmp_path: Path, ahead: timedelta
     async def scenario() -> list[str]:
         kit = await make_pipeline(tmp_path / "ca")
         kit.pipeline.issuers.current = _StampingIssuer(kit.issuer, ahead)
-        return await kit.pipeline.create_certificate(csr_pem(generate_key(KeyType.EC_P256)).decode(), 0, {}, ctx())
+        return await kit.pipeline.create_certificate(csr_pem(new_key()).decode(), 0, {}, ctx())
 
     if ok:
         assert len(_run(scenario())) == 2
@@ -262,7 +264,7 @@ def test_forged_csr_never_reaches_an_issuer_that_relies_on_the_pipeline(tmp_path
     class Counting(_BackendChecksSignature):
         checks_csr_signature = False
 
-    issuer, error = _with_issuer(tmp_path, Counting, forge_signature(csr_pem(generate_key(KeyType.EC_P256))))
+    issuer, error = _with_issuer(tmp_path, Counting, forge_signature(csr_pem(new_key())))
     assert isinstance(error, InvalidRequestError)
     assert "signature does not verify" in error.public
     assert issuer.calls == 0
@@ -276,9 +278,7 @@ def test_signature_is_left_to_a_backend_that_checks_it(tmp_path: Path) -> None:
         return REGISTRY.get_sample_value("citadel_server_csr_sign_err_count_total", {"error": label}) or 0.0
 
     csr_errors, not_ready = sign_errors("CSR_ERROR"), sign_errors("CA_NOT_READY")
-    issuer, error = _with_issuer(
-        tmp_path, _BackendChecksSignature, forge_signature(csr_pem(generate_key(KeyType.EC_P256)))
-    )
+    issuer, error = _with_issuer(tmp_path, _BackendChecksSignature, forge_signature(csr_pem(new_key())))
     assert issuer.calls == 1
     assert isinstance(error, InvalidRequestError)
     assert error.public == "invalid CSR: signature does not verify"
@@ -291,7 +291,7 @@ def test_signature_is_left_to_a_backend_that_checks_it(tmp_path: Path) -> None:
 
 def test_a_backend_refusing_a_good_csr_is_still_failed_precondition(tmp_path: Path) -> None:
     issuer, error = _with_issuer(
-        tmp_path, lambda inner: _BackendChecksSignature(inner, refuse_all=True), csr_pem(generate_key(KeyType.RSA2048))
+        tmp_path, lambda inner: _BackendChecksSignature(inner, refuse_all=True), csr_pem(new_key("rsa"))
     )
     assert issuer.calls == 1
     assert isinstance(error, FailedPreconditionError)
@@ -299,7 +299,7 @@ def test_a_backend_refusing_a_good_csr_is_still_failed_precondition(tmp_path: Pa
 
 
 def test_a_backend_that_checks_signatures_signs_good_csrs(tmp_path: Path) -> None:
-    issuer, error = _with_issuer(tmp_path, _BackendChecksSignature, csr_pem(generate_key(KeyType.EC_P256)))
+    issuer, error = _with_issuer(tmp_path, _BackendChecksSignature, csr_pem(new_key()))
     assert error is None
     assert issuer.calls == 1
 
@@ -310,7 +310,7 @@ def test_the_issuer_gets_the_csr_key_the_checks_parsed(tmp_path: Path) -> None:
             self.seen = request.csr_public_key
             return await super().sign(request)
 
-    key = generate_key(KeyType.EC_P256)
+    key = new_key()
     issuer, error = _with_issuer(tmp_path, Recording, csr_pem(key))
     assert error is None
     assert issuer.seen == key.public_key()

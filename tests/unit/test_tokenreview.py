@@ -22,6 +22,7 @@ from csr_service.pipeline.authn.tokenreview import (
     unverified_exp,
 )
 from csr_service.plugins.authenticator import Caller
+from tests.support.waiting import wait_for_async
 
 NOW = 1_800_000_000.0
 
@@ -238,7 +239,7 @@ def test_concurrent_identical_reviews_share_one_call() -> None:
     async def go() -> list[Caller]:
         reviewer.gate = asyncio.Event()
         tasks = [asyncio.create_task(authn.authenticate(ctx(jwt_like()))) for _ in range(10)]
-        await asyncio.sleep(0)
+        await wait_for_async(lambda: authn.stats["coalesced"] == 9, timeout=5, what="nine callers joining the review")
         reviewer.gate.set()
         return await asyncio.gather(*tasks)
 
@@ -256,7 +257,7 @@ def test_a_cancelled_caller_does_not_cancel_the_shared_review() -> None:
         reviewer.gate = asyncio.Event()
         first = asyncio.create_task(authn.authenticate(ctx(jwt_like())))
         second = asyncio.create_task(authn.authenticate(ctx(jwt_like())))
-        await asyncio.sleep(0)
+        await wait_for_async(lambda: authn.stats["coalesced"] == 1, timeout=5, what="the second caller joining")
         first.cancel()  # e.g. its request deadline passed
         reviewer.gate.set()
         return await second
@@ -272,7 +273,7 @@ def test_api_errors_are_unavailable_not_cached_and_shared_as_fresh_exceptions() 
     async def go() -> list[BaseException]:
         reviewer.gate = asyncio.Event()
         tasks = [asyncio.create_task(authn.authenticate(ctx(jwt_like()))) for _ in range(3)]
-        await asyncio.sleep(0)
+        await wait_for_async(lambda: authn.stats["coalesced"] == 2, timeout=5, what="two callers joining the review")
         reviewer.gate.set()
         return list(await asyncio.gather(*tasks, return_exceptions=True))
 

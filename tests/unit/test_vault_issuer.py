@@ -1,30 +1,26 @@
-"""The Vault issuer, its client and the Vault-KV CA source against an in-memory Vault.
+"""The Vault issuer, its client and the Vault-KV CA source: what only a fake Vault can show.
 
-``FakeVault`` is a requests transport (like httpx's MockTransport): the real hvac and
-requests code runs, only the socket is replaced. It implements just what csr-service uses —
-token lookup/renew/revoke, approle and kubernetes login, PKI sign (signing with a real test
-CA), the issuer JSON and KV reads — and lets a test inject failures.
+``FakeVault`` (tests/support/fake_vault.py) is a requests transport: the real hvac and requests
+code runs, only the socket is replaced. The behaviours it shares with a real Vault (signing,
+chains, the role's policy, re-login, outages, roots, the KV seed layout) are tested against the
+fake *and* OpenBao by one body each, in tests/integration/vault/test_vault_behaviours.py. Here
+is the rest: answers a healthy OpenBao never gives (injected statuses, a Vault issuing too long
+or for another key), the exact lease schedule, and what never reaches Vault at all.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import base64
 import logging
-import secrets
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Any
 
 import pytest
 import requests
-from cryptography import x509
-from requests.adapters import BaseAdapter
 
 from csr_service.common.errors import (
     CSRServiceError,
@@ -33,204 +29,26 @@ from csr_service.common.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from csr_service.pki.certs import LeafSpec, build_intermediate_ca, build_leaf, build_self_signed_ca
-from csr_service.pki.chain import fingerprint
-from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import cert_to_pem, key_to_pem
-from csr_service.plugins.issuer import IssuedChain, SigningRequest
+from csr_service.plugins.issuer import IssuedChain
 from issuers.local.issuer import LocalCAIssuer
 from issuers.local.material import CAMaterialError
 from issuers.local.vault_kv import KVSettings, VaultKVSource
 from issuers.vault.issuer import VaultIssuer
-from issuers.vault.settings import IssuerSettings
 from issuers.vault_connection.client import VaultClient
 from issuers.vault_connection.settings import ConnectionSettings
 from tests.support.certs import WORKLOAD
+from tests.support.fake_vault import FakeVault, fake_client, fake_values, make_issuer
 from tests.support.issuers import run_issuer as run_with
 from tests.support.issuers import signing_request as request
-
-T = TypeVar("T")
-ADDRESS = "http://vault.test:8200"
+from tests.support.pki import certs_pem, key_pem
 
 
-@dataclass
-class Role:
-    uri_prefix: str = "spiffe://cluster.local/"
-    max_ttl: timedelta = timedelta(hours=24)
+def issuer_for(tmp: Path, fake: FakeVault, auth: str = "token", **kw: Any) -> VaultIssuer:
+    return make_issuer(fake, fake_values(fake, tmp, auth, **kw))
 
 
-@dataclass
-class FakeVault(BaseAdapter):
-    """An in-memory Vault behind a requests transport."""
-
-    renewable: bool = True
-    token_ttl: int = 3600
-    renew_ttl: int | None = None  # what renew-self grants (None: token_ttl)
-    approle: tuple[str, str] = ("role-1", "secret-1")
-    jwts: set[str] = field(default_factory=lambda: {"jwt-1"})
-    roles: dict[str, Role] = field(default_factory=lambda: {"spiffe": Role()})
-    kv: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: Statuses (or exceptions) returned instead of the next sign answers, in order.
-    sign_failures: list[int | Exception] = field(default_factory=list)
-    down: bool = False
-    sign_delay: float = 0.0
-    extra_lifetime: timedelta = timedelta(0)  # issue longer than asked (a broken Vault)
-    swap_key: bool = False  # certify another key than the CSR's
-
-    def __post_init__(self) -> None:
-        super().__init__()
-        self.root_key = generate_key(KeyType.EC_P256)
-        self.root = build_self_signed_ca(self.root_key, common_name="fake root", lifetime=timedelta(days=30))
-        self.ca_key = generate_key(KeyType.EC_P256)
-        self.ca = build_intermediate_ca(
-            self.ca_key, self.root, self.root_key, common_name="fake intermediate", lifetime=timedelta(days=30)
-        )
-        self.tokens: dict[str, float] = {}  # token -> expiry (monotonic)
-        self.counts: dict[str, int] = {}
-        self.seen_tokens: list[str] = []
-        self.lock = threading.Lock()
-
-    # --- helpers for tests
-    def issue_token(self, ttl: int | None = None) -> str:
-        token = "hvs." + secrets.token_hex(12)
-        self.tokens[token] = time.monotonic() + (ttl or self.token_ttl)
-        return token
-
-    def revoke_all(self) -> None:
-        self.tokens.clear()
-
-    def count(self, what: str) -> int:
-        return self.counts.get(what, 0)
-
-    # --- transport
-    def close(self) -> None:
-        pass
-
-    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        if self.down:
-            raise requests.ConnectionError("[Errno 111] Connection refused")
-        path = urlsplit(request.url).path
-        body = json.loads(request.body) if request.body else {}
-        token = request.headers.get("X-Vault-Token", "")
-        status, payload = self._route(request.method or "GET", path, body, token)
-        resp = requests.Response()
-        resp.status_code = status
-        resp._content = json.dumps(payload).encode() if payload is not None else b""
-        resp.headers["Content-Type"] = "application/json"
-        resp.url = request.url or ""
-        resp.request = request
-        return resp
-
-    def _bump(self, what: str) -> None:
-        with self.lock:
-            self.counts[what] = self.counts.get(what, 0) + 1
-
-    def _valid(self, token: str) -> bool:
-        return token in self.tokens and time.monotonic() < self.tokens[token]
-
-    def _login(self, kind: str) -> tuple[int, dict[str, Any]]:
-        self._bump("login")
-        self._bump(kind)
-        token = self.issue_token()
-        return 200, {"auth": {"client_token": token, "lease_duration": self.token_ttl, "renewable": self.renewable}}
-
-    def _route(self, method: str, path: str, body: dict[str, Any], token: str) -> tuple[int, Any]:
-        denied = 403, {"errors": ["permission denied"]}
-        if path == "/v1/auth/approle/login":
-            if (body.get("role_id"), body.get("secret_id")) != self.approle:
-                return 400, {"errors": ["invalid role or secret ID"]}
-            return self._login("approle")
-        if path == "/v1/auth/kubernetes/login":
-            return self._login("kubernetes") if body.get("jwt") in self.jwts else denied
-        if token:
-            self.seen_tokens.append(token)
-        if not self._valid(token):
-            return denied
-        if path == "/v1/auth/token/lookup-self":
-            self._bump("lookup")
-            ttl = int(self.tokens[token] - time.monotonic())
-            return 200, {"data": {"ttl": ttl, "renewable": self.renewable}}
-        if path == "/v1/auth/token/renew-self":
-            self._bump("renew")
-            ttl = self.renew_ttl or self.token_ttl
-            self.tokens[token] = time.monotonic() + ttl
-            return 200, {"auth": {"client_token": token, "lease_duration": ttl, "renewable": self.renewable}}
-        if path == "/v1/auth/token/revoke-self":
-            self._bump("revoke")
-            self.tokens.pop(token, None)
-            return 204, None
-        if path == "/v1/pki/issuer/default/json":
-            return 200, {"data": {"certificate": cert_to_pem(self.ca), "ca_chain": [cert_to_pem(self.ca)]}}
-        if "/sign/" in path or "/sign-verbatim/" in path:
-            return self._sign(path, body)
-        if path.startswith("/v1/") and path[4:] in self.kv:
-            return 200, {"data": self.kv[path[4:]]}
-        return 404, {"errors": []}
-
-    def _sign(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        self._bump("sign")
-        if self.sign_delay:
-            time.sleep(self.sign_delay)
-        with self.lock:
-            failure = self.sign_failures.pop(0) if self.sign_failures else None
-        if isinstance(failure, Exception):
-            raise failure
-        if failure is not None:
-            return failure, {"errors": [f"injected {failure}"]}
-        role = self.roles.get(path.rsplit("/", 1)[1])
-        if role is None:
-            return 400, {"errors": ["unknown role"]}
-        uris = [u for u in str(body.get("uri_sans", "")).split(",") if u]
-        if any(not u.startswith(role.uri_prefix) for u in uris):
-            return 400, {"errors": [f"URI Subject Alternative Names {uris} not allowed by this role"]}
-        ttl = timedelta(seconds=int(str(body["ttl"]).rstrip("s")))
-        warnings = []
-        if ttl > role.max_ttl:
-            warnings.append(f'TTL "{ttl}" is longer than permitted maxTTL "{role.max_ttl}", so maxTTL is being used')
-            ttl = role.max_ttl
-        csr = x509.load_pem_x509_csr(str(body["csr"]).encode())
-        key = generate_key(KeyType.EC_P256).public_key() if self.swap_key else csr.public_key()
-        now = datetime.now(UTC).replace(microsecond=0)
-        spec = LeafSpec(
-            not_before=now - timedelta(seconds=30),
-            not_after=now + ttl + self.extra_lifetime,
-            uris=uris,
-            dns_names=[d for d in str(body.get("alt_names", "")).split(",") if d],
-            ip_addresses=[i for i in str(body.get("ip_sans", "")).split(",") if i],
-        )
-        leaf = build_leaf(key, spec, self.ca, self.ca_key)  # type: ignore[arg-type]
-        # Like Vault: the issuing CA appears in ca_chain *and* issuing_ca, and ca_chain has the root.
-        data = {
-            "certificate": cert_to_pem(leaf),
-            "issuing_ca": cert_to_pem(self.ca),
-            "ca_chain": [cert_to_pem(self.ca), cert_to_pem(self.root)],
-            "serial_number": f"{leaf.serial_number:x}",
-        }
-        return 200, {"data": data, "warnings": warnings or None}
-
-
-# ------------------------------------------------------------------------------ helpers
-def conn_settings(tmp: Path, fake: FakeVault, auth: str = "token", **kw: Any) -> ConnectionSettings:
-    values: dict[str, Any] = {"vault-address": ADDRESS, "vault-auth": auth}
-    if auth == "token":
-        (tmp / "token").write_text(fake.issue_token())
-        values["vault-token-file"] = str(tmp / "token")
-    elif auth == "approle":
-        (tmp / "role-id").write_text(fake.approle[0])
-        (tmp / "secret-id").write_text(fake.approle[1] + "\n")
-        values["vault-approle-role-id-file"] = str(tmp / "role-id")
-        values["vault-approle-secret-id-file"] = str(tmp / "secret-id")
-    elif auth == "kubernetes":
-        (tmp / "jwt").write_text(next(iter(fake.jwts)))
-        values["vault-kubernetes-role"] = "csr-service"
-        values["vault-kubernetes-token-file"] = str(tmp / "jwt")
-    values.update(kw)
-    return ConnectionSettings.from_values(values)
-
-
-def make_issuer(tmp: Path, fake: FakeVault, auth: str = "token", **kw: Any) -> VaultIssuer:
-    client = VaultClient(conn_settings(tmp, fake, auth), transport=fake)
-    return VaultIssuer(client, IssuerSettings.from_values({"vault-role": "spiffe", **kw}))
+def client_for(tmp: Path, fake: FakeVault, auth: str = "approle", **kw: Any) -> VaultClient:
+    return fake_client(fake, fake_values(fake, tmp, auth, **kw))
 
 
 @pytest.fixture
@@ -239,22 +57,8 @@ def fake() -> FakeVault:
 
 
 # ------------------------------------------------------------------------------ signing
-@pytest.mark.parametrize("auth", ["token", "approle", "kubernetes"])
-def test_signs_with_each_auth_method_and_one_login(fake: FakeVault, tmp_path: Path, auth: str) -> None:
-    issuer = make_issuer(tmp_path, fake, auth)
-    results: list[IssuedChain] = run_with(issuer, lambda i: asyncio.gather(*(i.sign(request()) for _ in range(10))))
-    assert len({r.leaf.serial_number for r in results}) == 10
-    assert fake.count("login") == (0 if auth == "token" else 1)
-    assert fake.count("lookup") == (1 if auth == "token" else 0)
-
-
-def test_chain_is_deduplicated_and_ordered(fake: FakeVault, tmp_path: Path) -> None:
-    issued: IssuedChain = run_with(make_issuer(tmp_path, fake), lambda i: i.sign(request()))
-    assert list(issued.chain) == [fake.ca, fake.root]
-
-
 def test_request_body_and_paths(fake: FakeVault, tmp_path: Path) -> None:
-    issuer = make_issuer(tmp_path, fake)
+    issuer = issuer_for(tmp_path, fake)
     body = issuer.sign_body(request(ttl=timedelta(minutes=30)))
     assert body["ttl"] == "1800s"
     assert body["common_name"] == ""
@@ -263,72 +67,59 @@ def test_request_body_and_paths(fake: FakeVault, tmp_path: Path) -> None:
     assert "alt_names" not in body
     assert "ip_sans" not in body
     assert issuer.sign_path("spiffe") == "/v1/pki/sign/spiffe"
-    pinned = make_issuer(tmp_path, fake, **{"vault-issuer-ref": "my-issuer", "vault-mount": "pki_int"})
+    pinned = issuer_for(tmp_path, fake, **{"vault-issuer-ref": "my-issuer", "vault-mount": "pki_int"})
     assert pinned.sign_path("spiffe") == "/v1/pki_int/issuer/my-issuer/sign/spiffe"
-    verbatim = make_issuer(tmp_path, fake, **{"vault-sign-verbatim": True})
+    verbatim = issuer_for(tmp_path, fake, **{"vault-sign-verbatim": True})
     assert verbatim.sign_path("spiffe") == "/v1/pki/sign-verbatim/spiffe"
     assert verbatim.sign_body(request())["ext_key_usage"] == ["ServerAuth", "ClientAuth"]
 
 
-def test_serving_purpose_uses_the_serving_role(fake: FakeVault, tmp_path: Path) -> None:
-    fake.roles["serving"] = Role()
-    issuer = make_issuer(tmp_path, fake, **{"vault-serving-role": "serving"})
-    req = request()
-    serving = SigningRequest(csr=req.csr, csr_pem=req.csr_pem, ttl=req.ttl, uris=req.uris, purpose="serving")
-    run_with(issuer, lambda i: i.sign(serving))
-    assert fake.count("sign") == 1
+def test_kubernetes_auth_logs_in_once_with_the_token_file(fake: FakeVault, tmp_path: Path) -> None:
+    # Against a real apiserver and OpenBao: tests/integration/vault/test_vault_issuer.py.
+    issuer = issuer_for(tmp_path, fake, "kubernetes")
+    results: list[IssuedChain] = run_with(issuer, lambda i: asyncio.gather(*(i.sign(request()) for _ in range(10))))
+    assert len({r.leaf.serial_number for r in results}) == 10
+    assert (fake.count("kubernetes"), fake.count("login")) == (1, 1)
+
+
+def test_ca_chain_holding_the_root_is_deduplicated_and_ordered(fake: FakeVault, tmp_path: Path) -> None:
+    # A mount whose root was imported answers issuing_ca=intermediate, ca_chain=[intermediate, root]
+    # (the test bed's OpenBao has no such mount).
+    issued: IssuedChain = run_with(
+        issuer_for(tmp_path, fake, **{"vault-mount": "pki_imported"}), lambda i: i.sign(request())
+    )
+    assert list(issued.chain) == [fake.intermediate.cert, fake.root.cert]
 
 
 def test_many_concurrent_signs_are_not_serialised(fake: FakeVault, tmp_path: Path) -> None:
+    # Each sign takes a while in the fake; with calls queued behind one connection or one
+    # thread, Vault would never see more than one at a time.
     fake.sign_delay = 0.2
-    issuer = make_issuer(tmp_path, fake)
+    issuer = issuer_for(tmp_path, fake)
     reqs = [request() for _ in range(64)]
-
-    async def body(i: VaultIssuer) -> float:
-        started = time.monotonic()
-        await asyncio.gather(*(i.sign(r) for r in reqs))
-        return time.monotonic() - started
-
-    elapsed = run_with(issuer, body)
-    assert elapsed < 0.2 * 64 / 8, f"64 x 200 ms signs took {elapsed:.1f}s: calls are queueing"
+    results: list[IssuedChain] = run_with(issuer, lambda i: asyncio.gather(*(i.sign(r) for r in reqs)))
+    assert len(results) == 64
+    assert fake.max_in_flight >= 8, f"at most {fake.max_in_flight} signs reached Vault at once: calls are queueing"
 
 
 # ------------------------------------------------------------------------------ TTL
-def test_truncated_ttl_is_accepted_and_the_warning_logged_once(
-    fake: FakeVault, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    fake.roles["spiffe"].max_ttl = timedelta(minutes=10)
-    caplog.set_level(logging.DEBUG, logger="issuers.vault")
-
-    async def body(i: VaultIssuer) -> IssuedChain:
-        await i.sign(request(ttl=timedelta(hours=1)))
-        return await i.sign(request(ttl=timedelta(hours=1)))
-
-    before = datetime.now(UTC)
-    issued: IssuedChain = run_with(make_issuer(tmp_path, fake), body)
-    assert issued.leaf.not_valid_after_utc <= before + timedelta(minutes=10, seconds=2)
-    vault_warnings = [r for r in caplog.records if "Vault warning" in r.getMessage()]
-    assert [r.levelno for r in vault_warnings] == [logging.WARNING, logging.DEBUG]
-    assert "maxTTL" in vault_warnings[0].getMessage()
-
-
 def test_a_slow_round_trip_is_not_mistaken_for_a_longer_lifetime(fake: FakeVault, tmp_path: Path) -> None:
     # Vault counts the lifetime from when it signs, which may be well after we sent the request.
     fake.sign_delay = 1.5
-    issued: IssuedChain = run_with(make_issuer(tmp_path, fake), lambda i: i.sign(request(ttl=timedelta(minutes=30))))
+    issued: IssuedChain = run_with(issuer_for(tmp_path, fake), lambda i: i.sign(request(ttl=timedelta(minutes=30))))
     assert issued.leaf.not_valid_after_utc <= datetime.now(UTC) + timedelta(minutes=30)
 
 
 def test_certificate_outliving_the_request_is_refused(fake: FakeVault, tmp_path: Path) -> None:
     fake.extra_lifetime = timedelta(minutes=5)
     with pytest.raises(InternalError, match="NotAfter"):
-        run_with(make_issuer(tmp_path, fake), lambda i: i.sign(request()))
+        run_with(issuer_for(tmp_path, fake), lambda i: i.sign(request()))
 
 
 def test_certificate_for_another_key_is_refused(fake: FakeVault, tmp_path: Path) -> None:
     fake.swap_key = True
     with pytest.raises(InternalError, match="key"):
-        run_with(make_issuer(tmp_path, fake), lambda i: i.sign(request()))
+        run_with(issuer_for(tmp_path, fake), lambda i: i.sign(request()))
 
 
 # ------------------------------------------------------------------------------ errors
@@ -352,32 +143,13 @@ def test_backend_failures_map_to_the_error_table(
 ) -> None:
     fake.sign_failures.append(failure)
     with pytest.raises(error) as info:
-        run_with(make_issuer(tmp_path, fake), lambda i: i.sign(request()))
+        run_with(issuer_for(tmp_path, fake), lambda i: i.sign(request()))
     assert type(info.value) is error
     assert info.value.__cause__ is not None, "translated with raise ... from"
 
 
-def test_role_refusal_points_at_the_role(fake: FakeVault, tmp_path: Path) -> None:
-    fake.roles["spiffe"].uri_prefix = "spiffe://other.example/"
-    with pytest.raises(FailedPreconditionError) as info:
-        run_with(make_issuer(tmp_path, fake), lambda i: i.sign(request()))
-    assert "'spiffe'" in info.value.public
-    assert "allowed_uri_sans" in info.value.public
-    assert "not allowed by this role" in info.value.detail
-
-
-def test_403_logs_in_again_once_for_all_concurrent_requests(fake: FakeVault, tmp_path: Path) -> None:
-    async def body(i: VaultIssuer) -> None:
-        await i.sign(request())
-        fake.revoke_all()
-        await asyncio.gather(*(i.sign(request()) for _ in range(16)))
-
-    run_with(make_issuer(tmp_path, fake, "approle"), body)
-    assert fake.count("login") == 2
-
-
 def test_persistent_403_is_failed_precondition_after_one_retry(fake: FakeVault, tmp_path: Path) -> None:
-    issuer = make_issuer(tmp_path, fake, "approle")
+    issuer = issuer_for(tmp_path, fake, "approle")
     fake.sign_failures.extend([403, 403])
     with pytest.raises(FailedPreconditionError) as info:
         run_with(issuer, lambda i: i.sign(request()))
@@ -386,22 +158,9 @@ def test_persistent_403_is_failed_precondition_after_one_retry(fake: FakeVault, 
     assert fake.count("sign") == 2
 
 
-def test_token_file_is_reread_when_the_token_is_refused(fake: FakeVault, tmp_path: Path) -> None:
-    issuer = make_issuer(tmp_path, fake, "token")
-
-    async def body(i: VaultIssuer) -> None:
-        await i.sign(request())
-        fake.revoke_all()
-        (tmp_path / "token").write_text(fake.issue_token())  # Vault Agent wrote a new one
-        await i.sign(request())
-
-    run_with(issuer, body)
-    assert fake.count("lookup") == 2
-
-
 def test_secrets_never_reach_logs_or_errors(fake: FakeVault, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    issuer = make_issuer(tmp_path, fake, "approle")
+    issuer = issuer_for(tmp_path, fake, "approle")
     fake.sign_failures.extend([403, 403])
     with pytest.raises(CSRServiceError) as info:
         run_with(issuer, lambda i: i.sign(request()))
@@ -410,15 +169,8 @@ def test_secrets_never_reach_logs_or_errors(fake: FakeVault, tmp_path: Path, cap
         assert secret not in text
 
 
-def test_start_with_wrong_credentials_is_failed_precondition(fake: FakeVault, tmp_path: Path) -> None:
-    issuer = make_issuer(tmp_path, fake, "approle")
-    (tmp_path / "secret-id").write_text("wrong")
-    with pytest.raises(FailedPreconditionError):
-        run_with(issuer, lambda i: i.sign(request()))
-
-
 def test_missing_credential_file_names_the_flag(fake: FakeVault, tmp_path: Path) -> None:
-    issuer = make_issuer(tmp_path, fake, "token")
+    issuer = issuer_for(tmp_path, fake, "token")
     (tmp_path / "token").unlink()
     with pytest.raises(FailedPreconditionError) as info:
         run_with(issuer, lambda i: i.sign(request()))
@@ -426,10 +178,6 @@ def test_missing_credential_file_names_the_flag(fake: FakeVault, tmp_path: Path)
 
 
 # ------------------------------------------------------------------------------ lease upkeep
-def _client(tmp_path: Path, fake: FakeVault, auth: str = "approle") -> VaultClient:
-    return VaultClient(conn_settings(tmp_path, fake, auth), transport=fake)
-
-
 def _age_lease(client: VaultClient) -> None:
     """Pretend the lease was obtained long ago, so renewal is due now."""
     lease = client._lease
@@ -444,7 +192,7 @@ def _age_lease(client: VaultClient) -> None:
 
 
 def test_renews_at_two_thirds_of_the_lease(fake: FakeVault, tmp_path: Path) -> None:
-    client = _client(tmp_path, fake)
+    client = client_for(tmp_path, fake)
     client._ensure_login()
     lease = client._lease
     assert lease is not None
@@ -458,7 +206,7 @@ def test_renews_at_two_thirds_of_the_lease(fake: FakeVault, tmp_path: Path) -> N
 
 
 def test_logs_in_again_when_renewal_stops_extending(fake: FakeVault, tmp_path: Path) -> None:
-    client = _client(tmp_path, fake)
+    client = client_for(tmp_path, fake)
     client._ensure_login()
     fake.renew_ttl = 600  # capped by the max TTL: much less than the 3600 s granted at login
     _age_lease(client)
@@ -472,7 +220,7 @@ def test_logs_in_again_when_renewal_stops_extending(fake: FakeVault, tmp_path: P
 
 def test_logs_in_again_when_not_renewable_or_renewal_refused(fake: FakeVault, tmp_path: Path) -> None:
     fake.renewable = False
-    client = _client(tmp_path, fake)
+    client = client_for(tmp_path, fake)
     client._ensure_login()
     _age_lease(client)
     client._maintain_sync()
@@ -487,7 +235,7 @@ def test_logs_in_again_when_not_renewable_or_renewal_refused(fake: FakeVault, tm
 
 
 def test_expired_token_is_replaced_before_a_call(fake: FakeVault, tmp_path: Path) -> None:
-    client = _client(tmp_path, fake)
+    client = client_for(tmp_path, fake)
     client._ensure_login()
     expired = time.monotonic() - 20
     client._lease = type(client._lease)(obtained=expired, ttl=10, renewable=True, granted=10)  # type: ignore[misc]
@@ -495,34 +243,12 @@ def test_expired_token_is_replaced_before_a_call(fake: FakeVault, tmp_path: Path
     assert fake.count("login") == 2
 
 
-def test_health_follows_outages_and_recovers_in_the_background(fake: FakeVault, tmp_path: Path) -> None:
-    issuer = make_issuer(tmp_path, fake, "approle")
-    assert issuer.health()[0] is False  # not logged in yet
-
-    async def body(i: VaultIssuer) -> None:
-        assert i.health()[0] is True
-        fake.down = True
-        with pytest.raises(UnavailableError):
-            await i.sign(request())
-        ok, reason = i.health()
-        assert not ok
-        assert "unavailable" in reason
-        fake.down = False
-        for _ in range(40):  # first probe after ~1-2 s of back-off
-            await asyncio.sleep(0.1)
-            if i.health()[0]:
-                return
-        raise AssertionError("health did not recover without traffic")
-
-    run_with(issuer, body)
-
-
 def test_close_revokes_a_login_token_but_not_a_token_file(fake: FakeVault, tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    run_with(make_issuer(tmp_path / "a", fake, "approle"), _noop)
+    run_with(issuer_for(tmp_path / "a", fake, "approle"), _noop)
     assert fake.count("revoke") == 1
-    run_with(make_issuer(tmp_path / "b", fake, "token"), _noop)
+    run_with(issuer_for(tmp_path / "b", fake, "token"), _noop)
     assert fake.count("revoke") == 1
 
 
@@ -530,59 +256,26 @@ async def _noop(_: VaultIssuer) -> None:
     return None
 
 
-# ------------------------------------------------------------------------------ roots
-def test_roots_from_vault_only_when_chosen_and_pinned(fake: FakeVault, tmp_path: Path) -> None:
-    # The fake's issuer JSON stops at the intermediate: a chain without its root is refused.
-    with pytest.raises(FailedPreconditionError, match="root-ca-file"):
-        run_with(make_issuer(tmp_path, fake, **{"vault-roots-from-vault": True}), lambda i: i.roots())
-    with pytest.raises(FailedPreconditionError, match="--vault-roots-from-vault"):
-        run_with(make_issuer(tmp_path, fake), lambda i: i.roots())
-    fake.ca = fake.root  # now Vault's chain is its root
-    fp = fingerprint(fake.root)
-    pinned = make_issuer(tmp_path, fake, **{"vault-roots-from-vault": True, "vault-root-fingerprints": (fp,)})
-    assert list(run_with(pinned, lambda i: i.roots())) == [fake.root]
-    wrong = make_issuer(tmp_path, fake, **{"vault-roots-from-vault": True, "vault-root-fingerprints": ("ab" * 32,)})
-    with pytest.raises(FailedPreconditionError, match="fingerprints"):
-        run_with(wrong, lambda i: i.roots())
-
-
 # ------------------------------------------------------------------------------ Vault KV CA
 def _kv_source(tmp_path: Path, fake: FakeVault, version: int, path: str, **fields: str) -> VaultKVSource:
     settings = KVSettings.from_values({"local-ca-vault-kv-path": path, "local-ca-vault-kv-version": version, **fields})
-    return VaultKVSource(_client(tmp_path, fake), settings)
+    return VaultKVSource(client_for(tmp_path, fake), settings)
 
 
 def _ca_fields(fake: FakeVault) -> dict[str, str]:
     return {
-        "certificate": cert_to_pem(fake.ca) + cert_to_pem(fake.root),
-        "privateKey": key_to_pem(fake.ca_key).decode(),
+        "certificate": certs_pem(fake.intermediate.cert, fake.root.cert),
+        "privateKey": key_pem(fake.intermediate.key).decode(),
     }
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_kv_source_reads_the_seed_layout(fake: FakeVault, tmp_path: Path, version: int) -> None:
-    path = "secret/data/pki/istiod" if version == 2 else "kv/pki/istiod"
-    fields = _ca_fields(fake)
-    fake.kv[path] = {"data": fields, "metadata": {}} if version == 2 else fields
-    source = _kv_source(tmp_path, fake, version, path)
-
-    async def body() -> None:
-        material = await source.load()
-        assert material.cert == fake.ca
-        assert material.roots == (fake.root,)
-        await source.aclose()
-
-    asyncio.run(body())
-
-
 def test_kv_source_accepts_base64_and_custom_fields(fake: FakeVault, tmp_path: Path) -> None:
-    import base64
 
     fields = _ca_fields(fake)
     fake.kv["kv/ca"] = {
-        "crt": base64.b64encode(cert_to_pem(fake.ca).encode()).decode(),
+        "crt": base64.b64encode(certs_pem(fake.intermediate.cert).encode()).decode(),
         "key": base64.b64encode(fields["privateKey"].encode()).decode(),
-        "root": cert_to_pem(fake.root),
+        "root": certs_pem(fake.root.cert),
     }
     source = _kv_source(
         tmp_path,
@@ -591,7 +284,7 @@ def test_kv_source_accepts_base64_and_custom_fields(fake: FakeVault, tmp_path: P
         "kv/ca",
         **{"local-ca-vault-cert-field": "crt", "local-ca-vault-key-field": "key", "local-ca-vault-root-field": "root"},
     )
-    assert asyncio.run(source.load()).roots == (fake.root,)
+    assert asyncio.run(source.load()).roots == (fake.root.cert,)
 
 
 @pytest.mark.parametrize(
@@ -599,7 +292,7 @@ def test_kv_source_accepts_base64_and_custom_fields(fake: FakeVault, tmp_path: P
     [
         (lambda f: None, "missing"),
         (lambda f: f.kv.update({"secret/data/ca": {"data": None, "metadata": {}}}), "deleted"),
-        (lambda f: f.kv.update({"secret/data/ca": {"data": {"certificate": cert_to_pem(f.ca)}}}), "privateKey"),
+        (lambda f: f.kv.update({"secret/data/ca": {"data": {"certificate": certs_pem(f.root.cert)}}}), "privateKey"),
         (lambda f: setattr(f, "down", True), "Connection refused"),
     ],
     ids=["missing", "deleted", "no-key-field", "vault-down"],
@@ -631,12 +324,12 @@ def test_local_issuer_keeps_the_last_good_kv_ca(fake: FakeVault, tmp_path: Path)
 
 def test_tls_settings_reach_the_session(fake: FakeVault, tmp_path: Path) -> None:
     # hvac takes verify/cert from a given session rather than from its own arguments.
-    settings = conn_settings(
+    client = client_for(
         tmp_path,
         fake,
+        "token",
         **{"vault-ca-bundle": "/etc/vault/ca.pem", "vault-client-cert": "/c.pem", "vault-client-key": "/k.pem"},
     )
-    client = VaultClient(settings, transport=fake)
     assert client._session.verify == "/etc/vault/ca.pem"
     assert client._session.cert == ("/c.pem", "/k.pem")
     assert client._session.trust_env is False
@@ -651,33 +344,18 @@ def test_namespace_header_is_sent(fake: FakeVault, tmp_path: Path) -> None:
         return original(request, **kw)
 
     fake.send = send  # type: ignore[method-assign]
-    client = VaultClient(conn_settings(tmp_path, fake, "approle", **{"vault-namespace": "team-a"}), transport=fake)
-    issuer = VaultIssuer(client, IssuerSettings.from_values({"vault-role": "spiffe"}))
-    run_with(issuer, lambda i: i.sign(request()))
+    run_with(issuer_for(tmp_path, fake, "approle", **{"vault-namespace": "team-a"}), lambda i: i.sign(request()))
     assert seen
     assert set(seen) == {"team-a"}
-
-
-def test_refused_login_during_a_sign_is_a_credentials_error(fake: FakeVault, tmp_path: Path) -> None:
-    issuer = make_issuer(tmp_path, fake, "approle")
-
-    async def body(i: VaultIssuer) -> None:
-        fake.revoke_all()
-        (tmp_path / "secret-id").write_text("expired-secret-id")
-        await i.sign(request())
-
-    with pytest.raises(FailedPreconditionError) as info:
-        run_with(issuer, body)
-    assert "cannot log in" in info.value.public
-    assert "role" not in info.value.public
-    assert "expired-secret-id" not in info.value.detail
 
 
 def test_sign_calls_use_the_event_loop_client_unless_a_proxy_applies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = FakeVault()
-    settings = conn_settings(tmp_path, fake, **{"vault-address": "https://vault.example:8200"})
+    settings = ConnectionSettings.from_values(
+        fake_values(fake, tmp_path, **{"vault-address": "https://vault.example:8200"})
+    )
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "")

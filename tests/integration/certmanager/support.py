@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,11 +57,6 @@ def list_ours(cm: CertManager, selector: str) -> list[Mapping[str, Any]]:
         "cert-manager.io", "v1", cm.issuer_namespace, "certificaterequests", label_selector=selector
     )
     return list(res["items"])
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
-    """Poll ``predicate`` (blocking) until truthy."""
-    return kube_mod.wait_for(predicate, timeout, what=what)
 
 
 def grant_requests_role(kube: KubeCluster, namespace: str, service_account: str, verbs: list[str]) -> None:

@@ -13,7 +13,7 @@ from cryptography import x509
 
 from tests.conformance.issuer_suite import IssuerConformance, IssuerFactory
 from tests.integration.certmanager.support import make_issuer
-from tests.testbed import pki
+from tests.support import pki
 from tests.testbed.certmanager import CertManager
 
 pytestmark = pytest.mark.certmanager

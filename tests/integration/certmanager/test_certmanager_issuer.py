@@ -25,8 +25,6 @@ from csr_service.common.errors import (
     PermissionDeniedError,
     UnavailableError,
 )
-from csr_service.pki.chain import build_path
-from csr_service.pki.keys import KeyType, generate_key
 from csr_service.plugins.issuer import IssuedChain, SigningRequest
 from issuers.certmanager.issuer import (
     IDENTITIES_ANNOTATION,
@@ -39,12 +37,13 @@ from tests.integration.certmanager.support import (
     list_ours,
     make_issuer,
     service_account_kubeconfig,
-    wait_until,
 )
+from tests.support import pki
 from tests.support.certs import WORKLOAD, csr_pem
 from tests.support.issuers import run_issuer as run
 from tests.support.issuers import signing_request
-from tests.testbed import pki
+from tests.support.pki import new_key
+from tests.support.waiting import wait_for
 from tests.testbed.certmanager import GROUP, VERSION, CertManager, condition
 from tests.testbed.kube import unique_name
 
@@ -59,7 +58,7 @@ def _on_first_request(cm: CertManager, issuer: CertManagerIssuer, action: Callab
     """In a thread: wait for the issuer's first CertificateRequest, then ``action(name)``."""
 
     def body() -> None:
-        items = wait_until(lambda: _instance_requests(cm, issuer), what="the CertificateRequest")
+        items = wait_for(lambda: _instance_requests(cm, issuer), what="the CertificateRequest")
         action(items[0]["metadata"]["name"])
 
     thread = threading.Thread(target=body, daemon=True)
@@ -85,16 +84,16 @@ def test_signs_and_cleans_up(cert_manager: CertManager, kind: str) -> None:
     eku = issued.leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     root_pem = cm.issuer_ca_pem if kind == "Issuer" else cm.cluster_issuer_ca_pem
-    path = build_path(issued.leaf, list(issued.chain), pki.load_certs(root_pem), now=issued.leaf.not_valid_before_utc)
+    path = pki.verify_chain(issued.leaf, issued.chain, pki.load_certs(root_pem))
     assert path[-1] == pki.load_certs(root_pem)[0]
     # Deleted once finished (asynchronously, right after the answer).
-    wait_until(lambda: not _instance_requests(cm, issuer), what="the request to be deleted")
+    wait_for(lambda: not _instance_requests(cm, issuer), what="the request to be deleted")
 
 
 def test_serving_certificate_names(cert_manager: CertManager) -> None:
     """csr-service's own serving certificate (DNS/IP names, no URI) comes through the same path."""
     dns, ips = ("csr-service.cert-manager.svc",), ("127.0.0.1",)
-    pem = csr_pem(generate_key(KeyType.EC_P256), uris=(), dns_names=dns, ip_addresses=ips)
+    pem = csr_pem(new_key(), uris=(), dns_names=dns, ip_addresses=ips)
     req = SigningRequest(
         csr=x509.load_pem_x509_csr(pem),
         csr_pem=pem,
@@ -144,7 +143,7 @@ def test_never_approved_times_out_naming_approval(
 
     assert "not approved in time" in info.value.public
     assert "waiting for approval" in caplog.text
-    wait_until(lambda: not _instance_requests(cm, issuer), what="the timed-out request to be deleted")
+    wait_for(lambda: not _instance_requests(cm, issuer), what="the timed-out request to be deleted")
 
 
 def test_denied_is_permission_denied(cert_manager_no_approver: CertManager) -> None:
@@ -178,7 +177,7 @@ def test_issuer_not_ready_is_failed_precondition(cert_manager: CertManager) -> N
             "spec": {"ca": {"secretName": f"{name}-missing"}},
         },
     )
-    wait_until(lambda: condition(cm.get_issuer(name, cm.issuer_namespace), "Ready") == "False", what="issuer False")
+    wait_for(lambda: condition(cm.get_issuer(name, cm.issuer_namespace), "Ready") == "False", what="issuer False")
     issuer = make_issuer(cm, certmanager_issuer_name=name, certmanager_timeout=timedelta(seconds=4))
 
     with pytest.raises(FailedPreconditionError) as info:
@@ -232,7 +231,7 @@ def test_apiserver_restart_while_waiting(cert_manager_no_approver: CertManager) 
     # test-bed process dies with the thread that started it (PR_SET_PDEATHSIG).
     signer = threading.Thread(target=sign_in_background, daemon=True)
     signer.start()
-    [cr] = wait_until(lambda: _instance_requests(cm, issuer), what="the CertificateRequest")
+    [cr] = wait_for(lambda: _instance_requests(cm, issuer), what="the CertificateRequest")
     starts_before = issuer.watch.watch_starts
     cm.kube.restart_apiserver(down_for=1.0)
     cm.set_approval(cm.issuer_namespace, cr["metadata"]["name"], approved=True)
@@ -258,7 +257,9 @@ def test_sweeper_removes_old_leftovers_only(cert_manager_no_approver: CertManage
 
     async def body(i: CertManagerIssuer) -> tuple[int, int]:
         young = await i.sweep_once(max_age=timedelta(hours=1))
-        await asyncio.sleep(2.5)  # creationTimestamp has one-second resolution
+        # The behaviour under test is an age limit: let the requests grow older than max_age
+        # (1 s) by their creationTimestamp, which has one-second resolution.
+        await asyncio.sleep(2.5)
         return young, await i.sweep_once(max_age=timedelta(seconds=1))
 
     young, old = run(issuer, body)
@@ -281,7 +282,7 @@ def test_least_privilege_service_account(cert_manager: CertManager) -> None:
     issued: IssuedChain = run(issuer, lambda i: i.sign(signing_request()))
 
     assert pki.spiffe_uris(issued.leaf) == [WORKLOAD]
-    wait_until(lambda: not _instance_requests(cm, issuer), what="the request to be deleted")
+    wait_for(lambda: not _instance_requests(cm, issuer), what="the request to be deleted")
 
 
 def test_missing_rbac_is_named_at_start(cert_manager: CertManager) -> None:
@@ -314,4 +315,4 @@ def test_restart_storm_is_served_by_one_watch(cert_manager: CertManager) -> None
 
     assert [pki.spiffe_uris(c.leaf) for c in issued] == [list(r.uris) for r in reqs]
     assert watch_starts <= 2  # one watch (plus at most one routine server-side timeout)
-    wait_until(lambda: not _instance_requests(cm, issuer), what="all requests deleted")
+    wait_for(lambda: not _instance_requests(cm, issuer), what="all requests deleted")

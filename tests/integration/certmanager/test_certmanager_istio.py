@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.certmanager.support import LEAST_PRIVILEGE_VERBS, list_ours, service_account_kubeconfig
+from tests.support import pki
 from tests.support.dev_server import DevServer, free_port, running_server
-from tests.testbed import pki
 from tests.testbed.certmanager import CertManager
 from tests.testbed.istio import IstioClient
 from tests.testbed.kube import unique_name

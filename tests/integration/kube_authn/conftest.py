@@ -19,9 +19,9 @@ from google.protobuf import struct_pb2
 from kubernetes import client as k8s
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
-from csr_service.pki.keys import KeyType, generate_key
 from tests.support.certs import csr_pem, write_ca_dir
 from tests.support.dev_server import DevServer, free_port, running_server
+from tests.support.pki import new_key
 from tests.testbed.kube import KubeCluster, unique_name, wait_for
 
 #: ClusterRole rules each feature needs, and nothing more.
@@ -137,7 +137,7 @@ def call(
     struct = struct_pb2.Struct()
     if impersonate:
         struct.update({"ImpersonatedIdentity": impersonate})
-    csr = csr_pem(generate_key(KeyType.EC_P256), uris=(identity,)).decode()
+    csr = csr_pem(new_key(), uris=(identity,)).decode()
     request = ca_pb2.IstioCertificateRequest(csr=csr, validity_duration=3600, metadata=struct)
     with srv.channel() as channel:
         response = ca_pb2_grpc.IstioCertificateServiceStub(channel).CreateCertificate(

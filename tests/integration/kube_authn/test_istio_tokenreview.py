@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.kube_authn.conftest import csr_service, new_csr_service_account, spiffe
+from tests.support import pki
 from tests.support.dev_server import DevServer
-from tests.testbed import pki
 from tests.testbed.istio import IstioClient, IstioResult
 from tests.testbed.kube import KubeCluster, unique_name, wait_for
 

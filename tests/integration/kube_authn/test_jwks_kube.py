@@ -13,7 +13,7 @@ from csr_service.common.request import RequestContext
 from csr_service.pipeline.authn.jwks import DiscoveryKeySource, JWKSAuthenticator, KubeFetcher, UrlFetcher
 from csr_service.plugins.authenticator import Caller
 from tests.integration.kube_authn.conftest import call, csr_service, rpc_error, spiffe
-from tests.testbed import pki
+from tests.support import pki
 from tests.testbed.kube import KubeCluster, unique_name
 
 pytestmark = pytest.mark.kube

@@ -23,8 +23,8 @@ from tests.integration.kube_authn.conftest import (
     rpc_error,
     spiffe,
 )
+from tests.support import pki
 from tests.support.dev_server import DevServer
-from tests.testbed import pki
 from tests.testbed.kube import KubeCluster, unique_name, wait_for
 
 pytestmark = pytest.mark.kube

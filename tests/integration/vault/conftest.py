@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,10 +30,9 @@ import hvac
 import pytest
 import requests
 
-from csr_service.pki.certs import LeafSpec, build_leaf, build_self_signed_ca
-from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import cert_to_pem, key_to_pem
 from csr_service.plugins.runtime import Runtime
+from tests.support import pki
+from tests.support.waiting import wait_for
 from tests.testbed.install import ensure
 from tests.testbed.openbao import POLICY, ROLE_PARAMS, OpenBao, configure
 from tests.testbed.process import ManagedProcess, free_port
@@ -193,16 +191,12 @@ class RestartableOpenBao:
 def _write_tls_files(d: Path) -> None:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in ``d``."""
     d.mkdir(parents=True, exist_ok=True)
-    ca_key = generate_key(KeyType.EC_P256)
-    ca = build_self_signed_ca(ca_key, common_name="openbao test CA", lifetime=timedelta(days=1))
-    (d / "ca.crt").write_text(cert_to_pem(ca))
-    for name, spec in (
-        ("server", LeafSpec(not_after=ca.not_valid_after_utc, dns_names=("localhost",), ip_addresses=("127.0.0.1",))),
-        ("client", LeafSpec(not_after=ca.not_valid_after_utc, uris=("spiffe://cluster.local/ns/csr/sa/csr",))),
-    ):
-        key = generate_key(KeyType.EC_P256)
-        (d / f"{name}.crt").write_text(cert_to_pem(build_leaf(key.public_key(), spec, ca, ca_key)))
-        (d / f"{name}.key").write_bytes(key_to_pem(key))
+    ca = pki.make_ca("openbao test CA", lifetime=timedelta(days=1))
+    (d / "ca.crt").write_bytes(ca.cert_pem)
+    server = pki.issue(ca, "openbao", dns=["localhost"], ips=["127.0.0.1"], server=True)
+    server.write(d / "server.crt", d / "server.key")
+    client = pki.issue(ca, "csr-service", uris=["spiffe://cluster.local/ns/csr/sa/csr"], client=True)
+    client.write(d / "client.crt", d / "client.key")
 
 
 def _start_persistent_openbao(workdir: Path, *, tls: bool) -> RestartableOpenBao:
@@ -264,15 +258,17 @@ def tls_openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Restartabl
 
 
 def _wait_active(c: hvac.Client, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if c.sys.read_health_status(method="GET").get("sealed") is False:
-                return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("OpenBao did not become active")
+    # After the unseal the single raft node still has to elect itself leader before it serves.
+    def active() -> bool:
+        health = c.sys.read_health_status(method="GET")  # a Response, not a dict, until it answers JSON
+        return isinstance(health, dict) and health.get("sealed") is False
+
+    wait_for(
+        active,
+        timeout,
+        what="OpenBao to become active after the unseal",
+        ignoring=(hvac.exceptions.VaultError, requests.RequestException),
+    )
 
 
 def random_name(prefix: str) -> str:

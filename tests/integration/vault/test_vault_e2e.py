@@ -3,11 +3,10 @@ certificate, and an OpenBao outage is UNAVAILABLE then heals without restarting 
 
 from __future__ import annotations
 
-import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,6 @@ import pytest
 from cryptography import x509
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
-from csr_service.pki.chain import build_path, fingerprint
-from csr_service.pki.keys import KeyType, generate_key
-from csr_service.pki.pem import parse_certs
 from tests.integration.vault.conftest import (
     MESH_ROLE,
     TEST_POLICY,
@@ -26,8 +22,11 @@ from tests.integration.vault.conftest import (
     RestartableOpenBao,
     VaultEnv,
 )
+from tests.support import pki
 from tests.support.certs import csr_pem, forge_signature, uri_sans
 from tests.support.dev_server import DevServer, free_port, metric_sample, running_server
+from tests.support.pki import load_certs, new_key
+from tests.support.waiting import wait_for
 from tests.testbed.openbao import POLICY
 
 pytestmark = pytest.mark.vault
@@ -76,7 +75,7 @@ def vault_server(
 def create_certificate(
     srv: DevServer, timeout: float = 20, pem: bytes | None = None
 ) -> ca_pb2.IstioCertificateResponse:
-    pem = pem or csr_pem(generate_key(KeyType.EC_P256), uris=(IDENTITY,))
+    pem = pem or csr_pem(new_key(), uris=(IDENTITY,))
     req = ca_pb2.IstioCertificateRequest(csr=pem.decode(), validity_duration=1800)
     md = [("authorization", f"Bearer {srv.token('default', 'sleep')}")]
     with srv.channel() as ch:
@@ -107,7 +106,7 @@ def test_istio_client_gets_a_certificate_signed_by_vault(
     intermediate = x509.load_pem_x509_certificate(mount.issuing_ca_pem.encode())
     root = x509.load_pem_x509_certificate(mount.root_pem.encode())
     assert certs[0].issuer == intermediate.subject, "signed by Vault's intermediate"
-    build_path(certs[0], certs[1:], [root], now=datetime.now(UTC))
+    pki.verify_chain(certs[0], certs[1:], [root])
 
 
 @pytest.mark.timeout(240)
@@ -129,7 +128,7 @@ def test_openbao_outage_is_unavailable_and_heals_without_restart(
     }
     root_pem = c.read("pki/cert/ca")["data"]["certificate"]
     with vault_server(tmp_path, root_pem, values) as srv:
-        assert parse_certs(create_certificate(srv).cert_chain[0].encode())
+        assert load_certs(create_certificate(srv).cert_chain[0].encode())
 
         bao.stop()
         with pytest.raises(grpc.RpcError) as down:
@@ -142,16 +141,17 @@ def test_openbao_outage_is_unavailable_and_heals_without_restart(
         assert sealed.value.code() == grpc.StatusCode.UNAVAILABLE
 
         bao.unseal()
-        deadline = time.monotonic() + 60
-        while True:
+
+        def issued() -> ca_pb2.IstioCertificateResponse | None:
             try:
-                resp = create_certificate(srv)
-                break
+                return create_certificate(srv)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:  # anything else is a failure, not "not yet"
                     raise
-                time.sleep(0.5)
-        assert uri_sans(parse_certs(resp.cert_chain[0].encode())[0]) == [IDENTITY]
+                return None
+
+        resp = wait_for(issued, timeout=60, interval=0.5, what="a certificate after the unseal")
+        assert uri_sans(load_certs(resp.cert_chain[0].encode())[0]) == [IDENTITY]
         assert srv.proc.poll() is None, "csr-service kept running throughout"
         assert token not in srv.log(), "the Vault token must never be logged"
 
@@ -167,7 +167,7 @@ def test_trust_roots_from_vault_pinned_by_fingerprint(vault_env: VaultEnv, tmp_p
         **{
             "vault-serving-role": "mesh",
             "vault-roots-from-vault": True,
-            "vault-root-fingerprints": (fingerprint(root),),
+            "vault-root-fingerprints": (pki.fingerprint(root),),
         },
     )
     state = tmp_path / "state"
@@ -180,7 +180,7 @@ def test_trust_roots_from_vault_pinned_by_fingerprint(vault_env: VaultEnv, tmp_p
     ) as srv:
         resp = create_certificate(srv)
         log = srv.log()
-    chain = [c for pem in resp.cert_chain for c in parse_certs(pem.encode())]
+    chain = [c for pem in resp.cert_chain for c in load_certs(pem.encode())]
     assert chain[-1] == root
     assert "trust on first use" in log or "pinned by fingerprint" in log
 
@@ -197,13 +197,13 @@ def test_forged_csr_is_refused_by_openbao_and_reported_as_invalid(
     )
     http_port = free_port()
     with vault_server(tmp_path, vault_env.bao.mounts["pki"].root_pem, values, http_port=http_port) as srv:
-        for key_type in (KeyType.EC_P256, KeyType.RSA2048):
-            forged = forge_signature(csr_pem(generate_key(key_type), uris=(IDENTITY,)))
+        for key_kind in ("ec256", "rsa"):
+            forged = forge_signature(csr_pem(new_key(key_kind), uris=(IDENTITY,)))
             with pytest.raises(grpc.RpcError) as refused:
                 create_certificate(srv, pem=forged)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "invalid CSR: signature does not verify" in (refused.value.details() or "")
-        assert uri_sans(parse_certs(create_certificate(srv).cert_chain[0].encode())[0]) == [IDENTITY]
+        assert uri_sans(load_certs(create_certificate(srv).cert_chain[0].encode())[0]) == [IDENTITY]
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as resp:
             metrics = resp.read().decode()
         log = srv.log()

@@ -1,9 +1,13 @@
-"""The local CA issuer with its CA keypair in Vault KV (v1 and v2), against a real OpenBao."""
+"""The local CA issuer with its CA keypair in Vault KV, against a real OpenBao.
+
+Reading the seed's layout (v1 and v2) is in test_vault_behaviours.py (fake and OpenBao);
+here: the real configuration path and re-reads after rotations and broken writes.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +15,13 @@ import pytest
 from cryptography import x509
 
 from csr_service.config import Config, resolve
-from csr_service.pki.chain import build_path
-from csr_service.pki.pem import cert_to_pem, key_to_pem
-from csr_service.plugins.issuer import IssuedChain
 from csr_service.plugins.registry import create_issuer
 from issuers.local.issuer import LocalCAIssuer
 from tests.integration.vault.conftest import CONTEXT, VaultEnv, random_name
+from tests.support import pki
 from tests.support.certs import write_ca_dir
 from tests.support.issuers import signing_request
+from tests.support.waiting import wait_for_async
 
 pytestmark = pytest.mark.vault
 
@@ -26,8 +29,8 @@ pytestmark = pytest.mark.vault
 def _new_ca(tmp: Path, **kw: Any) -> tuple[dict[str, str], x509.Certificate]:
     """A CA as KV fields in the seed's layout: certificate (+chain) and privateKey."""
     cert, key, root = write_ca_dir(tmp, **kw)
-    bundle = cert_to_pem(cert) + (cert_to_pem(root) if cert != root else "")
-    return {"certificate": bundle, "privateKey": key_to_pem(key).decode()}, root
+    bundle = pki.certs_pem(cert, *([root] if cert != root else []))
+    return {"certificate": bundle, "privateKey": pki.key_pem(key).decode()}, root
 
 
 def _kv_write(env: VaultEnv, version: int, path: str, fields: dict[str, str]) -> str:
@@ -50,26 +53,6 @@ def _values(env: VaultEnv, tmp: Path, kv_path: str, version: int, **extra: Any) 
             **extra,
         },
     )
-
-
-@pytest.mark.parametrize("version", [1, 2])
-@pytest.mark.parametrize("intermediate", [False, True])
-def test_local_ca_from_vault_kv_signs(vault_env: VaultEnv, tmp_path: Path, version: int, intermediate: bool) -> None:
-    fields, root = _new_ca(tmp_path / "ca", intermediate=intermediate)
-    kv_path = _kv_write(vault_env, version, f"pki/{random_name('istiod')}", fields)
-    issuer = create_issuer("local", _values(vault_env, tmp_path, kv_path, version), CONTEXT)
-    assert isinstance(issuer, LocalCAIssuer)
-
-    async def body() -> IssuedChain:
-        await issuer.start()
-        try:
-            assert list(await issuer.roots()) == [root]
-            return await issuer.sign(signing_request())
-        finally:
-            await issuer.stop()
-
-    issued = asyncio.run(body())
-    build_path(issued.leaf, issued.chain, [root], now=datetime.now(UTC))
 
 
 def test_seed_layout_through_the_real_config(vault_env: VaultEnv, tmp_path: Path) -> None:
@@ -143,11 +126,11 @@ def test_periodic_reread_picks_up_a_rotation(vault_env: VaultEnv, tmp_path: Path
         await issuer.start()
         try:
             _kv_write(vault_env, 2, name, second)
-            for _ in range(50):
-                await asyncio.sleep(0.1)
-                if list(await issuer.roots()) == [root2]:
-                    return
-            raise AssertionError("the rotated CA was not picked up")
+
+            async def rotated() -> bool:
+                return list(await issuer.roots()) == [root2]
+
+            await wait_for_async(rotated, timeout=10, what="the periodic re-read to pick up the rotated CA")
         finally:
             await issuer.stop()
 

@@ -12,11 +12,11 @@ import pytest
 from cryptography import x509
 
 from csr_service.common.errors import UnavailableError
-from csr_service.pki.keys import KeyType, generate_key
 from csr_service.plugins.issuer import IssuedChain, SigningRequest
 from issuers.vault.issuer import create
 from tests.integration.vault.conftest import CONTEXT, RestartableOpenBao
 from tests.support.certs import WORKLOAD, csr_pem, uri_sans
+from tests.support.pki import new_key
 from tests.testbed.openbao import POLICY
 
 pytestmark = pytest.mark.vault
@@ -39,7 +39,7 @@ def _values(bao: RestartableOpenBao, tmp: Path, **kw: Any) -> dict[str, Any]:
 
 
 def _sign(values: dict[str, Any]) -> IssuedChain:
-    pem = csr_pem(generate_key(KeyType.EC_P256))
+    pem = csr_pem(new_key())
     req = SigningRequest(csr=x509.load_pem_x509_csr(pem), csr_pem=pem, ttl=timedelta(minutes=30), uris=(WORKLOAD,))
     issuer = create(values, CONTEXT)
 
