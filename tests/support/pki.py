@@ -34,8 +34,10 @@ __all__ = [
     "csr_pem",
     "fingerprint",
     "issue",
+    "key_matches",
     "key_pem",
     "load_certs",
+    "load_key",
     "make_ca",
     "make_csr",
     "new_key",
@@ -272,6 +274,21 @@ def load_certs(pem: str | bytes) -> list[x509.Certificate]:
     """All certificates in a PEM string (in order)."""
     data = pem.encode() if isinstance(pem, str) else pem
     return x509.load_pem_x509_certificates(data)
+
+
+def load_key(pem: str | bytes) -> PrivateKey:
+    """An unencrypted PEM private key (PKCS#1, SEC1 or PKCS#8); TypeError if not EC or RSA."""
+    key = serialization.load_pem_private_key(pem.encode() if isinstance(pem, str) else pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise TypeError(f"not an EC or RSA private key: {type(key).__name__}")
+    return key
+
+
+def key_matches(cert: x509.Certificate, key: PrivateKey) -> bool:
+    """True when ``key`` is the private half of ``cert``'s public key (same DER
+    SubjectPublicKeyInfo)."""
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return cert.public_key().public_bytes(der, spki) == key.public_key().public_bytes(der, spki)
 
 
 def spiffe_uris(cert: x509.Certificate) -> list[str]:
