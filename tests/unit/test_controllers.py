@@ -22,15 +22,14 @@ from csr_service.controllers.root_configmaps import RootConfigMapController, des
 from csr_service.controllers.runtime_issuer import RuntimeIssuerController, issuer_values_from_configmap
 from csr_service.kube.refs import ObjectRef, parse_object_ref
 from csr_service.pipeline.handler import IssuerSlot
-from csr_service.pki.chain import build_path
 from csr_service.pki.keys import KeyType
-from csr_service.pki.pem import cert_to_pem, load_private_key, parse_certs, same_public_key
 from csr_service.plugins.issuer import Issuer
 from csr_service.plugins.registry import create_issuer
 from csr_service.plugins.runtime import Runtime
 from csr_service.trust.bundle import TrustBundle
 from tests.support.certs import write_ca_dir
 from tests.support.kube import FakeWatches
+from tests.support.pki import certs_pem, key_matches, load_certs, load_key, verify_chain
 
 # --- settings ------------------------------------------------------------------------------
 
@@ -194,10 +193,10 @@ def test_istiod_secret_is_whole_and_verifies(tmp_path: Path) -> None:
     s = spec()
     secret = _issue(tmp_path, s, tmp_path / "ca", trust)
     data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
-    certs = parse_certs(data["tls.crt"])
+    certs = load_certs(data["tls.crt"])
     assert len(certs) == 2  # leaf + intermediate; the root is in ca.crt
-    assert same_public_key(certs[0], load_private_key(data["tls.key"]))
-    build_path(certs[0], certs[1:], [root], now=datetime.now(UTC))
+    assert key_matches(certs[0], load_key(data["tls.key"]))
+    assert verify_chain(certs[0], certs[1:], [root]) == [*certs, root]
     assert data["ca.crt"].decode() == trust.current.pem
     assert renewal_reason(secret, s, trust, datetime.now(UTC))[0] is None
 
@@ -343,7 +342,7 @@ def test_only_what_is_switched_on_is_built(tmp_path: Path) -> None:
     from csr_service.trust.sources import FileTrustSource
 
     assert _components(tmp_path) == []
-    (tmp_path / "bundle.pem").write_text(cert_to_pem(write_ca_dir(tmp_path / "r")[2]))
+    (tmp_path / "bundle.pem").write_text(certs_pem(write_ca_dir(tmp_path / "r")[2]))
     assert [type(c) for c in _components(tmp_path, root_ca_file=str(tmp_path / "bundle.pem"))] == [FileTrustSource]
     plain = _components(tmp_path, root_configmaps="true", istiod_cert="true")
     assert [type(c) for c in plain] == [RootConfigMapController, IstiodCertController]
