@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from kubernetes import client as k8s
 
-from csr_service.pki.chain import build_path
-from csr_service.pki.pem import load_private_key, parse_certs, same_public_key
 from tests.integration.kube_controllers.conftest import (
     ISTIOD_SECRET_RULES,
     CallLoop,
@@ -28,6 +25,7 @@ from tests.integration.kube_controllers.conftest import (
     new_workload,
     write_bundle,
 )
+from tests.support.pki import key_matches, load_certs, load_key, verify_chain
 from tests.testbed.kube import KubeCluster, wait_for
 
 pytestmark = pytest.mark.kube
@@ -57,9 +55,9 @@ def _check_istiod_secret(secret: k8s.V1Secret, ns: str, roots: list[x509.Certifi
     data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
     assert set(data) == {"tls.crt", "tls.key", "ca.crt"}
     assert secret.type == "kubernetes.io/tls"
-    certs = parse_certs(data["tls.crt"])
-    assert same_public_key(certs[0], load_private_key(data["tls.key"]))
-    path = build_path(certs[0], certs[1:], roots, now=datetime.now(UTC))
+    certs = load_certs(data["tls.crt"])
+    assert key_matches(certs[0], load_key(data["tls.key"]))
+    path = verify_chain(certs[0], certs[1:], roots)
     assert path[-1] in roots
     san = certs[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sorted(san.get_values_for_type(x509.DNSName)) == sorted(

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 from kubernetes import client as k8s
 
-from csr_service.pki.chain import fingerprint
-from csr_service.pki.pem import parse_certs
 from tests.integration.kube_controllers.conftest import (
     ROOT_CONFIGMAP_RULES,
     csr_service,
@@ -22,6 +20,7 @@ from tests.integration.kube_controllers.conftest import (
     new_workload,
     write_bundle,
 )
+from tests.support.pki import fingerprint, load_certs
 from tests.testbed.kube import KubeCluster, unique_name, wait_for
 
 pytestmark = pytest.mark.kube
@@ -91,7 +90,7 @@ def test_root_configmaps_follow_namespaces_edits_and_root_changes(
             wait_for(lambda ns=ns: _has(kube, ns, pem12), timeout=60, what=f"two roots in {ns}")
         assert _data(kube, ns_a)["extra.pem"] == "not ours"  # type: ignore[index]
         result = workload.request(srv, tmp_path / "w1")
-        served_roots = parse_certs((tmp_path / "w1" / "root-cert.pem").read_bytes())
+        served_roots = load_certs((tmp_path / "w1" / "root-cert.pem").read_bytes())
         assert {fingerprint(r) for r in served_roots} == {fingerprint(ca1.root), fingerprint(ca2.root)}
         assert result.chain_len == 2  # leaf (signed by root 1), then the two-root bundle
         # The TLS server follows too: the serving certificate was reissued for the new bundle.

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from kubernetes import client as k8s
 
-from csr_service.pki.pem import parse_certs
 from tests.integration.kube_controllers.conftest import (
     csr_service,
     named_object_rules,
@@ -20,6 +19,7 @@ from tests.integration.kube_controllers.conftest import (
     new_workload,
     signed_by_root,
 )
+from tests.support.pki import load_certs
 from tests.testbed.certmanager import ISSUER_NAMESPACE, CertManager
 from tests.testbed.kube import KubeCluster, unique_name, wait_for
 
@@ -41,8 +41,8 @@ def test_runtime_switch_between_cert_manager_issuers(
     cfg = unique_name("istio-csr-issuer")
     me.grant(CERTIFICATEREQUEST_RULES, ISSUER_NAMESPACE)
     me.grant(named_object_rules("configmaps", cfg, events=True), me.namespace)
-    issuer_root = parse_certs(cert_manager.issuer_ca_pem.encode())[0]
-    cluster_root = parse_certs(cert_manager.cluster_issuer_ca_pem.encode())[0]
+    issuer_root = load_certs(cert_manager.issuer_ca_pem.encode())[0]
+    cluster_root = load_certs(cert_manager.cluster_issuer_ca_pem.encode())[0]
     bundle = tmp_path / "bundle.pem"
     bundle.write_text(cert_manager.issuer_ca_pem + cert_manager.cluster_issuer_ca_pem)
     workload = new_workload(kube)

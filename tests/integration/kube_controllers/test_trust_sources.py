@@ -9,8 +9,6 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from csr_service.pki.chain import fingerprint
-from csr_service.pki.pem import cert_to_pem, parse_certs
 from tests.integration.kube_controllers.conftest import (
     csr_service,
     make_ca,
@@ -19,6 +17,7 @@ from tests.integration.kube_controllers.conftest import (
     new_workload,
     write_bundle,
 )
+from tests.support.pki import certs_pem, fingerprint, load_certs
 from tests.testbed.kube import KubeCluster, unique_name, wait_for
 
 pytestmark = pytest.mark.kube
@@ -49,7 +48,7 @@ def test_trust_bundle_follows_a_configmap_or_secret(
         else:
             fn(name, me.namespace, body)
 
-    put(cert_to_pem(ca1.root), create=True)
+    put(certs_pem(ca1.root), create=True)
     workload = new_workload(kube)
     args = [
         *("--issuer", "local", "--local-ca-dir", str(ca1.directory)),
@@ -58,11 +57,11 @@ def test_trust_bundle_follows_a_configmap_or_secret(
 
     def served_roots() -> set[str]:
         workload.request(srv, tmp_path / "out", root_cert=client_bundle)
-        return {fingerprint(c) for c in parse_certs((tmp_path / "out" / "root-cert.pem").read_bytes())}
+        return {fingerprint(c) for c in load_certs((tmp_path / "out" / "root-cert.pem").read_bytes())}
 
     with csr_service(kube, me, jwks_file, client_bundle, args, tmp_path=tmp_path) as srv:
         assert served_roots() == {fingerprint(ca1.root)}
-        put(cert_to_pem(ca1.root) + cert_to_pem(ca2.root))
+        put(certs_pem(ca1.root) + certs_pem(ca2.root))
         wait_for(lambda: served_roots() == {fingerprint(ca1.root), fingerprint(ca2.root)}, what="second root")
         # Garbage never empties the bundle: the last good roots stay.
         put("not a certificate")
