@@ -25,13 +25,13 @@ from cryptography import x509
 
 from csr_service.cli import build_config
 from csr_service.common.errors import ConfigError
-from csr_service.pki.pem import parse_certs
 from csr_service.plugins import registry
 from csr_service.plugins.registry import AUTHENTICATORS, ISSUERS, create_issuer
 from csr_service.plugins.runtime import Runtime
 from tests.conformance.issuer_suite import IssuerConformance, IssuerFactory
 from tests.support.certs import uri_sans, write_ca_dir
 from tests.support.dev_server import CSR_SERVICE, free_port, running_server
+from tests.support.pki import load_certs
 
 pytestmark = pytest.mark.e2e
 
@@ -141,9 +141,9 @@ def test_serve_and_request_with_out_of_tree_plugins(plugin_site: Path, tmp_path:
             )
             if ok:
                 assert res.returncode == 0, res.stderr
-                chain = parse_certs((out / "cert-chain.pem").read_bytes())
+                chain = load_certs((out / "cert-chain.pem").read_bytes())
                 assert uri_sans(chain[0]) == ["spiffe://cluster.local/ns/default/sa/sleep"]
-                assert parse_certs((out / "root-cert.pem").read_bytes()) == [root]
+                assert load_certs((out / "root-cert.pem").read_bytes()) == [root]
             else:
                 assert res.returncode != 0
                 assert "UNAUTHENTICATED" in res.stderr
