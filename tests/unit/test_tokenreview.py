@@ -296,6 +296,7 @@ class _ApiError(Exception):
     [
         (_ApiError(429, "Too Many Requests"), ResourceExhaustedError, "429"),
         (_ApiError(403, "Forbidden"), UnavailableError, "tokenreviews.authentication.k8s.io"),
+        (_ApiError(403, "Forbidden"), UnavailableError, "unless the apiserver has just started"),
         (_ApiError(500, "Internal Server Error"), UnavailableError, "500"),
         (ConnectionRefusedError("refused"), UnavailableError, "ConnectionRefusedError"),
     ],

@@ -140,9 +140,12 @@ def _api_error(exc: Exception) -> CSRServiceError:
         return ResourceExhaustedError("token review rate-limited; retry later", detail=f"TokenReview: 429 {reason}")
     if status in (401, 403):
         # Our own credentials, not the caller's: an operator must fix RBAC, the client may retry.
+        # A restarting apiserver also answers 403 until its authorizer has loaded the RBAC
+        # objects (seen in tests/integration/chaos/test_apiserver_restart.py): say both.
         detail = (
             f"TokenReview: {status} {reason}: csr-service's service account needs create on "
-            "tokenreviews.authentication.k8s.io (ClusterRole system:auth-delegator)"
+            "tokenreviews.authentication.k8s.io (ClusterRole system:auth-delegator), unless the "
+            "apiserver has just started (it refuses requests until its authorizer is ready)"
         )
     else:
         detail = f"TokenReview failed: {status or ''} {reason}: {str(exc)[:200]}".replace("  ", " ")
