@@ -6,6 +6,7 @@ Fixtures and the marker each test using them must carry:
 fixture                marker          what
 =====================  ==============  =====================================================
 ``kube``               ``kube``        etcd + kube-apiserver (session); ``KubeCluster``
+``own_kube``           ``kube``        a private etcd + kube-apiserver per module, free to restart
 ``openbao``            ``vault``       OpenBao dev server with PKI + approle (session); ``OpenBao``
 ``openbao_kube_auth``  ``vault, kube`` kubernetes auth on ``openbao`` against ``kube``
 ``cert_manager``       ``certmanager`` CRDs + controllers + Ready CA issuers (session)
@@ -39,6 +40,7 @@ T = TypeVar("T")
 #: fixture name -> (components it needs, marker its tests must carry)
 FIXTURE_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
     "kube": (("etcd", "kube-apiserver"), "kube"),
+    "own_kube": (("etcd", "kube-apiserver"), "kube"),
     "openbao": (("openbao",), "vault"),
     "openbao_kube_auth": (("openbao", "etcd", "kube-apiserver"), "kube"),
     "cert_manager": (
@@ -68,6 +70,18 @@ def _start(start: Callable[[Path], T], factory: pytest.TempPathFactory, name: st
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
     """etcd + kube-apiserver on 127.0.0.1 for the whole session (see ``KubeCluster``)."""
     cluster = _start(start_kube, tmp_path_factory, "kube")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def own_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
+    """A private etcd + kube-apiserver for one module: its tests may stop, restart or reconfigure
+    the apiserver (``restart_apiserver``, ``stop_apiserver``/``start_apiserver``) without
+    disturbing the shared ``kube`` other tests and session peers use."""
+    cluster = _start(start_kube, tmp_path_factory, "own-kube")
     try:
         yield cluster
     finally:

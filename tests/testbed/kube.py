@@ -226,14 +226,34 @@ class KubeCluster:
         """Stop kube-apiserver (etcd keeps the data), wait ``down_for`` s, start it again with the
         same command line (plus ``extra_args``) and port, and wait for ``/readyz``. Call from the
         main thread: a test-bed process dies with the thread that started it (PR_SET_PDEATHSIG)."""
-        old = next(p for p in self._procs if p.name == "kube-apiserver")
-        old.stop()
+        self.stop_apiserver()
         time.sleep(down_for)
+        self.start_apiserver(*extra_args, timeout=timeout)
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver only (SIGTERM, then SIGKILL); etcd and the port stay ours."""
+        self._apiserver().stop()
+
+    def start_apiserver(self, *extra_args: str, timeout: float = 120, wait_ready: bool = True) -> None:
+        """Start a stopped kube-apiserver again on the same port with the same command line (plus
+        ``extra_args``); wait for ``/readyz`` unless told not to. Call from the main thread."""
+        old = self._apiserver()
+        if old.alive():
+            raise RuntimeError("kube-apiserver is running; stop it first")
         new = ManagedProcess("kube-apiserver", [*old.argv, *extra_args], old.log_path)
         self._procs[self._procs.index(old)] = new
+        if wait_ready:
+            self.wait_apiserver_ready(timeout)
+
+    def wait_apiserver_ready(self, timeout: float = 120) -> None:
+        """Wait until kube-apiserver answers ``/readyz`` with 200."""
         ctx = ssl.create_default_context(cafile=str(self.ca_cert))
         ctx.load_cert_chain(self.admin_cert, self.admin_key)
-        new.wait_ready(lambda: _https_get(f"{self.server}/readyz", ctx)[0] == 200, timeout, "ready again (/readyz)")
+        proc = self._apiserver()
+        proc.wait_ready(lambda: _https_get(f"{self.server}/readyz", ctx)[0] == 200, timeout, "ready again (/readyz)")
+
+    def _apiserver(self) -> ManagedProcess:
+        return next(p for p in self._procs if p.name == "kube-apiserver")
 
     def stop(self) -> None:
         """Stop the apiserver, then etcd."""

@@ -19,6 +19,7 @@ from csr_service.pipeline.authn.tokenreview import (
     ReviewResult,
     TokenReviewAuthenticator,
     _api_error,
+    _result_from_json,
     unverified_exp,
 )
 from csr_service.plugins.authenticator import Caller
@@ -297,6 +298,7 @@ class _ApiError(Exception):
     [
         (_ApiError(429, "Too Many Requests"), ResourceExhaustedError, "429"),
         (_ApiError(403, "Forbidden"), UnavailableError, "tokenreviews.authentication.k8s.io"),
+        (_ApiError(403, "Forbidden"), UnavailableError, "unless the apiserver has just started"),
         (_ApiError(500, "Internal Server Error"), UnavailableError, "500"),
         (ConnectionRefusedError("refused"), UnavailableError, "ConnectionRefusedError"),
     ],
@@ -325,3 +327,47 @@ def test_api_error_mapping(exc: Exception, kind: type, fragment: str) -> None:
 )
 def test_unverified_exp(token: str, exp: float | None) -> None:
     assert unverified_exp(token) == exp
+
+
+def test_review_json_from_the_event_loop_path() -> None:
+    status = {
+        "authenticated": True,
+        "user": {
+            "username": "system:serviceaccount:ns:sa",
+            "uid": "u",
+            "groups": ["system:serviceaccounts", "system:serviceaccounts:ns", "system:authenticated"],
+            "extra": {POD_NAME_KEY: ["p"], POD_UID_KEY: ["1"]},
+        },
+        "audiences": ["istio-ca"],
+    }
+
+    assert _result_from_json(status) == ReviewResult(
+        authenticated=True,
+        username="system:serviceaccount:ns:sa",
+        groups=("system:serviceaccounts", "system:serviceaccounts:ns", "system:authenticated"),
+        extra={POD_NAME_KEY: ["p"], POD_UID_KEY: ["1"]},
+        audiences=("istio-ca",),
+    )
+    assert _result_from_json({"authenticated": False, "error": "invalid bearer token"}) == ReviewResult(
+        authenticated=False, error="invalid bearer token"
+    )
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        {"authenticated": "yes", "user": {"username": "system:serviceaccount:ns:sa"}},
+        {"authenticated": True, "user": "system:serviceaccount:ns:sa"},
+        {"authenticated": True, "user": {"username": ["x"], "groups": "system:serviceaccounts"}},
+    ],
+)
+def test_ill_typed_review_json_reads_as_absent_fields(status: dict[str, Any]) -> None:
+    result = _result_from_json(status)
+    assert result.username == "" or result.groups == ()
+    with pytest.raises(AuthenticationError):
+        run(make(FakeReviewer(result)), jwt_like())
+
+
+def test_review_json_without_status_is_unavailable() -> None:
+    with pytest.raises(UnavailableError):
+        _result_from_json(None)

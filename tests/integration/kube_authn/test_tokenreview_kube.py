@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -13,7 +14,7 @@ from kubernetes import client as k8s
 
 from csr_service.common.errors import AuthenticationError, UnavailableError
 from csr_service.common.request import RequestContext
-from csr_service.pipeline.authn.tokenreview import KubeTokenReviewer, TokenReviewAuthenticator
+from csr_service.pipeline.authn.tokenreview import KubeTokenReviewer, ReviewResult, TokenReviewAuthenticator
 from csr_service.plugins.authenticator import Caller
 from tests.integration.kube_authn.conftest import (
     CsrServiceAccount,
@@ -130,6 +131,41 @@ def test_missing_rbac_is_unavailable_not_unauthenticated(kube: KubeCluster) -> N
         asyncio.run(_authn(api).authenticate(_ctx(token)))
     assert "403" in info.value.detail
     assert "tokenreviews" in info.value.detail
+
+
+def test_event_loop_and_client_paths_read_reviews_alike(kube: KubeCluster, account: CsrServiceAccount) -> None:
+    """csr-service's own client (new_api_client) reviews from the event loop; a plain client
+    through the ``kubernetes`` models in threads. Both must read the same answers."""
+    from csr_service.kube.client import KubeSettings, new_api_client
+
+    settings = KubeSettings(
+        kubeconfig=str(account.kubeconfig), context=None, qps=0, burst=0, request_timeout=timedelta(seconds=10)
+    )
+    loop_path = KubeTokenReviewer(new_api_client(settings))
+    thread_path = KubeTokenReviewer(account.api_client())
+    assert loop_path.event_loop_calls
+    assert not thread_path.event_loop_calls
+    _, _, good = _workload(kube)
+    ns = kube.create_namespace()
+    kube.create_service_account(ns, "other-audience")
+    wrong_audience = kube.token(ns, "other-audience", audiences=["vault"])
+
+    async def compare() -> list[tuple[ReviewResult, ReviewResult]]:
+        try:
+            return [
+                (await loop_path.review(t, ["istio-ca"]), await thread_path.review(t, ["istio-ca"]))
+                for t in (good, wrong_audience, "not-a-token")
+            ]
+        finally:
+            await loop_path.aclose()
+
+    answers = asyncio.run(compare())
+    assert [a for a, b in answers if a != b] == []
+    accepted, other_audience, garbage = (a for a, _ in answers)
+    assert accepted.authenticated
+    assert accepted.extra.get("authentication.kubernetes.io/pod-name")
+    assert other_audience.audiences == ()
+    assert not garbage.authenticated
 
 
 def test_unreachable_apiserver_is_unavailable(kube: KubeCluster) -> None:

@@ -13,14 +13,13 @@ import functools
 import json
 import threading
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from kubernetes import client as k8s
 
 from csr_service.kube.informer import Informer
-from tests.testbed.kube import KubeCluster, start_kube, unique_name, wait_for
+from tests.testbed.kube import KubeCluster, unique_name, wait_for
 
 pytestmark = pytest.mark.kube
 
@@ -41,16 +40,6 @@ class Recorder:
 
 def _cm(name: str) -> k8s.V1ConfigMap:
     return k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name=name), data={"k": "v"})
-
-
-@pytest.fixture(scope="module")
-def own_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
-    """A private etcd + apiserver these tests may restart (the shared one must stay up)."""
-    cluster = start_kube(tmp_path_factory.mktemp("own-kube"))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def _etcd(etcd_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
