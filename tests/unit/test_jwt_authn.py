@@ -144,6 +144,8 @@ BAD = {
             ("10^30", 1e30),
             ("in the year 10000", 253402300800),
             ("negative", -1),
+            # Found by fuzzing: float() of it raised OverflowError out of authenticate.
+            ("10^400, an integer no float can hold", 10**400),
         )
     },
     "sub with a trailing newline": (

@@ -180,7 +180,8 @@ def test_entry_lives_at_most_the_configured_ttl() -> None:
     assert len(reviewer.calls) == 2
 
 
-@pytest.mark.parametrize("exp", [None, float("nan"), float("inf"), 1e30])
+# 10**400: an integer no float can hold (float() of it raised OverflowError; found by fuzzing).
+@pytest.mark.parametrize("exp", [None, float("nan"), float("inf"), 1e30, pytest.param(10**400, id="10^400")])
 def test_token_without_a_sane_exp_is_cached_for_the_ttl(exp: float | None) -> None:
     # The apiserver accepted it (an OIDC issuer might sign anything): no crash, no eternal entry.
     clock, reviewer = Clock(), FakeReviewer()
@@ -318,7 +319,7 @@ def test_api_error_mapping(exc: Exception, kind: type, fragment: str) -> None:
         # Not sane dates: used as they are, they broke the cache lifetime and the expiry's date.
         *(
             ("a." + base64.urlsafe_b64encode(b'{"exp": ' + raw + b"}").decode() + ".c", None)
-            for raw in (b"NaN", b"Infinity", b"-Infinity", b"1e30", b"253402300800", b"null", b"-5")
+            for raw in (b"NaN", b"Infinity", b"-Infinity", b"1e30", b"253402300800", b"null", b"-5", b"1" + b"0" * 400)
         ),
     ],
 )

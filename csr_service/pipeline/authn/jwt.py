@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -104,10 +103,11 @@ def numeric_date(value: Any) -> float | None:
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
-    if not math.isfinite(number) or not 0 <= number <= MAX_NUMERIC_DATE:
+    # The range check comes before float(): JSON numbers have no size limit, json reads 10^400
+    # as an int, and float() of it raises OverflowError. NaN fails the comparison too.
+    if not 0 <= value <= MAX_NUMERIC_DATE:
         return None
-    return number
+    return float(value)
 
 
 _ALGORITHMS = {alg: jwt.get_algorithm_by_name(alg) for alg in ALLOWED_ALGORITHMS}
