@@ -2,7 +2,8 @@
 
 Just enough ASN.1 to write a PKCS#10 request whose parts are each under the test's control:
 its version, its subject's attribute values (of any ASN.1 type), its SubjectAltName's general
-names (x400Address, ediPartyName, ...). The request is signed properly with the given key, so
+names (x400Address, ediPartyName, ...), further extensions with any OID, criticality and value
+(tests/support/fuzzing.py draws all of these at random). The request is signed properly with the given key, so
 a failure is always about the part under test, never a broken signature.
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "X400",
     "csr_der",
     "csr_pem",
+    "extension",
     "general_name",
     "hostile_csr",
     "oid",
@@ -70,6 +72,13 @@ def uri_name(uri: str) -> bytes:
     return general_name(6, uri.encode(), constructed=False)
 
 
+def extension(dotted: str, value: bytes, *, critical: bool | None = None) -> bytes:
+    """One Extension: ``value`` is the DER inside its OCTET STRING; ``critical=None`` omits the
+    field (DER's encoding of the default, false)."""
+    flag = b"" if critical is None else tlv(TAG_BOOLEAN, b"\xff" if critical else b"\x00")
+    return tlv(_SEQUENCE, oid(dotted) + flag + tlv(_OCTETS, value))
+
+
 def _name(attributes: Sequence[tuple[str, int, bytes]]) -> bytes:
     rdns = b"".join(tlv(_SET, tlv(_SEQUENCE, oid(o) + tlv(tag, value))) for o, tag, value in attributes)
     return tlv(_SEQUENCE, rdns)
@@ -81,12 +90,14 @@ def csr_der(
     version: int = 0,
     subject: Sequence[tuple[str, int, bytes]] = ((_ORGANIZATION, TAG_UTF8, b""),),
     san: Sequence[bytes] | None = None,
+    extensions: Sequence[bytes] = (),
 ) -> bytes:
-    """A signed PKCS#10 request; ``subject`` is (OID, ASN.1 tag, raw value) triples and ``san``
-    the encoded GeneralNames (default: the test workload's SPIFFE URI)."""
+    """A signed PKCS#10 request; ``subject`` is (OID, ASN.1 tag, raw value) triples, ``san``
+    the encoded GeneralNames (default: the test workload's SPIFFE URI) and ``extensions``
+    encoded Extensions requested after the SAN (see :func:`extension`)."""
     names = san if san is not None else [uri_name("spiffe://cluster.local/ns/default/sa/sleep")]
-    extension = tlv(_SEQUENCE, oid(_SAN) + tlv(TAG_BOOLEAN, b"\xff") + tlv(_OCTETS, tlv(_SEQUENCE, b"".join(names))))
-    attributes = tlv(0xA0, tlv(_SEQUENCE, oid(_EXTENSION_REQUEST) + tlv(_SET, tlv(_SEQUENCE, extension))))
+    requested = extension(_SAN, tlv(_SEQUENCE, b"".join(names)), critical=True) + b"".join(extensions)
+    attributes = tlv(0xA0, tlv(_SEQUENCE, oid(_EXTENSION_REQUEST) + tlv(_SET, tlv(_SEQUENCE, requested))))
     spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     info = tlv(_SEQUENCE, tlv(TAG_INTEGER, bytes([version])) + _name(subject) + spki + attributes)
     signature = key.sign(info, ec.ECDSA(hashes.SHA256()))

@@ -144,8 +144,16 @@ BAD = {
             ("10^30", 1e30),
             ("in the year 10000", 253402300800),
             ("negative", -1),
+            # Found by fuzzing: float() of it raised OverflowError out of authenticate.
+            ("10^400, an integer no float can hold", 10**400),
         )
     },
+    # Found by fuzzing: json.loads raised RecursionError out of authenticate.
+    "payload nested deeper than the recursion limit": (lambda: _resign(b"[" * 5000 + b"]" * 5000), "malformed"),
+    "header nested deeper than the recursion limit": (
+        lambda: ".".join([_b64(b"[" * 5000 + b"]" * 5000), *_token().split(".")[1:]]),
+        "malformed",
+    ),
     "sub with a trailing newline": (
         lambda: _token(_claims(sub="system:serviceaccount:default:sleep\n")),
         "service-account",
@@ -177,6 +185,10 @@ def _swap_payload(token: str, claims: dict[str, Any]) -> str:
     header, _, sig = token.split(".")
     payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
     return f"{header}.{payload}.{sig}"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def _resign(payload: bytes) -> str:

@@ -182,7 +182,8 @@ def test_entry_lives_at_most_the_configured_ttl() -> None:
     assert len(reviewer.calls) == 2
 
 
-@pytest.mark.parametrize("exp", [None, float("nan"), float("inf"), 1e30])
+# 10**400: an integer no float can hold (float() of it raised OverflowError; found by fuzzing).
+@pytest.mark.parametrize("exp", [None, float("nan"), float("inf"), 1e30, pytest.param(10**400, id="10^400")])
 def test_token_without_a_sane_exp_is_cached_for_the_ttl(exp: float | None) -> None:
     # The apiserver accepted it (an OIDC issuer might sign anything): no crash, no eternal entry.
     clock, reviewer = Clock(), FakeReviewer()
@@ -191,6 +192,13 @@ def test_token_without_a_sane_exp_is_cached_for_the_ttl(exp: float | None) -> No
     assert run(authn, token).token_expires_at is None
     _call_n(authn, clock, [(29, token), (31, token)])
     assert len(reviewer.calls) == 2
+
+
+def test_token_with_a_deeply_nested_payload_is_accepted_without_expiry() -> None:
+    # json.loads raised RecursionError about a thousand levels down, out of authenticate (found
+    # by fuzzing); the payload is only read for its exp, which this one does not have.
+    token = "a." + base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).decode() + ".c"
+    assert run(make(FakeReviewer()), token).token_expires_at is None
 
 
 def test_cache_is_a_bounded_lru() -> None:
@@ -321,8 +329,11 @@ def test_api_error_mapping(exc: Exception, kind: type, fragment: str) -> None:
         # Not sane dates: used as they are, they broke the cache lifetime and the expiry's date.
         *(
             ("a." + base64.urlsafe_b64encode(b'{"exp": ' + raw + b"}").decode() + ".c", None)
-            for raw in (b"NaN", b"Infinity", b"-Infinity", b"1e30", b"253402300800", b"null", b"-5")
+            for raw in (b"NaN", b"Infinity", b"-Infinity", b"1e30", b"253402300800", b"null", b"-5", b"1" + b"0" * 400)
         ),
+        # Found by fuzzing: nested deeper than json's recursion limit (RecursionError escaped).
+        ("a." + base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).decode() + ".c", None),
+        ("a." + base64.urlsafe_b64encode(b'{"exp": ' + b"[" * 5000 + b"]" * 5000 + b"}").decode() + ".c", None),
     ],
 )
 def test_unverified_exp(token: str, exp: float | None) -> None:

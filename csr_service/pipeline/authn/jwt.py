@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -37,7 +36,7 @@ from csr_service.plugins.authenticator import Caller
 if TYPE_CHECKING:
     from csr_service.plugins.runtime import Runtime
 
-__all__ = ["ALLOWED_ALGORITHMS", "JWTAuthenticator", "KeySource", "StaticKeySource"]
+__all__ = ["ALLOWED_ALGORITHMS", "JWTAuthenticator", "KeySource", "StaticKeySource", "decode_segment", "numeric_date"]
 
 #: Asymmetric algorithms only. Maps alg → the JWK key type it needs.
 ALLOWED_ALGORITHMS: Mapping[str, str] = {
@@ -105,10 +104,11 @@ def numeric_date(value: Any) -> float | None:
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
-    if not math.isfinite(number) or not 0 <= number <= MAX_NUMERIC_DATE:
+    # The range check comes before float(): JSON numbers have no size limit, json reads 10^400
+    # as an int, and float() of it raises OverflowError. NaN fails the comparison too.
+    if not 0 <= value <= MAX_NUMERIC_DATE:
         return None
-    return number
+    return float(value)
 
 
 _ALGORITHMS = {alg: jwt.get_algorithm_by_name(alg) for alg in ALLOWED_ALGORITHMS}
@@ -118,10 +118,23 @@ def _b64decode(segment: str) -> bytes:
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
+def decode_segment(segment: str) -> Any:
+    """One base64url segment of a JWT decoded as JSON; ValueError if it is not one.
+
+    The segment is the client's, so RecursionError becomes ValueError too: json.loads recurses
+    once per nesting level, and ``[[[…`` a thousand levels deep (2 KB, far below
+    :data:`MAX_TOKEN_BYTES`) exhausts the interpreter's recursion limit.
+    """
+    try:
+        return json.loads(_b64decode(segment))
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
+
+
 def _json_segment(segment: str, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(_b64decode(segment))
-    except (ValueError, binascii.Error) as exc:
+        value = decode_segment(segment)
+    except ValueError as exc:  # binascii.Error and JSONDecodeError included
         raise _fail("malformed token", f"malformed token {what}: {exc}") from exc
     if not isinstance(value, dict):
         raise _fail("malformed token", f"token {what} is not a JSON object")

@@ -33,10 +33,7 @@ Every :meth:`authenticate` call with a well-formed bearer token counts exactly o
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -56,7 +53,7 @@ from csr_service.common.identity import SpiffeId, service_account_from_username
 from csr_service.common.request import RequestContext
 from csr_service.kube.rest import KubeAPIError, for_client
 from csr_service.kube.util import api_status
-from csr_service.pipeline.authn.jwt import MAX_TOKEN_BYTES, numeric_date
+from csr_service.pipeline.authn.jwt import MAX_TOKEN_BYTES, decode_segment, numeric_date
 from csr_service.pipeline.authn.settings import TokenReviewSettings
 from csr_service.plugins.authenticator import Caller
 
@@ -239,8 +236,8 @@ def unverified_exp(token: str) -> float | None:
     if len(parts) != 3:
         return None
     try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error):
+        payload = decode_segment(parts[1])
+    except ValueError:
         return None
     # Only a sane NumericDate counts: NaN, ±Infinity or 10^30 would break the cache's arithmetic
     # and the date conversion; such a token is then cached for the default TTL at most.
