@@ -65,6 +65,7 @@ async def serve_forever(
         authenticator=service.authenticator,
         leader=next((c for c in service.components if isinstance(c, LeaderReporter)), None),
         publish=publish,
+        load=service.load,
     )
     http = (
         HttpServer(HttpApp(readiness), config.server.http_listen)

@@ -3,11 +3,20 @@
 TLS comes from :class:`ServingCertificate` (gRPC core negotiates TLS ≥ 1.2 and ALPN h2,
 which is what Go's gRPC client in istio-agent requires). A plaintext port exists only when
 ``--insecure-grpc-listen`` is set, and says so loudly in the log.
+
+What one worker accepts is bounded by gRPC core's own channel arguments (:class:`GrpcLimits`):
+calls waiting to be picked up, connections, and how long a connection may take to say hello,
+stay idle, or live. Why each value: docs/operations.md ("Overload", "Connections").
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,11 +26,68 @@ from csr_service._generated import ca_pb2, ca_pb2_grpc
 from csr_service.transport.servicer import IstioCertificateServicer
 from csr_service.transport.serving_cert import ServingCertificate
 
-__all__ = ["SERVICE_NAME", "GrpcServer"]
+__all__ = ["SERVICE_NAME", "GrpcLimits", "GrpcServer", "calls_never_served"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = ca_pb2.DESCRIPTOR.services_by_name["IstioCertificateService"].full_name
+
+#: Concurrent streams per connection, announced in SETTINGS: HTTP/2's recommended minimum
+#: (RFC 9113 5.1.2). Clients queue streams above it on their side (grpc-go and Rust's h2 do),
+#: so one connection cannot fill the worker's queue on its own.
+MAX_STREAMS_PER_CONNECTION = 100
+#: Largest request accepted; gRPC core refuses bigger ones (RESOURCE_EXHAUSTED) before Python
+#: sees them. A request is a CSR (the pipeline refuses more than 64 KiB) and a small Struct.
+MAX_REQUEST_BYTES = 256 * 1024
+#: Keepalive pings are allowed every 10 s, with or without calls in flight (istio-agent and
+#: ztunnel ping every 30 s at most; Istio's own servers allow 15 s). Faster pings are strikes,
+#: and after gRPC core's two strikes the client gets GOAWAY "too_many_pings".
+MIN_PING_INTERVAL_MS = 10_000
+#: A call that waited this long in gRPC core's queue is dropped when the worker next picks up
+#: a call (gRPC counts whole seconds; its default is 30 s). The count limit usually binds
+#: first; this one bounds a stalled event loop.
+MAX_QUEUE_WAIT_SECONDS = 1
+
+
+def _ms(value: timedelta) -> int:
+    return int(value.total_seconds() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcLimits:
+    """What one worker's gRPC server accepts (0 turns a connection limit off)."""
+
+    #: Calls received but not yet picked up by the worker: above half of it gRPC core refuses a
+    #: growing share of new calls, at it all of them (its random early drop).
+    max_queued_requests: int = 128
+    max_connections: int = 2048
+    max_connection_idle: timedelta = timedelta(minutes=5)
+    max_connection_age: timedelta = timedelta(minutes=30)
+    #: After ``max_connection_age``, how long calls in progress may still finish.
+    max_connection_age_grace: timedelta = timedelta(seconds=15)
+    #: TLS handshake plus the client's HTTP/2 SETTINGS must arrive within this.
+    handshake_timeout: timedelta = timedelta(seconds=10)
+
+    def channel_args(self) -> list[tuple[str, int]]:
+        """gRPC core channel arguments for these limits (and the fixed ones above)."""
+        args = [
+            ("grpc.server.max_pending_requests", max(self.max_queued_requests // 2, 1)),
+            ("grpc.server.max_pending_requests_hard_limit", self.max_queued_requests),
+            ("grpc.server_max_unrequested_time_in_server", MAX_QUEUE_WAIT_SECONDS),
+            ("grpc.server_handshake_timeout_ms", _ms(self.handshake_timeout)),
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        ]
+        if self.max_connections:
+            args.append(("grpc.max_allowed_incoming_connections", self.max_connections))
+        if self.max_connection_idle:
+            args.append(("grpc.max_connection_idle_ms", _ms(self.max_connection_idle)))
+        if self.max_connection_age:
+            args.append(("grpc.max_connection_age_ms", _ms(self.max_connection_age)))
+            args.append(("grpc.max_connection_age_grace_ms", _ms(self.max_connection_age_grace)))
+        return args
 
 
 class GrpcServer:
@@ -34,19 +100,14 @@ class GrpcServer:
         *,
         listen: str,
         insecure_listen: str | None,
-        max_concurrent_rpcs: int,
+        limits: GrpcLimits,
     ) -> None:
         # SO_REUSEPORT lets several worker processes share the port; the kernel spreads
-        # connections across them. maximum_concurrent_rpcs turns overload into
-        # RESOURCE_EXHAUSTED (retryable) instead of unbounded queueing.
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.so_reuseport", 1),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ],
-            maximum_concurrent_rpcs=max_concurrent_rpcs,
-        )
+        # connections across them. No maximum_concurrent_rpcs: grpc.aio's limiter counts every
+        # method (a health Watch or reflection stream would hold a slot), is invisible to our
+        # metrics, and does not bound the queue in front of it; the servicer's Admission and
+        # the pending-call limits in `limits` do (see csr_service.transport.admission).
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 1), *limits.channel_args()])
         ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -80,3 +141,28 @@ class GrpcServer:
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
+
+
+def calls_never_served(in_progress: int) -> int | None:
+    """Calls gRPC core received that never reached csr-service, since start (None: unknown).
+
+    gRPC core refuses calls above ``--max-queued-requests`` (and drops those that waited too
+    long) on its own threads; the client sees CANCELLED and nothing of ours runs. Its channelz
+    counters still saw them start and never finish: started - succeeded - failed, minus the
+    ``in_progress`` calls we are handling now. An estimate: a call picked up but not yet in our
+    handler, or an open reflection stream, counts until it ends.
+    """
+    try:  # the call grpcio-channelz makes; grpc-stubs does not describe grpc._cython
+        get_servers: Any = importlib.import_module("grpc._cython.cygrpc").channelz_get_servers
+    except (ImportError, AttributeError):
+        return None
+    try:
+        servers = json.loads(get_servers(0)).get("server", [])
+    except (ValueError, TypeError, RuntimeError):
+        return None
+    open_calls = 0
+    for server in servers:
+        data = server.get("data", {})
+        open_calls += int(data.get("callsStarted", 0)) - int(data.get("callsSucceeded", 0))
+        open_calls -= int(data.get("callsFailed", 0))
+    return max(open_calls - in_progress, 0)
