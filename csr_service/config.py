@@ -116,6 +116,14 @@ CORE_OPTIONS: list[Option] = [
         kind="int",
     ),
     Option(
+        "max-queue-wait",
+        "A call queued longer than this (whole seconds) is dropped when the worker next picks up a call "
+        "(clients see CANCELLED and retry); bounds a stalled worker.",
+        timedelta(seconds=1),
+        group="server",
+        kind="duration",
+    ),
+    Option(
         "max-connections",
         "Open connections per worker (including ones still in the TLS handshake); more are closed at once. "
         "0: no limit.",
@@ -339,6 +347,8 @@ def _check_load_limits(v: Mapping[str, Any]) -> None:
     for flag in ("max-connection-idle", "max-connection-age"):
         if timedelta(0) < v[flag] < timedelta(seconds=1):
             raise ConfigError(f"--{flag}: must be 0 (off) or at least 1s")
+    if v["max-queue-wait"] < timedelta(seconds=1):
+        raise ConfigError("--max-queue-wait: must be at least 1s (gRPC counts whole seconds)")
     if v["tls-handshake-timeout"] < timedelta(milliseconds=100):
         raise ConfigError("--tls-handshake-timeout: must be at least 100ms")
     if v["per-identity-rate"] < 0:
@@ -360,6 +370,7 @@ class ServerConfig:
     max_concurrent_requests: int
     http_listen: str | None = None
     max_queued_requests: int = 128
+    max_queue_wait: timedelta = timedelta(seconds=1)
     max_connections: int = 2048
     max_connection_idle: timedelta = timedelta(minutes=5)
     max_connection_age: timedelta = timedelta(minutes=30)
@@ -473,6 +484,7 @@ class Config:
                 max_concurrent_requests=v["max-concurrent-requests"],
                 http_listen=v["http-listen"] or None,
                 max_queued_requests=v["max-queued-requests"],
+                max_queue_wait=v["max-queue-wait"],
                 max_connections=v["max-connections"],
                 max_connection_idle=v["max-connection-idle"],
                 max_connection_age=v["max-connection-age"],

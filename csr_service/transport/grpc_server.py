@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -43,10 +44,6 @@ MAX_REQUEST_BYTES = 256 * 1024
 #: ztunnel ping every 30 s at most; Istio's own servers allow 15 s). Faster pings are strikes,
 #: and after gRPC core's two strikes the client gets GOAWAY "too_many_pings".
 MIN_PING_INTERVAL_MS = 10_000
-#: A call that waited this long in gRPC core's queue is dropped when the worker next picks up
-#: a call (gRPC counts whole seconds; its default is 30 s). The count limit usually binds
-#: first; this one bounds a stalled event loop.
-MAX_QUEUE_WAIT_SECONDS = 1
 
 
 def _ms(value: timedelta) -> int:
@@ -60,6 +57,10 @@ class GrpcLimits:
     #: Calls received but not yet picked up by the worker: above half of it gRPC core refuses a
     #: growing share of new calls, at it all of them (its random early drop).
     max_queued_requests: int = 128
+    #: A queued call older than this is dropped when the worker next picks up a call (gRPC
+    #: counts whole seconds; its own default is 30 s). The count usually binds first; this
+    #: bounds a stalled event loop.
+    max_queue_wait: timedelta = timedelta(seconds=1)
     max_connections: int = 2048
     max_connection_idle: timedelta = timedelta(minutes=5)
     max_connection_age: timedelta = timedelta(minutes=30)
@@ -73,7 +74,7 @@ class GrpcLimits:
         args = [
             ("grpc.server.max_pending_requests", max(self.max_queued_requests // 2, 1)),
             ("grpc.server.max_pending_requests_hard_limit", self.max_queued_requests),
-            ("grpc.server_max_unrequested_time_in_server", MAX_QUEUE_WAIT_SECONDS),
+            ("grpc.server_max_unrequested_time_in_server", max(math.ceil(self.max_queue_wait.total_seconds()), 1)),
             ("grpc.server_handshake_timeout_ms", _ms(self.handshake_timeout)),
             ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),

@@ -153,6 +153,8 @@ def test_zero_turns_connection_limits_off() -> None:
     for name in ("grpc.max_allowed_incoming_connections", "grpc.max_connection_idle_ms", "grpc.max_connection_age_ms"):
         assert name not in args
     assert dict(GrpcLimits(max_queued_requests=1).channel_args())["grpc.server.max_pending_requests"] == 1
+    wait = dict(GrpcLimits(max_queue_wait=timedelta(seconds=2.5)).channel_args())
+    assert wait["grpc.server_max_unrequested_time_in_server"] == 3  # whole seconds, rounded up
 
 
 # --- options ------------------------------------------------------------------------------------
@@ -160,6 +162,7 @@ def test_load_options_reach_the_config() -> None:
     flags = {
         "max-concurrent-requests": "8",
         "max-queued-requests": "16",
+        "max-queue-wait": "3s",
         "max-connections": "0",
         "max-connection-idle": "0",
         "max-connection-age": "1h",
@@ -170,6 +173,7 @@ def test_load_options_reach_the_config() -> None:
     c = Config.from_values(resolve(flags, env={}))
     assert (c.server.max_concurrent_requests, c.server.max_queued_requests, c.server.max_connections) == (8, 16, 0)
     assert c.server.max_connection_idle == timedelta(0)
+    assert c.server.max_queue_wait == timedelta(seconds=3)
     assert c.server.max_connection_age == timedelta(hours=1)
     assert c.server.tls_handshake_timeout == timedelta(seconds=2)
     assert (c.pipeline.per_identity_rate, c.pipeline.per_identity_burst) == (0.5, 3)
@@ -187,6 +191,7 @@ def test_load_defaults() -> None:
     [
         ("max-concurrent-requests", "0"),
         ("max-queued-requests", "0"),
+        ("max-queue-wait", "500ms"),
         ("max-connections", "-1"),
         ("max-connection-idle", "10ms"),
         ("max-connection-age", "500ms"),
