@@ -293,7 +293,7 @@ def refresh(
     ``authn_cache`` holds ``(authenticator, result, running total)`` as the authenticator
     counts them; the counter is advanced by the difference since the last call.
     ``never_served`` is the running estimate of calls gRPC core refused or dropped from its
-    queue (:func:`csr_service.transport.grpc_server.calls_never_served`): the shed counter
+    queue (:class:`csr_service.transport.grpc_server.UnservedCalls`); the shed counter
     (reason ``queue_full``) follows its highest value, so it never goes back.
     """
     if in_flight_peak is not None:

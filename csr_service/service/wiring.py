@@ -32,7 +32,7 @@ from csr_service.plugins.registry import create_authenticator, create_issuer
 from csr_service.plugins.runtime import Runtime
 from csr_service.service.components import build_components, trust_from_source
 from csr_service.transport.admission import Admission
-from csr_service.transport.grpc_server import GrpcLimits, GrpcServer, calls_never_served
+from csr_service.transport.grpc_server import GrpcLimits, GrpcServer, UnservedCalls
 from csr_service.transport.servicer import IstioCertificateServicer
 from csr_service.transport.serving_cert import ServingCertificate
 from csr_service.trust.bundle import TrustBundle
@@ -58,6 +58,7 @@ class Service:
     #: Background parts (watches, controllers, ...), started before the gRPC listener opens.
     components: list[Component] = field(default_factory=list)
     server: GrpcServer | None = None
+    unserved: UnservedCalls | None = None
     _started: list[Lifecycle] = field(default_factory=list)
 
     @property
@@ -99,11 +100,12 @@ class Service:
                 handshake_timeout=server.tls_handshake_timeout,
             ),
         )
+        self.unserved = UnservedCalls(server.max_queue_wait)
         await self.server.start()
 
     def load(self) -> tuple[int, int | None]:
         """(most calls in progress at once since the last call, calls gRPC never handed over so far)."""
-        never_served = calls_never_served(self.admission.in_flight) if self.server is not None else None
+        never_served = self.unserved.sample(self.admission.in_flight) if self.unserved is not None else None
         return self.admission.take_peak(), never_served
 
     async def stop(self) -> None:

@@ -15,6 +15,9 @@ import importlib
 import json
 import logging
 import math
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -27,7 +30,7 @@ from csr_service._generated import ca_pb2, ca_pb2_grpc
 from csr_service.transport.servicer import IstioCertificateServicer
 from csr_service.transport.serving_cert import ServingCertificate
 
-__all__ = ["SERVICE_NAME", "GrpcLimits", "GrpcServer", "calls_never_served"]
+__all__ = ["SERVICE_NAME", "GrpcLimits", "GrpcServer", "UnservedCalls"]
 
 log = logging.getLogger(__name__)
 
@@ -144,26 +147,52 @@ class GrpcServer:
         await self._server.wait_for_termination()
 
 
-def calls_never_served(in_progress: int) -> int | None:
-    """Calls gRPC core received that never reached csr-service, since start (None: unknown).
+class UnservedCalls:
+    """Calls gRPC core received that never reached csr-service, since start (an estimate).
 
-    gRPC core refuses calls above ``--max-queued-requests`` (and drops those that waited too
-    long) on its own threads; the client sees CANCELLED and nothing of ours runs. Its channelz
-    counters still saw them start and never finish: started - succeeded - failed, minus the
-    ``in_progress`` calls we are handling now. An estimate: a call picked up but not yet in our
-    handler, or an open reflection stream, counts until it ends.
+    gRPC core refuses calls above ``--max-queued-requests`` (and drops those queued longer than
+    ``--max-queue-wait``) on its own threads; the client sees CANCELLED and nothing of ours
+    runs, so nothing of ours counts them. gRPC's channelz counters saw them start and never
+    finish: started - succeeded - failed, minus the calls in progress in our handler. That
+    difference also holds the calls still queued, which do get served later; but a queued call
+    is served or dropped within ``max_queue_wait``, so the smallest difference seen over a
+    window that long no longer holds calls that were queued at its start. Under sustained
+    overload the queue never empties and the estimate runs ahead by at most the queue's
+    depth (``--max-queued-requests``); it is exact once the queue drains. It never goes back.
     """
+
+    def __init__(self, max_queue_wait: timedelta, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._window = max_queue_wait.total_seconds() + 2.0
+        self._clock = clock
+        self._samples: deque[tuple[float, int]] = deque()
+        self._total = 0
+
+    def sample(self, in_progress: int) -> int | None:
+        """Read channelz now; return the estimate so far (None if channelz is not available)."""
+        open_calls = _channelz_open_calls()
+        if open_calls is None:
+            return None
+        return self.add(max(open_calls - in_progress, 0))
+
+    def add(self, value: int) -> int:
+        """Record one reading (calls started and not finished, minus ours); return the estimate."""
+        now = self._clock()
+        self._samples.append((now, value))
+        while self._samples and self._samples[0][0] < now - self._window:
+            self._samples.popleft()
+        self._total = max(self._total, min(v for _, v in self._samples))
+        return self._total
+
+
+def _channelz_open_calls() -> int | None:
     try:  # the call grpcio-channelz makes; grpc-stubs does not describe grpc._cython
         get_servers: Any = importlib.import_module("grpc._cython.cygrpc").channelz_get_servers
-    except (ImportError, AttributeError):
-        return None
-    try:
         servers = json.loads(get_servers(0)).get("server", [])
-    except (ValueError, TypeError, RuntimeError):
+    except (ImportError, AttributeError, ValueError, TypeError, RuntimeError):
         return None
     open_calls = 0
     for server in servers:
         data = server.get("data", {})
         open_calls += int(data.get("callsStarted", 0)) - int(data.get("callsSucceeded", 0))
         open_calls -= int(data.get("callsFailed", 0))
-    return max(open_calls - in_progress, 0)
+    return open_calls

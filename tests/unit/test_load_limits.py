@@ -15,7 +15,7 @@ from csr_service.config import Config, resolve
 from csr_service.infra import metrics
 from csr_service.pipeline.ratelimit import IdentityRateLimiter
 from csr_service.transport.admission import Admission, ShedLog
-from csr_service.transport.grpc_server import GrpcLimits
+from csr_service.transport.grpc_server import GrpcLimits, UnservedCalls
 
 A, B = "spiffe://cluster.local/ns/a/sa/a", "spiffe://cluster.local/ns/b/sa/b"
 
@@ -218,3 +218,22 @@ def test_never_served_estimate_only_moves_forward() -> None:
     metrics.refresh(**kwargs, never_served=before + 9)
     assert _shed(name, "queue_full") == before + 9
     assert REGISTRY.get_sample_value("csr_service_requests_in_flight") == 7
+
+
+def test_unserved_estimate_ignores_calls_that_were_only_queued() -> None:
+    clock = Clock()
+    est = UnservedCalls(timedelta(seconds=1), clock=clock)  # a window of 3 s
+    assert est.add(0) == 0
+    clock.now += 2
+    assert est.add(40) == 0  # 40 open calls: queued or refused? not known yet
+    clock.now += 2
+    assert est.add(10) == 10  # 30 of them were served: at most 10 were refused
+    clock.now += 2
+    assert est.add(12) == 10
+    clock.now += 4
+    assert est.add(12) == 12  # a whole window at 12 or more: 12 never served
+    assert est.add(5) == 12  # never goes back
+
+
+def test_unserved_reads_grpc_channelz() -> None:
+    assert UnservedCalls(timedelta(seconds=1)).sample(in_progress=0) is not None
