@@ -156,13 +156,16 @@ class UnservedCalls:
     finish: started - succeeded - failed, minus the calls in progress in our handler. That
     difference also holds the calls still queued, which do get served later; but a queued call
     is served or dropped within ``max_queue_wait``, so the smallest difference seen over a
-    window that long no longer holds calls that were queued at its start. Under sustained
-    overload the queue never empties and the estimate runs ahead by at most the queue's
-    depth (``--max-queued-requests``); it is exact once the queue drains. It never goes back.
+    longer window (30 s) no longer holds calls that were only queued at its start, as long as
+    the queue was empty once in it. When it never was (a sustained flood, a closed-loop
+    benchmark), the estimate runs ahead by the queue's smallest depth in the window, at most
+    ``--max-queued-requests``, once. It never goes back.
     """
 
+    WINDOW_SECONDS = 30.0
+
     def __init__(self, max_queue_wait: timedelta, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._window = max_queue_wait.total_seconds() + 2.0
+        self._window = max(max_queue_wait.total_seconds() + 2.0, self.WINDOW_SECONDS)
         self._clock = clock
         self._samples: deque[tuple[float, int]] = deque()
         self._total = 0

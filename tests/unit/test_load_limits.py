@@ -222,15 +222,15 @@ def test_never_served_estimate_only_moves_forward() -> None:
 
 def test_unserved_estimate_ignores_calls_that_were_only_queued() -> None:
     clock = Clock()
-    est = UnservedCalls(timedelta(seconds=1), clock=clock)  # a window of 3 s
+    est = UnservedCalls(timedelta(seconds=1), clock=clock)  # a window of 30 s
     assert est.add(0) == 0
-    clock.now += 2
+    clock.now += 20
     assert est.add(40) == 0  # 40 open calls: queued or refused? not known yet
-    clock.now += 2
+    clock.now += 20
     assert est.add(10) == 10  # 30 of them were served: at most 10 were refused
-    clock.now += 2
+    clock.now += 20
     assert est.add(12) == 10
-    clock.now += 4
+    clock.now += 40
     assert est.add(12) == 12  # a whole window at 12 or more: 12 never served
     assert est.add(5) == 12  # never goes back
 
