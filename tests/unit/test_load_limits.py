@@ -237,3 +237,21 @@ def test_unserved_estimate_ignores_calls_that_were_only_queued() -> None:
 
 def test_unserved_reads_grpc_channelz() -> None:
     assert UnservedCalls(timedelta(seconds=1)).sample(in_progress=0) is not None
+
+
+def test_fd_limit_is_raised_to_the_hard_limit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import resource
+
+    from csr_service.infra import fdlimit
+
+    limits = {"now": (1024, 65536)}
+    monkeypatch.setattr(resource, "getrlimit", lambda _what: limits["now"])
+    monkeypatch.setattr(resource, "setrlimit", lambda _what, value: limits.update(now=value))
+    assert fdlimit.ensure_fd_limit(2048) == 65536
+    assert limits["now"] == (65536, 65536)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        fdlimit.ensure_fd_limit(100_000)
+    assert "--max-connections 100000" in caplog.text
