@@ -5,8 +5,10 @@
 
 Starts ``csr-service serve --dev`` (local CA, TLS, JWT), and:
 
-1. measures its **capacity**: closed loop, ghz at concurrency 16 over 4 connections (the
-   setting of ``bench.local_ca``), successful CSR/s;
+1. measures its **capacity**: closed loop, ghz with 32 calls in flight, each on its own
+   connection (as from pods: a call per connection costs the worker more than many calls
+   batched on a few connections, ``bench.local_ca``'s setting), and few enough that the
+   queue limit refuses none; successful CSR/s;
 2. offers **k x capacity** for each k in ``--levels``: ghz ``--rps`` paced over 1000
    connections (many pods, a few calls each) with enough workers to keep the rate up,
    ``--seconds`` worth of calls (a fixed count, so nothing is cut off at the end). Over the
@@ -309,8 +311,8 @@ def run_server(
         print(f"[{name}] RSS at start {rss0:.0f} MiB", flush=True)
         _ghz(srv, label="warm-up", rps=0, count=1000, concurrency=4, connections=4, **common)
         if capacity is None:
-            n = args.capacity_requests
-            capacity = _ghz(srv, label="capacity", rps=0, count=n, concurrency=16, connections=4, **common)
+            n, c = args.capacity_requests, args.capacity_concurrency
+            capacity = _ghz(srv, label="capacity", rps=0, count=n, concurrency=c, connections=c, **common)
             print(f"[{name}] " + capacity.row(capacity), flush=True)
         levels = []
         for k in args.levels:
@@ -349,6 +351,12 @@ def main() -> None:
     )
     ap.add_argument("--levels", default="1,2,5", help="offered load as multiples of the measured capacity")
     ap.add_argument("--capacity-requests", type=int, default=8000)
+    ap.add_argument(
+        "--capacity-concurrency",
+        type=int,
+        default=32,
+        help="closed-loop calls (one per connection, as from pods) for the capacity; below half the queue limit",
+    )
     ap.add_argument("--connections", type=int, default=1000, help="ghz connections for the paced levels (pods)")
     ap.add_argument("--compare-unbounded", action="store_true", help="also run a server with the limits out of the way")
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin server and ghz to separate CPUs")
@@ -364,7 +372,8 @@ def main() -> None:
 
     print(
         f"\nSummary: capacity {capacity.goodput:.0f} CSR/s with {capacity.server_cpu:.2f} server cores "
-        f"({capacity.per_cpu():.0f} per CPU-second); {args.workers} worker(s), ghz at c=16"
+        f"({capacity.per_cpu():.0f} per CPU-second); {args.workers} worker(s), ghz {args.capacity_concurrency} "
+        "calls in flight, one per connection"
     )
     for name, levels in (("bounded (defaults)", bounded), ("unbounded", unbounded)):
         if not levels:

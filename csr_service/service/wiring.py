@@ -100,7 +100,7 @@ class Service:
                 handshake_timeout=server.tls_handshake_timeout,
             ),
         )
-        self.unserved = UnservedCalls(server.max_queue_wait)
+        self.unserved = UnservedCalls(server.max_queue_wait, server.max_queued_requests)
         await self.server.start()
 
     def load(self) -> tuple[int, int | None]:

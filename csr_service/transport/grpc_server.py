@@ -43,6 +43,12 @@ MAX_STREAMS_PER_CONNECTION = 100
 #: Largest request accepted; gRPC core refuses bigger ones (RESOURCE_EXHAUSTED) before Python
 #: sees them. A request is a CSR (the pipeline refuses more than 64 KiB) and a small Struct.
 MAX_REQUEST_BYTES = 256 * 1024
+#: No BDP probing (a ping on reads to size HTTP/2 flow-control windows for bulk transfers):
+#: requests and answers are a few KiB, far below the fixed 64 KiB window, and when every call
+#: comes on its own connection (one per pod) the probes cost a worker about a fifth of its
+#: throughput (bench.overload over 1,000 connections at capacity: 78-83% goodput with
+#: probes, 96-98% without).
+BDP_PROBE = 0
 #: Keepalive pings are allowed every 10 s, with or without calls in flight (istio-agent and
 #: ztunnel ping every 30 s at most; Istio's own servers allow 15 s). Faster pings are strikes,
 #: and after gRPC core's two strikes the client gets GOAWAY "too_many_pings".
@@ -81,6 +87,7 @@ class GrpcLimits:
             ("grpc.server_handshake_timeout_ms", _ms(self.handshake_timeout)),
             ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ("grpc.http2.bdp_probe", BDP_PROBE),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
         ]
@@ -154,18 +161,25 @@ class UnservedCalls:
     ``--max-queue-wait``) on its own threads; the client sees CANCELLED and nothing of ours
     runs, so nothing of ours counts them. gRPC's channelz counters saw them start and never
     finish: started - succeeded - failed, minus the calls in progress in our handler. That
-    difference also holds the calls still queued, which do get served later; but a queued call
-    is served or dropped within ``max_queue_wait``, so the smallest difference seen over a
-    longer window (30 s) no longer holds calls that were only queued at its start, as long as
-    the queue was empty once in it. When it never was (a sustained flood, a closed-loop
-    benchmark), the estimate runs ahead by the queue's smallest depth in the window, at most
-    ``--max-queued-requests``, once. It never goes back.
+    difference also holds the calls still queued, which are served later, so two readings:
+
+    - at least the difference minus ``max_queued`` (the queue holds no more): a lower bound
+      that keeps up during a sustained flood, at most the queue's depth behind;
+    - the smallest difference over the last 30 s: once the queue has been empty in that window
+      (a queued call is served or dropped within ``max_queue_wait``), exact. It runs ahead only
+      if the queue never empties for 30 s without anything being refused (a closed-loop
+      benchmark), by the queue's smallest depth.
+
+    The estimate is the larger of the two, and never goes back.
     """
 
     WINDOW_SECONDS = 30.0
 
-    def __init__(self, max_queue_wait: timedelta, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, max_queue_wait: timedelta, max_queued: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._window = max(max_queue_wait.total_seconds() + 2.0, self.WINDOW_SECONDS)
+        self._max_queued = max_queued
         self._clock = clock
         self._samples: deque[tuple[float, int]] = deque()
         self._total = 0
@@ -183,7 +197,8 @@ class UnservedCalls:
         self._samples.append((now, value))
         while self._samples and self._samples[0][0] < now - self._window:
             self._samples.popleft()
-        self._total = max(self._total, min(v for _, v in self._samples))
+        window_min = min(v for _, v in self._samples)
+        self._total = max(self._total, window_min, value - self._max_queued)
         return self._total
 
 

@@ -142,6 +142,7 @@ def test_channel_args_bound_the_queue_and_connections() -> None:
     assert args["grpc.server_handshake_timeout_ms"] == 10_000
     assert args["grpc.max_concurrent_streams"] == 100
     assert args["grpc.max_receive_message_length"] == 256 * 1024
+    assert args["grpc.http2.bdp_probe"] == 0
     # istio-agent and ztunnel keepalives (30 s) must never count as ping abuse.
     assert args["grpc.http2.min_recv_ping_interval_without_data_ms"] <= 15_000
     assert args["grpc.keepalive_permit_without_calls"] == 1
@@ -222,7 +223,7 @@ def test_never_served_estimate_only_moves_forward() -> None:
 
 def test_unserved_estimate_ignores_calls_that_were_only_queued() -> None:
     clock = Clock()
-    est = UnservedCalls(timedelta(seconds=1), clock=clock)  # a window of 30 s
+    est = UnservedCalls(timedelta(seconds=1), 100, clock=clock)  # a window of 30 s, a queue of 100
     assert est.add(0) == 0
     clock.now += 20
     assert est.add(40) == 0  # 40 open calls: queued or refused? not known yet
@@ -233,10 +234,24 @@ def test_unserved_estimate_ignores_calls_that_were_only_queued() -> None:
     clock.now += 40
     assert est.add(12) == 12  # a whole window at 12 or more: 12 never served
     assert est.add(5) == 12  # never goes back
+    assert est.add(1000) == 900  # a flood: at most 100 of them can be queued
+
+
+def test_unserved_estimate_is_exact_once_the_queue_drains() -> None:
+    clock = Clock()
+    est = UnservedCalls(timedelta(seconds=1), 128, clock=clock)
+    assert est.add(0) == 0  # the first reading is at start
+    for value in (16, 16, 16):  # a closed loop keeps 16 queued, nothing refused: not yet counted
+        clock.now += 2
+        assert est.add(value) == 0
+    for _ in range(16):  # the queue drained; 5 calls never came back: counted once the window moved on
+        clock.now += 2
+        est.add(5)
+    assert est.add(5) == 5
 
 
 def test_unserved_reads_grpc_channelz() -> None:
-    assert UnservedCalls(timedelta(seconds=1)).sample(in_progress=0) is not None
+    assert UnservedCalls(timedelta(seconds=1), 128).sample(in_progress=0) is not None
 
 
 def test_fd_limit_is_raised_to_the_hard_limit(
