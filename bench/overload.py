@@ -1,7 +1,7 @@
 """Benchmark: overload. Capacity first, then offered load at multiples of it.
 
-    python -m bench.overload [--workers 1] [--seconds 15] [--levels 1,2,5] [--compare-unbounded]
-                             [--server-args "--max-queued-requests 64"]
+    python -m bench.overload [--workers 1] [--seconds 15] [--levels 1,2,5] [--rounds 1]
+                             [--compare-unbounded] [--server-args "--max-queued-requests 64"]
 
 Starts ``csr-service serve --dev`` (local CA, TLS, JWT), and:
 
@@ -44,6 +44,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -152,7 +153,8 @@ class Level:
             f"per CPU-second {share_cpu:4.0%})  ghz: admitted p50 {self.p50_ok_ms:6.1f} p99 {self.p99_ok_ms:7.1f} ms, "
             f"refused p99 {self.p99_refused_ms:6.1f} ms\n"
             f"{'':<9} server CPU {self.server_cpu:4.2f} cores "
-            f"({self.refusal_cost_us(capacity) if capacity else float('nan'):.0f} us per refused call), "
+            f"(left after the successful calls: {self.refusal_cost_us(capacity) if capacity else float('nan'):.0f} "
+            "us per refused call), "
             f"peak RSS {self.rss_mib:4.0f} MiB; "
             f"ghz {self.ghz_cpu_ms:4.2f} ms CPU/call; codes: {codes}{'; shed: ' + shed if shed else ''}{probe}"
         )
@@ -163,6 +165,12 @@ def _percentile(values: Sequence[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _spread(values: Sequence[float], fmt: str = ".0%") -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
 
 def _metrics(port: int) -> dict[str, float]:
@@ -315,7 +323,7 @@ def run_server(
             capacity = _ghz(srv, label="capacity", rps=0, count=n, concurrency=c, connections=c, **common)
             print(f"[{name}] " + capacity.row(capacity), flush=True)
         levels = []
-        for k in args.levels:
+        for k in [k for _ in range(args.rounds) for k in args.levels]:
             rps = max(int(k * capacity.goodput), 1)
             # Enough ghz workers that the offered rate does not depend on how fast the server
             # answers: a call may take up to ~a second when queued, a refusal a few ms.
@@ -350,6 +358,7 @@ def main() -> None:
         "--warmup", type=float, default=3.0, help="seconds of each level not measured (ghz opens its connections)"
     )
     ap.add_argument("--levels", default="1,2,5", help="offered load as multiples of the measured capacity")
+    ap.add_argument("--rounds", type=int, default=1, help="run the levels this many times (medians in the summary)")
     ap.add_argument("--capacity-requests", type=int, default=8000)
     ap.add_argument(
         "--capacity-concurrency",
@@ -381,14 +390,20 @@ def main() -> None:
         print(f"-- {name}")
         for level in levels:
             print(level.row(capacity))
-    for level in bounded:
-        other = {k: v for k, v in level.codes.items() if k not in {"OK", "ResourceExhausted", "Canceled"}}
-        probe_p99 = _percentile([ms for code, ms in level.probe.results if code == "OK"], 0.99) if level.probe else 0
+    for label in dict.fromkeys(level.label for level in bounded):
+        runs = [level for level in bounded if level.label == label]
+        other = {k for level in runs for k in level.codes if k not in {"OK", "ResourceExhausted", "Canceled"}}
+        probe_p99 = [
+            _percentile([ms for code, ms in level.probe.results if code == "OK"], 0.99) for level in runs if level.probe
+        ]
         print(
-            f"goal {level.label}: goodput {level.goodput / capacity.goodput:.0%} of capacity, "
-            f"{level.per_cpu() / capacity.per_cpu():.0%} per CPU-second (>= 90%); admitted p99 "
-            f"{probe_p99:.0f} ms (probe), {level.p99_ok_ms:.0f} ms (ghz); peak RSS {level.rss_mib:.0f} MiB; "
-            f"errors other than RESOURCE_EXHAUSTED/CANCELLED: {other or 'none'}"
+            f"goal {label} ({len(runs)} round(s), median [min-max]): goodput "
+            f"{_spread([level.goodput / capacity.goodput for level in runs])} of capacity, "
+            f"{_spread([level.per_cpu() / capacity.per_cpu() for level in runs])} per CPU-second (>= 90%); "
+            f"admitted p99 {_spread(probe_p99, '.0f')} ms (probe), "
+            f"{_spread([level.p99_ok_ms for level in runs], '.0f')} ms (ghz); "
+            f"peak RSS {max(level.rss_mib for level in runs):.0f} MiB; "
+            f"errors other than RESOURCE_EXHAUSTED/CANCELLED: {sorted(other) or 'none'}"
         )
     if "Traceback" in log:
         print("WARNING: the server logged a traceback during the run")
