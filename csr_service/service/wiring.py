@@ -91,6 +91,7 @@ class Service:
             insecure_listen=server.insecure_grpc_listen,
             limits=GrpcLimits(
                 max_queued_requests=server.max_queued_requests,
+                max_concurrent_requests=server.max_concurrent_requests,
                 max_queue_wait=server.max_queue_wait,
                 max_connections=server.max_connections,
                 max_connection_idle=server.max_connection_idle,

@@ -49,6 +49,11 @@ MAX_REQUEST_BYTES = 256 * 1024
 #: throughput (bench.overload over 1,000 connections at capacity: 78-83% goodput with
 #: probes, 96-98% without).
 BDP_PROBE = 0
+#: Calls of other methods (health checks, reflection) a worker holds at most, on top of
+#: ``--max-concurrent-requests``: a backstop, since a health Watch or reflection stream lives as
+#: long as its client wants and needs no token. Above the sum, grpc.aio refuses any call
+#: (RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!").
+MAX_OTHER_CALLS = 1024
 #: Keepalive pings are allowed every 10 s, with or without calls in flight (istio-agent and
 #: ztunnel ping every 30 s at most; Istio's own servers allow 15 s). Faster pings are strikes,
 #: and after gRPC core's two strikes the client gets GOAWAY "too_many_pings".
@@ -66,6 +71,9 @@ class GrpcLimits:
     #: Calls received but not yet picked up by the worker: above half of it gRPC core refuses a
     #: growing share of new calls, at it all of them (its random early drop).
     max_queued_requests: int = 128
+    #: CreateCertificate calls in progress (the servicer's Admission refuses above it); with
+    #: MAX_OTHER_CALLS, the bound on every call in progress.
+    max_concurrent_requests: int = 128
     #: A queued call older than this is dropped when the worker next picks up a call (gRPC
     #: counts whole seconds; its own default is 30 s). The count usually binds first; this
     #: bounds a stalled event loop.
@@ -77,6 +85,11 @@ class GrpcLimits:
     max_connection_age_grace: timedelta = timedelta(seconds=15)
     #: TLS handshake plus the client's HTTP/2 SETTINGS must arrive within this.
     handshake_timeout: timedelta = timedelta(seconds=10)
+
+    @property
+    def max_calls(self) -> int:
+        """Calls of any method in progress in the worker (grpc.aio's ``maximum_concurrent_rpcs``)."""
+        return self.max_concurrent_requests + MAX_OTHER_CALLS
 
     def channel_args(self) -> list[tuple[str, int]]:
         """gRPC core channel arguments for these limits (and the fixed ones above)."""
@@ -114,11 +127,14 @@ class GrpcServer:
         limits: GrpcLimits,
     ) -> None:
         # SO_REUSEPORT lets several worker processes share the port; the kernel spreads
-        # connections across them. No maximum_concurrent_rpcs: grpc.aio's limiter counts every
-        # method (a health Watch or reflection stream would hold a slot), is invisible to our
-        # metrics, and does not bound the queue in front of it; the servicer's Admission and
-        # the pending-call limits in `limits` do (see csr_service.transport.admission).
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 1), *limits.channel_args()])
+        # connections across them. grpc.aio's maximum_concurrent_rpcs is only a backstop: it
+        # counts every method, is invisible to our metrics, and does not bound the queue in
+        # front of it; the servicer's Admission and the pending-call limits in `limits` do the
+        # shedding (see csr_service.transport.admission).
+        self._server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 1), *limits.channel_args()],
+            maximum_concurrent_rpcs=limits.max_calls,
+        )
         ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

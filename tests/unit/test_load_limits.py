@@ -148,6 +148,11 @@ def test_channel_args_bound_the_queue_and_connections() -> None:
     assert args["grpc.keepalive_permit_without_calls"] == 1
 
 
+def test_every_call_is_bounded_not_only_certificates() -> None:
+    # Health Watch and reflection streams need no token and live as long as the client wants.
+    assert GrpcLimits(max_concurrent_requests=128).max_calls == 128 + 1024
+
+
 def test_zero_turns_connection_limits_off() -> None:
     limits = GrpcLimits(max_connections=0, max_connection_idle=timedelta(0), max_connection_age=timedelta(0))
     args = dict(limits.channel_args())
