@@ -54,9 +54,10 @@ BDP_PROBE = 0
 #: long as its client wants and needs no token. Above the sum, grpc.aio refuses any call
 #: (RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!").
 MAX_OTHER_CALLS = 1024
-#: Keepalive pings are allowed every 10 s, with or without calls in flight (istio-agent and
-#: ztunnel ping every 30 s at most; Istio's own servers allow 15 s). Faster pings are strikes,
-#: and after gRPC core's two strikes the client gets GOAWAY "too_many_pings".
+#: Keepalive pings are allowed every 10 s, with or without calls in flight (istio-agent's CA
+#: client pings every 30 s, GRPC_KEEPALIVE_INTERVAL, while a call is open; Istio's own servers
+#: allow 15 s). Faster pings are strikes; after gRPC core's two strikes the client gets GOAWAY
+#: "too_many_pings".
 MIN_PING_INTERVAL_MS = 10_000
 
 

@@ -143,7 +143,7 @@ def test_channel_args_bound_the_queue_and_connections() -> None:
     assert args["grpc.max_concurrent_streams"] == 100
     assert args["grpc.max_receive_message_length"] == 256 * 1024
     assert args["grpc.http2.bdp_probe"] == 0
-    # istio-agent and ztunnel keepalives (30 s) must never count as ping abuse.
+    # istio-agent's keepalive (30 s) must never count as ping abuse.
     assert args["grpc.http2.min_recv_ping_interval_without_data_ms"] <= 15_000
     assert args["grpc.keepalive_permit_without_calls"] == 1
 
