@@ -93,21 +93,25 @@ class LoadResult:
         )
 
 
-def run_ghz(
+def ghz_command(
     *,
-    label: str,
     address: str,
     root_cert: Path,
     token: str,
     csr_pem: str,
     concurrency: int,
     requests: int,
-    server_pid: int,
     connections: int,
     server_name: str = "localhost",
     validity: int = 3600,
-) -> LoadResult:
-    """One ghz run against ``address``; samples the server's CPU and RSS meanwhile."""
+    rps: int = 0,
+    timeout: str = "20s",
+) -> list[str]:
+    """The ghz command line for ``requests`` CreateCertificate calls (JSON report on stdout).
+
+    ``rps`` > 0 paces the calls (ghz's ``--rps``: an offered rate, as long as ``concurrency``
+    workers are enough to keep it up); 0 sends the next call as soon as a worker is free.
+    """
     data = json.dumps({"csr": csr_pem, "validity_duration": validity})
     md = json.dumps({"authorization": f"Bearer {token}", "clusterid": "Kubernetes"})
     cmd = [
@@ -124,7 +128,7 @@ def run_ghz(
         # A fixed request count, not a duration: ghz reports requests still in flight when a
         # duration ends as errors, which would blur the error column.
         "--total", str(requests),
-        "--timeout", "20s",
+        "--timeout", timeout,
         # The call data and metadata are fixed, so ghz's per-call Go template set-up (it
         # builds a template with ~200 sprig functions for every request) is pure load-generator
         # CPU taken from the server under test on a shared machine: ~0.09 ms per request,
@@ -132,14 +136,44 @@ def run_ghz(
         "--disable-template-functions",
         "--disable-template-data",
         "--format", "json",
-        address,
     ]  # fmt: skip
+    if rps > 0:
+        cmd += ["--rps", str(rps)]
+    return [*cmd, address]
+
+
+def run_ghz(
+    *,
+    label: str,
+    address: str,
+    root_cert: Path,
+    token: str,
+    csr_pem: str,
+    concurrency: int,
+    requests: int,
+    server_pid: int,
+    connections: int,
+    server_name: str = "localhost",
+    validity: int = 3600,
+) -> LoadResult:
+    """One ghz run against ``address``; samples the server's CPU and RSS meanwhile."""
+    cmd = ghz_command(
+        address=address,
+        root_cert=root_cert,
+        token=token,
+        csr_pem=csr_pem,
+        concurrency=concurrency,
+        requests=requests,
+        connections=connections,
+        server_name=server_name,
+        validity=validity,
+    )
     pids = process_tree(server_pid)
-    ghz0 = _children_cpu()
+    ghz0 = children_cpu()
     cpu0, t0 = cpu_seconds(pids), time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     cpu1, t1 = cpu_seconds(pids), time.monotonic()
-    ghz_cpu = _children_cpu() - ghz0
+    ghz_cpu = children_cpu() - ghz0
     if proc.returncode not in (0, 1) or not proc.stdout.strip():
         raise RuntimeError(f"ghz failed ({proc.returncode}): {proc.stderr[-2000:]}")
     rep: dict[str, Any] = json.loads(proc.stdout)
@@ -162,6 +196,6 @@ def run_ghz(
     )
 
 
-def _children_cpu() -> float:
+def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for children: ghz runs
     return usage.ru_utime + usage.ru_stime

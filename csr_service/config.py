@@ -100,10 +100,59 @@ CORE_OPTIONS: list[Option] = [
     ),
     Option(
         "max-concurrent-requests",
-        "Requests in flight per worker before new ones get RESOURCE_EXHAUSTED (clients retry).",
+        "CreateCertificate calls in progress per worker; above it new calls get RESOURCE_EXHAUSTED at once "
+        "(istio-agent retries with backoff). See docs/operations.md, Overload.",
+        128,
+        group="server",
+        kind="int",
+    ),
+    Option(
+        "max-queued-requests",
+        "Calls gRPC may hold per worker before the worker picks them up; above half of it a growing share "
+        "of new calls is refused, at it all (clients see CANCELLED and retry). Bounds queueing delay to "
+        "about this many CSRs' work.",
+        128,
+        group="server",
+        kind="int",
+    ),
+    Option(
+        "max-queue-wait",
+        "A call queued longer than this (whole seconds) is dropped when the worker next picks up a call "
+        "(clients see CANCELLED and retry); bounds a stalled worker.",
+        timedelta(seconds=1),
+        group="server",
+        kind="duration",
+    ),
+    Option(
+        "max-connections",
+        "Open connections per worker (including ones still in the TLS handshake); more are closed at once. "
+        "0: no limit.",
         2048,
         group="server",
         kind="int",
+    ),
+    Option(
+        "max-connection-idle",
+        "Close a connection (HTTP/2 GOAWAY; clients reconnect on their next call) after this long without "
+        "calls. 0: never.",
+        timedelta(minutes=5),
+        group="server",
+        kind="duration",
+    ),
+    Option(
+        "max-connection-age",
+        "Close a connection (GOAWAY, calls in progress get --request-timeout plus 5s to finish) after this "
+        "long, so connections rebalance across replicas. 0: never.",
+        timedelta(minutes=30),
+        group="server",
+        kind="duration",
+    ),
+    Option(
+        "tls-handshake-timeout",
+        "Close a connection that has not completed the TLS handshake and sent its HTTP/2 settings in this time.",
+        timedelta(seconds=10),
+        group="server",
+        kind="duration",
     ),
     Option(
         "http-listen",
@@ -140,6 +189,21 @@ CORE_OPTIONS: list[Option] = [
         "Lifetime when a request asks for none (validity_duration <= 0); empty: the maximum.",
         "",
         group="pipeline",
+    ),
+    Option(
+        "per-identity-rate",
+        "CreateCertificate calls per second allowed per workload identity (SPIFFE id) and worker; more get "
+        "RESOURCE_EXHAUSTED. Stops one crash-looping workload from starving the rest. 0: off.",
+        0,
+        group="pipeline",
+        kind="float",
+    ),
+    Option(
+        "per-identity-burst",
+        "Calls one identity may make at once above --per-identity-rate (the token bucket's size).",
+        10,
+        group="pipeline",
+        kind="int",
     ),
     Option(
         "root-ca-file",
@@ -275,6 +339,24 @@ def _host_port(value: str, flag: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (an explicit listen address)
 
 
+def _check_load_limits(v: Mapping[str, Any]) -> None:
+    """The overload and connection limits (docs/operations.md, Overload and Connections)."""
+    for flag, least in (("max-concurrent-requests", 1), ("max-queued-requests", 1), ("max-connections", 0)):
+        if v[flag] < least:
+            raise ConfigError(f"--{flag}: must be >= {least}")
+    for flag in ("max-connection-idle", "max-connection-age"):
+        if timedelta(0) < v[flag] < timedelta(seconds=1):
+            raise ConfigError(f"--{flag}: must be 0 (off) or at least 1s")
+    if v["max-queue-wait"] < timedelta(seconds=1):
+        raise ConfigError("--max-queue-wait: must be at least 1s (gRPC counts whole seconds)")
+    if v["tls-handshake-timeout"] < timedelta(milliseconds=100):
+        raise ConfigError("--tls-handshake-timeout: must be at least 100ms")
+    if v["per-identity-rate"] < 0:
+        raise ConfigError("--per-identity-rate: must be >= 0 (0: off)")
+    if v["per-identity-burst"] < 1:
+        raise ConfigError("--per-identity-burst: must be >= 1")
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     grpc_listen: str
@@ -287,6 +369,12 @@ class ServerConfig:
     request_timeout: timedelta
     max_concurrent_requests: int
     http_listen: str | None = None
+    max_queued_requests: int = 128
+    max_queue_wait: timedelta = timedelta(seconds=1)
+    max_connections: int = 2048
+    max_connection_idle: timedelta = timedelta(minutes=5)
+    max_connection_age: timedelta = timedelta(minutes=30)
+    tls_handshake_timeout: timedelta = timedelta(seconds=10)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +387,9 @@ class PipelineConfig:
     cluster_id_aliases: tuple[str, ...] = ()
     #: (namespace, service account) pairs from --ca-trusted-node-accounts (ztunnel impersonation).
     trusted_node_accounts: tuple[tuple[str, str], ...] = ()
+    #: Calls per second per identity (0: no limit) and the bucket size.
+    per_identity_rate: float = 0.0
+    per_identity_burst: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,8 +454,7 @@ class Config:
             raise ConfigError("--serving-certificate-duration: must be at least 10s")
         if v["request-timeout"] <= timedelta(0):
             raise ConfigError("--request-timeout: must be positive")
-        if v["max-concurrent-requests"] < 1:
-            raise ConfigError("--max-concurrent-requests: must be >= 1")
+        _check_load_limits(v)
         max_dur = v["max-certificate-duration"]
         if max_dur < timedelta(minutes=1):
             raise ConfigError("--max-certificate-duration: must be at least 1m")
@@ -393,6 +483,12 @@ class Config:
                 request_timeout=v["request-timeout"],
                 max_concurrent_requests=v["max-concurrent-requests"],
                 http_listen=v["http-listen"] or None,
+                max_queued_requests=v["max-queued-requests"],
+                max_queue_wait=v["max-queue-wait"],
+                max_connections=v["max-connections"],
+                max_connection_idle=v["max-connection-idle"],
+                max_connection_age=v["max-connection-age"],
+                tls_handshake_timeout=v["tls-handshake-timeout"],
             ),
             pipeline=PipelineConfig(
                 trust_domain=v["trust-domain"],
@@ -402,6 +498,8 @@ class Config:
                 root_ca_file=v["root-ca-file"] or None,
                 cluster_id_aliases=tuple(v["cluster-id-aliases"]),
                 trusted_node_accounts=_node_accounts(v["ca-trusted-node-accounts"]),
+                per_identity_rate=float(v["per-identity-rate"]),
+                per_identity_burst=v["per-identity-burst"],
             ),
             authenticator=PluginChoice.select(AUTHENTICATORS, v),
             issuer=PluginChoice.select(ISSUERS, v),

@@ -13,6 +13,7 @@ never keys, tokens or whole CSRs::
     ├── FailedPreconditionError    FAILED_PRECONDITION no issuer, CA expired, backend refuses a valid CSR
     ├── UnavailableError           UNAVAILABLE       backend down, sealed, connection errors (retryable)
     ├── ResourceExhaustedError     RESOURCE_EXHAUSTED backend 429, our own concurrency limit (retryable)
+    │   └── LoadShedError                             refused by our own limits before any work
     ├── DeadlineExceededError      DEADLINE_EXCEEDED not signed in time (retryable)
     └── InternalError              INTERNAL          issuer output unparseable or not verifying
 """
@@ -30,6 +31,7 @@ __all__ = [
     "FailedPreconditionError",
     "InternalError",
     "InvalidRequestError",
+    "LoadShedError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "UnavailableError",
@@ -79,6 +81,20 @@ class UnavailableError(CSRServiceError):
 
 class ResourceExhaustedError(CSRServiceError):
     """Rate-limited by a backend or by our own concurrency limit; retry later."""
+
+
+class LoadShedError(ResourceExhaustedError):
+    """Refused by csr-service's own load limits before any work was done; retry later.
+
+    ``reason`` names the limit (``concurrency``: ``--max-concurrent-requests``,
+    ``identity_rate``: ``--per-identity-rate``); it labels the shed-requests metric. Sheds are
+    counted and summarised in the log, not logged one by one: under overload they come by the
+    thousand per second.
+    """
+
+    def __init__(self, public: str, *, reason: str, detail: str | None = None) -> None:
+        super().__init__(public, detail=detail)
+        self.reason = reason
 
 
 class DeadlineExceededError(CSRServiceError):

@@ -45,7 +45,7 @@ class Option:
     help: str
     default: Any
     group: str = "general"
-    kind: str = "str"  # str | bool | int | list | duration | path
+    kind: str = "str"  # str | bool | int | float | list | duration | path
     secret: bool = False
     metavar: str | None = None
 
@@ -64,6 +64,7 @@ class Option:
             "path": str,
             "bool": parse_bool,
             "int": int,
+            "float": float,
             "list": parse_list,
             "duration": _parse_duration,
         }
@@ -71,6 +72,8 @@ class Option:
             return raw
         if self.kind == "int" and isinstance(raw, int) and not isinstance(raw, bool):
             return raw
+        if self.kind == "float" and isinstance(raw, int | float) and not isinstance(raw, bool):
+            return float(raw)
         if self.kind == "list" and isinstance(raw, list | tuple):
             return tuple(str(x) for x in raw)
         if not isinstance(raw, str):

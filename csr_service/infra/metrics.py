@@ -59,6 +59,7 @@ __all__ = [
     "CONTENT_TYPE",
     "MULTIPROC_ENV",
     "SupervisorStats",
+    "count_shed",
     "disable_multiprocess",
     "enable_multiprocess",
     "mark_worker_dead",
@@ -122,6 +123,22 @@ GRPC_SECONDS = Histogram(
     "Response latency (seconds) of gRPC that had been application-level handled by the server.",
     _GRPC_LABELS,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+# --- overload ---------------------------------------------------------------------------------
+SHED = Counter(
+    "csr_service_requests_shed",
+    "CreateCertificate calls refused before any work, by reason: concurrency (--max-concurrent-requests, "
+    "RESOURCE_EXHAUSTED), identity_rate (--per-identity-rate, RESOURCE_EXHAUSTED), queue_full (refused or "
+    "expired in gRPC's queue, --max-queued-requests; clients see CANCELLED; an estimate from gRPC's channelz "
+    "call counters, which may run ahead by up to the queue's depth while it never empties).",
+    ["reason"],
+)
+IN_FLIGHT = Gauge(
+    "csr_service_requests_in_flight",
+    "Most CreateCertificate calls in progress at once during the last few seconds (--max-concurrent-requests "
+    "is the limit per worker).",
+    multiprocess_mode="livesum",
 )
 
 # --- issuers ----------------------------------------------------------------------------------
@@ -214,6 +231,17 @@ def observe_rpc(service: str, method: str) -> Callable[[_Method[_R]], _Method[_R
     return decorate
 
 
+_SHED: dict[str, Any] = {}  # reason -> its counter child
+
+
+def count_shed(reason: str, n: int = 1) -> None:
+    """Count ``n`` calls refused for ``reason`` (see ``csr_service_requests_shed_total``)."""
+    child = _SHED.get(reason)
+    if child is None:
+        child = _SHED[reason] = SHED.labels(reason)
+    child.inc(n)
+
+
 def sign_error_label(exc: BaseException) -> str:
     """Istio's ``error`` label values (security/pkg/pki/ca/error.go) for a signing failure."""
     if isinstance(exc, UnavailableError | ResourceExhaustedError | DeadlineExceededError):
@@ -257,12 +285,23 @@ def refresh(
     serving_not_after: datetime | None,
     leader: bool | None,
     authn_cache: Iterable[tuple[str, str, int]] = (),
+    in_flight_peak: int | None = None,
+    never_served: int | None = None,
 ) -> None:
     """Set the gauges from the worker's current state (cheap; called every few seconds).
 
     ``authn_cache`` holds ``(authenticator, result, running total)`` as the authenticator
     counts them; the counter is advanced by the difference since the last call.
+    ``never_served`` is the running estimate of calls gRPC core refused or dropped from its
+    queue (:class:`csr_service.transport.grpc_server.UnservedCalls`); the shed counter
+    (reason ``queue_full``) follows its highest value, so it never goes back.
     """
+    if in_flight_peak is not None:
+        IN_FLIGHT.set(in_flight_peak)
+    seen = _TOTALS_SEEN.get("never_served", 0)
+    if never_served is not None and never_served > seen:
+        count_shed("queue_full", never_served - seen)
+        _TOTALS_SEEN["never_served"] = never_served
     TRUST_ROOTS.set(len(roots_not_after))
     if roots_not_after:
         ROOT_EXPIRY.set(min(r.timestamp() for r in roots_not_after))
@@ -281,6 +320,7 @@ def refresh(
 
 
 _AUTHN_SEEN: dict[tuple[str, str], int] = {}
+_TOTALS_SEEN: dict[str, int] = {}
 
 
 # --- exposition -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The request pipeline, read top to bottom: authenticate, check, validate, clamp, sign, verify.
+"""The request pipeline, read top to bottom: authenticate, check, rate-limit, validate, clamp, sign, verify.
 
 Transport-independent: the gRPC servicer converts the call into these arguments and the
 result (or a csr_service error) back. Benchmarks call it directly for the in-process ceiling.
@@ -20,6 +20,7 @@ from csr_service.pipeline.clusterid import check_cluster_id
 from csr_service.pipeline.csr import rule_signature, validate_csr
 from csr_service.pipeline.duration import decide_ttl
 from csr_service.pipeline.impersonation import IMPERSONATION_KEY, ImpersonationPolicy, NoImpersonation
+from csr_service.pipeline.ratelimit import IdentityRateLimiter
 from csr_service.pipeline.verify import ChainVerifier, response_chain
 from csr_service.plugins.authenticator import Authenticator
 from csr_service.plugins.issuer import IssuedChain, Issuer, IssuerAbilities, SigningRequest
@@ -69,12 +70,14 @@ class CertificatePipeline:
         trust: TrustBundle,
         settings: PipelineSettings,
         impersonation: ImpersonationPolicy | None = None,
+        rate_limit: IdentityRateLimiter | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.issuers = issuers
         self.trust = trust
         self.settings = settings
         self.impersonation = impersonation or NoImpersonation()
+        self.rate_limit = rate_limit
         self._verifier = ChainVerifier()
 
     async def create_certificate(
@@ -90,6 +93,9 @@ class CertificatePipeline:
             if not isinstance(requested, str):
                 raise InvalidRequestError(f"{IMPERSONATION_KEY} must be a string")
             identities = (await self.impersonation.authorize(caller, requested),)
+        if self.rate_limit is not None:  # before the CSR is parsed: a refusal costs nothing more
+            for identity in identities:
+                self.rate_limit.check(identity)
         active = self.issuers.active  # read once: a swap mid-request does not affect this one
         issuer = active.issuer
         # The proof of possession is verified once: here, or by a backend that always does it.

@@ -140,6 +140,7 @@ class WorkerMonitor:
         authenticator: AuthenticatorAbilities | None = None,
         leader: LeaderReporter | None = None,
         publish: Callable[[ReadinessReport], None] | None = None,
+        load: Callable[[], tuple[int, int | None]] | None = None,
         interval: float = 2.0,
     ) -> None:
         self._readiness = readiness
@@ -149,6 +150,7 @@ class WorkerMonitor:
         self._authenticator = authenticator
         self._leader = leader
         self._publish = publish
+        self._load = load
         self._task = BackgroundTask("worker-monitor", self._tick_async, every=interval, logger=log)
 
     def tick(self) -> None:
@@ -156,6 +158,7 @@ class WorkerMonitor:
         if self._publish is not None:
             self._publish(self._readiness.report())
         material = self._serving.material
+        in_flight_peak, never_served = self._load() if self._load is not None else (None, None)
         metrics.refresh(
             roots_not_after=[r.not_valid_after_utc for r in self._trust.current.roots],
             signing_ca_not_after=self._issuers.active.signing_ca_not_after(),
@@ -163,6 +166,8 @@ class WorkerMonitor:
             # A replica without an elector reports nothing.
             leader=self._leader.is_leader if self._leader is not None else None,
             authn_cache=self._authn_cache(),
+            in_flight_peak=in_flight_peak,
+            never_served=never_served,
         )
 
     def _authn_cache(self) -> list[tuple[str, str, int]]:

@@ -27,6 +27,7 @@ from csr_service.common.errors import ConfigError, CSRServiceError
 from csr_service.common.readiness import ReadinessReport
 from csr_service.config import Config
 from csr_service.infra import metrics
+from csr_service.infra.fdlimit import ensure_fd_limit
 from csr_service.infra.logs import setup_logging
 from csr_service.service.health import LeaderReporter, Readiness, WorkerBoard, WorkerMonitor
 from csr_service.service.wiring import build_service
@@ -65,6 +66,7 @@ async def serve_forever(
         authenticator=service.authenticator,
         leader=next((c for c in service.components if isinstance(c, LeaderReporter)), None),
         publish=publish,
+        load=service.load,
     )
     http = (
         HttpServer(HttpApp(readiness), config.server.http_listen)
@@ -135,6 +137,7 @@ def _worker_main(config: Config, conn: multiprocessing.connection.Connection, in
 
 def run(config: Config, on_ready: Callable[[int], None] | None = None) -> int:
     """Run the service (in-process for one worker, supervised processes otherwise)."""
+    ensure_fd_limit(config.server.max_connections)  # before workers start: they inherit it
     workers = config.server.workers
     port_zero = config.server.grpc_listen.rsplit(":", 1)[1] == "0"
     if workers == 1 or port_zero:

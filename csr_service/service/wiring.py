@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from csr_service.common.errors import (
@@ -24,12 +25,14 @@ from csr_service.config import Config
 from csr_service.infra.fsutil import write_atomic
 from csr_service.pipeline.handler import CertificatePipeline, IssuerSlot, PipelineSettings
 from csr_service.pipeline.impersonation_k8s import node_impersonation
+from csr_service.pipeline.ratelimit import IdentityRateLimiter
 from csr_service.plugins.authenticator import AuthenticatorAbilities
 from csr_service.plugins.issuer import IssuerAbilities
 from csr_service.plugins.registry import create_authenticator, create_issuer
 from csr_service.plugins.runtime import Runtime
 from csr_service.service.components import build_components, trust_from_source
-from csr_service.transport.grpc_server import GrpcServer
+from csr_service.transport.admission import Admission
+from csr_service.transport.grpc_server import GrpcLimits, GrpcServer, UnservedCalls
 from csr_service.transport.servicer import IstioCertificateServicer
 from csr_service.transport.serving_cert import ServingCertificate
 from csr_service.trust.bundle import TrustBundle
@@ -50,9 +53,12 @@ class Service:
     trust: TrustBundle
     pipeline: CertificatePipeline
     serving: ServingCertificate
+    #: Counts CreateCertificate calls in progress; refuses those above --max-concurrent-requests.
+    admission: Admission
     #: Background parts (watches, controllers, ...), started before the gRPC listener opens.
     components: list[Component] = field(default_factory=list)
     server: GrpcServer | None = None
+    unserved: UnservedCalls | None = None
     _started: list[Lifecycle] = field(default_factory=list)
 
     @property
@@ -76,15 +82,32 @@ class Service:
                 self._started.append(component)
         await self.serving.start()
         self._started.append(self.serving)
-        servicer = IstioCertificateServicer(self.pipeline, timeout=self.config.server.request_timeout)
+        server = self.config.server
+        servicer = IstioCertificateServicer(self.pipeline, timeout=server.request_timeout, admission=self.admission)
         self.server = GrpcServer(
             servicer,
             self.serving,
-            listen=self.config.server.grpc_listen,
-            insecure_listen=self.config.server.insecure_grpc_listen,
-            max_concurrent_rpcs=self.config.server.max_concurrent_requests,
+            listen=server.grpc_listen,
+            insecure_listen=server.insecure_grpc_listen,
+            limits=GrpcLimits(
+                max_queued_requests=server.max_queued_requests,
+                max_concurrent_requests=server.max_concurrent_requests,
+                max_queue_wait=server.max_queue_wait,
+                max_connections=server.max_connections,
+                max_connection_idle=server.max_connection_idle,
+                max_connection_age=server.max_connection_age,
+                # Calls in progress when a connection reaches its age get their full deadline.
+                max_connection_age_grace=server.request_timeout + timedelta(seconds=5),
+                handshake_timeout=server.tls_handshake_timeout,
+            ),
         )
+        self.unserved = UnservedCalls(server.max_queue_wait, server.max_queued_requests)
         await self.server.start()
+
+    def load(self) -> tuple[int, int | None]:
+        """(most calls in progress at once since the last call, calls gRPC never handed over so far)."""
+        never_served = self.unserved.sample(self.admission.in_flight) if self.unserved is not None else None
+        return self.admission.take_peak(), never_served
 
     async def stop(self) -> None:
         """Stop listening, then everything started, in reverse order."""
@@ -149,9 +172,11 @@ def build_service(config: Config, *, worker_index: int = 0) -> Service:
     trust = TrustBundle.from_file(config.pipeline.root_ca_file) if config.pipeline.root_ca_file else TrustBundle()
     # ztunnel impersonation: only with --ca-trusted-node-accounts (policy + a pod cache per worker).
     node_policy = node_impersonation(config.pipeline.trusted_node_accounts, runtime)
+    rate = config.pipeline.per_identity_rate
     pipeline = CertificatePipeline(
         authenticator=authenticator.authenticator,
         impersonation=node_policy[0] if node_policy else None,
+        rate_limit=IdentityRateLimiter(rate, config.pipeline.per_identity_burst) if rate > 0 else None,
         issuers=slot,
         trust=trust,
         settings=PipelineSettings(
@@ -177,6 +202,7 @@ def build_service(config: Config, *, worker_index: int = 0) -> Service:
         trust=trust,
         pipeline=pipeline,
         serving=serving,
+        admission=Admission(config.server.max_concurrent_requests),
         components=[
             *build_components(config, runtime, slot, trust, serving),
             *([node_policy[1]] if node_policy else []),

@@ -1,8 +1,9 @@
-"""The thin gRPC servicer: unpack the call, run the pipeline, map errors, pack the answer.
+"""The thin gRPC servicer: admit the call, unpack it, run the pipeline, map errors, pack the answer.
 
 No crypto and no backend calls here. Every request gets a request id (in every log line
 about it, and in the error message the client sees, so an operator can find the detail)
-and a server-side deadline, because istio-agent sends none.
+and a server-side deadline, because istio-agent sends none. A call above
+``--max-concurrent-requests`` is refused before any work (:mod:`csr_service.transport.admission`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,17 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from csr_service._generated import ca_pb2, ca_pb2_grpc
-from csr_service.common.errors import CSRServiceError, DeadlineExceededError, InternalError, status_code_for
+from csr_service.common.errors import (
+    CSRServiceError,
+    DeadlineExceededError,
+    InternalError,
+    LoadShedError,
+    status_code_for,
+)
 from csr_service.common.request import REQUEST_ID, RequestContext, new_request_id
-from csr_service.infra.metrics import observe_rpc
+from csr_service.infra.metrics import count_shed, observe_rpc
 from csr_service.pipeline.handler import CertificatePipeline
+from csr_service.transport.admission import Admission, ShedLog
 
 __all__ = ["IstioCertificateServicer"]
 
@@ -42,9 +50,14 @@ def _metadata(struct: struct_pb2.Struct) -> dict[str, Any]:
 class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
     """``istio.v1.auth.IstioCertificateService``."""
 
-    def __init__(self, pipeline: CertificatePipeline, *, timeout: timedelta) -> None:
+    def __init__(self, pipeline: CertificatePipeline, *, timeout: timedelta, admission: Admission) -> None:
         self._pipeline = pipeline
         self._timeout = timeout.total_seconds()
+        self._admission = admission
+        self._shed_log = ShedLog(log)
+
+    def _done(self, _context: object) -> None:
+        self._admission.leave()
 
     @observe_rpc("istio.v1.auth.IstioCertificateService", "CreateCertificate")
     async def CreateCertificate(
@@ -56,6 +69,10 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         ctx = RequestContext(metadata=md, peer=context.peer() or "", request_id=rid)
         error: CSRServiceError
         try:
+            self._admission.enter()
+            # Counted out when the answer has been sent, not when this coroutine returns:
+            # sending is work this worker still does.
+            context.add_done_callback(self._done)  # type: ignore[arg-type]  # grpc-stubs wants a class
             async with asyncio.timeout(self._timeout):
                 chain = await self._pipeline.create_certificate(
                     request.csr, request.validity_duration, _metadata(request.metadata), ctx
@@ -72,7 +89,11 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
             log.exception("unexpected error while handling CreateCertificate")
             error = InternalError("internal error")
         code = status_code_for(error)
-        level = logging.WARNING if code in _CLIENT_ERROR_CODES else logging.ERROR
-        log.log(level, "CreateCertificate failed code=%s peer=%s: %s", code.name, ctx.peer, error.detail)
+        if isinstance(error, LoadShedError):
+            count_shed(error.reason)
+            self._shed_log.note(error)
+        else:
+            level = logging.WARNING if code in _CLIENT_ERROR_CODES else logging.ERROR
+            log.log(level, "CreateCertificate failed code=%s peer=%s: %s", code.name, ctx.peer, error.detail)
         await context.abort(code, f"{error.public} (request id {rid})")
         raise AssertionError("unreachable: abort raises")

@@ -235,7 +235,8 @@ BAD_INPUTS: dict[str, tuple[Any, Any, dict[str, str], grpc.StatusCode]] = {
     "x400Address SAN": (lambda: hostile_csr(san=[uri_name(ID), X400]), None, {}, IA),
     "ediPartyName SAN": (lambda: hostile_csr(san=[uri_name(ID), EDI]), None, {}, IA),
     "two CSRs": (lambda: GOOD_CSR() + GOOD_CSR(), None, {}, IA),
-    "1 MiB CSR": (lambda: GOOD_CSR() + b"A" * (1024 * 1024), None, {}, IA),
+    # Above the pipeline's 64 KiB limit, below gRPC's message limit (next test).
+    "200 KiB CSR": (lambda: GOOD_CSR() + b"A" * (200 * 1024), None, {}, IA),
 }
 
 
@@ -252,6 +253,16 @@ def test_bad_input_gets_clear_status(dev_server: DevServer, case: str) -> None:
     assert "request id" in details
     assert "Traceback" not in details
     assert len(details) < 300  # short message; detail stays in the log
+
+
+def test_oversized_request_is_refused_by_grpc(dev_server: DevServer) -> None:
+    # Requests above 256 KiB never reach csr-service: gRPC core refuses them, which bounds the
+    # memory a worker's calls in progress can hold (--max-concurrent-requests of them).
+    with pytest.raises(grpc.RpcError) as info:
+        _call(dev_server, GOOD_CSR() + b"A" * (1024 * 1024), dev_server.token("default", "sleep"))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    ok = _call(dev_server, GOOD_CSR(), dev_server.token("default", "sleep"))
+    assert len(ok.cert_chain) >= 2
 
 
 def test_impersonation_is_refused(dev_server: DevServer) -> None:

@@ -131,3 +131,24 @@ def test_untrusted_server_certificate_is_rejected_by_the_client(
 
     assert not res.ok
     assert res.code == "UNAVAILABLE", res
+
+
+def test_sidecar_client_renews_across_idle_and_age_limits(istio_client: IstioClient, tmp_path: Path) -> None:
+    # istio-agent keeps one CA client (and connection) for the life of the pod. The server closes
+    # idle connections (--max-connection-idle) and old ones (--max-connection-age) with GOAWAY;
+    # the client must reconnect on its next renewal without an error.
+    args = ("--max-connection-idle", "1s", "--max-connection-age", "2s")
+    with running_dev_server(tmp_path / "state", *args) as srv:
+        res = istio_client(
+            ca_address=srv.address,
+            root_cert=srv.root_cert,
+            token=srv.token(NAMESPACE, SERVICE_ACCOUNT),
+            namespace=NAMESPACE,
+            service_account=SERVICE_ACCOUNT,
+            key_type="ec256",
+            renewals=2,
+            renew_after=2.5,
+        )
+        assert res.ok, f"{res.code}: {res.message}\n{res.stderr}"
+        assert res.identity == IDENTITY
+        assert "failed to sign CSR" not in res.stderr  # no retry was needed either

@@ -112,12 +112,16 @@ def running_server(
     port: int,
     env: dict[str, str] | None = None,
     timeout: float = 60.0,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[DevServer]:
-    """Run ``csr-service serve <args>`` (args must make it listen on 127.0.0.1:port)."""
+    """Run ``csr-service serve <args>`` (args must make it listen on 127.0.0.1:port).
+
+    ``wrapper`` prefixes the command (benchmarks pin the server to CPUs with ``taskset -c``).
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [*CSR_SERVICE, "serve", *args],
+            [*wrapper, *CSR_SERVICE, "serve", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=_preexec,
@@ -140,6 +144,7 @@ def running_dev_server(
     workers: int = 1,
     timeout: float = 60.0,
     env: dict[str, str] | None = None,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[DevServer]:
     """``csr-service serve --dev --state-dir state_dir`` on a free loopback port."""
     port = free_port()
@@ -160,6 +165,7 @@ def running_dev_server(
         port=port,
         timeout=timeout,
         env=env,
+        wrapper=wrapper,
     ) as srv:
         yield srv
 

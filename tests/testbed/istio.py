@@ -78,6 +78,8 @@ class IstioClient:
         ttl: str = "1h",
         impersonate: str | None = None,
         ca_san: str | None = None,
+        renewals: int = 0,
+        renew_after: float = 0.0,
         timeout: float = 120,
     ) -> IstioResult:
         """Request a certificate; see the class docstring."""
@@ -101,6 +103,8 @@ class IstioClient:
                 argv.append(f"--impersonate={impersonate}")
             if ca_san:
                 argv.append(f"--ca-san={ca_san}")
+            if renewals:
+                argv += [f"--renewals={renewals}", f"--renew-after={renew_after}s"]
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
         if proc.returncode == 2:
             raise ValueError(f"istio-client usage error: {proc.stderr.strip()}")

@@ -20,10 +20,13 @@ from csr_service.common.errors import (
     FailedPreconditionError,
     InternalError,
     InvalidRequestError,
+    LoadShedError,
     PermissionDeniedError,
     UnavailableError,
     status_code_for,
 )
+from csr_service.pipeline.ratelimit import IdentityRateLimiter
+from csr_service.pki.keys import KeyType, generate_key
 from csr_service.plugins.issuer import IssuedChain, SigningRequest
 from tests.support import pki
 from tests.support.certs import WORKLOAD, csr_pem, forge_signature, uri_sans
@@ -314,3 +317,18 @@ def test_the_issuer_gets_the_csr_key_the_checks_parsed(tmp_path: Path) -> None:
     issuer, error = _with_issuer(tmp_path, Recording, csr_pem(key))
     assert error is None
     assert issuer.seen == key.public_key()
+
+
+def test_per_identity_rate_limit_runs_before_csr_parsing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        kit = await make_pipeline(tmp_path)
+        kit.pipeline.rate_limit = IdentityRateLimiter(rate=0.001, burst=1)
+        await kit.pipeline.create_certificate(csr_pem(generate_key(KeyType.EC_P256)).decode(), 0, {}, ctx())
+        with pytest.raises(LoadShedError, match="over --per-identity-rate") as info:
+            await kit.pipeline.create_certificate("garbage", 0, {}, ctx())  # refused before the CSR is read
+        assert info.value.public == "too many requests for this identity; retry later"
+        assert status_code_for(info.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        other = csr_pem(generate_key(KeyType.EC_P256), uris=("spiffe://cluster.local/ns/default/sa/other",))
+        assert await kit.pipeline.create_certificate(other.decode(), 0, {}, ctx(tok=token(sa="other")))
+
+    _run(scenario())

@@ -101,6 +101,9 @@ func main() {
 	ttl := flag.Duration("ttl", time.Hour, "requested certificate lifetime (SECRET_TTL)")
 	impersonate := flag.String("impersonate", "", "request this SPIFFE identity on behalf of another "+
 		"workload, as ztunnel does (metadata ImpersonatedIdentity)")
+	renewals := flag.Int("renewals", 0, "after the first certificate, ask for this many more on the "+
+		"same client (a new key each time), as istio-agent renews; the last one is printed")
+	renewAfter := flag.Duration("renew-after", 0, "pause before each renewal (the connection idles meanwhile)")
 	flag.Parse()
 
 	if flag.NArg() != 0 {
@@ -158,7 +161,13 @@ func main() {
 
 	var chain []string
 	if *impersonate == "" {
-		chain, err = signLikeAgent(opts, tlsOpts, csrPEM, int64(ttl.Seconds()))
+		renew := func() ([]byte, error) {
+			time.Sleep(*renewAfter)
+			csr, key, err := pkiutil.GenCSR(certOpts)
+			keyPEM = key
+			return csr, err
+		}
+		chain, err = signLikeAgent(opts, tlsOpts, csrPEM, int64(ttl.Seconds()), *renewals, renew)
 	} else {
 		chain, err = signImpersonated(opts, tlsOpts, csrPEM, int64(ttl.Seconds()), *impersonate)
 	}
@@ -169,14 +178,24 @@ func main() {
 	fmt.Println(string(out))
 }
 
-// signLikeAgent is the sidecar path: citadel.NewCitadelClient + CSRSign.
-func signLikeAgent(opts *security.Options, tlsOpts *citadel.TLSOptions, csr []byte, ttl int64) ([]string, error) {
+// signLikeAgent is the sidecar path: citadel.NewCitadelClient + CSRSign, then renewals more
+// CSRSign calls on the same client (istio-agent keeps its CA client, and its connection, for the
+// life of the pod), each with a CSR from next.
+func signLikeAgent(opts *security.Options, tlsOpts *citadel.TLSOptions, csr []byte, ttl int64,
+	renewals int, next func() ([]byte, error),
+) ([]string, error) {
 	client, err := citadel.NewCitadelClient(opts, tlsOpts)
 	if err != nil {
 		return nil, err
 	}
 	defer client.Close()
-	return client.CSRSign(csr, ttl)
+	chain, err := client.CSRSign(csr, ttl)
+	for i := 0; i < renewals && err == nil; i++ {
+		if csr, err = next(); err == nil {
+			chain, err = client.CSRSign(csr, ttl)
+		}
+	}
+	return chain, err
 }
 
 // signImpersonated is ztunnel's request (ztunnel is Rust, so there is no Go client to reuse): the

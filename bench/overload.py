@@ -1,0 +1,413 @@
+"""Benchmark: overload. Capacity first, then offered load at multiples of it.
+
+    python -m bench.overload [--workers 1] [--seconds 15] [--levels 1,2,5] [--rounds 1]
+                             [--compare-unbounded] [--server-args "--max-queued-requests 64"]
+
+Starts ``csr-service serve --dev`` (local CA, TLS, JWT), and:
+
+1. measures its **capacity**: closed loop, ghz with 32 calls in flight, each on its own
+   connection (as from pods: a call per connection costs the worker more than many calls
+   batched on a few connections, ``bench.local_ca``'s setting), and few enough that the
+   queue limit refuses none; successful CSR/s;
+2. offers **k x capacity** for each k in ``--levels``: ghz ``--rps`` paced over 1000
+   connections (many pods, a few calls each) with enough workers to keep the rate up,
+   ``--seconds`` worth of calls (a fixed count, so nothing is cut off at the end). Over the
+   calls started after ``--warmup`` seconds (ghz first opens its connections: 1,000 TLS
+   handshakes cost the server about a second of CPU) it reports what the server did: goodput
+   (successful CSR/s) against capacity, also per CPU-second the server got (on a shared
+   machine the server does not always get its core), p50/p99 latency of the admitted
+   (successful) calls and p99 of the refusals as ghz saw them, the calls by status code, the
+   shed counters from ``/metrics``, the server's CPU (and what a refused call cost it) and
+   peak RSS, and ghz's own CPU per call. Meanwhile a **probe** (one Python gRPC client on its
+   own connection, one call every 50 ms, like an istio-agent renewing) records what a
+   well-behaved client sees: ghz runs thousands of goroutines on a shared CPU and its
+   latencies include its own scheduling delays, the probe's do not;
+3. finally checks that a closed-loop run still succeeds (the server stayed up).
+
+With ``--compare-unbounded`` it does the same against a second server whose limits are out
+of the way (``--max-concurrent-requests 1000000 --max-queued-requests 1000000
+--max-queue-wait 30s``: gRPC's own defaults, about what csr-service did before it bounded
+queueing), at the same offered rates, so the two can be read side by side. Its offered rate
+stops at what ghz's workers can keep waiting.
+
+On a machine with at least ``workers + 1`` CPUs the server is pinned to the first
+``workers`` CPUs and ghz to the others (``taskset``), so the load generator does not take the
+server's cores; the CPUs are still shared with whatever else runs. Numbers are printed,
+never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.common import children_cpu, cpu_seconds, ghz_command, process_tree, rss_mib
+from bench.local_ca import KEY_TYPES, _csr
+from csr_service._generated import ca_pb2, ca_pb2_grpc
+from tests.support.dev_server import DevServer, free_port, running_dev_server
+
+UNBOUNDED = ("--max-concurrent-requests", "1000000", "--max-queued-requests", "1000000", "--max-queue-wait", "30s")
+SHED_REASONS = ("concurrency", "identity_rate", "queue_full")
+
+
+class Probe:
+    """One well-behaved client on its own connection: a call every ``interval`` seconds until stopped."""
+
+    def __init__(self, srv: DevServer, token: str, csr: str, *, interval: float = 0.05) -> None:
+        self._srv = srv
+        self._md = (("authorization", f"Bearer {token}"), ("clusterid", "Kubernetes"))
+        self._req = ca_pb2.IstioCertificateRequest(csr=csr, validity_duration=3600)
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="probe", daemon=True)
+        #: (wall-clock start, status, milliseconds) per call
+        self.timed: list[tuple[float, str, float]] = []
+        #: (status, milliseconds) of the calls in the measured window
+        self.results: list[tuple[str, float]] = []
+
+    def __enter__(self) -> Probe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with self._srv.channel() as ch:
+            stub = ca_pb2_grpc.IstioCertificateServiceStub(ch)
+            while not self._stop.wait(self._interval):
+                started, t0 = time.time(), time.monotonic()
+                try:
+                    stub.CreateCertificate(self._req, metadata=self._md, timeout=30)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name  # type: ignore[attr-defined]
+                self.timed.append((started, code, (time.monotonic() - t0) * 1000))
+
+    def summary(self) -> str:
+        ok = [ms for code, ms in self.results if code == "OK"]
+        refused = [ms for code, ms in self.results if code != "OK"]
+        codes = Counter(code for code, _ in self.results)
+        return (
+            f"{len(self.results)} calls {dict(codes)}; admitted p50 {_percentile(ok, 0.5):.1f} "
+            f"p99 {_percentile(ok, 0.99):.1f} ms, refused p99 {_percentile(refused, 0.99):.1f} ms"
+        )
+
+
+@dataclass
+class Level:
+    label: str
+    target_rps: int
+    count: int = 0
+    offered_rps: float = 0.0
+    goodput: float = 0.0
+    p50_ok_ms: float = float("nan")
+    p99_ok_ms: float = float("nan")
+    p99_refused_ms: float = float("nan")
+    codes: dict[str, int] = field(default_factory=dict)
+    shed: dict[str, float] = field(default_factory=dict)
+    server_cpu: float = 0.0
+    rss_mib: float = 0.0
+    ghz_cpu_ms: float = 0.0
+    probe: Probe | None = None
+
+    def per_cpu(self) -> float:
+        """Successful CSR/s per CPU-second the server got."""
+        return self.goodput / self.server_cpu if self.server_cpu else float("nan")
+
+    def refusal_cost_us(self, capacity: Level) -> float:
+        """Server CPU per refused call: what is left after the successful calls, at capacity's cost each."""
+        refused_per_s = self.offered_rps - self.goodput
+        if refused_per_s < 1:
+            return float("nan")
+        spare = self.server_cpu - self.goodput / capacity.per_cpu()
+        return max(spare, 0.0) / refused_per_s * 1e6
+
+    def row(self, capacity: Level | None) -> str:
+        share = self.goodput / capacity.goodput if capacity else float("nan")
+        share_cpu = self.per_cpu() / capacity.per_cpu() if capacity else float("nan")
+        codes = ", ".join(f"{k} {v}" for k, v in sorted(self.codes.items()))
+        shed = ", ".join(f"{k} {v:.0f}" for k, v in self.shed.items() if v)
+        probe = f"\n{'':<9} probe: {self.probe.summary()}" if self.probe and self.probe.results else ""
+        return (
+            f"{self.label:<9} offered {self.offered_rps:6.0f}/s  goodput {self.goodput:6.0f}/s ({share:4.0%}; "
+            f"per CPU-second {share_cpu:4.0%})  ghz: admitted p50 {self.p50_ok_ms:6.1f} p99 {self.p99_ok_ms:7.1f} ms, "
+            f"refused p99 {self.p99_refused_ms:6.1f} ms\n"
+            f"{'':<9} server CPU {self.server_cpu:4.2f} cores "
+            f"(left after the successful calls: {self.refusal_cost_us(capacity) if capacity else float('nan'):.0f} "
+            "us per refused call), "
+            f"peak RSS {self.rss_mib:4.0f} MiB; "
+            f"ghz {self.ghz_cpu_ms:4.2f} ms CPU/call; codes: {codes}{'; shed: ' + shed if shed else ''}{probe}"
+        )
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _spread(values: Sequence[float], fmt: str = ".0%") -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+
+def _metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for reason in SHED_REASONS:
+        m = re.search(rf'^csr_service_requests_shed_total{{reason="{reason}"}} (\S+)$', text, re.M)
+        out[reason] = float(m.group(1)) if m else 0.0
+    return out
+
+
+class Sampler:
+    """Samples the server's CPU seconds and RSS every ``interval`` seconds (wall-clock stamped)."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        self._pids = process_tree(pid)
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self.samples: list[tuple[float, float]] = []
+        self.peak_rss = 0.0
+
+    def __enter__(self) -> Sampler:
+        self._take()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._take()
+
+    def _take(self) -> None:
+        self.samples.append((time.time(), cpu_seconds(self._pids)))
+        self.peak_rss = max(self.peak_rss, rss_mib(self._pids))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._take()
+
+    def cores(self, start: float, end: float) -> float:
+        """CPU cores used between two wall-clock times (from the nearest samples inside)."""
+        inside = [(t, c) for t, c in self.samples if start <= t <= end] or self.samples
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return (c1 - c0) / (t1 - t0) if t1 > t0 else float("nan")
+
+
+def _epoch(stamp: str) -> float:
+    """ghz's RFC 3339 timestamps carry nanoseconds; Python parses microseconds."""
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp() + float(f"0.{frac or '0'}")
+
+
+def _ghz(
+    srv: DevServer,
+    *,
+    token: str,
+    csr: str,
+    label: str,
+    rps: int,
+    count: int,
+    concurrency: int,
+    connections: int,
+    http_port: int,
+    ghz_cpus: str | None,
+    warmup: float = 0.0,
+) -> Level:
+    """One ghz run; the figures cover the calls started after ``warmup`` seconds (connection set-up)."""
+    cmd = ghz_command(
+        address=srv.address,
+        root_cert=srv.root_cert,
+        token=token,
+        csr_pem=csr,
+        concurrency=concurrency,
+        requests=count,
+        connections=connections,
+        rps=rps,
+    )
+    if ghz_cpus:
+        cmd = ["taskset", "-c", ghz_cpus, *cmd]
+    shed0 = _metrics(http_port)
+    probe = Probe(srv, token, csr) if rps else None
+    ghz0 = children_cpu()
+    with Sampler(srv.proc.pid) as sampler, probe or contextlib.nullcontext():
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    ghz_cpu = children_cpu() - ghz0
+    if proc.returncode not in (0, 1) or not proc.stdout.strip():
+        raise RuntimeError(f"ghz failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    time.sleep(2.5)  # the queue_full estimate is refreshed every 2 s
+    shed1 = _metrics(http_port)
+    rep: dict[str, Any] = json.loads(proc.stdout)
+    calls = [(_epoch(d["timestamp"]), d.get("status"), d["latency"] / 1e6) for d in rep.get("details") or []]
+    first, last = min(t for t, _, _ in calls), max(t for t, _, _ in calls)
+    start, end = first + warmup, max(last - 0.5, first + warmup + 0.5)
+    steady = [(status, ms) for t, status, ms in calls if start <= t <= end]
+    ok_ms = [ms for status, ms in steady if status == "OK"]
+    refused_ms = [ms for status, ms in steady if status != "OK"]
+    if probe is not None:
+        probe.results = [(code, ms) for t, code, ms in probe.timed if start <= t <= end]
+    return Level(
+        label=label,
+        target_rps=rps,
+        count=int(rep["count"]),
+        offered_rps=len(steady) / (end - start),
+        goodput=len(ok_ms) / (end - start),
+        p50_ok_ms=_percentile(ok_ms, 0.50),
+        p99_ok_ms=_percentile(ok_ms, 0.99),
+        p99_refused_ms=_percentile(refused_ms, 0.99),
+        codes={k: int(v) for k, v in (rep.get("statusCodeDistribution") or {}).items()},
+        shed={k: shed1[k] - shed0[k] for k in SHED_REASONS},
+        server_cpu=sampler.cores(start, end),
+        rss_mib=sampler.peak_rss,
+        ghz_cpu_ms=ghz_cpu / max(int(rep["count"]), 1) * 1000,
+        probe=probe,
+    )
+
+
+def _cpus(workers: int, pin: bool) -> tuple[list[str], str | None]:
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) <= workers:
+        return [], None
+    server = ",".join(str(c) for c in cpus[:workers])
+    return ["taskset", "-c", server], ",".join(str(c) for c in cpus[workers:])
+
+
+def run_server(
+    state: Path,
+    args: argparse.Namespace,
+    extra: Sequence[str],
+    *,
+    name: str,
+    capacity: Level | None = None,
+) -> tuple[Level, list[Level], str]:
+    """Measure one server: capacity (unless given), then each level. Returns (capacity, levels, log)."""
+    wrapper, ghz_cpus = _cpus(args.workers, args.pin)
+    http_port = free_port()
+    server_args = ["--http-listen", f"127.0.0.1:{http_port}", *extra]
+    with running_dev_server(state, *server_args, workers=args.workers, wrapper=wrapper) as srv:
+        token = srv.token("default", "bench", ttl="24h")
+        csr = _csr(KEY_TYPES["ec-p256"])
+        common = {"token": token, "csr": csr, "http_port": http_port, "ghz_cpus": ghz_cpus}
+        time.sleep(1)
+        rss0 = rss_mib(process_tree(srv.proc.pid))
+        print(f"[{name}] server args: {shlex.join(server_args)}; pinned: server {wrapper[2:] or '-'} ghz {ghz_cpus}")
+        print(f"[{name}] RSS at start {rss0:.0f} MiB", flush=True)
+        _ghz(srv, label="warm-up", rps=0, count=1000, concurrency=4, connections=4, **common)
+        if capacity is None:
+            n, c = args.capacity_requests, args.capacity_concurrency
+            capacity = _ghz(srv, label="capacity", rps=0, count=n, concurrency=c, connections=c, **common)
+            print(f"[{name}] " + capacity.row(capacity), flush=True)
+        levels = []
+        for k in [k for _ in range(args.rounds) for k in args.levels]:
+            rps = max(int(k * capacity.goodput), 1)
+            # Enough ghz workers that the offered rate does not depend on how fast the server
+            # answers: a call may take up to ~a second when queued, a refusal a few ms.
+            level = _ghz(
+                srv,
+                label=f"{k:g}x",
+                rps=rps,
+                count=int(rps * args.seconds),
+                concurrency=min(max(rps, args.connections), 6000),
+                connections=args.connections,
+                warmup=args.warmup,
+                **common,
+            )
+            levels.append(level)
+            print(f"[{name}] " + level.row(capacity), flush=True)
+        after = _ghz(srv, label="after", rps=0, count=2000, concurrency=16, connections=4, **common)
+        print(
+            f"[{name}] "
+            + after.row(capacity)
+            + f"\n[{name}] RSS at start {rss0:.0f} MiB, at end {after.rss_mib:.0f} MiB"
+        )
+        alive = srv.proc.poll() is None
+        print(f"[{name}] server still running: {alive}", flush=True)
+        return capacity, levels, srv.log()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, default=1, help="server worker processes (default 1: one core under test)")
+    ap.add_argument("--seconds", type=float, default=15.0, help="length of each load level at its offered rate")
+    ap.add_argument(
+        "--warmup", type=float, default=3.0, help="seconds of each level not measured (ghz opens its connections)"
+    )
+    ap.add_argument("--levels", default="1,2,5", help="offered load as multiples of the measured capacity")
+    ap.add_argument("--rounds", type=int, default=1, help="run the levels this many times (medians in the summary)")
+    ap.add_argument("--capacity-requests", type=int, default=8000)
+    ap.add_argument(
+        "--capacity-concurrency",
+        type=int,
+        default=32,
+        help="closed-loop calls (one per connection, as from pods) for the capacity; below half the queue limit",
+    )
+    ap.add_argument("--connections", type=int, default=1000, help="ghz connections for the paced levels (pods)")
+    ap.add_argument("--compare-unbounded", action="store_true", help="also run a server with the limits out of the way")
+    ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin server and ghz to separate CPUs")
+    ap.add_argument("--server-args", default="", help="extra `csr-service serve` flags for the bounded server")
+    args = ap.parse_args()
+    args.levels = [float(x) for x in args.levels.split(",")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        capacity, bounded, log = run_server(Path(tmp) / "bounded", args, shlex.split(args.server_args), name="bounded")
+        unbounded: list[Level] = []
+        if args.compare_unbounded:
+            _, unbounded, _ = run_server(Path(tmp) / "unbounded", args, UNBOUNDED, name="unbounded", capacity=capacity)
+
+    print(
+        f"\nSummary: capacity {capacity.goodput:.0f} CSR/s with {capacity.server_cpu:.2f} server cores "
+        f"({capacity.per_cpu():.0f} per CPU-second); {args.workers} worker(s), ghz {args.capacity_concurrency} "
+        "calls in flight, one per connection"
+    )
+    for name, levels in (("bounded (defaults)", bounded), ("unbounded", unbounded)):
+        if not levels:
+            continue
+        print(f"-- {name}")
+        for level in levels:
+            print(level.row(capacity))
+    for label in dict.fromkeys(level.label for level in bounded):
+        runs = [level for level in bounded if level.label == label]
+        other = {k for level in runs for k in level.codes if k not in {"OK", "ResourceExhausted", "Canceled"}}
+        probe_p99 = [
+            _percentile([ms for code, ms in level.probe.results if code == "OK"], 0.99) for level in runs if level.probe
+        ]
+        print(
+            f"goal {label} ({len(runs)} round(s), median [min-max]): goodput "
+            f"{_spread([level.goodput / capacity.goodput for level in runs])} of capacity, "
+            f"{_spread([level.per_cpu() / capacity.per_cpu() for level in runs])} per CPU-second (>= 90%); "
+            f"admitted p99 {_spread(probe_p99, '.0f')} ms (probe), "
+            f"{_spread([level.p99_ok_ms for level in runs], '.0f')} ms (ghz); "
+            f"peak RSS {max(level.rss_mib for level in runs):.0f} MiB; "
+            f"errors other than RESOURCE_EXHAUSTED/CANCELLED: {sorted(other) or 'none'}"
+        )
+    if "Traceback" in log:
+        print("WARNING: the server logged a traceback during the run")
+
+
+if __name__ == "__main__":
+    main()
