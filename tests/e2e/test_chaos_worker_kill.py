@@ -11,15 +11,13 @@ import os
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from csr_service.pki.pem import parse_certs
 from csr_service.service.dev import mint_dev_token
-from tests.support.dev_server import free_port, metric_sample, running_dev_server
+from tests.support.dev_server import free_port, http_get, metric_sample, running_dev_server
 from tests.support.mesh import BackgroundLoad, make_workloads
 
 pytestmark = pytest.mark.e2e
@@ -27,14 +25,6 @@ pytestmark = pytest.mark.e2e
 AGENTS = 16
 #: A call may start on the dead worker's connection just before the client notices the reset.
 NOTICE_MARGIN = 2.0
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def _workers(supervisor: int) -> set[int]:
@@ -58,7 +48,7 @@ def test_killed_worker_is_replaced_and_only_its_calls_fail_retryably(tmp_path: P
     tmpdir.mkdir()
     args = ("--http-listen", f"127.0.0.1:{http}")
     with running_dev_server(tmp_path / "state", *args, workers=2, env={"TMPDIR": str(tmpdir)}) as srv:
-        _wait(lambda: _get(http, "/readyz")[0] == 200, 30, "ready")
+        _wait(lambda: http_get(http, "/readyz")[0] == 200, 30, "ready")
         accounts = [
             ("chaos", f"sa-{i % 4}", mint_dev_token(srv.state_dir, namespace="chaos", service_account=f"sa-{i % 4}"))
             for i in range(AGENTS)
@@ -74,17 +64,17 @@ def test_killed_worker_is_replaced_and_only_its_calls_fail_retryably(tmp_path: P
             os.kill(victim, signal.SIGKILL)
             # The supervisor notices, says so on /readyz, and starts a replacement.
             _wait(lambda: len(_workers(srv.proc.pid) - before) == 1, 30, "a replacement worker")
-            _wait(lambda: _get(http, "/readyz")[0] == 200, 60, "ready again with two workers")
+            _wait(lambda: http_get(http, "/readyz")[0] == 200, 60, "ready again with two workers")
             # Signing goes on for every agent: none is stuck on a dead connection.
             load.wait_until_each_certified(since=load.now())
 
         report = load.report
         assert report is not None
-        status, body = _get(http, "/readyz")
+        status, body = http_get(http, "/readyz")
         assert status == 200
         assert "[+]worker-0/serving-certificate ok" in body
         assert "[+]worker-1/serving-certificate ok" in body
-        assert metric_sample(_get(http, "/metrics")[1], "csr_service_worker_restarts_total") == 1
+        assert metric_sample(http_get(http, "/metrics")[1], "csr_service_worker_restarts_total") == 1
         assert victim not in _workers(srv.proc.pid)
 
     failed = [a for a in report.attempts if not a.ok]

@@ -6,24 +6,14 @@ import os
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.support.dev_server import CSR_SERVICE, DevServer, free_port, metric_sample, running_dev_server
+from tests.support.dev_server import CSR_SERVICE, DevServer, free_port, http_get, metric_sample, running_dev_server
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def _issue(srv: DevServer, out: Path, service_account: str = "sleep") -> subprocess.CompletedProcess[str]:
@@ -39,14 +29,14 @@ def _issue(srv: DevServer, out: Path, service_account: str = "sleep") -> subproc
 def test_single_worker_probes_and_istio_metrics(tmp_path: Path) -> None:
     port = free_port()
     with running_dev_server(tmp_path / "state", "--http-listen", f"127.0.0.1:{port}") as srv:
-        assert _get(port, "/livez") == (200, "ok\n")
-        status, body = _get(port, "/readyz")
+        assert http_get(port, "/livez") == (200, "ok\n")
+        status, body = http_get(port, "/readyz")
         assert status == 200, body
         assert "[+]issuer ok: local: local CA valid until" in body
         assert "[+]serving-certificate ok" in body
         assert _issue(srv, tmp_path / "ok").returncode == 0
         assert _issue(srv, tmp_path / "bad", service_account="other").returncode != 0
-        _, text = _get(port, "/metrics")
+        _, text = http_get(port, "/metrics")
     assert metric_sample(text, "citadel_server_csr_count") == 2
     assert metric_sample(text, "citadel_server_success_cert_issuance_count") == 1
     assert metric_sample(text, "citadel_server_authentication_failure_count") == 1
@@ -64,13 +54,13 @@ def test_workers_share_one_http_side(tmp_path: Path) -> None:
     tmpdir.mkdir()
     args = ("--http-listen", f"127.0.0.1:{port}")
     with running_dev_server(tmp_path / "state", *args, workers=2, env={"TMPDIR": str(tmpdir)}) as srv:
-        wait_for(lambda: _get(port, "/readyz")[0] == 200, what="/readyz 200")
-        body = _get(port, "/readyz")[1]
+        wait_for(lambda: http_get(port, "/readyz")[0] == 200, what="/readyz 200")
+        body = http_get(port, "/readyz")[1]
         assert "[+]worker-0/serving-certificate ok" in body
         assert "[+]worker-1/serving-certificate ok" in body
         for i in range(6):  # SO_REUSEPORT spreads new connections over both workers
             assert _issue(srv, tmp_path / f"out{i}").returncode == 0
-        text = _get(port, "/metrics")[1]
+        text = http_get(port, "/metrics")[1]
         assert metric_sample(text, "citadel_server_csr_count") == 6  # summed over the workers
         assert metric_sample(text, "csr_service_workers") == 2
         ours = list(tmpdir.glob("csr-service-metrics-*"))
@@ -80,9 +70,9 @@ def test_workers_share_one_http_side(tmp_path: Path) -> None:
         workers = subprocess.run(["pgrep", "-P", str(srv.proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
         victim = int(workers.stdout.split()[0])
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: _get(port, "/readyz")[0] == 503, timeout=10, what="/readyz 503 without a worker")
-        wait_for(lambda: _get(port, "/readyz")[0] == 200, what="/readyz 200 with the replacement worker")
-        text = _get(port, "/metrics")[1]
+        wait_for(lambda: http_get(port, "/readyz")[0] == 503, timeout=10, what="/readyz 503 without a worker")
+        wait_for(lambda: http_get(port, "/readyz")[0] == 200, what="/readyz 200 with the replacement worker")
+        text = http_get(port, "/metrics")[1]
         assert metric_sample(text, "csr_service_worker_restarts_total") == 1
         assert metric_sample(text, "citadel_server_csr_count") == 6
     assert not any(p.exists() for p in ours)  # the supervisor removed its metrics dir

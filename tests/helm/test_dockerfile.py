@@ -13,14 +13,12 @@ import re
 import shlex
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.helm.tools import ensure_tool
-from tests.support.dev_server import free_port
+from tests.support.dev_server import free_port, http_get
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.helm
@@ -92,14 +90,6 @@ def test_promised_properties() -> None:
         assert f"!{package}/" in ignored.splitlines(), f"{package}/ is not allow-listed in .dockerignore"
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def test_install_step_outside_docker(tmp_path: Path) -> None:
     """The Dockerfile's two RUN pip lines, verbatim in spirit: wheel, then offline install."""
     [wheel_cmd] = [a for w, a in _stages()[0] if w == "RUN" and "pip wheel" in a]
@@ -161,13 +151,13 @@ def test_install_step_outside_docker(tmp_path: Path) -> None:
 
         def ready() -> bool:
             assert proc.poll() is None, f"csr-service exited with {proc.returncode}:\n{log.read_text()}"
-            return _get(http_port, "/readyz")[0] == 200
+            return http_get(http_port, "/readyz")[0] == 200
 
         try:
             wait_for(ready, timeout=60, what="/readyz 200 from the installed wheel", ignoring=(OSError,))
         except TimeoutError as exc:
             raise AssertionError(log.read_text()) from exc
-        assert "citadel_server_csr_count" in _get(http_port, "/metrics")[1]
+        assert "citadel_server_csr_count" in http_get(http_port, "/metrics")[1]
     finally:
         proc.terminate()
         proc.wait(15)
