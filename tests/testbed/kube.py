@@ -176,6 +176,14 @@ class KubeCluster:
         assert resp.status is not None
         return str(resp.status.token)
 
+    def lease_holder(self, namespace: str, name: str) -> str:
+        """``holderIdentity`` of Lease ``namespace/name``; "" while it does not exist or is unheld."""
+        try:
+            lease = k8s.CoordinationV1Api(self.api_client).read_namespaced_lease(name, namespace)
+        except k8s.ApiException:
+            return ""
+        return str((lease.spec.holder_identity if lease.spec else None) or "")
+
     def token_review(self, token: str, audiences: list[str] | None = None) -> k8s.V1TokenReviewStatus:
         """Ask the apiserver to review ``token`` (as istiod/csr-service would); returns the status."""
         review = k8s.V1TokenReview(spec=k8s.V1TokenReviewSpec(token=token, audiences=audiences))

@@ -40,14 +40,6 @@ CM = "istio-ca-root-cert"
 AGENTS = 6
 
 
-def _holder(kube: KubeCluster, ns: str) -> str:
-    try:
-        lease = k8s.CoordinationV1Api(kube.api_client).read_namespaced_lease(LEASE, ns)
-    except k8s.ApiException:
-        return ""
-    return str((lease.spec.holder_identity if lease.spec else None) or "")
-
-
 def _root_pem(kube: KubeCluster, ns: str) -> str | None:
     try:
         cm = kube.core.read_namespaced_config_map(CM, ns)
@@ -56,6 +48,27 @@ def _root_pem(kube: KubeCluster, ns: str) -> str | None:
             return None
         raise
     return (cm.data or {}).get("root-cert.pem")
+
+
+def _leader_args(ca_dir: Path, bundle: Path, lease_ns: str, identity: str, selector: dict[str, str]) -> list[str]:
+    """A replica with the local CA, leader election and root ConfigMaps (the leader-only work)."""
+    return [
+        *("--issuer", "local", "--local-ca-dir", str(ca_dir), "--root-ca-file", str(bundle)),
+        *("--leader-election", "--leader-election-namespace", lease_ns, "--leader-election-identity", identity),
+        *("--leader-election-retry-period", "1s", "--log-level", "info"),
+        *("--root-configmaps", "--root-configmap-namespace-selector"),
+        ",".join(f"{k}={v}" for k, v in selector.items()),
+    ]
+
+
+def _agent_accounts(kube: KubeCluster) -> list[tuple[str, str, str]]:
+    """(namespace, service account, token) of AGENTS workloads."""
+    ns = kube.create_namespace()
+    accounts = []
+    for i in range(AGENTS):
+        kube.create_service_account(ns, f"sa-{i}")
+        accounts.append((ns, f"sa-{i}", kube.token(ns, f"sa-{i}")))
+    return accounts
 
 
 @pytest.mark.timeout(300)
@@ -74,27 +87,15 @@ def test_killed_leader_hands_over_and_signing_never_stops(kube: KubeCluster, jwk
 
     def args(identity: str) -> list[str]:
         return [
-            *("--issuer", "local", "--local-ca-dir", str(ca.directory), "--root-ca-file", str(bundle)),
-            *("--leader-election", "--leader-election-namespace", lease_ns, "--leader-election-identity", identity),
+            *_leader_args(ca.directory, bundle, lease_ns, identity, selector),
             *("--leader-election-lease-duration", f"{LEASE_SECONDS}s", "--leader-election-renew-deadline", "4s"),
-            *("--leader-election-retry-period", "1s"),
-            *(
-                "--root-configmaps",
-                "--root-configmap-namespace-selector",
-                ",".join(f"{k}={v}" for k, v in selector.items()),
-            ),
-            *("--log-level", "info"),
         ]
 
-    workload_ns = kube.create_namespace()
-    accounts = []
-    for i in range(AGENTS):
-        kube.create_service_account(workload_ns, f"sa-{i}")
-        accounts.append((workload_ns, f"sa-{i}", kube.token(workload_ns, f"sa-{i}")))
+    accounts = _agent_accounts(kube)
     first_ns = kube.create_namespace(labels=selector)
 
     with csr_service(kube, identities["a"], jwks_file, bundle, args("a"), tmp_path=tmp_path, name="a") as srv_a:
-        wait_for(lambda: _holder(kube, lease_ns) == "a", what="a leads")
+        wait_for(lambda: kube.lease_holder(lease_ns, LEASE) == "a", what="a leads")
         wait_for(lambda: _root_pem(kube, first_ns) == pem, what="the leader writes the root ConfigMap")
         with (
             csr_service(kube, identities["b"], jwks_file, bundle, args("b"), tmp_path=tmp_path, name="b") as srv_b,
@@ -103,12 +104,12 @@ def test_killed_leader_hands_over_and_signing_never_stops(kube: KubeCluster, jwk
         ):
             load_a.wait_until_each_certified(since=0)
             load_b.wait_until_each_certified(since=0)
-            assert _holder(kube, lease_ns) == "a"
+            assert kube.lease_holder(lease_ns, LEASE) == "a"
 
             os.kill(srv_a.proc.pid, signal.SIGKILL)  # the whole replica: --workers 1 serves in-process
             killed_at = load_b.now()
             # b takes over once a's record has gone unrenewed for the lease duration (b's clock).
-            wait_for(lambda: _holder(kube, lease_ns) == "b", timeout=LEASE_SECONDS + 20, what="b takes over")
+            wait_for(lambda: kube.lease_holder(lease_ns, LEASE) == "b", timeout=LEASE_SECONDS + 20, what="b takes over")
             # Leader-only work goes on, on b: a new namespace, and repairs.
             later_ns = kube.create_namespace(labels=selector)
             wait_for(lambda: _root_pem(kube, later_ns) == pem, what="the new leader writes new namespaces' ConfigMaps")
@@ -144,26 +145,15 @@ def test_killed_leading_worker_is_replaced_and_leads_again(kube: KubeCluster, jw
     ident.grant(ROOT_CONFIGMAP_RULES)
     http = free_port()
     args = [
-        *("--issuer", "local", "--local-ca-dir", str(ca.directory), "--root-ca-file", str(bundle)),
-        *("--leader-election", "--leader-election-namespace", lease_ns, "--leader-election-identity", "w"),
+        *_leader_args(ca.directory, bundle, lease_ns, "w", selector),
         *("--leader-election-lease-duration", "60s", "--leader-election-renew-deadline", "40s"),
-        *("--leader-election-retry-period", "1s"),
-        *(
-            "--root-configmaps",
-            "--root-configmap-namespace-selector",
-            ",".join(f"{k}={v}" for k, v in selector.items()),
-        ),
-        *("--http-listen", f"127.0.0.1:{http}", "--log-level", "info"),
+        *("--http-listen", f"127.0.0.1:{http}"),
     ]
-    workload_ns = kube.create_namespace()
-    accounts = []
-    for i in range(AGENTS):
-        kube.create_service_account(workload_ns, f"sa-{i}")
-        accounts.append((workload_ns, f"sa-{i}", kube.token(workload_ns, f"sa-{i}")))
+    accounts = _agent_accounts(kube)
     first_ns = kube.create_namespace(labels=selector)
 
     with csr_service(kube, ident, jwks_file, bundle, args, tmp_path=tmp_path, name="w", workers=2) as srv:
-        wait_for(lambda: _holder(kube, lease_ns) == "w", what="the replica leads")
+        wait_for(lambda: kube.lease_holder(lease_ns, LEASE) == "w", what="the replica leads")
         wait_for(lambda: _root_pem(kube, first_ns) == pem, what="root ConfigMap written")
         wait_for(lambda: metric_total(scrape(http), "csr_service_leader") == 1, what="leader gauge")
         with BackgroundLoad(make_workloads(accounts), srv.address, bundle.read_bytes(), pause=0.05) as load:
@@ -181,7 +171,7 @@ def test_killed_leading_worker_is_replaced_and_leads_again(kube: KubeCluster, jw
             kube.core.patch_namespaced_config_map(CM, first_ns, {"data": {"root-cert.pem": "tampered"}})
             wait_for(lambda: _root_pem(kube, first_ns) == pem, what="ConfigMaps repaired by the new worker 0")
             load.wait_until_each_certified(since=load.now())
-        assert _holder(kube, lease_ns) == "w"
+        assert kube.lease_holder(lease_ns, LEASE) == "w"
         wait_for(lambda: metric_total(scrape(http), "csr_service_leader") == 1, what="leader gauge after the restart")
         assert metric_total(scrape(http), "csr_service_worker_restarts_total") == 1
 

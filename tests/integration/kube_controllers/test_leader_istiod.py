@@ -34,14 +34,6 @@ LEASE = "csr-service"
 LEASE_SECONDS = 6
 
 
-def _holder(kube: KubeCluster, ns: str) -> str:
-    try:
-        lease = k8s.CoordinationV1Api(kube.api_client).read_namespaced_lease(LEASE, ns)
-    except k8s.ApiException:
-        return ""
-    return str((lease.spec.holder_identity if lease.spec else None) or "")
-
-
 def _istiod_secret(kube: KubeCluster, ns: str) -> k8s.V1Secret | None:
     try:
         return kube.core.read_namespaced_secret("istiod-tls", ns)
@@ -103,7 +95,7 @@ def test_two_replicas_hand_over_leadership_and_keep_signing(kube: KubeCluster, j
         srv_a = stack_a.enter_context(
             csr_service(kube, replicas["a"][0], jwks_file, bundle, args("a"), tmp_path=tmp_path, name="a")
         )
-        wait_for(lambda: _holder(kube, lease_ns) == "a", what="a leads")
+        wait_for(lambda: kube.lease_holder(lease_ns, LEASE) == "a", what="a leads")
         srv_b = stack_b.enter_context(
             csr_service(kube, replicas["b"][0], jwks_file, bundle, args("b"), tmp_path=tmp_path, name="b")
         )
@@ -113,7 +105,7 @@ def test_two_replicas_hand_over_leadership_and_keep_signing(kube: KubeCluster, j
         _check_istiod_secret(secret, istio_ns, [ca.root], bundle.read_text())
         kube.core.delete_namespaced_secret("istiod-tls", istio_ns)
         wait_for(lambda: _istiod_secret(kube, istio_ns), what="istiod-tls recreated")
-        assert _holder(kube, lease_ns) == "a"
+        assert kube.lease_holder(lease_ns, LEASE) == "a"
         wait_for(lambda: "(due for renewal)" in srv_a.log(), what="istiod-tls renewed at renew-before")
         assert "istiod certificate written" not in srv_b.log()
         # Operators see the controller's actions as Events on the objects.
@@ -127,7 +119,9 @@ def test_two_replicas_hand_over_leadership_and_keep_signing(kube: KubeCluster, j
             CallLoop(workload, srv_b, tmp_path / "wb") as calls_b,
         ):
             replicas["a"][0].revoke(replicas["a"][1], lease_ns)
-            wait_for(lambda: _holder(kube, lease_ns) == "b", timeout=4 + LEASE_SECONDS + 3, what="b takes over")
+            wait_for(
+                lambda: kube.lease_holder(lease_ns, LEASE) == "b", timeout=4 + LEASE_SECONDS + 3, what="b takes over"
+            )
             wait_for(lambda: "stopped leading" in srv_a.log(), timeout=10, what="a steps down")
             kube.core.delete_namespaced_secret("istiod-tls", istio_ns)
             secret = wait_for(lambda: _istiod_secret(kube, istio_ns), what="istiod-tls recreated by b")
@@ -155,7 +149,9 @@ def test_two_replicas_hand_over_leadership_and_keep_signing(kube: KubeCluster, j
         replicas["a"][0].grant(lease_rules(LEASE), lease_ns)
         with CallLoop(workload, srv_a, tmp_path / "wa2") as calls_a:
             stack_b.close()
-            wait_for(lambda: _holder(kube, lease_ns) == "a", timeout=LEASE_SECONDS, what="a takes over again")
+            wait_for(
+                lambda: kube.lease_holder(lease_ns, LEASE) == "a", timeout=LEASE_SECONDS, what="a takes over again"
+            )
             ok_a = calls_a.ok
             wait_for(lambda: calls_a.ok > ok_a, what="a still signing")
         assert calls_a.failures == []
