@@ -48,8 +48,10 @@ def _ceiling_worker(args: tuple[str, str, str, float, int]) -> int:
     async def main() -> int:
         config = build_config({"dev": "true", "state-dir": state_dir, "workers": "1"})
         service = build_service(config)
-        await service.issuer.start()  # type: ignore[attr-defined]
-        service.trust.update(await service.issuer.roots())  # type: ignore[attr-defined]
+        issuer = service.issuer  # its abilities, resolved when the service was built
+        assert issuer.lifecycle is not None and issuer.roots is not None  # the local CA has both
+        await issuer.lifecycle.start()
+        service.trust.update(await issuer.roots.roots())
         ctx = RequestContext(metadata={"authorization": f"Bearer {token}", "clusterid": "Kubernetes"})
         done = 0
         stop = time.monotonic() + seconds
