@@ -49,7 +49,9 @@ def _ceiling_worker(args: tuple[str, str, str, float, int]) -> int:
         config = build_config({"dev": "true", "state-dir": state_dir, "workers": "1"})
         service = build_service(config)
         issuer = service.issuer  # its abilities, resolved when the service was built
-        assert issuer.lifecycle is not None and issuer.roots is not None  # the local CA has both
+        # The local CA has both abilities.
+        assert issuer.lifecycle is not None
+        assert issuer.roots is not None
         await issuer.lifecycle.start()
         service.trust.update(await issuer.roots.roots())
         ctx = RequestContext(metadata={"authorization": f"Bearer {token}", "clusterid": "Kubernetes"})
