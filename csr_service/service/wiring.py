@@ -63,7 +63,7 @@ class Service:
 
     @property
     def issuer(self) -> IssuerAbilities:
-        """The issuer configured at start (the runtime issuer controller may swap the active one)."""
+        """The active issuer's abilities (the runtime issuer controller may swap it later)."""
         return self.issuers.active
 
     async def start(self) -> None:
