@@ -1,4 +1,4 @@
-"""Command line: ``csr-service serve | dev-token | request``.
+"""Command line: ``csr-service serve | dev-token | request | agent``.
 
 Every ``serve`` option is also an environment variable (``CSR_SERVICE_<NAME>``) and a key in
 the ``--config`` TOML file; ``--help`` lists each with its default.
@@ -170,6 +170,13 @@ def cmd_request(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from csr_service.agent.run import run
+    from csr_service.agent.settings import AgentSettings
+
+    return run(AgentSettings.from_args(args))
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csr-service", description="An external certificate authority for Istio.")
     parser.add_argument("--version", action="version", version=f"csr-service {__version__}")
@@ -196,13 +203,24 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--ttl", default="1h", help="requested lifetime (default: 1h)")
     r.add_argument("--tls-server-name", default=None, help="override the name checked in the CA's certificate")
     r.add_argument("--out-dir", required=True, metavar="DIR", help="where key.pem, cert-chain.pem, root-cert.pem go")
+
+    from csr_service.agent.settings import add_arguments
+
+    a = sub.add_parser(
+        "agent",
+        help="keep a workload certificate fresh in files and/or a Secret (applications without sidecars)",
+        description="Get a workload certificate from an Istio CA (csr-service or istiod) the way istio-agent "
+        "does, write it to --out-dir and/or --output-secret, and renew it before it expires, when the root "
+        "changes and when the output is deleted or changed. gen-istio-cert's flag names are accepted too.",
+    )
+    add_arguments(a)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = make_parser()
     args = parser.parse_args(argv)
-    handlers = {"serve": cmd_serve, "dev-token": cmd_dev_token, "request": cmd_request}
+    handlers = {"serve": cmd_serve, "dev-token": cmd_dev_token, "request": cmd_request, "agent": cmd_agent}
     try:
         code = handlers[args.command](args)
     except ConfigError as exc:

@@ -7,7 +7,9 @@ The rest of the code calls one function per hook point:
 - :func:`observe_sign` wraps the issuer's ``sign`` call in the pipeline (per-issuer latency and errors,
   ``citadel_server_csr_sign_err_count{error}``);
 - :func:`refresh` is called periodically by each worker (certificate expiry gauges, leader
-  status, authentication-cache counters read from the components that keep them).
+  status, authentication-cache counters read from the components that keep them);
+- :func:`agent_rotated` / :func:`agent_failed` for ``csr-service agent``, whose metrics live in
+  their own registry (:data:`AGENT_REGISTRY`, rendered with ``render(AGENT_REGISTRY)``).
 
 Names: Istio's own (``citadel_server_*``, exposed exactly as istiod does, counters without a
 ``_total`` suffix), go-grpc-prometheus's (``grpc_server_*``, what istio-csr exposes), and
@@ -56,9 +58,12 @@ from csr_service.common.errors import (
 )
 
 __all__ = [
+    "AGENT_REGISTRY",
     "CONTENT_TYPE",
     "MULTIPROC_ENV",
     "SupervisorStats",
+    "agent_failed",
+    "agent_rotated",
     "count_shed",
     "disable_multiprocess",
     "enable_multiprocess",
@@ -181,6 +186,51 @@ BUILD_INFO = Gauge(
 BUILD_INFO.labels(__version__).set(1)
 # istiod exposes no *_created series; they only double the size of a scrape.
 disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+# --- csr-service agent (a separate process: its own registry, never in the server's /metrics) ---
+AGENT_REGISTRY = CollectorRegistry(auto_describe=True)
+AGENT_EXPIRY = Gauge(
+    "csr_service_agent_certificate_expiry_timestamp",
+    "The unix timestamp, in seconds, when the certificate in this output expires.",
+    ["output"],
+    registry=AGENT_REGISTRY,
+)
+AGENT_RENEWAL = Gauge(
+    "csr_service_agent_certificate_renewal_timestamp",
+    "The unix timestamp, in seconds, when the agent plans to renew this output's certificate.",
+    ["output"],
+    registry=AGENT_REGISTRY,
+)
+AGENT_ROTATIONS = Counter(
+    "csr_service_agent_rotations",
+    "Certificates written, by output and reason (initial, renewal, root-changed, deleted, tampered, retry).",
+    ["output", "reason"],
+    registry=AGENT_REGISTRY,
+)
+AGENT_FAILURES = Counter(
+    "csr_service_agent_failures",
+    "Failed attempts to get or write a certificate, by output and code (a gRPC status name from the CA, or "
+    "OUTPUT_ERROR, INVALID_RESPONSE, FAILED_PRECONDITION, PERMISSION_DENIED, UNAVAILABLE for the output).",
+    ["output", "code"],
+    registry=AGENT_REGISTRY,
+)
+AGENT_LEADER = Gauge(
+    "csr_service_agent_leader",
+    "1 while this agent holds the Lease and writes the Secret, else 0.",
+    registry=AGENT_REGISTRY,
+)
+
+
+def agent_rotated(output: str, reason: str, not_after: datetime, renew_at: datetime) -> None:
+    """Count one certificate written to ``output`` and set its expiry and planned renewal."""
+    AGENT_ROTATIONS.labels(output, reason).inc()
+    AGENT_EXPIRY.labels(output).set(not_after.timestamp())
+    AGENT_RENEWAL.labels(output).set(renew_at.timestamp())
+
+
+def agent_failed(output: str, code: str) -> None:
+    AGENT_FAILURES.labels(output, code).inc()
 
 
 # --- hooks ------------------------------------------------------------------------------------

@@ -40,22 +40,35 @@ _TEXT = b"text/plain; charset=utf-8"
 class HttpApp:
     """The ASGI application."""
 
-    def __init__(self, readiness: ReadinessSource, render_metrics: Callable[[], bytes] = metrics.render) -> None:
+    def __init__(
+        self,
+        readiness: ReadinessSource,
+        render_metrics: Callable[[], bytes] = metrics.render,
+        *,
+        live_paths: tuple[str, ...] = ("/livez",),
+    ) -> None:
         self._readiness = readiness
         self._render_metrics = render_metrics
+        # ``csr-service agent`` answers /healthz too (what its pod specs probe).
+        self._live = frozenset(live_paths)
+        self._paths = self._live | {"/readyz", "/metrics"}
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(sorted(self._paths))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
             return
         method, path = scope["method"], scope["path"]
-        if path not in {"/livez", "/readyz", "/metrics"}:
+        if path not in self._paths:
             await _respond(send, 404, b"not found\n")
             return
         if method not in {"GET", "HEAD"}:
             await _respond(send, 405, b"method not allowed\n", extra=[(b"allow", b"GET, HEAD")])
             return
         head = method == "HEAD"
-        if path == "/livez":
+        if path in self._live:
             await _respond(send, 200, b"ok\n", head=head)
         elif path == "/readyz":
             report = self._readiness.report()
@@ -137,7 +150,7 @@ class HttpServer:
                     raise self._task.error  # what went wrong
                 raise OSError(f"--http-listen: HTTP server on {self._listen} stopped during start-up")
             await asyncio.sleep(0.01)
-        log.info("HTTP listening on %s:%d (/livez, /readyz, /metrics)", host, self.port)
+        log.info("HTTP listening on %s:%d (%s)", host, self.port, ", ".join(self._app.paths))
 
     async def stop(self) -> None:
         if self._server is not None and self._task is not None:

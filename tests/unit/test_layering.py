@@ -32,9 +32,10 @@ LAYERS: dict[str, int] = {
     "controllers": 6,  # Kubernetes controllers
     "config": 7,  # the validated configuration
     "service": 8,  # wiring, supervisor, health
-    "cli": 9,
     "client": 8,  # `csr-service request`, an istio-agent-like client
-    "__main__": 10,
+    "agent": 9,  # `csr-service agent`: the client above, run as a long-lived certificate keeper
+    "cli": 10,
+    "__main__": 11,
     "_generated": 0,
     "__init__": 0,
 }
