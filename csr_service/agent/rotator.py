@@ -136,6 +136,10 @@ class Rotator:
     async def run(self) -> None:
         """Adopt what is there, then rotate forever (cancel to stop)."""
         await self._adopt()
+        await self.loop()
+
+    async def loop(self) -> None:
+        """Rotate forever, from the state there is (tests resume it after a pause)."""
         while True:
             reason = await self.due()
             if reason is not None:
