@@ -57,7 +57,9 @@ class Hooks:
             return
         if proc.returncode:
             tail = err.decode(errors="replace").strip()[-500:]
-            log.warning("--on-rotate: %s exited with %s after writing %s: %s", self._argv[0], proc.returncode, output, tail)
+            log.warning(
+                "--on-rotate: %s exited with %s after writing %s: %s", self._argv[0], proc.returncode, output, tail
+            )
         else:
             log.info("--on-rotate: %s ran after writing %s", self._argv[0], output)
 

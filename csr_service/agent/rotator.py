@@ -62,7 +62,9 @@ class Current:
         return self.leaf.not_valid_after_utc
 
 
-def adopt(found: Rendering, render: Callable[[Issued], dict[str, bytes]], identity: str, now: datetime) -> Issued | None:
+def adopt(
+    found: Rendering, render: Callable[[Issued], dict[str, bytes]], identity: str, now: datetime
+) -> Issued | None:
     """The certificate in ``found`` if it is whole, consistent, for ``identity`` and valid now."""
     try:
         key = load_private_key(found["key.pem"])
@@ -276,7 +278,9 @@ class Rotator:
             return Check(self.output.name, False, f"no certificate written yet{failing}")
         if self._clock.now() >= cur.not_after:
             return Check(self.output.name, False, f"certificate expired at {_ts(cur.not_after)}{failing}")
-        return Check(self.output.name, True, f"valid until {_ts(cur.not_after)}, renewal at {_ts(cur.renew_at)}{failing}")
+        return Check(
+            self.output.name, True, f"valid until {_ts(cur.not_after)}, renewal at {_ts(cur.renew_at)}{failing}"
+        )
 
 
 def _ts(when: datetime) -> str:

@@ -55,7 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ident.add_argument(
         "--service-account", "--sa-name", dest="service_account", default=None, help="default: from the token's claims"
     )
-    ident.add_argument("--key-type", default="ec-p256", choices=KEY_TYPES, help="default: ec-p256 (a new key every time)")
+    ident.add_argument(
+        "--key-type", default="ec-p256", choices=KEY_TYPES, help="default: ec-p256 (a new key every time)"
+    )
     ident.add_argument("--ttl", default="24h", help="requested lifetime; the CA may shorten it (default: 24h)")
     ident.add_argument("--tls-server-name", default=None, help="name to check in the CA's certificate (default: host)")
     ident.add_argument("--request-timeout", default="30s", help="bound on one CreateCertificate call (default: 30s)")
@@ -219,7 +221,10 @@ def _secret_target(a: argparse.Namespace, namespace: str, service_account: str) 
     lease = a.leader_election_id or f"{service_account}.csr-service-agent"
     if not _DNS1123.fullmatch(lease):
         raise ConfigError(f"--leader-election-id: {lease!r} is not a valid Kubernetes name")
-    durations = {f: _seconds(f, getattr(a, f[2:].replace("-", "_"))) for f in ("--lease-duration", "--renew-deadline", "--retry-period")}
+    durations = {
+        f: _seconds(f, getattr(a, f[2:].replace("-", "_")))
+        for f in ("--lease-duration", "--renew-deadline", "--retry-period")
+    }
     if not durations["--retry-period"] < durations["--renew-deadline"] < durations["--lease-duration"]:
         raise ConfigError("leader election: need --retry-period < --renew-deadline < --lease-duration")
     # The pod name when the Downward API gives it, plus a random part: two processes in one pod
