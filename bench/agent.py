@@ -187,13 +187,21 @@ def fleet(srv: Any, tmp: Path, agents: int, window: float, workers: int) -> None
     token_dir.mkdir()
     for i in range(agents):
         (token_dir / f"sa-{i}").write_text(
-            mint_dev_token(str(srv.state_dir), namespace="fleet", service_account=f"sa-{i}", audiences=("istio-ca",),
-                           ttl=timedelta(hours=2), pod_name=None)
+            mint_dev_token(
+                str(srv.state_dir),
+                namespace="fleet",
+                service_account=f"sa-{i}",
+                audiences=("istio-ca",),
+                ttl=timedelta(hours=2),
+                pod_name=None,
+            )
         )
     pids = process_tree(srv.proc.pid)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        pending = pool.apply_async(_fleet, ((srv.address, str(srv.root_cert), str(token_dir), agents, RENEW_INTERVAL_S + 5, window),))
+        pending = pool.apply_async(
+            _fleet, ((srv.address, str(srv.root_cert), str(token_dir), agents, RENEW_INTERVAL_S + 5, window),)
+        )
         time.sleep(RENEW_INTERVAL_S + 5)
         s0 = cpu_seconds(pids)
         res = pending.get()
@@ -231,8 +239,10 @@ def main() -> None:
             for kt in ("ec-p256", "rsa2048"):
                 one_agent(srv, tmp, kt, a.idle, a.rotations)
             if not a.skip_fleet:
-                print(f"simulated fleet at a 1-minute lifetime (renewal every ~{RENEW_INTERVAL_S:.1f} s), "
-                      f"csr-service --workers {a.workers}:")
+                print(
+                    f"simulated fleet at a 1-minute lifetime (renewal every ~{RENEW_INTERVAL_S:.1f} s), "
+                    f"csr-service --workers {a.workers}:"
+                )
                 for n in (int(x) for x in a.agents.split(",")):
                     fleet(srv, tmp, n, a.window, a.workers)
         print(f"load average after: {os.getloadavg()[0]:.1f}")

@@ -67,6 +67,7 @@ class CAClient:
         #: Counts the distinct root files loaded: a certificate obtained under an older one
         #: is renewed (a rotator compares the generation it wrote under).
         self.root_generation = 0
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _read_root(self) -> bytes | None:
         try:
@@ -93,7 +94,11 @@ class CAClient:
         self.root_generation += 1
         old, self._channel = self._channel, None
         if old is not None:
-            asyncio.get_running_loop().create_task(old.close())
+            # Calls in flight on the old channel finish or fail on their own; keep the task
+            # referenced until then (the loop holds tasks only weakly).
+            task = asyncio.get_running_loop().create_task(old.close(None))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         self._channel = grpc.aio.secure_channel(
             self._address, channel_credentials(data), options=channel_options(self._server_name)
         )
@@ -110,7 +115,9 @@ class CAClient:
         try:
             token = self._token_file.read_text().strip()
         except OSError as exc:
-            raise RequestError("FAILED_PRECONDITION", f"cannot read the token file {self._token_file}: {exc.strerror}")
+            raise RequestError(
+                "FAILED_PRECONDITION", f"cannot read the token file {self._token_file}: {exc.strerror}"
+            ) from exc
         # A key per certificate; RSA key generation takes tens of milliseconds: off the loop.
         if self._key_type is KeyType.RSA2048:
             key, csr = await asyncio.to_thread(new_csr, self.identity, self._key_type)
@@ -129,5 +136,5 @@ class CAClient:
 
     async def close(self) -> None:
         if self._channel is not None:
-            await self._channel.close()
+            await self._channel.close(None)
             self._channel = None

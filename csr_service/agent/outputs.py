@@ -140,7 +140,7 @@ class SecretOutput:
         from kubernetes import client
         from kubernetes.client import ApiException
 
-        encoded = {k: base64.b64encode(v).decode() for k, v in ours.items()}
+        encoded: dict[str, bytes | str] = {k: base64.b64encode(v).decode() for k, v in ours.items()}
         what = f"write Secret {self.namespace}/{self.secret}"
         for _ in range(5):
             obj = self._get()

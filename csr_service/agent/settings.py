@@ -34,7 +34,13 @@ KEY_TYPES = ("rsa2048", "ec-p256", "ec-p384")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``agent`` subcommand's flags (defaults as istio-agent / a pod expects them)."""
     ident = p.add_argument_group("identity and CA")
-    ident.add_argument("--ca-address", default="istiod.istio-system.svc:15012", metavar="HOST:PORT")
+    ident.add_argument(
+        "--ca-address",
+        default="istiod.istio-system.svc:15012",
+        metavar="HOST:PORT",
+        help="the Istio CA: istiod, or csr-service (<service>.<namespace>.svc:443) "
+        "(default: istiod.istio-system.svc:15012)",
+    )
     ident.add_argument(
         "--root-cert",
         default="/var/run/secrets/istio/root-cert.pem",
@@ -47,8 +53,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="projected service-account token (audience istio-ca), re-read for every request",
     )
-    ident.add_argument("--trust-domain", default="cluster.local")
-    ident.add_argument("--cluster-id", "--cluster-name", dest="cluster_id", default="Kubernetes")
+    ident.add_argument(
+        "--trust-domain", default="cluster.local", help="of the SPIFFE identity (default: cluster.local)"
+    )
+    ident.add_argument(
+        "--cluster-id",
+        "--cluster-name",
+        dest="cluster_id",
+        default="Kubernetes",
+        help="sent as clusterid metadata (default: Kubernetes)",
+    )
     ident.add_argument(
         "--namespace", "--sa-namespace", dest="namespace", default=None, help="default: from the token's claims"
     )
@@ -84,7 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rot = p.add_argument_group("rotation")
     rot.add_argument("--renew-at", default="0.5", help="fraction of the lifetime at which to renew (default: 0.5)")
     rot.add_argument("--renew-jitter", default="0.1", help="renew up to this share earlier, at random (default: 0.1)")
-    rot.add_argument("--check-interval", default="10s", help="how often outputs and the root file are checked")
+    rot.add_argument(
+        "--check-interval", default="10s", help="how often outputs and the root file are checked (default: 10s)"
+    )
     rot.add_argument("--backoff-initial", default="1s", help="first retry after a failure (default: 1s)")
     rot.add_argument("--backoff-max", default="60s", help="cap of the exponential backoff (default: 60s)")
     rot.add_argument("--on-rotate", default=None, metavar="COMMAND", help="run after each write (no shell)")
@@ -92,9 +108,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rot.add_argument("--signal", default="HUP", help="signal name for --signal-pid-file (default: HUP)")
 
     ops = p.add_argument_group("operations")
-    ops.add_argument("--http-listen", default="0.0.0.0:15021", help="/healthz, /readyz, /metrics ('' turns it off)")
-    ops.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    ops.add_argument("--log-format", default="text", choices=["text", "json"])
+    ops.add_argument(
+        "--http-listen", default="0.0.0.0:15021", help="/healthz, /readyz, /metrics (default: 0.0.0.0:15021; '' = off)"
+    )
+    ops.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info")
+    ops.add_argument("--log-format", default="text", choices=["text", "json"], help="default: text")
 
 
 @dataclass(frozen=True, slots=True)

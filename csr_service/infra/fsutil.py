@@ -65,7 +65,8 @@ def write_file_set(directory: str | Path, files: Mapping[str, tuple[bytes, int]]
     previous = _current_version(base)
     version = Path(tempfile.mkdtemp(prefix=_VERSION_PREFIX, dir=base))
     try:
-        os.chmod(version, 0o755)
+        # Readable like the directory it replaces (apps list it); each file keeps its own mode.
+        os.chmod(version, 0o755)  # noqa: S103
         for name, (payload, mode) in files.items():
             fd = os.open(version / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             with os.fdopen(fd, "wb") as fh:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from tests.support import pki
-from tests.support.agent import AgentProc, agent_args, run_agent_once, running_agent
+from tests.support.agent import agent_args, run_agent_once, running_agent
 from tests.support.certs import write_ca_dir
 from tests.support.dev_server import DevServer, free_port, running_dev_server, running_server
 from tests.support.waiting import wait_for
@@ -74,7 +73,8 @@ def test_once_writes_the_workload_files(dev_server: DevServer, tmp_path: Path, k
     assert (out / "ca.crt").read_bytes() == (out / "root-cert.pem").read_bytes()
     assert stat.S_IMODE((out / "tls.key").stat().st_mode) == 0o600
     assert {"ec-p256": 256, "ec-p384": 384, "rsa2048": 2048}[key_type] == leaf.public_key().key_size
-    assert "valid until" in res.stdout and "BEGIN" not in res.stdout + res.stderr
+    assert "valid until" in res.stdout
+    assert "BEGIN" not in res.stdout + res.stderr
 
 
 def test_rotates_repeatedly_follows_a_root_change_and_runs_hooks(tmp_path: Path) -> None:
@@ -143,7 +143,8 @@ def test_rotates_repeatedly_follows_a_root_change_and_runs_hooks(tmp_path: Path)
         assert writes >= 5
         wait_for(lambda: (tmp_path / "app.out").read_text().count("hup") >= 5, timeout=10, what="SIGHUPs")
         # Nothing secret in the log: no key, no token.
-        assert "PRIVATE KEY" not in log and srv.token("apps", "prom")[:40] not in log
+        assert "PRIVATE KEY" not in log
+        assert srv.token("apps", "prom")[:40] not in log
     finally:
         app.send_signal(signal.SIGKILL)
         app.wait()
@@ -187,7 +188,9 @@ def test_ca_down_at_start_and_during_rotation(tmp_path: Path) -> None:
             ignoring=(OSError,),
         )
         status, body = agent.readyz()
-        assert status == 503 and "no certificate written yet" in body and "UNAVAILABLE" in body
+        assert status == 503
+        assert "no certificate written yet" in body
+        assert "UNAVAILABLE" in body
         with _serve_on(state, port, tmp_path / "s1.log"):  # type: ignore[attr-defined]
             wait_for(agent.ready, timeout=30, what="the agent to recover by itself")
         roots = pki.load_certs((state / "root-cert.pem").read_bytes())
@@ -222,10 +225,12 @@ def test_refusals_at_start(dev_server: DevServer, tmp_path: Path) -> None:
     # A token for another service account than the one asked for.
     res = run_agent_once([*base, "--service-account", "grafana"])
     assert res.returncode == 2
-    assert "apps/grafana does not match the token" in res.stderr and "apps/prom" in res.stderr
+    assert "apps/grafana does not match the token" in res.stderr
+    assert "apps/prom" in res.stderr
     # gen-istio-cert's alias says the same thing.
     res = run_agent_once([*base, "--sa-name", "grafana"])
-    assert res.returncode == 2 and "does not match the token" in res.stderr
+    assert res.returncode == 2
+    assert "does not match the token" in res.stderr
     # A root that does not verify the CA's serving certificate.
     other = pki.make_ca("not the CA's root")
     (tmp_path / "other-root.pem").write_bytes(other.cert_pem)
@@ -239,7 +244,8 @@ def test_refusals_at_start(dev_server: DevServer, tmp_path: Path) -> None:
     )
     assert res.returncode == 1
     # (gRPC's C core may log the handshake failure before our one line.)
-    assert res.stderr.splitlines()[-1].startswith("UNAVAILABLE: ") and "--root-cert" in res.stderr
+    assert res.stderr.splitlines()[-1].startswith("UNAVAILABLE: ")
+    assert "--root-cert" in res.stderr
     assert not (tmp_path / "o2" / "key.pem").exists()
     # An output directory that cannot be written (under a regular file: fails for root too).
     (tmp_path / "file").write_text("x")
@@ -251,13 +257,16 @@ def test_refusals_at_start(dev_server: DevServer, tmp_path: Path) -> None:
             out_dir=tmp_path / "file" / "certs",
         )
     )
-    assert res.returncode == 2 and "--out-dir: cannot create" in res.stderr
+    assert res.returncode == 2
+    assert "--out-dir: cannot create" in res.stderr
     # No output at all.
     res = run_agent_once(agent_args(ca_address=dev_server.address, root_cert=dev_server.root_cert, token_file=token))
-    assert res.returncode == 2 and "no output" in res.stderr
+    assert res.returncode == 2
+    assert "no output" in res.stderr
     # A CA refusal is reported as CODE: message (an expired... here: unknown cluster id).
     res = run_agent_once([*base, "--cluster-id", "elsewhere"])
-    assert res.returncode == 1 and res.stderr.splitlines()[-1].startswith("UNAUTHENTICATED: ")
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[-1].startswith("UNAUTHENTICATED: ")
 
 
 def test_read_only_directory_is_refused(dev_server: DevServer, tmp_path: Path) -> None:
@@ -275,4 +284,5 @@ def test_read_only_directory_is_refused(dev_server: DevServer, tmp_path: Path) -
             out_dir=out,
         )
     )
-    assert res.returncode == 2 and "not writable" in res.stderr
+    assert res.returncode == 2
+    assert "not writable" in res.stderr

@@ -73,7 +73,7 @@ def _decoded(secret: k8s.V1Secret) -> dict[str, bytes]:
 
 def _check_whole(data: dict[str, bytes], ns: str, roots: list[Any]) -> None:
     """One consistent set: both layouts agree, the key is the certificate's, the chain verifies."""
-    assert OUR_KEYS <= set(data), f"missing {OUR_KEYS - set(data)}"
+    assert set(data) >= OUR_KEYS, f"missing {OUR_KEYS - set(data)}"
     assert data["tls.crt"] == data["cert-chain.pem"]
     assert data["tls.key"] == data["key.pem"]
     assert data["ca.crt"] == data["root-cert.pem"]
@@ -109,7 +109,8 @@ def test_secret_written_with_least_privilege_keeping_foreign_keys(
     ns2 = _namespace_with_agent_rbac(kube)
     assert run_agent_once(_args(kube, dev_ca, ns2, tmp_path)).returncode == 0
     created = kube.core.read_namespaced_secret(SECRET, ns2)
-    assert created.type == "kubernetes.io/tls" and set(_decoded(created)) == OUR_KEYS
+    assert created.type == "kubernetes.io/tls"
+    assert set(_decoded(created)) == OUR_KEYS
 
     # A Secret of that name but another type: refused, untouched.
     ns3 = _namespace_with_agent_rbac(kube)
@@ -118,14 +119,16 @@ def test_secret_written_with_least_privilege_keeping_foreign_keys(
     )
     res = run_agent_once(_args(kube, dev_ca, ns3, tmp_path))
     assert res.returncode == 1
-    assert res.stderr.splitlines()[-1].startswith("FAILED_PRECONDITION: ") and "'Opaque'" in res.stderr
+    assert res.stderr.splitlines()[-1].startswith("FAILED_PRECONDITION: ")
+    assert "'Opaque'" in res.stderr
     assert _decoded(kube.core.read_namespaced_secret(SECRET, ns3)) == {"a": b"b"}
 
     # The Role covers one Secret: another name is PERMISSION_DENIED, named as such.
     args = _args(kube, dev_ca, ns, tmp_path)
     args[args.index(SECRET)] = "other-cert"
     res = run_agent_once(args)
-    assert res.returncode == 1 and res.stderr.splitlines()[-1].startswith("PERMISSION_DENIED: ")
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[-1].startswith("PERMISSION_DENIED: ")
 
 
 class _SecretWatch:
@@ -145,12 +148,14 @@ class _SecretWatch:
             ):
                 if ev["type"] in ("ADDED", "MODIFIED"):
                     self.versions.append(ev["object"])
-        except Exception:  # noqa: BLE001 (stop() closes the stream under the reader)
+        except Exception:
             if not self._stopped:
                 raise
 
     def writers(self, since: int = 0) -> list[str]:
-        return [(v.metadata.annotations or {}).get("agent.csr-service.io/written-by", "") for v in self.versions[since:]]
+        return [
+            (v.metadata.annotations or {}).get("agent.csr-service.io/written-by", "") for v in self.versions[since:]
+        ]
 
     def stop(self) -> None:
         self._stopped = True
@@ -182,8 +187,11 @@ def test_two_agents_one_lease_one_writer_and_takeover(kube: KubeCluster, dev_ca:
         with running_agent(_args(kube, dev_ca, ns, tmp_path, *fast, *lease), tmp_path / "a.log") as a:
             wait_for(lambda: "leader election: lease" in a.log(), what="agent a to start")
             first = _identity(a.log())
-            wait_for(lambda: kube.lease_holder(ns, LEASE) == first and first in w.writers(), timeout=30,
-                     what="agent a to lead and write")
+            wait_for(
+                lambda: kube.lease_holder(ns, LEASE) == first and first in w.writers(),
+                timeout=30,
+                what="agent a to lead and write",
+            )
             with running_agent(_args(kube, dev_ca, ns, tmp_path, *fast, *lease), tmp_path / "b.log") as b:
                 wait_for(lambda: "leader election: lease" in b.log(), what="agent b to start")
                 second = _identity(b.log())
@@ -191,8 +199,10 @@ def test_two_agents_one_lease_one_writer_and_takeover(kube: KubeCluster, dev_ca:
                 # Several renewals while both run: all by the holder, none by b.
                 wait_for(lambda: len(w.versions) >= since + 3, timeout=60, what="three renewals with two agents")
                 assert set(w.writers(since)) == {first}
-                assert b.ready() and "standby" in b.readyz()[1]
-                assert b.metric_sum(r"csr_service_agent_leader") == 0 and a.metric_sum(r"csr_service_agent_leader") == 1
+                assert b.ready()
+                assert "standby" in b.readyz()[1]
+                assert b.metric_sum(r"csr_service_agent_leader") == 0
+                assert a.metric_sum(r"csr_service_agent_leader") == 1
                 # The leader dies without releasing the Lease: b takes over once it expires.
                 a.proc.send_signal(signal.SIGKILL)
                 a.proc.wait()

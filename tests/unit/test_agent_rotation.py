@@ -178,12 +178,15 @@ def test_ca_down_keeps_the_certificate_backs_off_capped_and_recovers() -> None:
     assert "renewal failing: UNAVAILABLE" in rot.check().reason
     clock.horizon = 700
     _run(rot)  # past its NotAfter
-    assert not rot.check().ok and "expired" in rot.check().reason
+    assert not rot.check().ok
+    assert "expired" in rot.check().reason
     ca.down = False
     clock.horizon = 760
     _run(rot)
     assert out.stored != first
-    assert rot.history[-1] == "renewal" and rot.check().ok and rot.last_error is None
+    assert rot.history[-1] == "renewal"
+    assert rot.check().ok
+    assert rot.last_error is None
 
 
 def test_root_change_rotates_at_once_even_while_backing_off() -> None:
@@ -204,7 +207,8 @@ def test_root_change_rotates_at_once_even_while_backing_off() -> None:
     ca.root_change()
     clock.horizon = 406
     _run(rot)
-    assert len(ca.calls) == n + 1 and rot.history[-1] == "root-changed"
+    assert len(ca.calls) == n + 1
+    assert rot.history[-1] == "root-changed"
 
 
 def test_deleted_or_tampered_output_is_rewritten_with_a_new_key() -> None:
@@ -236,7 +240,9 @@ def test_a_valid_certificate_in_the_output_is_adopted_not_replaced() -> None:
     again = _rotator(clock, ca, out, check_interval=5.0)
     clock.horizon = 30
     _run(again)
-    assert out.stored == written and again.history == [] and again.check().ok
+    assert out.stored == written
+    assert again.history == []
+    assert again.check().ok
     # Something that is not ours (another identity's key) is replaced at once.
     out.stored = {**written, "key.pem": pki.key_pem(pki.new_key())}
     third = _rotator(clock, ca, out)
@@ -251,8 +257,10 @@ def test_write_failure_is_a_failure_too() -> None:
     out = MemoryOutput(fail_writes=True)
     rot = _rotator(clock, ca, out, backoff_initial=1.0, backoff_max=4.0)
     _run(rot)
-    assert out.stored is None and not rot.check().ok
-    assert rot.last_error is not None and rot.last_error.code == "OUTPUT_ERROR"
+    assert out.stored is None
+    assert not rot.check().ok
+    assert rot.last_error is not None
+    assert rot.last_error.code == "OUTPUT_ERROR"
 
 
 # --- token claims ----------------------------------------------------------------------------------

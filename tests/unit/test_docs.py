@@ -16,3 +16,17 @@ def test_configuration_reference_is_current() -> None:
     spec.loader.exec_module(mod)
     committed = (ROOT / "docs" / "configuration.md").read_text()
     assert committed == mod.render(), "docs/configuration.md is stale: run `make docs`"
+
+
+def test_agent_doc_names_every_agent_flag() -> None:
+    """docs/agent.md keeps up with ``csr-service agent``'s flags (and gen-istio-cert's aliases)."""
+    import argparse
+
+    from csr_service.agent.settings import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+    doc = (ROOT / "docs" / "agent.md").read_text()
+    missing = sorted(f for f in flags if f"`{f}" not in doc and f"{f}=" not in doc and f"({f}" not in doc)
+    assert not missing, f"docs/agent.md does not mention {missing}"

@@ -27,7 +27,8 @@ def test_files_modes_and_layout(tmp_path: Path) -> None:
         write_file_set(out, _set(n))
     # The current and the previous version directory remain; older ones are removed.
     versions = sorted(p.name for p in out.iterdir() if p.name.startswith("..v-"))
-    assert len(versions) == 2 and os.readlink(out / DATA_LINK) in versions
+    assert len(versions) == 2
+    assert os.readlink(out / DATA_LINK) in versions
     assert (out / "cert-chain.pem").read_bytes() == b"cert 5"
 
 
@@ -56,7 +57,7 @@ def test_a_reader_never_sees_a_mixed_set(tmp_path: Path) -> None:
             # The visible names exist at every instant (the symlinks are never removed).
             try:
                 (out / "key.pem").read_bytes()
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 errors.append(exc)
 
     threads = [threading.Thread(target=reader) for _ in range(2)]
