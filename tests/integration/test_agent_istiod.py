@@ -71,3 +71,50 @@ def test_rotation_against_istiod(kube: KubeCluster, istiod: Istiod, tmp_path: Pa
         assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds() <= 20 + 600
         assert agent.metric_sum(r'csr_service_agent_rotations_total\{.*reason="renewal".*\}') >= 3
         assert agent.metric_sum(r"csr_service_agent_failures_total\{.*\}") == 0, agent.log()
+
+
+def test_root_change_followed_against_istiod(own_kube: KubeCluster, tmp_path: Path) -> None:
+    """istiod with a plugged-in CA (``./etc/cacerts``), reloaded in place with a new root (istiod
+    needs ``ISTIO_MULTIROOT_MESH=true`` for that; without it, it logs "updating new ROOT-CA not
+    supported"). The agent's root file is then updated like the istio-ca-root-cert ConfigMap
+    (new + old root); the agent reconnects, renews at once, and the new certificate chains to the
+    new root. A private apiserver: this istiod must not fight the session istiod over the
+    root ConfigMaps."""
+    from tests.support.certs import write_ca_dir
+    from tests.testbed.istiod import start_istiod
+
+    workdir = tmp_path / "istiod"
+    _, _, old_root = write_ca_dir(workdir / "etc" / "cacerts", intermediate=True)
+    istiod = start_istiod(own_kube, workdir, env={"ISTIO_MULTIROOT_MESH": "true"})
+    try:
+        ns, args = _setup(own_kube, istiod, tmp_path, "exporter")
+        assert pki.load_certs((tmp_path / "root-cert.pem").read_bytes()) == [old_root]
+        out = tmp_path / "certs"
+        with running_agent([*args, "--ttl", "1h", "--check-interval", "1s"], tmp_path / "agent.log") as agent:
+            wait_for(agent.ready, timeout=60, what="a first certificate", ignoring=(OSError,))
+            first = pki.load_certs((out / "cert-chain.pem").read_bytes())
+            pki.verify_chain(first[0], first[1:], [old_root])
+            _, _, new_root = write_ca_dir(workdir / "etc" / "cacerts", intermediate=True)
+            with (workdir / "etc" / "cacerts" / "root-cert.pem").open("a") as fh:
+                fh.write(pki.certs_pem(old_root))
+
+            def published_both() -> bytes | None:
+                pem = istiod.root_cert()
+                return pem if new_root in pki.load_certs(pem) else None
+
+            bundle = wait_for(published_both, timeout=60, what="istiod to publish the new root")
+            (tmp_path / "root-cert.pem").write_bytes(bundle)  # what the kubelet does to the mount
+
+            def under_new_root() -> bool:
+                chain = pki.load_certs((out / "..data" / "cert-chain.pem").read_bytes())
+                pki.verify_chain(chain[0], chain[1:], [new_root])
+                return True
+
+            wait_for(
+                under_new_root, timeout=60, interval=0.5, what="a certificate under the new root", ignoring=(Exception,)
+            )
+            assert new_root in pki.load_certs((out / "root-cert.pem").read_bytes())
+            assert agent.metric_sum(r'csr_service_agent_rotations_total\{.*reason="root-changed".*\}') >= 1
+            assert agent.ready()
+    finally:
+        istiod.stop()
