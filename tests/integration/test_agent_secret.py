@@ -211,6 +211,17 @@ def test_two_agents_one_lease_one_writer_and_takeover(kube: KubeCluster, dev_ca:
                 wait_for(lambda: second in w.writers(taken), timeout=30, what="b to write the Secret")
                 assert set(w.writers(taken)) == {second}
                 assert "kept the certificate already there" in b.log() or "wrote a certificate" in b.log()
+
+                # Leadership changes are Events on the Lease (the Role's events/create rule).
+                def elected() -> set[str]:
+                    events = kube.core.list_namespaced_event(ns).items
+                    return {
+                        e.message.split()[0]
+                        for e in events
+                        if e.reason == "LeaderElected" and e.involved_object.name == LEASE
+                    }
+
+                wait_for(lambda: elected() >= {first, second}, timeout=20, what="LeaderElected events")
     finally:
         w.stop()
     assert len(w.versions) >= 6
