@@ -34,6 +34,8 @@ def _agent_containers(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_agent_args_parse(name: str) -> None:
     containers = _agent_containers(_objects(name))
     assert len(containers) == 1
+    # The image's entrypoint is `csr-service serve` (Dockerfile): the agent needs its own command.
+    assert containers[0]["command"] == ["csr-service"]
     args = make_parser().parse_args(containers[0]["args"])
     assert args.command == "agent"
     probes = {containers[0][p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe")}
