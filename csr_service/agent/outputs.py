@@ -107,6 +107,9 @@ class SecretOutput:
         self.secret = secret
         self.identity = identity
         self.name = f"secret:{namespace}/{secret}"
+        #: Cleared when this replica stops leading: a write in flight in its thread then makes
+        #: no further attempt (at most the one request already sent lands, a whole set).
+        self.active = True
 
     def render(self, issued: Issued) -> dict[str, bytes]:
         return secret_data(issued)
@@ -143,6 +146,8 @@ class SecretOutput:
         encoded: dict[str, bytes | str] = {k: base64.b64encode(v).decode() for k, v in ours.items()}
         what = f"write Secret {self.namespace}/{self.secret}"
         for _ in range(5):
+            if not self.active:
+                raise RequestError("ABORTED", f"{what}: no longer the leader")
             obj = self._get()
             try:
                 if obj is None:

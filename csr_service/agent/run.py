@@ -108,18 +108,21 @@ class _LeaderOnly:
 
     all_workers = False
 
-    def __init__(self, rotator: Rotator) -> None:
+    def __init__(self, rotator: Rotator, output: SecretOutput) -> None:
         self.rotator = rotator
+        self.output = output
         self.name = rotator.name
         self.leading = False
 
     async def start(self) -> None:
         self.leading = True
+        self.output.active = True
         metrics.AGENT_LEADER.set(1)
         await self.rotator.start()
 
     async def stop(self) -> None:
         self.leading = False
+        self.output.active = False
         metrics.AGENT_LEADER.set(0)
         await self.rotator.stop()
 
@@ -163,7 +166,7 @@ async def run_async(s: AgentSettings, *, stop: asyncio.Event | None = None) -> i
         backoff_max=s.backoff_max,
     )
     files = Rotator(files_out, ca, policy, after_write=after) if files_out else None
-    secret = _LeaderOnly(Rotator(secret_out, ca, policy, after_write=after)) if secret_out else None
+    secret = _LeaderOnly(Rotator(secret_out, ca, policy, after_write=after), secret_out) if secret_out else None
     elector = None
     lease: LeaseClient | None = None
     if secret is not None and s.secret is not None:

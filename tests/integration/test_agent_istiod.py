@@ -87,7 +87,7 @@ def test_root_change_followed_against_istiod(own_kube: KubeCluster, tmp_path: Pa
     _, _, old_root = write_ca_dir(workdir / "etc" / "cacerts", intermediate=True)
     istiod = start_istiod(own_kube, workdir, env={"ISTIO_MULTIROOT_MESH": "true"})
     try:
-        ns, args = _setup(own_kube, istiod, tmp_path, "exporter")
+        _, args = _setup(own_kube, istiod, tmp_path, "exporter")
         assert pki.load_certs((tmp_path / "root-cert.pem").read_bytes()) == [old_root]
         out = tmp_path / "certs"
         with running_agent([*args, "--ttl", "1h", "--check-interval", "1s"], tmp_path / "agent.log") as agent:
