@@ -164,14 +164,14 @@ def _fleet(args: tuple[str, str, str, int, float, float]) -> dict[str, Any]:
 
         starters = [asyncio.create_task(staggered(r)) for r in rotators]
         await asyncio.sleep(warmup)
-        done0 = sum(len(r.history) for r in rotators)
+        done0 = sum(r.rotations for r in rotators)
         cpu0 = time.process_time()
         measuring = True
         t0 = time.monotonic()
         await asyncio.sleep(window)
         measuring = False
         elapsed = time.monotonic() - t0
-        done = sum(len(r.history) for r in rotators) - done0
+        done = sum(r.rotations for r in rotators) - done0
         client_cpu = time.process_time() - cpu0
         for s in starters:
             s.cancel()

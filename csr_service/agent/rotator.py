@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +28,7 @@ from csr_service.agent.ca import CAClient
 from csr_service.agent.outputs import Output, Rendering
 from csr_service.agent.schedule import Backoff, Clock, SystemClock, renewal_time
 from csr_service.client import Issued, RequestError, check_response
+from csr_service.common.lifecycle import BackgroundTask
 from csr_service.common.readiness import Check
 from csr_service.infra import metrics
 from csr_service.pki.pem import load_private_key, parse_certs
@@ -108,31 +110,21 @@ class Rotator:
         self.last_error: RequestError | None = None
         self._pending: str | None = None  # the reason of a failed attempt, retried at _retry_at
         self._retry_at = 0.0
-        self._task: asyncio.Task[None] | None = None
-        #: Reasons of successful writes, in order (tests and the bench read it).
-        self.history: list[str] = []
+        self._task = BackgroundTask(self.name, self.run, logger=log)
+        #: Certificates written, and the reasons of the latest writes (for tests and benches).
+        self.rotations = 0
+        self.history: deque[str] = deque(maxlen=32)
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        if self._task is None or self._task.done():
+        """Start the loop (afresh after a stop: a new leader re-reads the output)."""
+        if not self._task.running:
             self.current, self._pending = None, None
             self._backoff.reset()
-            self._task = asyncio.get_running_loop().create_task(self._run_logged(), name=self.name)
+            self._task.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-    async def _run_logged(self) -> None:
-        try:
-            await self.run()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s stopped by an unexpected error", self.name)
-            raise
+        await self._task.stop()
 
     # --- the loop ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -216,6 +208,7 @@ class Rotator:
         self._pending, self.last_error = None, None
         self._backoff.reset()
         self.history.append(reason)
+        self.rotations += 1
         metrics.agent_rotated(self.output.name, reason, self.current.not_after, self.current.renew_at)
         log.info(
             "%s: wrote a certificate for %s (%s; valid until %s, renewal at %s)",
