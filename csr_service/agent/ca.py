@@ -1,8 +1,9 @@
-"""The agent's connection to the CA: one ``grpc.aio`` channel, rebuilt when the root file changes.
+"""The agent's calls to the CA: a ``grpc.aio`` connection per certificate, verified with the roots
+of the root file, which is re-read on change.
 
 The root file is the ``istio-ca-root-cert`` ConfigMap mount, which the kubelet updates in place
 during a root rotation; :meth:`CAClient.root_changed` notices (content, not mtime: the kubelet's
-symlink swap keeps mtimes of the visible path unreliable) and dials again with the new roots.
+symlink swap keeps mtimes of the visible path unreliable) and the next call uses the new roots.
 The token file is read for every call (projected tokens are rotated by the kubelet), and never
 logged.
 """
@@ -61,13 +62,12 @@ class CAClient:
         self._ttl = ttl
         self._server_name = tls_server_name
         self._timeout = timeout
-        self._channel: grpc.aio.Channel | None = None
+        self._creds: grpc.ChannelCredentials | None = None
         self._root_digest = ""
         self._root_read_ok = True
         #: Counts the distinct root files loaded: a certificate obtained under an older one
         #: is renewed (a rotator compares the generation it wrote under).
         self.root_generation = 0
-        self._closing: set[asyncio.Task[None]] = set()
 
     def _read_root(self) -> bytes | None:
         try:
@@ -81,8 +81,8 @@ class CAClient:
         return data if data.strip() else None
 
     def root_changed(self) -> bool:
-        """Re-read the root file; True (and the next call dials again) when its content changed
-        since the last read. The first call only loads it."""
+        """Re-read the root file; True (the next call verifies the CA with the new roots) when its
+        content changed since the last read. The first call only loads it."""
         data = self._read_root()
         if data is None:
             return False
@@ -92,25 +92,16 @@ class CAClient:
         first = not self._root_digest
         self._root_digest = digest
         self.root_generation += 1
-        old, self._channel = self._channel, None
-        if old is not None:
-            # Calls in flight on the old channel finish or fail on their own; keep the task
-            # referenced until then (the loop holds tasks only weakly).
-            task = asyncio.get_running_loop().create_task(old.close(None))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-        self._channel = grpc.aio.secure_channel(
-            self._address, channel_credentials(data), options=channel_options(self._server_name)
-        )
+        self._creds = channel_credentials(data)
         if not first:
             log.info("root file %s changed; connecting to the CA with the new roots", self._root_file)
         return not first
 
     async def issue(self) -> Issued:
         """One CreateCertificate with a new key; the answer verified. Raises RequestError."""
-        if self._channel is None:
+        if self._creds is None:
             self.root_changed()
-            if self._channel is None:
+            if self._creds is None:
                 raise RequestError("FAILED_PRECONDITION", f"no usable root certificate in {self._root_file}")
         try:
             token = self._token_file.read_text().strip()
@@ -123,8 +114,13 @@ class CAClient:
             key, csr = await asyncio.to_thread(new_csr, self.identity, self._key_type)
         else:
             key, csr = new_csr(self.identity, self._key_type)
-        stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        # A connection per certificate, closed after the call: an agent calls once per renewal
+        # (every 30 s to 12 h), and thousands of agents each holding an idle connection would
+        # count against the CA's connection limits (csr-service: --max-connections per worker)
+        # for nothing. The cost is one TLS handshake per certificate (bench.agent measures it).
+        channel = grpc.aio.secure_channel(self._address, self._creds, options=channel_options(self._server_name))
         try:
+            stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)  # type: ignore[no-untyped-call]
             resp = await stub.CreateCertificate(
                 build_request(csr, self._ttl),
                 metadata=call_metadata(token or None, self._cluster_id),
@@ -132,9 +128,9 @@ class CAClient:
             )
         except grpc.RpcError as exc:
             raise rpc_error(exc) from exc
+        finally:
+            await channel.close(None)
         return check_response(list(resp.cert_chain), self.identity, key)
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close(None)
-            self._channel = None
+        """Nothing is held between calls; kept for the owner's symmetric start/stop."""

@@ -1,6 +1,6 @@
 """The agent's CA client against an in-process gRPC CA that records what it receives: the token
 file is read for every call, the metadata and CSR are istio-agent's, every certificate has a new
-key, and a changed root file makes it dial again with the new roots."""
+key and its own connection, and a changed root file makes the next call verify the new roots."""
 
 from __future__ import annotations
 
@@ -28,9 +28,11 @@ class _RecordingCA(ca_pb2_grpc.IstioCertificateServiceServicer):
         self.metadata: list[dict[str, str]] = []
         self.csrs: list[x509.CertificateSigningRequest] = []
         self.ttls: list[int] = []
+        self.peers: list[str] = []
 
     async def CreateCertificate(self, request: Any, context: Any) -> ca_pb2.IstioCertificateResponse:
         self.metadata.append(dict(context.invocation_metadata()))
+        self.peers.append(context.peer())
         csr = x509.load_pem_x509_csr(request.csr.encode())
         self.csrs.append(csr)
         self.ttls.append(request.validity_duration)
@@ -95,6 +97,8 @@ def test_token_reread_metadata_csr_and_new_keys(tmp_path: Path) -> None:
             assert ext.critical
             assert ext.value.get_values_for_type(x509.UniformResourceIdentifier) == [ID]
         assert a.key_pem != b.key_pem  # a new key every time
+        # A connection per certificate: nothing held open between renewals.
+        assert len(set(servicer.peers)) == 2
         assert pki.key_matches(b.leaf, pki.load_key(b.key_pem))
 
     asyncio.run(main())
