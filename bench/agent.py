@@ -2,23 +2,25 @@
 csr-service replica serves at a 1-minute certificate lifetime.
 
     python -m bench.agent [--idle 30] [--rotations 10] [--agents 300,1000] [--window 60] [--workers 2]
+                          [--client-processes 1] [--skip-agent] [--skip-fleet]
 
 Part 1, one agent process (``csr-service agent`` as a pod runs it, files output, against
 ``serve --dev``): RSS after start and after the run; CPU while idle (default 1 h certificates,
 checks every 10 s); CPU per rotation (1-minute certificates renewed every ~3 s, the idle cost
 subtracted), for EC P-256 and RSA 2048 keys.
 
-Part 2, a simulated fleet: N agents in one client process, each the agent's real rotation loop
-(``Rotator`` + ``CAClient``: its own gRPC connection, token and identity, a new key per
-certificate) with an in-memory output instead of files, 1-minute certificates renewed at 50 %
-(jitter 10 %: every ~28.5 s on average), started spread over one renewal period as a fleet that
-has been running. Measured over ``--window`` after one renewal period of warm-up: certificates/s,
-failures by code, issue latency p50/p99 as the agents saw it, server CPU (all workers), and the
-server CPU per certificate above what the server burns idle (measured for 10 s before); and from
-that the ceiling: agents one replica serves with its
-``--workers`` cores busy = cores / (CPU per certificate) x 28.5 s. The client fleet, the server
-and other people's jobs share the machine's cores: the figures are what this machine gave at
-that moment, not a property of csr-service alone.
+Part 2, a simulated fleet: N agents split over ``--client-processes`` processes, each the
+agent's real rotation loop (``Rotator`` + ``CAClient``: a connection per certificate, its own
+token and identity, a new key per certificate) with an in-memory output instead of files,
+1-minute certificates renewed at 50 % (jitter 10 %: every ~28.5 s on average), started spread
+over one renewal period as a fleet that has been running. Measured over ``--window`` after one
+renewal period of warm-up: certificates/s, failures by code, issue latency p50/p99 as the agents
+saw it, server CPU (all workers), and the server CPU per certificate above what the server burns
+idle (measured for 10 s before). From that, the ceiling: agents one replica serves with its
+``--workers`` cores busy = cores / (CPU per certificate) x 28.5 s. It is an extrapolation: one
+Python client process saturates at ~100-200 rotations/s (3,000-6,000 agents), and on a small
+machine the fleet, the server and other people's jobs share the cores; the figures are what this
+machine gave at that moment, not a property of csr-service alone.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class _Null:
         self.stored = self.render(issued)
 
 
-def _fleet(args: tuple[str, str, str, int, float, float]) -> dict[str, Any]:
+def _fleet(args: tuple[str, str, str, range, float, float]) -> dict[str, Any]:
     address, root, token_dir, agents, warmup, window = args
     import logging
 
@@ -144,7 +146,7 @@ def _fleet(args: tuple[str, str, str, int, float, float]) -> dict[str, Any]:
     async def main() -> dict[str, Any]:
         nonlocal measuring
         rotators = []
-        for i in range(agents):
+        for i in agents:
             ca = TimedCA(
                 address=address,
                 root_file=Path(root),
@@ -181,7 +183,7 @@ def _fleet(args: tuple[str, str, str, int, float, float]) -> dict[str, Any]:
     return asyncio.run(main())
 
 
-def fleet(srv: Any, tmp: Path, agents: int, window: float, workers: int) -> None:
+def fleet(srv: Any, tmp: Path, agents: int, window: float, workers: int, clients: int) -> None:
     from csr_service.service.dev import mint_dev_token
 
     token_dir = tmp / f"tokens-{agents}"
@@ -209,14 +211,22 @@ def fleet(srv: Any, tmp: Path, agents: int, window: float, workers: int) -> None
     time.sleep(10)
     idle_rate = (cpu_seconds(pids) - i0) / 10
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        pending = pool.apply_async(
-            _fleet, ((srv.address, str(srv.root_cert), str(token_dir), agents, RENEW_INTERVAL_S + 5, window),)
+    shares = [range(c, agents, clients) for c in range(clients)]
+    with ctx.Pool(clients) as pool:
+        pending = pool.map_async(
+            _fleet, [(srv.address, str(srv.root_cert), str(token_dir), r, RENEW_INTERVAL_S + 5, window) for r in shares]
         )
         time.sleep(RENEW_INTERVAL_S + 5)
         s0 = cpu_seconds(pids)
-        res = pending.get()
+        parts = pending.get()
         server_cpu = cpu_seconds(pids) - s0
+    res: dict[str, Any] = {
+        "done": sum(p["done"] for p in parts),
+        "elapsed": max(p["elapsed"] for p in parts),
+        "client_cpu": sum(p["client_cpu"] for p in parts),
+        "lat": [x for p in parts for x in p["lat"]],
+        "fail": {k: sum(p["fail"].get(k, 0) for p in parts) for p in parts for k in p["fail"]},
+    }
     rate = res["done"] / res["elapsed"]
     lat = sorted(res["lat"]) or [0.0]
     p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
@@ -239,6 +249,9 @@ def main() -> None:
     ap.add_argument("--agents", default="300,1000", help="fleet sizes")
     ap.add_argument("--window", type=float, default=60, help="seconds measured per fleet size")
     ap.add_argument("--workers", type=int, default=2, help="csr-service worker processes")
+    ap.add_argument(
+        "--client-processes", type=int, default=1, help="processes the simulated fleet is split over (default: 1)"
+    )
     ap.add_argument("--skip-fleet", action="store_true")
     ap.add_argument("--skip-agent", action="store_true", help="only the fleet")
     a = ap.parse_args()
@@ -258,7 +271,7 @@ def main() -> None:
                     f"csr-service --workers {a.workers}:"
                 )
                 for n in (int(x) for x in a.agents.split(",")):
-                    fleet(srv, tmp, n, a.window, a.workers)
+                    fleet(srv, tmp, n, a.window, a.workers, a.client_processes)
         print(f"load average after: {os.getloadavg()[0]:.1f}")
     sys.stdout.flush()
 
