@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from csr_service.agent.ca import CAClient
@@ -223,7 +223,4 @@ def run(s: AgentSettings) -> int:
     setup_logging(s.log_level, s.log_format)
     # Quieten the kubernetes client's per-request noise; our own lines say what happened.
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
-    started = datetime.now(UTC)
-    code = asyncio.run(run_async(s))
-    log.debug("agent ran %s", datetime.now(UTC) - started)
-    return code
+    return asyncio.run(run_async(s))
