@@ -5,7 +5,8 @@ The rest of the code calls one function per hook point:
 - :func:`observe_rpc` decorates the gRPC servicer method (gRPC server metrics, the
   ``citadel_server_*`` counters Istio operators already alert on);
 - :func:`observe_sign` wraps the issuer's ``sign`` call in the pipeline (per-issuer latency and errors,
-  ``citadel_server_csr_sign_err_count{error}``);
+  ``citadel_server_csr_sign_err_count{error}``), and :func:`count_sign_error` counts what it
+  returned and the pipeline refused (a leaf without the key usages Istio needs) the same way;
 - :func:`refresh` is called periodically by each worker (certificate expiry gauges, leader
   status, authentication-cache counters read from the components that keep them).
 
@@ -60,6 +61,7 @@ __all__ = [
     "MULTIPROC_ENV",
     "SupervisorStats",
     "count_shed",
+    "count_sign_error",
     "disable_multiprocess",
     "enable_multiprocess",
     "mark_worker_dead",
@@ -253,6 +255,14 @@ def sign_error_label(exc: BaseException) -> str:
     return "CERT_GEN_ERROR"
 
 
+def count_sign_error(issuer: str, exc: BaseException) -> None:
+    """Count a failure of ``issuer``'s signing: its ``sign`` call raised, or what it returned
+    did not pass the pipeline's checks (an unusable leaf is the issuer's error too)."""
+    code = status_code_for(exc).name if isinstance(exc, CSRServiceError) else "INTERNAL"
+    ISSUER_ERRORS.labels(issuer, code).inc()
+    SIGN_ERRORS.labels(sign_error_label(exc)).inc()
+
+
 _SIGN_SECONDS: dict[str, Any] = {}  # issuer name -> its histogram child (label lookup costs ~1 µs)
 
 
@@ -262,9 +272,7 @@ async def observe_sign(issuer: str, signing: Awaitable[T]) -> T:
     try:
         issued = await signing
     except BaseException as exc:
-        code = status_code_for(exc).name if isinstance(exc, CSRServiceError) else "INTERNAL"
-        ISSUER_ERRORS.labels(issuer, code).inc()
-        SIGN_ERRORS.labels(sign_error_label(exc)).inc()
+        count_sign_error(issuer, exc)
         raise
     finally:
         seconds = _SIGN_SECONDS.get(issuer)
