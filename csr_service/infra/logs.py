@@ -23,9 +23,7 @@ __all__ = ["escape_controls", "setup_logging"]
 #: everything a terminal or a log shipper may take as a line break or a control sequence.
 _CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029]
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_ESCAPES = str.maketrans(
-    {chr(c): _NAMED.get(chr(c), f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _CONTROLS}
-)
+_ESCAPES = str.maketrans({chr(c): _NAMED.get(chr(c), f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _CONTROLS})
 
 
 def escape_controls(text: str) -> str:

@@ -18,10 +18,10 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from csr_service.pipeline.verify import check_usages
 from csr_service.pki.certs import build_csr
 from csr_service.pki.chain import ChainError, build_path, certifies_key
 from csr_service.pki.keys import KeyType, PrivateKey, generate_key
-from csr_service.pipeline.verify import check_usages
 from csr_service.plugins.issuer import IssuedChain, Issuer, SigningRequest
 
 __all__ = ["OwnCertificate", "issue_own_certificate"]

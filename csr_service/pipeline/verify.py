@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from csr_service.common.errors import FailedPreconditionError, InternalError
+from csr_service.common.errors import InternalError, MissingUsageError
 from csr_service.pki.chain import ChainError, build_path, certifies_key, signed_by
 from csr_service.pki.names import subject_alt_names
 from csr_service.pki.pem import cert_to_pem
@@ -51,7 +51,7 @@ class ChainVerifier:
         issuer: Issuer | None = None,
     ) -> tuple[str, tuple[str, ...]]:
         """Return (leaf PEM, intermediate PEMs), or raise InternalError with the reason
-        (FailedPreconditionError naming ``issuer`` when the leaf lacks a key usage)."""
+        (MissingUsageError naming ``issuer`` when the leaf lacks a key usage)."""
         leaf = issued.leaf
         self._check_leaf(leaf, request, now)
         check_usages(leaf, request.purpose, issuer)
@@ -166,13 +166,14 @@ def missing_usages(leaf: x509.Certificate, purpose: str = "workload") -> list[st
 
 
 def check_usages(leaf: x509.Certificate, purpose: str, issuer: Issuer | None) -> None:
-    """Raise FailedPreconditionError naming ``issuer`` and what is missing (:func:`missing_usages`)."""
+    """Raise MissingUsageError (FAILED_PRECONDITION) naming ``issuer`` and what is missing
+    (:func:`missing_usages`)."""
     missing = missing_usages(leaf, purpose)
     if not missing:
         return
     name = issuer.name if issuer is not None else "the issuer"
     what = ", ".join(missing)
-    raise FailedPreconditionError(
+    raise MissingUsageError(
         f"issuer {name} returned a {purpose} certificate without {what}; the backend is misconfigured "
         "(e.g. a Vault role needs server_flag, client_flag and key_usage DigitalSignature,KeyEncipherment)",
         detail=f"issuer {name} returned a {purpose} certificate without {what} (signed by CA "

@@ -64,12 +64,14 @@ class Readiness:
 
     def _serving_cert(self) -> Check:
         material = self._serving.material
+        error = self._serving.last_error
         if material is None:
-            return Check("serving-certificate", False, "not obtained yet")
+            # The reason, not just the fact: nothing listens until it is obtained.
+            return Check("serving-certificate", False, f"not obtained: {error}" if error else "not obtained yet")
         now = datetime.now(UTC)
         until = material.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
         if now >= material.not_after:
-            return Check("serving-certificate", False, f"expired at {until} (renewal failing, see the log)")
+            return Check("serving-certificate", False, f"expired at {until}, renewal failing: {error or 'see the log'}")
         return Check("serving-certificate", True, f"valid until {until}")
 
     def _trust_bundle(self) -> Check:

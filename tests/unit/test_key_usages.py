@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client import REGISTRY
 
@@ -27,62 +25,10 @@ from csr_service.plugins.issuer import IssuedChain, SigningRequest
 from tests.support import pki
 from tests.support.certs import WORKLOAD, csr_pem
 from tests.support.pipeline import ctx, make_pipeline
-from tests.support.pki import KeyKind, KeyPair, new_key
+from tests.support.pki import KeyKind, KeyPair, leaf_with_usages, new_key
 
 SERVER, CLIENT = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
 CA = pki.make_ca("usage test root")
-
-
-def _leaf(
-    ca: KeyPair,
-    public_key: Any,
-    *,
-    uris: Sequence[str] = (WORKLOAD,),
-    dns: Sequence[str] = (),
-    digital_signature: bool = True,
-    key_encipherment: bool = True,
-    key_usage: bool = True,
-    ekus: Sequence[x509.ObjectIdentifier] | None = (SERVER, CLIENT),
-    ca_flag: bool | None = False,
-    not_after: dt.datetime | None = None,
-) -> x509.Certificate:
-    """A leaf like a backend with a given configuration would sign: every usage adjustable,
-    ``ekus=None`` / ``key_usage=False`` / ``ca_flag=None`` leave the extension out."""
-    now = dt.datetime.now(dt.UTC)
-    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
-    names += [x509.DNSName(d) for d in dns]
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(ca.cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=2))
-        .not_valid_after(not_after or now + dt.timedelta(minutes=30))
-        .add_extension(x509.SubjectAlternativeName(names), critical=True)
-    )
-    if key_usage:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=digital_signature,
-                content_commitment=False,
-                key_encipherment=key_encipherment,
-                data_encipherment=False,
-                key_agreement=not digital_signature,  # a KeyUsage must assert something
-                key_cert_sign=bool(ca_flag),
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    if ekus is not None:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage(list(ekus) or [ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
-        )
-    if ca_flag is not None:
-        builder = builder.add_extension(x509.BasicConstraints(ca=ca_flag, path_length=None), critical=True)
-    return builder.sign(ca.key, pki._digest(ca.key))
 
 
 # What each misconfiguration leaves out, and how the refusal names it.
@@ -99,7 +45,7 @@ MISSING = {
 @pytest.mark.parametrize("case", list(MISSING))
 def test_each_missing_usage_is_named(case: str) -> None:
     overrides, named = MISSING[case]
-    leaf = _leaf(CA, new_key().public_key(), **overrides)
+    leaf = leaf_with_usages(CA, new_key().public_key(), **overrides)
     assert any(m.startswith(named) for m in missing_usages(leaf)), missing_usages(leaf)
 
 
@@ -109,29 +55,29 @@ def test_istio_shaped_leaves_pass_for_every_key_type() -> None:
 
 
 def test_key_encipherment_is_required_of_rsa_leaves_only() -> None:
-    rsa_leaf = _leaf(CA, new_key("rsa").public_key(), key_encipherment=False)
-    ec_leaf = _leaf(CA, new_key("ec256").public_key(), key_encipherment=False)
+    rsa_leaf = leaf_with_usages(CA, new_key("rsa").public_key(), key_encipherment=False)
+    ec_leaf = leaf_with_usages(CA, new_key("ec256").public_key(), key_encipherment=False)
     assert missing_usages(rsa_leaf) == ["KeyUsage keyEncipherment (RSA key)"]
     assert missing_usages(ec_leaf) == []
 
 
 def test_a_missing_basic_constraints_is_not_a_ca() -> None:
     """RFC 5280: without BasicConstraints a certificate is not a CA (Vault's default role)."""
-    assert missing_usages(_leaf(CA, new_key().public_key(), ca_flag=None)) == []
+    assert missing_usages(leaf_with_usages(CA, new_key().public_key(), ca_flag=None)) == []
 
 
 def test_the_vault_role_of_the_issue() -> None:
     """server_flag=false, key_usage=DigitalSignature, RSA key: clientAuth only, no KeyEncipherment."""
-    leaf = _leaf(CA, new_key("rsa").public_key(), key_encipherment=False, ekus=(CLIENT,))
+    leaf = leaf_with_usages(CA, new_key("rsa").public_key(), key_encipherment=False, ekus=(CLIENT,))
     assert missing_usages(leaf) == ["KeyUsage keyEncipherment (RSA key)", "ExtKeyUsage serverAuth"]
 
 
 @pytest.mark.parametrize("purpose", ["serving", "istiod"])
 def test_own_tls_certificates_need_the_server_side_only(purpose: str) -> None:
     key = new_key("rsa").public_key()
-    server_only = _leaf(CA, key, uris=(), dns=("x.svc",), ekus=(SERVER,), key_encipherment=False)
+    server_only = leaf_with_usages(CA, key, uris=(), dns=("x.svc",), ekus=(SERVER,), key_encipherment=False)
     assert missing_usages(server_only, purpose) == []
-    client_only = _leaf(CA, key, uris=(), dns=("x.svc",), ekus=(CLIENT,))
+    client_only = leaf_with_usages(CA, key, uris=(), dns=("x.svc",), ekus=(CLIENT,))
     assert missing_usages(client_only, purpose) == ["ExtKeyUsage serverAuth"]
 
 
@@ -148,7 +94,7 @@ class _UsageIssuer:
         m = self.inner.material
         ca = KeyPair(m.cert, m.key)
         not_after = dt.datetime.now(dt.UTC) + request.ttl
-        leaf = _leaf(
+        leaf = leaf_with_usages(
             ca, request.public_key(), uris=request.uris, dns=request.dns_names, not_after=not_after, **self.overrides
         )
         return IssuedChain(leaf=leaf, chain=(m.cert,))
