@@ -230,3 +230,13 @@ def test_no_pdb_for_a_single_replica() -> None:
     """A PodDisruptionBudget over one replica would block every node drain."""
     assert of_kind(render(merge(CERT_MANAGER, {"replicaCount": 1})), "PodDisruptionBudget") == []
     assert len(of_kind(render(CERT_MANAGER), "PodDisruptionBudget")) == 1
+
+
+def test_serving_issuer_for_cert_manager() -> None:
+    """A second issuerRef for csr-service's own certificates (docs/cert-manager.md, the Vault recipe)."""
+    serving = {"name": "vault-serving", "kind": "ClusterIssuer"}
+    f = flags(render(merge(CERT_MANAGER, {"app": {"certmanager": {"servingIssuer": serving}}})))
+    assert f["certmanager-serving-issuer-name"] == "vault-serving"
+    assert f["certmanager-serving-issuer-kind"] == "ClusterIssuer"
+    assert "certmanager-serving-issuer-group" not in f
+    assert "certmanager-serving-issuer-name" not in flags(render(CERT_MANAGER))

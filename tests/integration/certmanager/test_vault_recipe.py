@@ -130,8 +130,9 @@ class Recipe:
         )
         return name
 
-    def args(self, cluster_issuer: str, root_file: Path, port: int) -> list[str]:
+    def args(self, cluster_issuer: str, root_file: Path, port: int, *extra: str) -> list[str]:
         return [
+            *extra,
             *("--grpc-listen", f"127.0.0.1:{port}", "--workers", "1"),
             *("--serving-dns-names", SERVING_DNS, "--serving-ip-addresses", SERVING_IP),
             *("--issuer", "cert-manager", "--kubeconfig", str(self.kubeconfig)),
@@ -143,7 +144,7 @@ class Recipe:
 
     @contextlib.contextmanager
     def server(
-        self, tmp: Path, cluster_issuer: str, root_pem: str, *, wait_ready: bool = True
+        self, tmp: Path, cluster_issuer: str, root_pem: str, *extra: str, wait_ready: bool = True
     ) -> Iterator[tuple[DevServer, int]]:
         """csr-service on ``cluster_issuer`` trusting ``root_pem``; yields it and its HTTP port."""
         tmp.mkdir(parents=True, exist_ok=True)
@@ -151,7 +152,7 @@ class Recipe:
         root_file.write_text(root_pem)
         port, http_port = free_port(), free_port()
         with running_server(
-            self.args(cluster_issuer, root_file, port),
+            self.args(cluster_issuer, root_file, port, *extra),
             root_cert=root_file,
             state_dir=tmp,
             log_path=tmp / "server.log",
@@ -304,6 +305,23 @@ def test_a_role_refusing_the_serving_certificate_is_visible(
     assert started, log[-3000:]
     assert backend_words in started[0]
     assert f"ClusterIssuer {issuer}" in started[0]
+
+
+def test_a_serving_issuer_keeps_the_workload_role_spiffe_only(
+    recipe: Recipe, istio_client: IstioClient, tmp_path: Path
+) -> None:
+    """--certmanager-serving-issuer-name: the serving certificate from a second ClusterIssuer
+    (a role for the serving names), the workloads' from a role allowing SPIFFE URIs only."""
+    workloads = recipe.token_issuer("pki", unique_name("spiffe-only"), SPIFFE_ONLY_ROLE)
+    serving_role = {**RECIPE_ROLE, "allowed_uri_sans": []}
+    serving = recipe.token_issuer("pki", unique_name("serving"), serving_role)
+    extra = ("--certmanager-serving-issuer-name", serving)
+    with recipe.server(tmp_path, workloads, recipe.bao.pki_root.root_pem, *extra) as (srv, _):
+        res = _sidecar(recipe, srv, istio_client)
+        assert res.ok, f"{res.code}: {res.message}\n{srv.log()[-3000:]}"
+        log = srv.log()
+    assert f"own certificates: ClusterIssuer {serving}" in log
+    assert pki.spiffe_uris(res.leaf) == [res.identity]
 
 
 # ------------------------------------------------------------------ misconfigurations under a running server
