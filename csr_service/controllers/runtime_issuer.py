@@ -88,7 +88,14 @@ def issuer_values_from_configmap(
 
 def _alias_targets(backend: str) -> dict[str, str]:
     names = [o.name for o in find(ISSUERS, backend).options]
-    return {alias: n for alias in _ALIASES for n in names if n.endswith("-" + alias)}
+    targets: dict[str, str] = {}
+    for alias in _ALIASES:
+        # The shortest match is the plugin's own issuer reference: cert-manager's
+        # ``certmanager-issuer-name``, not ``certmanager-serving-issuer-name``.
+        matches = [n for n in names if n.endswith("-" + alias)]
+        if matches:
+            targets[alias] = min(matches, key=len)
+    return targets
 
 
 def _digest(data: Mapping[str, str] | None) -> str:

@@ -244,6 +244,7 @@ def test_worker_monitor_reads_leader_and_authenticator_cache(tmp_path: Path) -> 
 
     class _Serving:
         material = None
+        last_error = None
 
     published: list[ReadinessReport] = []
     authn = _CachingAuthenticator()

@@ -131,8 +131,7 @@ class Recipe:
         return name
 
     def args(self, cluster_issuer: str, root_file: Path, port: int, *extra: str) -> list[str]:
-        return [
-            *extra,
+        return [  # ``extra`` last: a flag given twice takes the last value
             *("--grpc-listen", f"127.0.0.1:{port}", "--workers", "1"),
             *("--serving-dns-names", SERVING_DNS, "--serving-ip-addresses", SERVING_IP),
             *("--issuer", "cert-manager", "--kubeconfig", str(self.kubeconfig)),
@@ -140,6 +139,7 @@ class Recipe:
             *("--certmanager-issuer-kind", "ClusterIssuer", "--certmanager-issuer-name", cluster_issuer),
             *("--root-ca-file", str(root_file)),
             *("--authenticator", "jwt", "--jwt-jwks-file", str(self.jwks), "--jwt-issuer", self.kube.issuer),
+            *extra,
         ]
 
     @contextlib.contextmanager
@@ -459,19 +459,34 @@ def _sequential_ms(srv: DevServer, token: str, identity: str, n: int) -> list[fl
 
 def test_latency_per_certificate(mutable: tuple[Recipe, DevServer, int, str], tmp_path: Path) -> None:
     """Sequential CreateCertificate calls (c=1) through the Vault ClusterIssuer recipe, next to
-    the test bed's CA ClusterIssuer on the same apiserver and cert-manager, in alternating rounds.
-    Printed, never asserted (the machine is shared); run with ``-s`` to see the figures."""
-    recipe, vault_srv, _, _ = mutable
+    the test bed's CA ClusterIssuer (same apiserver and cert-manager) and to csr-service's own
+    Vault issuer on the same OpenBao role, in alternating rounds. Printed, never asserted (the
+    machine is shared); run with ``-s`` to see the figures."""
+    recipe, cm_vault, _, _ = mutable
     namespace, sa, token = recipe.workload()
     identity = f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{sa}"
-    took: dict[str, list[float]] = {"vault": [], "ca": []}
-    with recipe.server(tmp_path, recipe.cm.cluster_issuer_name, recipe.cm.cluster_issuer_ca_pem) as (ca_srv, _):
+    (tmp_path / "vault-token").write_text(recipe.vault_token())
+    direct = (
+        *("--issuer", "vault", "--vault-address", recipe.bao.address, "--vault-auth", "token"),
+        *("--vault-token-file", str(tmp_path / "vault-token"), "--vault-mount", "pki"),
+        *("--vault-role", "istio-recipe-mutable"),
+    )
+    took: dict[str, list[float]] = {"cm-vault": [], "cm-ca": [], "vault": []}
+    cm = recipe.cm
+    with (
+        recipe.server(tmp_path / "ca", cm.cluster_issuer_name, cm.cluster_issuer_ca_pem) as (cm_ca, _),
+        recipe.server(tmp_path / "direct", "unused", recipe.bao.pki_root.root_pem, *direct) as (vault, _),
+    ):
         for _ in range(3):
-            took["vault"] += _sequential_ms(vault_srv, token, identity, 21)
-            took["ca"] += _sequential_ms(ca_srv, token, identity, 21)
-    for name, what in (("vault", "Vault ClusterIssuer (OpenBao, token auth)"), ("ca", "CA ClusterIssuer")):
+            for name, srv in (("cm-vault", cm_vault), ("cm-ca", cm_ca), ("vault", vault)):
+                took[name] += _sequential_ms(srv, token, identity, 21)
+    for name, what in (
+        ("cm-vault", "cert-manager's Vault ClusterIssuer (OpenBao, token auth)"),
+        ("cm-ca", "cert-manager's CA ClusterIssuer"),
+        ("vault", "--issuer vault (same OpenBao role)"),
+    ):
         ms = sorted(took[name])
         print(
-            f"\nc=1 through cert-manager's {what}: {len(ms)} certificates, p50 {statistics.median(ms):.1f} ms, "
+            f"\nc=1 through {what}: {len(ms)} certificates, p50 {statistics.median(ms):.1f} ms, "
             f"p90 {ms[int(len(ms) * 0.9)]:.1f} ms, max {ms[-1]:.1f} ms (shared, loaded machine)"
         )
