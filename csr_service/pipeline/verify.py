@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from csr_service.common.errors import InternalError, MissingUsageError
@@ -54,7 +55,7 @@ class ChainVerifier:
         (MissingUsageError naming ``issuer`` when the leaf lacks a key usage)."""
         leaf = issued.leaf
         self._check_leaf(leaf, request, now)
-        check_usages(leaf, request.purpose, issuer)
+        check_usages(leaf, request.purpose, issuer, request.public_key())  # _check_leaf: the leaf certifies it
         # The leaf's own validity is checked by _check_leaf (with clock-skew allowance); the
         # path check below is about the CAs, so it must not trip over a NotBefore of "now".
         chain = tuple(issued.chain)
@@ -127,7 +128,9 @@ _WORKLOAD_EKU = (("serverAuth", ExtendedKeyUsageOID.SERVER_AUTH), ("clientAuth",
 _SERVER_EKU = (("serverAuth", ExtendedKeyUsageOID.SERVER_AUTH),)
 
 
-def missing_usages(leaf: x509.Certificate, purpose: str = "workload") -> list[str]:
+def missing_usages(
+    leaf: x509.Certificate, purpose: str = "workload", public_key: CertificatePublicKeyTypes | None = None
+) -> list[str]:
     """The usages ``leaf`` lacks for ``purpose`` ("workload", or "serving"/"istiod"), as names
     an operator can look up; empty when it has them all.
 
@@ -139,6 +142,9 @@ def missing_usages(leaf: x509.Certificate, purpose: str = "workload") -> list[st
     them); a missing BasicConstraints does not, since without it a certificate is not a CA
     (RFC 5280 4.2.1.9; Vault leaves it out unless its role sets
     ``basic_constraints_valid_for_non_ca``).
+
+    ``public_key``: the leaf's key when the caller has it parsed already (the request's key,
+    which the leaf was checked to certify), to save parsing it again on the hot path.
     """
     workload = purpose == "workload"
     ku: x509.KeyUsage | None = None
@@ -155,8 +161,10 @@ def missing_usages(leaf: x509.Certificate, purpose: str = "workload") -> list[st
     missing = []
     if ku is None or not ku.digital_signature:
         missing.append("KeyUsage digitalSignature")
-    if workload and isinstance(leaf.public_key(), rsa.RSAPublicKey) and (ku is None or not ku.key_encipherment):
-        missing.append("KeyUsage keyEncipherment (RSA key)")
+    if workload and (ku is None or not ku.key_encipherment):
+        key = public_key if public_key is not None else leaf.public_key()
+        if isinstance(key, rsa.RSAPublicKey):
+            missing.append("KeyUsage keyEncipherment (RSA key)")
     for name, oid in _WORKLOAD_EKU if workload else _SERVER_EKU:
         if eku is None or oid not in eku:
             missing.append(f"ExtKeyUsage {name}")
@@ -165,10 +173,15 @@ def missing_usages(leaf: x509.Certificate, purpose: str = "workload") -> list[st
     return missing
 
 
-def check_usages(leaf: x509.Certificate, purpose: str, issuer: Issuer | None) -> None:
+def check_usages(
+    leaf: x509.Certificate,
+    purpose: str,
+    issuer: Issuer | None,
+    public_key: CertificatePublicKeyTypes | None = None,
+) -> None:
     """Raise MissingUsageError (FAILED_PRECONDITION) naming ``issuer`` and what is missing
     (:func:`missing_usages`)."""
-    missing = missing_usages(leaf, purpose)
+    missing = missing_usages(leaf, purpose, public_key)
     if not missing:
         return
     name = issuer.name if issuer is not None else "the issuer"
