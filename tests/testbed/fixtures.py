@@ -12,6 +12,7 @@ fixture                marker          what
 ``cert_manager``       ``certmanager`` CRDs + controllers + Ready CA issuers (session)
 ``cert_manager_no_approver``  ``certmanager``  same, approver stopped for the test
 ``istio_client``       ``istio``       the Istio conformance client; ``IstioClient``
+``container_image``    ``image``       the project's image, built by podman (session); ``ProjectImage``
 =====================  ==============  =====================================================
 
 Components are built lazily (``tests.testbed.install.ensure``): before the first test runs, the
@@ -30,6 +31,7 @@ import pytest
 
 from tests.testbed import install
 from tests.testbed.certmanager import CertManager, start_cert_manager
+from tests.testbed.containers import ProjectImage, load_image
 from tests.testbed.istio import IstioClient
 from tests.testbed.kube import KubeCluster, start_kube
 from tests.testbed.openbao import OpenBao, OpenBaoKubeAuth, configure_kube_auth, start_openbao
@@ -52,6 +54,7 @@ FIXTURE_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
         "certmanager",
     ),
     "istio_client": (("istio-client",), "istio"),
+    "container_image": (("image",), "image"),
 }
 
 
@@ -128,6 +131,20 @@ def istio_client() -> IstioClient:
     return IstioClient()
 
 
+@pytest.fixture(scope="session")
+def container_image() -> ProjectImage:
+    """The project's image built from this source tree (``tests/testbed/containers.py``).
+
+    Where it cannot be built (not root, no apt) every test using it fails with the reason: an
+    image nobody could build is not an image that passed.
+    """
+    try:
+        return load_image(install.ensure("image"))
+    except install.InstallError as exc:
+        reason = str(exc)
+    pytest.fail(f"the container image could not be built, so it was not tested: {reason}", pytrace=False)
+
+
 # ------------------------------------------------------------------ collection hooks
 #: A marker that implies others: cert-manager tests need kube, but `-m kube` should not run them.
 IMPLIED_MARKERS = {"certmanager": {"kube"}}
@@ -139,6 +156,7 @@ MARKER_NEEDS: dict[str, tuple[str, ...]] = {
     "vault": FIXTURE_NEEDS["openbao"][0],
     "certmanager": FIXTURE_NEEDS["cert_manager"][0],
     "istio": FIXTURE_NEEDS["istio_client"][0],
+    "image": FIXTURE_NEEDS["container_image"][0],
 }
 
 
