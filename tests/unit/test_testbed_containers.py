@@ -97,4 +97,4 @@ def test_image_tests_fail_not_skip_where_the_image_cannot_be_built(tmp_path: Pat
     assert "2 errors" in out, out
     assert "skipped" not in out
     assert "the container image could not be built, so it was not tested" in out
-    assert "needs root" in out
+    assert "needs root" in out or "no apt-get/dpkg" in out  # the latter on a machine without apt
