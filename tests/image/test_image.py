@@ -71,8 +71,9 @@ def _chart_security_flags() -> list[str]:
 class DevContainer:
     """``serve --dev`` in the image, started with the chart's security flags."""
 
-    def __init__(self, container: Container, grpc_port: int, http_port: int) -> None:
+    def __init__(self, container: Container, image_ref: str, grpc_port: int, http_port: int) -> None:
         self.container = container
+        self.image_ref = image_ref
         self.grpc_port = grpc_port
         self.http_port = http_port
 
@@ -93,7 +94,7 @@ def _dev_container(image: ProjectImage, *extra: str) -> Iterator[DevContainer]:
     args = ["--dev", f"--state-dir={STATE}", f"--grpc-listen=127.0.0.1:{grpc_port}"]
     args += [f"--http-listen=127.0.0.1:{http_port}", "--workers=2", *extra]
     with run_container(image.ref, *args, options=_chart_security_flags(), prefix="csr-image-test") as container:
-        dev = DevContainer(container, grpc_port, http_port)
+        dev = DevContainer(container, image.ref, grpc_port, http_port)
         dev.wait_ready()
         yield dev
 
@@ -141,6 +142,10 @@ def test_runs_as_the_charts_security_context_asks(dev: DevContainer) -> None:
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     assert fields["Uid"].split() == [str(uid)] * 4, "every uid of the server is the chart's non-root uid"
     assert uid != 0
+    # The image's own USER is the same numeric uid:gid: runAsNonRoot alone (no runAsUser) can
+    # check it, and a plain `docker run` is not root either.
+    image_user = podman("image", "inspect", "--format={{.Config.User}}", dev.image_ref).stdout.strip()
+    assert image_user == f"{uid}:{pod['securityContext']['runAsGroup']}"
     for cap in ("CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[cap], 16) == 0, f"{cap}: all capabilities dropped"
     assert fields["NoNewPrivs"].strip() == "1"
