@@ -414,11 +414,17 @@ def build_image(stage: Path, log: Path) -> None:
 
     ensure("python-base")
     args = build_args()
+    fingerprint = image_fingerprint()
     name = f"{IMAGE_REPOSITORY}:{args.version}"
-    ref = f"localhost/{IMAGE_REPOSITORY}:{args.version}-src{image_fingerprint()}"
+    ref = f"localhost/{IMAGE_REPOSITORY}:{args.version}-src{fingerprint}"
     cmd = ["podman", "build", "--network", "host", "--pull=never", *args.as_flags()]
     cmd += ["--tag", ref, "--tag", f"localhost/{name}", "--file", str(ROOT / "Dockerfile"), str(ROOT)]
     _run_logged(cmd, log, podman_env())
+    # The cache key was computed before the build (it names the stage): a tree edited or
+    # committed meanwhile would file this image under the wrong key, and a later checkout of the
+    # earlier tree would get it. Refuse instead; the next run builds what is there then.
+    if f"-src{fingerprint}-" not in stage.name or image_fingerprint() != fingerprint:
+        raise InstallError("the source tree changed while the image was being built: run again")
     image_id = podman("image", "inspect", "--format", "{{.Id}}", ref).stdout.strip()
     record = ProjectImage(name, ref, image_id, args.version, args.revision, args.source, args.base)
     (stage / "image.json").write_text(json.dumps(record.__dict__, indent=2) + "\n")
