@@ -487,9 +487,29 @@ def unique_container_name(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def _reap_orphans(prefix: str) -> None:
+    """Remove containers of test runs that died without cleaning up (killed pytest).
+
+    A detached container outlives its test process (conmon, not pytest, is its parent), so the
+    pid in the name tells whether its owner is still there.
+    """
+    proc = podman("ps", "--all", "--format", "{{.Names}}", "--filter", f"name=^{prefix}-", check=False)
+    for name in proc.stdout.split():
+        pid = name.removeprefix(f"{prefix}-").split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            podman("rm", "--force", "--time", "0", name, check=False)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
 @contextlib.contextmanager
 def run_container(image: str, *args: str, options: Sequence[str] = (), prefix: str = "csr-test") -> Iterator[Container]:
     """``podman run -d`` on the host network; the container is force-removed afterwards."""
+    _reap_orphans(prefix)
     container = Container(unique_container_name(prefix))
     podman("run", "--detach", "--name", container.name, "--network", "host", *options, image, *args)
     try:
