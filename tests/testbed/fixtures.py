@@ -12,8 +12,13 @@ fixture                marker          what
 ``cert_manager``       ``certmanager`` CRDs + controllers + Ready CA issuers (session)
 ``cert_manager_no_approver``  ``certmanager``  same, approver stopped for the test
 ``istio_client``       ``istio``       the Istio conformance client; ``IstioClient``
+``istiod``             ``istiod``      Istio's real istiod with its built-in CA on ``kube`` (session)
 ``container_image``    ``image``       the project's image, built by podman (session); ``ProjectImage``
 =====================  ==============  =====================================================
+
+Tests that need istiod in another mode (``EXTERNAL_CA``, ``PILOT_CERT_PROVIDER``) start their own
+with ``tests.testbed.istiod.start_istiod`` and carry the ``istiod`` marker, which also builds
+``pilot-agent``.
 
 Components are built lazily (``tests.testbed.install.ensure``): before the first test runs, the
 collection hook in ``tests/conftest.py`` builds just what the selected tests need, outside any
@@ -33,6 +38,7 @@ from tests.testbed import install
 from tests.testbed.certmanager import CertManager, start_cert_manager
 from tests.testbed.containers import ProjectImage, load_image
 from tests.testbed.istio import IstioClient
+from tests.testbed.istiod import Istiod, start_istiod
 from tests.testbed.kube import KubeCluster, start_kube
 from tests.testbed.openbao import OpenBao, OpenBaoKubeAuth, configure_kube_auth, start_openbao
 from tests.testbed.process import PeerStartupError
@@ -54,6 +60,7 @@ FIXTURE_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
         "certmanager",
     ),
     "istio_client": (("istio-client",), "istio"),
+    "istiod": (("etcd", "kube-apiserver", "pilot-discovery"), "istiod"),
     "container_image": (("image",), "image"),
 }
 
@@ -132,6 +139,17 @@ def istio_client() -> IstioClient:
 
 
 @pytest.fixture(scope="session")
+def istiod(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Istiod]:
+    """Istio's istiod (``pilot-discovery``) with its built-in CA on ``kube``: a reference Istio CA
+    server on ``istiod.ca_address`` (verify the name ``tests.testbed.istiod.ISTIOD_SAN``)."""
+    server = _start(lambda d: start_istiod(kube, d), tmp_path_factory, "istiod")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def container_image() -> ProjectImage:
     """The project's image built from this source tree (``tests/testbed/containers.py``).
 
@@ -147,7 +165,7 @@ def container_image() -> ProjectImage:
 
 # ------------------------------------------------------------------ collection hooks
 #: A marker that implies others: cert-manager tests need kube, but `-m kube` should not run them.
-IMPLIED_MARKERS = {"certmanager": {"kube"}}
+IMPLIED_MARKERS = {"certmanager": {"kube"}, "istiod": {"kube"}}
 #: What a peer marker brings. A test body run against a fake and the real peer gets the peer
 #: from a parametrized fixture calling ``request.getfixturevalue`` for the real half only,
 #: which the fixture scan cannot see; its marker (on that half alone) still says what to build.
@@ -156,6 +174,7 @@ MARKER_NEEDS: dict[str, tuple[str, ...]] = {
     "vault": FIXTURE_NEEDS["openbao"][0],
     "certmanager": FIXTURE_NEEDS["cert_manager"][0],
     "istio": FIXTURE_NEEDS["istio_client"][0],
+    "istiod": (*FIXTURE_NEEDS["istiod"][0], "pilot-agent"),
     "image": FIXTURE_NEEDS["container_image"][0],
 }
 

@@ -192,6 +192,15 @@ def _build_istio_client(stage: Path, log: Path) -> None:
     _go_build("clients", "./cmd/istio-client", stage / "istio-client", log)
 
 
+def _build_pilot(binary: str) -> Callable[[Path, Path], None]:
+    # Istio's real istiod and sidecar agent, from the same istio.io/istio version as the client
+    # (go/istio pins it with `tool` directives, so the shared packages come from one GOCACHE).
+    def build(stage: Path, log: Path) -> None:
+        _go_build("istio", f"istio.io/istio/pilot/cmd/{binary}", stage / binary, log)
+
+    return build
+
+
 def _build_cert_manager_controller(stage: Path, log: Path) -> None:
     _go_build("clients", "./cmd/cert-manager-controller", stage / "cert-manager-controller", log)
 
@@ -323,6 +332,7 @@ def project_version() -> str:
 
 _KUBE_INPUTS = (GO_DIR / "kube" / "go.mod", GO_DIR / "kube" / "go.sum")
 _CLIENT_MOD = (GO_DIR / "clients" / "go.mod", GO_DIR / "clients" / "go.sum")
+_ISTIO_MOD = (GO_DIR / "istio" / "go.mod", GO_DIR / "istio" / "go.sum")
 
 COMPONENTS: dict[str, Component] = {
     c.name: c
@@ -353,6 +363,24 @@ COMPONENTS: dict[str, Component] = {
             heavy=True,
             order=20,
             inputs=(*_CLIENT_MOD, GO_DIR / "clients" / "cmd" / "istio-client"),
+        ),
+        Component(
+            "pilot-discovery",
+            ISTIO_VERSION,
+            "pilot-discovery",
+            _build_pilot("pilot-discovery"),
+            heavy=True,
+            order=25,
+            inputs=_ISTIO_MOD,
+        ),
+        Component(
+            "pilot-agent",
+            ISTIO_VERSION,
+            "pilot-agent",
+            _build_pilot("pilot-agent"),
+            heavy=True,
+            order=26,
+            inputs=_ISTIO_MOD,
         ),
         Component("etcd", ETCD_VERSION, "etcd", _build_etcd, heavy=True, order=30, inputs=_KUBE_INPUTS),
         Component(
