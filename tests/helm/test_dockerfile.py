@@ -1,8 +1,8 @@
 """The Dockerfile: hadolint, the properties we promise, and its install step run outside Docker.
 
-There is no Docker engine on the build machines, so the image itself is never built here. What
-is tested is what decides whether it works: the wheels `pip wheel` makes (the build stage)
-install offline, without compiling anything, into a fresh environment (the final stage), and the
+The image itself is built and run by ``tests/image`` (marker ``image``, root only). These run
+anywhere: what decides whether it works, the wheels `pip wheel` makes (the build stage) install
+offline, without compiling anything, into a fresh environment (the final stage), and the
 installed `csr-service` starts and serves its probes.
 """
 
