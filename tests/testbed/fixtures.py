@@ -13,6 +13,7 @@ fixture                marker          what
 ``cert_manager_no_approver``  ``certmanager``  same, approver stopped for the test
 ``istio_client``       ``istio``       the Istio conformance client; ``IstioClient``
 ``istiod``             ``istiod``      Istio's real istiod with its built-in CA on ``kube`` (session)
+``container_image``    ``image``       the project's image, built by podman (session); ``ProjectImage``
 =====================  ==============  =====================================================
 
 Tests that need istiod in another mode (``EXTERNAL_CA``, ``PILOT_CERT_PROVIDER``) start their own
@@ -35,6 +36,7 @@ import pytest
 
 from tests.testbed import install
 from tests.testbed.certmanager import CertManager, start_cert_manager
+from tests.testbed.containers import ProjectImage, load_image
 from tests.testbed.istio import IstioClient
 from tests.testbed.istiod import Istiod, start_istiod
 from tests.testbed.kube import KubeCluster, start_kube
@@ -59,6 +61,7 @@ FIXTURE_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "istio_client": (("istio-client",), "istio"),
     "istiod": (("etcd", "kube-apiserver", "pilot-discovery"), "istiod"),
+    "container_image": (("image",), "image"),
 }
 
 
@@ -146,6 +149,20 @@ def istiod(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def container_image() -> ProjectImage:
+    """The project's image built from this source tree (``tests/testbed/containers.py``).
+
+    Where it cannot be built (not root, no apt) every test using it fails with the reason: an
+    image nobody could build is not an image that passed.
+    """
+    try:
+        return load_image(install.ensure("image"))
+    except install.InstallError as exc:
+        reason = str(exc)
+    pytest.fail(f"the container image could not be built, so it was not tested: {reason}", pytrace=False)
+
+
 # ------------------------------------------------------------------ collection hooks
 #: A marker that implies others: cert-manager tests need kube, but `-m kube` should not run them.
 IMPLIED_MARKERS = {"certmanager": {"kube"}, "istiod": {"kube"}}
@@ -158,6 +175,7 @@ MARKER_NEEDS: dict[str, tuple[str, ...]] = {
     "certmanager": FIXTURE_NEEDS["cert_manager"][0],
     "istio": FIXTURE_NEEDS["istio_client"][0],
     "istiod": (*FIXTURE_NEEDS["istiod"][0], "pilot-agent"),
+    "image": FIXTURE_NEEDS["container_image"][0],
 }
 
 
