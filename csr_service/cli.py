@@ -28,6 +28,7 @@ _GROUP_TITLES = {
     "auth": "caller authentication",
     "kubernetes": "Kubernetes API access",
     "controllers": "Kubernetes controllers (root ConfigMaps, leader election, istiod-tls, runtime issuer)",
+    "signer": "Kubernetes CSR signer (istiod EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API)",
     "issuer": "issuer selection",
 }
 
