@@ -100,7 +100,8 @@ def test_refusals(kube: KubeCluster, tmp_path: Path) -> None:
         (dns_name, "InvalidRequest"),
     ):
         failed = csr_failed(outcomes[name])
-        assert failed is not None and failed.reason == reason, (name, outcomes[name].status)
+        assert failed is not None, (name, outcomes[name].status)
+        assert failed.reason == reason, (name, outcomes[name].status)
         assert not outcomes[name].status.certificate
         assert f"refused CSR {name} " in log
         assert not any(c.type == "Denied" for c in outcomes[name].status.conditions)
@@ -108,5 +109,6 @@ def test_refusals(kube: KubeCluster, tmp_path: Path) -> None:
     # Everything after them is done, so these were seen and left alone.
     for name in (foreign_signer, unapproved):
         obj = as_admin.read_certificate_signing_request(name)
-        assert not obj.status.certificate and csr_failed(obj) is None, obj.status
+        assert not (obj.status and obj.status.certificate), obj.status
+        assert csr_failed(obj) is None, obj.status
         assert name not in log
