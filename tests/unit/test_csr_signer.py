@@ -334,7 +334,7 @@ def test_unavailable_issuer_is_retried_then_signs(tmp_path: Path) -> None:
 def test_signer_names_and_issuers_file_are_validated(tmp_path: Path) -> None:
     (tmp_path / "ca").mkdir()
     base = {"local-ca-dir": str(tmp_path / "ca"), "jwt-jwks-file": str(tmp_path / "jwks.json")}
-    with pytest.raises(ConfigError, match="kubernetes.io"):
+    with pytest.raises(ConfigError, match=r"kubernetes\.io"):
         build_config({**base, "k8s-signer-names": "kubernetes.io/kube-apiserver-client"})
     with pytest.raises(ConfigError, match="k8s-signer-names"):
         build_config({**base, "grpc-listen": ""})
