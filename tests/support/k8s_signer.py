@@ -188,7 +188,11 @@ def running_signer(
 
 
 def istiod_api(kube: KubeCluster) -> k8s.CertificatesV1Api:
-    """The certificates API as istiod's ServiceAccount (CSRs it creates carry its username)."""
+    """The certificates API as istiod's ServiceAccount (CSRs it creates carry its username); the
+    ServiceAccount is made as ``start_istiod`` makes it."""
+    from tests.testbed.istiod import prepare_istiod_identity
+
+    prepare_istiod_identity(kube)
     token = kube.token("istio-system", "istiod", audiences=[])
     return k8s.CertificatesV1Api(kube.api_client_for_token(token))
 

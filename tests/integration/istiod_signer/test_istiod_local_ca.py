@@ -12,6 +12,7 @@ from pathlib import Path
 
 import kubernetes.client as k8s
 import pytest
+from cryptography.x509.verification import VerificationError
 
 from tests.integration.istiod_signer.support import (
     ca_dir,
@@ -112,3 +113,52 @@ def test_refusals(kube: KubeCluster, tmp_path: Path) -> None:
         assert not (obj.status and obj.status.certificate), obj.status
         assert csr_failed(obj) is None, obj.status
         assert name not in log
+
+
+def test_per_workload_signers_reach_different_issuers(
+    kube: KubeCluster, istio_client: IstioClient, tmp_path: Path
+) -> None:
+    """ISTIO_META_CERT_SIGNER=team-a / team-b: istiod asks <CERT_SIGNER_DOMAIN>/team-a and /team-b,
+    which --k8s-signer-issuers-file maps to two CAs; each workload's chain ends in its own root
+    (from meshConfig.caCertificates) and does not verify to the other one."""
+    domain = signer_domain()
+    roots = {team: ca_dir(tmp_path / team) for team in ("team-a", "team-b")}
+    issuers = tmp_path / "signer-issuers.toml"
+    issuers.write_text(
+        "".join(f'["{domain}/{team}"]\nissuer = "local"\nlocal-ca-dir = "{tmp_path / team}"\n' for team in roots)
+    )
+    ca_dir(tmp_path / "default-ca")
+    args = [f"--local-ca-dir={tmp_path / 'default-ca'}", f"--k8s-signer-issuers-file={issuers}"]
+    with running_signer(kube, tmp_path, [f"{domain}/*"], args) as csr_service:
+        istiod = istiod_ra(
+            kube,
+            tmp_path / "istiod",
+            root=None,  # with a root file istiod would append it to every CertSigner's chain too
+            k8s_signer=f"{domain}/workloads",
+            cert_signer_domain=domain,
+            mesh_roots={f"{domain}/{team}": root for team, root in roots.items()},
+        )
+        try:
+            istiod_root = istiod_self_signed_root(kube)
+            results = {
+                team: sidecar_request(
+                    kube, istiod, istio_client, tmp_path, istiod_root=istiod_root, cert_signer=team, key_type="ec256"
+                )
+                for team in roots
+            }
+        finally:
+            istiod.stop()
+        metrics = csr_service.metrics()
+        log = csr_service.log()
+
+    for team, (res, spiffe) in results.items():
+        assert res.ok, f"{team}: {res.code}: {res.message}\n{log[-3000:]}"
+        assert pki.spiffe_uris(res.leaf) == [spiffe]
+        certs = res.certificates
+        assert certs[-1] == roots[team]
+        assert certs.count(roots[team]) == 1
+        pki.verify_chain(res.leaf, certs[1:-1], [roots[team]])
+        other = roots["team-b" if team == "team-a" else "team-a"]
+        with pytest.raises(VerificationError):
+            pki.verify_chain(res.leaf, certs[1:-1], [other])
+        assert f'csr_service_k8s_signer_csrs_total{{result="signed",signer="{domain}/{team}"}} 1.0' in metrics
