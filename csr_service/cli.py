@@ -122,8 +122,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(port: int) -> None:
         if config.dev:
             print(_banner(config, port), flush=True)
-        else:
+        elif port:
             print(f"csr-service {__version__} serving on port {port}", flush=True)
+        else:
+            print(f"csr-service {__version__} running without a gRPC service (--grpc-listen is empty)", flush=True)
 
     return run(config, on_ready=ready)
 

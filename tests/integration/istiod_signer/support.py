@@ -35,6 +35,7 @@ def istiod_ra(
     cert_signer_domain: str = "",
     mesh_roots: dict[str, x509.Certificate] | None = None,
     extra_env: dict[str, str] | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> Istiod:
     """istiod with EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API; ``root`` goes to
     ./etc/external-ca-cert/root-cert.pem, ``mesh_roots`` (full signer name -> root) to
@@ -52,7 +53,7 @@ def istiod_ra(
     env = {"EXTERNAL_CA": "ISTIOD_RA_KUBERNETES_API", "K8S_SIGNER": k8s_signer, **(extra_env or {})}
     if cert_signer_domain:
         env["CERT_SIGNER_DOMAIN"] = cert_signer_domain
-    return start_istiod(kube, workdir, env=env, mesh_config=mesh)
+    return start_istiod(kube, workdir, env=env, mesh_config=mesh, extra_args=extra_args)
 
 
 def sidecar_request(
