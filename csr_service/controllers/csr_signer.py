@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -218,6 +217,9 @@ class CSRSignerController:
         self._events = events
         self._verifier = ChainVerifier()
         self._targets: dict[str, _Target] = {}
+        #: Issuers of configured signer names being started, and the ones that cannot start (why).
+        self._builders: dict[str, BackgroundTask] = {}
+        self._broken: dict[str, str] = {}
         self._watch: Watch | None = None
         #: name -> the latest version of a pending CSR, and when we first saw it approved.
         self._pending: dict[str, Mapping[str, Any]] = {}
@@ -255,17 +257,26 @@ class CSRSignerController:
         if self._watch is not None:
             await self._watch.stop()
             self._watch = None
+        for builder in self._builders.values():
+            await builder.stop()
+        self._builders.clear()
+        self._broken.clear()
         for target in self._targets.values():
-            if target.owned and target.issuer.lifecycle is not None:
-                with contextlib.suppress(Exception):
-                    await target.issuer.lifecycle.stop()
+            if target.owned:
+                await _close(target.issuer)
         self._targets.clear()
         if isinstance(self._api, KubeCSRApi) and self._owned_api:
             await self._api.aclose()
             self._api = None
 
     async def _start_watching(self) -> None:
-        await self._build_targets()
+        # Each configured signer name's issuer starts on its own: one backend down (Vault
+        # sealed) must not hold up the signer names of the others; its CSRs are retried meanwhile.
+        for signer, cfg in self._s.issuers.items():
+            if signer not in self._targets and signer not in self._builders:
+                builder = BackgroundTask(f"k8s-signer-issuer-{signer}", functools.partial(self._build, signer, cfg))
+                self._builders[signer] = builder
+                builder.start()
         if self._api is None:
             self._api = KubeCSRApi(self._runtime.kube())
             self._owned_api = True
@@ -281,39 +292,53 @@ class CSRSignerController:
             ", ".join(sorted(self._s.requesters)),
         )
 
-    async def _build_targets(self) -> None:
-        """One issuer (and trust) per configured signer name, started; the rest use --issuer."""
-        for signer, cfg in self._s.issuers.items():
-            if signer in self._targets:
-                continue
-            self._targets[signer] = await self._build_target(signer, cfg)
-
-    async def _build_target(self, signer: str, cfg: SignerIssuer) -> _Target:
-        issuer = IssuerAbilities.of(find(ISSUERS, cfg.backend).create(cfg.values, self._runtime))
-        delay = 1.0
-        while issuer.lifecycle is not None:
-            try:
-                await issuer.lifecycle.start()
-                break
-            except (UnavailableError, ResourceExhaustedError, DeadlineExceededError) as exc:
-                log.error("k8s signer: issuer of %s not usable yet (retrying in %.0fs): %s", signer, delay, exc.detail)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-        if cfg.root_ca_file:
-            trust = TrustBundle.from_file(cfg.root_ca_file)
-        elif issuer.roots is not None and issuer.roots_are_configuration:
-            trust = TrustBundle(await issuer.roots.roots())
-            if issuer.roots_watcher is not None:
-                issuer.roots_watcher.add_roots_listener(trust.update)
-        else:
-            trust = self._trust
+    async def _build(self, signer: str, cfg: SignerIssuer) -> None:
+        """Create and start ``signer``'s issuer (retrying while its backend is unavailable) and
+        its trust; a misconfiguration is remembered, and that signer's CSRs get Failed."""
+        issuer: IssuerAbilities | None = None
+        try:
+            issuer = IssuerAbilities.of(find(ISSUERS, cfg.backend).create(cfg.values, self._runtime))
+            delay = 1.0
+            while issuer.lifecycle is not None:
+                try:
+                    await issuer.lifecycle.start()
+                    break
+                except (UnavailableError, ResourceExhaustedError, DeadlineExceededError) as exc:
+                    log.error(
+                        "k8s signer: issuer of %s not usable yet (retrying in %.0fs): %s", signer, delay, exc.detail
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            if cfg.root_ca_file:
+                trust = TrustBundle.from_file(cfg.root_ca_file)
+            elif issuer.roots is not None and issuer.roots_are_configuration:
+                trust = TrustBundle(await issuer.roots.roots())
+                if issuer.roots_watcher is not None:
+                    issuer.roots_watcher.add_roots_listener(trust.update)
+            else:
+                trust = self._trust
+        except asyncio.CancelledError:
+            await _close(issuer)
+            raise
+        except Exception as exc:  # noqa: BLE001 (a broken issuer fails its own CSRs, not the signer)
+            await _close(issuer)
+            self._broken[signer] = str(exc)
+            log.error("k8s signer: the issuer of %s cannot start; its CSRs get Failed: %s", signer, exc)
+            return
+        self._targets[signer] = _Target(issuer=issuer, trust=trust, owned=True)
         log.info("k8s signer: %s signs with issuer %s", signer, issuer.name)
-        return _Target(issuer=issuer, trust=trust, owned=True)
 
     def _target(self, signer: str) -> _Target:
         target = self._targets.get(signer)
         if target is not None:
             return target
+        if signer in self._s.issuers:
+            broken = self._broken.get(signer)
+            if broken is not None:
+                raise Refusal("SigningFailed", f"the issuer configured for {signer} cannot start: {broken}")
+            raise UnavailableError(
+                "the signer's issuer is starting", detail=f"the issuer of {signer} is not started yet"
+            )
         return _Target(issuer=self._slot.active, trust=self._trust, owned=False)
 
     # --- events and the queue ----------------------------------------------------------------
@@ -575,6 +600,14 @@ class CSRSignerController:
             api_version=f"{GROUP}/{VERSION}",
             cluster_scoped=True,
         )
+
+
+async def _close(issuer: IssuerAbilities | None) -> None:
+    if issuer is not None and issuer.lifecycle is not None:
+        try:
+            await issuer.lifecycle.stop()
+        except Exception:  # closing must not break stopping
+            log.exception("k8s signer: closing issuer %s failed", issuer.name)
 
 
 def _with_ttl(request: SigningRequest, ttl: timedelta) -> SigningRequest:

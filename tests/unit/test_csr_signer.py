@@ -362,3 +362,27 @@ def test_signer_names_and_issuers_file_are_validated(tmp_path: Path) -> None:
     assert signer.issuers["csr-service.test/team-a"].backend == "local"
     assert signer.issuers["csr-service.test/team-a"].values["local-ca-dir"] == "/elsewhere"
     assert "istiod.istio-system.svc" in signer.istiod_dns_names
+
+
+def test_a_broken_signer_issuer_fails_its_csrs_only(tmp_path: Path) -> None:
+    """One signer name's issuer cannot start: its CSRs get Failed; the others still sign."""
+    from csr_service.controllers.settings import SignerIssuer
+
+    broken = "csr-service.test/team-broken"
+    issuers = {broken: SignerIssuer(backend="local", values={"local-ca-dir": str(tmp_path / "nowhere")})}
+
+    async def body(kit: Kit) -> None:
+        for _ in range(200):  # the issuer is started in the background
+            if broken in kit.controller._broken:
+                break
+            await asyncio.sleep(0.01)
+        bad = kit.api.add(csr_object("b1", signer=broken))
+        good = kit.api.add(csr_object("g1"))
+        assert await kit.controller.process(bad) == "failed"
+        failed = kit.failed("b1")
+        assert failed is not None
+        assert failed["reason"] == "SigningFailed"
+        assert "nowhere" in failed["message"]
+        assert await kit.controller.process(good) == "signed"
+
+    run(tmp_path, body, issuers=issuers)
