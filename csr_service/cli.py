@@ -29,6 +29,7 @@ _GROUP_TITLES = {
     "auth": "caller authentication",
     "kubernetes": "Kubernetes API access",
     "controllers": "Kubernetes controllers (root ConfigMaps, leader election, istiod-tls, runtime issuer)",
+    "signer": "Kubernetes CSR signer (istiod EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API)",
     "issuer": "issuer selection",
 }
 
@@ -124,8 +125,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(port: int) -> None:
         if config.dev:
             print(_banner(config, port), flush=True)
-        else:
+        elif port:
             print(f"{version_text()} serving on port {port}", flush=True)
+        else:
+            print(f"{version_text()} running without a gRPC service (--grpc-listen is empty)", flush=True)
 
     return run(config, on_ready=ready)
 

@@ -22,7 +22,7 @@ from typing import Any
 from csr_service.common.durations import parse_duration
 from csr_service.common.errors import ConfigError
 from csr_service.common.options import Option
-from csr_service.controllers.options import CONTROLLER_OPTIONS, TRUST_SOURCE_OPTIONS
+from csr_service.controllers.options import CONTROLLER_OPTIONS, SIGNER_OPTIONS, TRUST_SOURCE_OPTIONS
 from csr_service.controllers.settings import ControllerSettings
 from csr_service.kube.client import KubeSettings
 from csr_service.pki.keys import KeyType
@@ -51,7 +51,8 @@ CORE_OPTIONS: list[Option] = [
     # --- gRPC transport
     Option(
         "grpc-listen",
-        "Address of the TLS gRPC listener.",
+        "Address of the TLS gRPC listener. Empty: no gRPC service (e.g. only the Kubernetes CSR signer; "
+        "then no authenticator is needed).",
         "0.0.0.0:6443",
         group="server",
         metavar="HOST:PORT",
@@ -257,6 +258,8 @@ CORE_OPTIONS: list[Option] = [
     ),
     # --- Kubernetes controllers (root ConfigMaps, leader election, istiod-tls, runtime issuer)
     *CONTROLLER_OPTIONS,
+    # --- the Kubernetes CSR signer (istiod's EXTERNAL_CA mode)
+    *SIGNER_OPTIONS,
     # --- issuer
     Option(
         "issuer",
@@ -414,7 +417,8 @@ class Config:
 
     server: ServerConfig
     pipeline: PipelineConfig
-    authenticator: PluginChoice
+    #: None when the gRPC service is off (``--grpc-listen ''``).
+    authenticator: PluginChoice | None
     issuer: PluginChoice
     kube: KubeSettings | None = None
     controllers: ControllerSettings | None = None
@@ -426,7 +430,12 @@ class Config:
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> Config:
         """Validate resolved option values (see :func:`resolve`) and build the config."""
-        _host_port(v["grpc-listen"], "grpc-listen")
+        if v["grpc-listen"]:
+            _host_port(v["grpc-listen"], "grpc-listen")
+        elif not v["k8s-signer-names"]:
+            raise ConfigError("--grpc-listen: empty turns the gRPC service off; then give --k8s-signer-names")
+        elif v["insecure-grpc-listen"]:
+            raise ConfigError("--insecure-grpc-listen: needs the gRPC service (--grpc-listen)")
         if v["insecure-grpc-listen"]:
             _host_port(v["insecure-grpc-listen"], "insecure-grpc-listen")
         if v["http-listen"]:
@@ -436,6 +445,8 @@ class Config:
             raise ConfigError("--workers: must be >= 0")
         if workers == 0:
             workers = max(1, len(os.sched_getaffinity(0)))
+        if not v["grpc-listen"]:
+            workers = 1  # the worker processes share the gRPC port; without it one process does it all
         for ip in v["serving-ip-addresses"]:
             try:
                 ipaddress.ip_address(ip)
@@ -501,7 +512,8 @@ class Config:
                 per_identity_rate=float(v["per-identity-rate"]),
                 per_identity_burst=v["per-identity-burst"],
             ),
-            authenticator=PluginChoice.select(AUTHENTICATORS, v),
+            # Without gRPC nobody is authenticated here (istiod authenticates for the CSR signer).
+            authenticator=PluginChoice.select(AUTHENTICATORS, v) if v["grpc-listen"] else None,
             issuer=PluginChoice.select(ISSUERS, v),
             kube=KubeSettings.from_values(dict(v)),
             controllers=ControllerSettings.from_values(v),

@@ -66,6 +66,7 @@ __all__ = [
     "enable_multiprocess",
     "mark_worker_dead",
     "multiprocess_registry",
+    "observe_k8s_signer",
     "observe_rpc",
     "observe_sign",
     "refresh",
@@ -154,6 +155,19 @@ ISSUER_ERRORS = Counter(
     "csr_service_issuer_sign_errors",
     "Signing failures by issuer and the gRPC code they map to.",
     ["issuer", "code"],
+)
+
+# --- the Kubernetes CSR signer ---------------------------------------------------------------
+K8S_SIGNER_CSRS = Counter(
+    "csr_service_k8s_signer_csrs",
+    "Kubernetes CertificateSigningRequests finished by the signer, by signerName and result (signed, failed).",
+    ["signer", "result"],
+)
+K8S_SIGNER_SECONDS = Histogram(
+    "csr_service_k8s_signer_approval_to_certificate_seconds",
+    "From the watch event showing a CSR approved to its certificate written, by signerName.",
+    ["signer"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 
 # --- authentication cache, leader election, certificates ---------------------------------------
@@ -280,6 +294,13 @@ async def observe_sign(issuer: str, signing: Awaitable[T]) -> T:
             seconds = _SIGN_SECONDS[issuer] = ISSUER_SECONDS.labels(issuer)
         seconds.observe(time.perf_counter() - t0)
     return issued
+
+
+def observe_k8s_signer(signer: str, result: str, seconds: float | None) -> None:
+    """One CSR finished by the Kubernetes CSR signer (``seconds``: approval to certificate)."""
+    K8S_SIGNER_CSRS.labels(signer, result).inc()
+    if seconds is not None:
+        K8S_SIGNER_SECONDS.labels(signer).observe(seconds)
 
 
 def _timestamp(when: datetime | None) -> float | None:

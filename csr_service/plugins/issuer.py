@@ -106,6 +106,10 @@ class SigningRequest:
     request_id: str = "-"
     #: "workload" for CreateCertificate; "serving"/"istiod" for certificates we need ourselves.
     purpose: str = "workload"
+    #: Kubernetes key-usage names the certificate is for (a Kubernetes CSR's ``spec.usages``, e.g.
+    #: ``server auth`` without ``client auth`` for istiod's own certificate); empty: the usual
+    #: ``digital signature, key encipherment, server auth, client auth``. See item 8.
+    usages: Sequence[str] = ()
     #: The CSR's public key when the caller has parsed it already (see :meth:`public_key`).
     csr_public_key: CertificatePublicKeyTypes | None = field(default=None, repr=False, compare=False)
 

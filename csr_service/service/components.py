@@ -27,9 +27,10 @@ def trust_from_source(config: Config) -> bool:
 
 
 def build_components(
-    config: Config, runtime: Runtime, slot: IssuerSlot, trust: TrustBundle, serving: ServingCertificate
+    config: Config, runtime: Runtime, slot: IssuerSlot, trust: TrustBundle, serving: ServingCertificate | None
 ) -> list[Component]:
-    """Trust sources, runtime issuer, and the leader-only controllers (behind the elector if on)."""
+    """Trust sources, runtime issuer, and the leader-only controllers (behind the elector if on):
+    root ConfigMaps, istiod-tls, the Kubernetes CSR signer."""
     c = config.controllers
     components: list[Component] = []
     if config.pipeline.root_ca_file:
@@ -57,7 +58,7 @@ def build_components(
                 default_values=config.issuer.values,
                 probe_dns_names=config.server.serving_dns_names,
                 grace=config.server.request_timeout + timedelta(seconds=1),
-                on_change=serving.request_renewal,
+                on_change=serving.request_renewal if serving is not None else None,
             )
         )
     leader_only: list[Component] = []
@@ -86,6 +87,22 @@ def build_components(
             additional_dns_names=c.istiod_additional_dns_names,
         )
         leader_only.append(IstiodCertController(runtime.kube(), slot, trust, spec))
+    if c.signer is not None:
+        from csr_service.controllers.csr_signer import CSRSignerController, SignerContext
+
+        leader_only.append(
+            CSRSignerController(
+                runtime,
+                c.signer,
+                SignerContext(
+                    trust_domain=config.pipeline.trust_domain,
+                    max_duration=config.pipeline.max_certificate_duration,
+                    default_duration=config.pipeline.default_certificate_duration,
+                ),
+                slot=slot,
+                trust=trust,
+            )
+        )
     if c.leader is not None:
         from csr_service.controllers.leader import LeaderElector
 

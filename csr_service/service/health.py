@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class Readiness:
     """The readiness of one worker: listening, issuer usable, serving certificate valid, roots loaded."""
 
-    def __init__(self, issuers: IssuerSlot, serving: ServingCertificate, trust: TrustBundle) -> None:
+    def __init__(self, issuers: IssuerSlot, serving: ServingCertificate | None, trust: TrustBundle) -> None:
         self._issuers = issuers
         self._serving = serving
         self._trust = trust
@@ -49,7 +49,7 @@ class Readiness:
 
     def _listening(self) -> Check:
         if self.listening:
-            return Check("grpc", True, "listening")
+            return Check("grpc", True, "listening" if self._serving is not None else "off (--grpc-listen is empty)")
         return Check("grpc", False, "starting: the gRPC listener is not open yet")
 
     def _issuer(self) -> Check:
@@ -63,6 +63,8 @@ class Readiness:
         return Check("issuer", True, f"{active.name}: no health report (assumed usable)")
 
     def _serving_cert(self) -> Check:
+        if self._serving is None:
+            return Check("serving-certificate", True, "none needed (no gRPC service)")
         material = self._serving.material
         error = self._serving.last_error
         if material is None:
@@ -137,7 +139,7 @@ class WorkerMonitor:
         readiness: Readiness,
         *,
         issuers: IssuerSlot,
-        serving: ServingCertificate,
+        serving: ServingCertificate | None,
         trust: TrustBundle,
         authenticator: AuthenticatorAbilities | None = None,
         leader: LeaderReporter | None = None,
@@ -159,7 +161,7 @@ class WorkerMonitor:
         """One round (also called directly by tests)."""
         if self._publish is not None:
             self._publish(self._readiness.report())
-        material = self._serving.material
+        material = self._serving.material if self._serving is not None else None
         in_flight_peak, never_served = self._load() if self._load is not None else (None, None)
         metrics.refresh(
             roots_not_after=[r.not_valid_after_utc for r in self._trust.current.roots],

@@ -49,10 +49,11 @@ class Service:
     config: Config
     runtime: Runtime
     issuers: IssuerSlot
-    authenticator: AuthenticatorAbilities
+    #: The next three are None when the gRPC service is off (``--grpc-listen ''``).
+    authenticator: AuthenticatorAbilities | None
     trust: TrustBundle
-    pipeline: CertificatePipeline
-    serving: ServingCertificate
+    pipeline: CertificatePipeline | None
+    serving: ServingCertificate | None
     #: Counts CreateCertificate calls in progress; refuses those above --max-concurrent-requests.
     admission: Admission
     #: Background parts (watches, controllers, ...), started before the gRPC listener opens.
@@ -72,7 +73,7 @@ class Service:
         if issuer.lifecycle is not None:
             await _start_issuer(issuer.lifecycle)
             self._started.append(issuer.lifecycle)
-        if self.authenticator.lifecycle is not None:
+        if self.authenticator is not None and self.authenticator.lifecycle is not None:
             await self.authenticator.lifecycle.start()
             self._started.append(self.authenticator.lifecycle)
         await _init_trust(self.config, issuer, self.trust)
@@ -80,6 +81,9 @@ class Service:
             if component.all_workers or self.runtime.worker_index == 0:
                 await component.start()
                 self._started.append(component)
+        if self.serving is None or self.pipeline is None:
+            log.info("gRPC service off (--grpc-listen is empty)")
+            return
         await self.serving.start()
         self._started.append(self.serving)
         server = self.config.server
@@ -166,10 +170,22 @@ def build_service(config: Config, *, worker_index: int = 0) -> Service:
     """Construct every part (no I/O beyond reading config files)."""
     runtime = config.runtime(worker_index=worker_index)
     slot = IssuerSlot(create_issuer(config.issuer.name, config.issuer.values, runtime))
+    trust = TrustBundle.from_file(config.pipeline.root_ca_file) if config.pipeline.root_ca_file else TrustBundle()
+    if config.authenticator is None:  # no gRPC service: the Kubernetes CSR signer alone
+        return Service(
+            config=config,
+            runtime=runtime,
+            issuers=slot,
+            authenticator=None,
+            trust=trust,
+            pipeline=None,
+            serving=None,
+            admission=Admission(config.server.max_concurrent_requests),
+            components=build_components(config, runtime, slot, trust, None),
+        )
     authenticator = AuthenticatorAbilities.of(
         create_authenticator(config.authenticator.name, config.authenticator.values, runtime)
     )
-    trust = TrustBundle.from_file(config.pipeline.root_ca_file) if config.pipeline.root_ca_file else TrustBundle()
     # ztunnel impersonation: only with --ca-trusted-node-accounts (policy + a pod cache per worker).
     node_policy = node_impersonation(config.pipeline.trusted_node_accounts, runtime)
     rate = config.pipeline.per_identity_rate

@@ -288,7 +288,7 @@ class CertManagerIssuer:
                 "request": base64.b64encode(request.csr_pem).decode("ascii"),
                 "isCA": False,
                 "duration": f"{max(1, int(request.ttl.total_seconds()))}s",
-                "usages": list(USAGES),
+                "usages": list(request.usages or USAGES),
                 "issuerRef": s.issuer_ref_for(request.purpose),
             },
         }

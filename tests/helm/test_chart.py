@@ -240,3 +240,46 @@ def test_serving_issuer_for_cert_manager() -> None:
     assert f["certmanager-serving-issuer-kind"] == "ClusterIssuer"
     assert "certmanager-serving-issuer-group" not in f
     assert "certmanager-serving-issuer-name" not in flags(render(CERT_MANAGER))
+
+
+def test_signer_values(tmp_path: Path) -> None:
+    """app.signer: the flags exist, the per-signer issuers ConfigMap is a file `serve` accepts, and
+    `sign` is granted on exactly the signer names."""
+    from csr_service.cli import build_config
+    from csr_service.config import all_options
+
+    signers = ["mesh.example.com/workloads", "mesh.example.com/team-a"]
+    team_a = {
+        "issuer": "vault",
+        "vault-address": "https://vault.vault.svc:8200",
+        "vault-role": "team-a",
+        "vault-auth": "kubernetes",
+        "vault-kubernetes-role": "csr-service",
+    }
+    values = merge(LOCAL, {"app": {"signer": {"signerNames": signers, "issuers": {signers[1]: team_a}}}})
+    manifests = render(values)
+    f = flags(manifests)
+    known = {o.name for o in all_options()}
+    assert all(a[2:].partition("=")[0] in known for a in container_args(manifests))
+    assert f["k8s-signer-names"] == ",".join(signers)
+    assert f["grpc-listen"] == "0.0.0.0:6443"  # beside the gRPC service unless signerOnly
+    assert f["leader-election"] == "true"
+    toml = one(manifests, "ConfigMap", "csr-service-signer-issuers")["data"]["issuers.toml"]
+    (tmp_path / "issuers.toml").write_text(toml)
+    (tmp_path / "jwks.json").write_text('{"keys": []}')
+    config = build_config(
+        {
+            "k8s-signer-names": f["k8s-signer-names"],
+            "k8s-signer-issuers-file": str(tmp_path / "issuers.toml"),
+            "local-ca-dir": str(tmp_path),
+            "jwt-jwks-file": str(tmp_path / "jwks.json"),
+        }
+    )
+    assert config.controllers is not None
+    assert config.controllers.signer is not None
+    chosen = config.controllers.signer.issuers[signers[1]]
+    assert (chosen.backend, chosen.values["vault-role"]) == ("vault", "team-a")
+    sign = [r for r in rules(manifests) if r[2] == "signers"]
+    assert sign == [("*", "certificates.k8s.io", "signers", frozenset({"sign"}), tuple(signers))]
+    only = flags(render(merge(values, {"app": {"signer": {"signerOnly": True}}})))
+    assert only["grpc-listen"] == ""

@@ -12,7 +12,7 @@ fixture                marker          what
 ``cert_manager``       ``certmanager`` CRDs + controllers + Ready CA issuers (session)
 ``cert_manager_no_approver``  ``certmanager``  same, approver stopped for the test
 ``istio_client``       ``istio``       the Istio conformance client; ``IstioClient``
-``istiod``             ``istiod``      Istio's real istiod with its built-in CA on ``kube`` (session)
+``istiod``             ``istiod``      Istio's real istiod with its built-in CA on ``kube`` (module)
 ``container_image``    ``image``       the project's image, built by podman (session); ``ProjectImage``
 =====================  ==============  =====================================================
 
@@ -138,10 +138,14 @@ def istio_client() -> IstioClient:
     return IstioClient()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def istiod(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Istiod]:
     """Istio's istiod (``pilot-discovery``) with its built-in CA on ``kube``: a reference Istio CA
-    server on ``istiod.ca_address`` (verify the name ``tests.testbed.istiod.ISTIOD_SAN``)."""
+    server on ``istiod.ca_address`` (verify the name ``tests.testbed.istiod.ISTIOD_SAN``).
+
+    Per module, not per session: while it runs, istiod writes its own ``istio-ca-root-cert`` into
+    every namespace of the shared ``kube``, which tests of csr-service's own root publisher must
+    not see."""
     server = _start(lambda d: start_istiod(kube, d), tmp_path_factory, "istiod")
     try:
         yield server

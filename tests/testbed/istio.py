@@ -80,6 +80,7 @@ class IstioClient:
         ca_san: str | None = None,
         renewals: int = 0,
         renew_after: float = 0.0,
+        cert_signer: str = "",
         timeout: float = 120,
     ) -> IstioResult:
         """Request a certificate; see the class docstring."""
@@ -105,6 +106,8 @@ class IstioClient:
                 argv.append(f"--ca-san={ca_san}")
             if renewals:
                 argv += [f"--renewals={renewals}", f"--renew-after={renew_after}s"]
+            if cert_signer:  # ISTIO_META_CERT_SIGNER: istiod's per-workload Kubernetes CSR signer
+                argv.append(f"--cert-signer={cert_signer}")
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
         if proc.returncode == 2:
             raise ValueError(f"istio-client usage error: {proc.stderr.strip()}")

@@ -53,7 +53,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if .Values.app.server.caTrustedNodeAccounts }}true{{ end -}}
 {{- end -}}
 {{- define "csr-service.leaderElection" -}}
-{{- if and .Values.app.controller.leaderElection (or .Values.app.controller.rootConfigMaps .Values.app.tls.istiodCertificateEnable) }}true{{ end -}}
+{{- if and .Values.app.controller.leaderElection (or .Values.app.controller.rootConfigMaps .Values.app.tls.istiodCertificateEnable .Values.app.signer.signerNames) }}true{{ end -}}
 {{- end -}}
 
 {{/* Namespace of a NS/NAME[:KEY] reference. */}}

@@ -104,6 +104,8 @@ func main() {
 	renewals := flag.Int("renewals", 0, "after the first certificate, ask for this many more on the "+
 		"same client (a new key each time), as istio-agent renews; the last one is printed")
 	renewAfter := flag.Duration("renew-after", 0, "pause before each renewal (the connection idles meanwhile)")
+	certSigner := flag.String("cert-signer", "", "ISTIO_META_CERT_SIGNER: sent as the CertSigner request metadata "+
+		"(istiod's per-workload Kubernetes CSR signer)")
 	flag.Parse()
 
 	if flag.NArg() != 0 {
@@ -156,6 +158,7 @@ func main() {
 		WorkloadNamespace: *namespace,
 		ServiceAccount:    *serviceAccount,
 		CredFetcher:       plugin.CreateTokenPlugin(*tokenFile),
+		CertSigner:        *certSigner,
 	}
 	tlsOpts := &citadel.TLSOptions{RootCert: *rootCert}
 
