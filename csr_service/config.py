@@ -64,6 +64,15 @@ CORE_OPTIONS: list[Option] = [
         metavar="HOST:PORT",
     ),
     Option(
+        "client-cert-grpc-listen",
+        "Address of a second TLS gRPC listener that requires a client certificate chaining to the trust "
+        "bundle (mTLS), for callers that authenticate with the certificate they hold (--authenticators "
+        "client-cert,...; istio-agent's PROV_CERT). Empty: off. See docs/kubernetes.md.",
+        "",
+        group="server",
+        metavar="HOST:PORT",
+    ),
+    Option(
         "workers",
         "gRPC worker processes sharing the port (SO_REUSEPORT); 0 means one per available CPU.",
         0,
@@ -219,9 +228,17 @@ CORE_OPTIONS: list[Option] = [
         "authenticator",
         "How callers are authenticated: jwt (keys from --jwt-jwks-file), tokenreview (ask the apiserver; "
         "the in-cluster choice), jwks (the apiserver's published keys), or an installed plugin. "
-        "See docs/kubernetes.md.",
+        "See docs/kubernetes.md. A one-element --authenticators.",
         "jwt",
         group="auth",
+    ),
+    Option(
+        "authenticators",
+        "Ordered authenticators, like istiod's (e.g. client-cert,tokenreview): the first that recognises "
+        "the call's credential (a client certificate, a bearer token) decides. Empty: --authenticator.",
+        (),
+        group="auth",
+        kind="list",
     ),
     Option(
         "ca-trusted-node-accounts",
@@ -357,6 +374,27 @@ def _check_load_limits(v: Mapping[str, Any]) -> None:
         raise ConfigError("--per-identity-burst: must be >= 1")
 
 
+def _check_client_cert(v: Mapping[str, Any], authenticators: tuple[PluginChoice, ...]) -> None:
+    """The client-cert authenticator and the listener that asks for certificates come together.
+
+    gRPC Python cannot ask for a client certificate without requiring one (its server
+    credentials either do not request one or require and verify it), so certificates are
+    accepted on a listener of their own; either half alone would be a silent no-op.
+    """
+    listen = v["client-cert-grpc-listen"]
+    wanted = any(a.name == "client-cert" for a in authenticators)
+    if listen:
+        _host_port(listen, "client-cert-grpc-listen")
+        if not wanted:
+            raise ConfigError(
+                "--client-cert-grpc-listen: add client-cert to --authenticators (e.g. client-cert,tokenreview)"
+            )
+    elif wanted:
+        raise ConfigError(
+            "--authenticators client-cert: needs --client-cert-grpc-listen (the listener that asks for certificates)"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     grpc_listen: str
@@ -375,6 +413,8 @@ class ServerConfig:
     max_connection_idle: timedelta = timedelta(minutes=5)
     max_connection_age: timedelta = timedelta(minutes=30)
     tls_handshake_timeout: timedelta = timedelta(seconds=10)
+    #: The mTLS listener (a client certificate required), for ``--authenticators client-cert``.
+    client_cert_grpc_listen: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,12 +440,28 @@ class PluginChoice:
     values: Mapping[str, Any] = field(repr=False)
 
     @classmethod
-    def select(cls, kind: Kind, v: Mapping[str, Any]) -> PluginChoice:
-        """The plugin named by ``--<kind.flag>``, with its values validated by the plugin."""
-        plugin = find(kind, v[kind.flag])
+    def select(cls, kind: Kind, v: Mapping[str, Any], name: str | None = None) -> PluginChoice:
+        """The plugin named ``name`` (default: by ``--<kind.flag>``), its values validated by the plugin."""
+        plugin = find(kind, v[kind.flag] if name is None else name)
         values = plugin_values(plugin, v)
         plugin.validate(values)
         return cls(plugin.name, values)
+
+
+def _authenticators(v: Mapping[str, Any]) -> tuple[PluginChoice, ...]:
+    """``--authenticators``, or ``--authenticator`` as a list of one (configurations before the list)."""
+    names = tuple(v["authenticators"])
+    if not names:
+        return (PluginChoice.select(AUTHENTICATORS, v),)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--authenticators: {', '.join(names)} names one authenticator twice")
+    default = next(o.default for o in CORE_OPTIONS if o.name == "authenticator")
+    if v["authenticator"] not in (default, *names):
+        raise ConfigError(
+            f"--authenticator {v['authenticator']} and --authenticators {','.join(names)} disagree; "
+            "set only --authenticators"
+        )
+    return tuple(PluginChoice.select(AUTHENTICATORS, v, name) for name in names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,7 +470,8 @@ class Config:
 
     server: ServerConfig
     pipeline: PipelineConfig
-    authenticator: PluginChoice
+    #: ``--authenticators`` in order (``--authenticator`` alone is a list of one).
+    authenticators: tuple[PluginChoice, ...]
     issuer: PluginChoice
     kube: KubeSettings | None = None
     controllers: ControllerSettings | None = None
@@ -423,12 +480,19 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
 
+    @property
+    def authenticator(self) -> PluginChoice:
+        """The first of :attr:`authenticators` (what ``--authenticator`` selects)."""
+        return self.authenticators[0]
+
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> Config:
         """Validate resolved option values (see :func:`resolve`) and build the config."""
         _host_port(v["grpc-listen"], "grpc-listen")
         if v["insecure-grpc-listen"]:
             _host_port(v["insecure-grpc-listen"], "insecure-grpc-listen")
+        authenticators = _authenticators(v)
+        _check_client_cert(v, authenticators)
         if v["http-listen"]:
             _host_port(v["http-listen"], "http-listen")
         workers = v["workers"]
@@ -489,6 +553,7 @@ class Config:
                 max_connection_idle=v["max-connection-idle"],
                 max_connection_age=v["max-connection-age"],
                 tls_handshake_timeout=v["tls-handshake-timeout"],
+                client_cert_grpc_listen=v["client-cert-grpc-listen"] or None,
             ),
             pipeline=PipelineConfig(
                 trust_domain=v["trust-domain"],
@@ -501,7 +566,7 @@ class Config:
                 per_identity_rate=float(v["per-identity-rate"]),
                 per_identity_burst=v["per-identity-burst"],
             ),
-            authenticator=PluginChoice.select(AUTHENTICATORS, v),
+            authenticators=authenticators,
             issuer=PluginChoice.select(ISSUERS, v),
             kube=KubeSettings.from_values(dict(v)),
             controllers=ControllerSettings.from_values(v),

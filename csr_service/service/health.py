@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
@@ -137,7 +137,7 @@ class WorkerMonitor:
         issuers: IssuerSlot,
         serving: ServingCertificate,
         trust: TrustBundle,
-        authenticator: AuthenticatorAbilities | None = None,
+        authenticators: Sequence[AuthenticatorAbilities] = (),
         leader: LeaderReporter | None = None,
         publish: Callable[[ReadinessReport], None] | None = None,
         load: Callable[[], tuple[int, int | None]] | None = None,
@@ -147,7 +147,7 @@ class WorkerMonitor:
         self._issuers = issuers
         self._serving = serving
         self._trust = trust
-        self._authenticator = authenticator
+        self._authenticators = tuple(authenticators)
         self._leader = leader
         self._publish = publish
         self._load = load
@@ -171,11 +171,12 @@ class WorkerMonitor:
         )
 
     def _authn_cache(self) -> list[tuple[str, str, int]]:
-        authn = self._authenticator
-        if authn is None or authn.cache is None:
-            return []
-        hits, misses = authn.cache.cache_stats()
-        return [(authn.name, "hit", int(hits)), (authn.name, "miss", int(misses))]
+        totals = []
+        for authn in self._authenticators:
+            if authn.cache is not None:
+                hits, misses = authn.cache.cache_stats()
+                totals += [(authn.name, "hit", int(hits)), (authn.name, "miss", int(misses))]
+        return totals
 
     async def _tick_async(self) -> None:
         self.tick()

@@ -23,6 +23,7 @@ from csr_service.common.errors import (
 from csr_service.common.lifecycle import Component, Lifecycle
 from csr_service.config import Config
 from csr_service.infra.fsutil import write_atomic
+from csr_service.pipeline.authn.chain import AuthenticatorChain
 from csr_service.pipeline.handler import CertificatePipeline, IssuerSlot, PipelineSettings
 from csr_service.pipeline.impersonation_k8s import node_impersonation
 from csr_service.pipeline.ratelimit import IdentityRateLimiter
@@ -49,7 +50,8 @@ class Service:
     config: Config
     runtime: Runtime
     issuers: IssuerSlot
-    authenticator: AuthenticatorAbilities
+    #: ``--authenticators`` in order; the pipeline asks them through an AuthenticatorChain.
+    authenticators: tuple[AuthenticatorAbilities, ...]
     trust: TrustBundle
     pipeline: CertificatePipeline
     serving: ServingCertificate
@@ -72,9 +74,10 @@ class Service:
         if issuer.lifecycle is not None:
             await _start_issuer(issuer.lifecycle)
             self._started.append(issuer.lifecycle)
-        if self.authenticator.lifecycle is not None:
-            await self.authenticator.lifecycle.start()
-            self._started.append(self.authenticator.lifecycle)
+        for authenticator in self.authenticators:
+            if authenticator.lifecycle is not None:
+                await authenticator.lifecycle.start()
+                self._started.append(authenticator.lifecycle)
         await _init_trust(self.config, issuer, self.trust)
         for component in self.components:
             if component.all_workers or self.runtime.worker_index == 0:
@@ -83,12 +86,18 @@ class Service:
         await self.serving.start()
         self._started.append(self.serving)
         server = self.config.server
-        servicer = IstioCertificateServicer(self.pipeline, timeout=server.request_timeout, admission=self.admission)
+        servicer = IstioCertificateServicer(
+            self.pipeline,
+            timeout=server.request_timeout,
+            admission=self.admission,
+            client_certificates=server.client_cert_grpc_listen is not None,
+        )
         self.server = GrpcServer(
             servicer,
             self.serving,
             listen=server.grpc_listen,
             insecure_listen=server.insecure_grpc_listen,
+            client_cert_listen=server.client_cert_grpc_listen,
             limits=GrpcLimits(
                 max_queued_requests=server.max_queued_requests,
                 max_concurrent_requests=server.max_concurrent_requests,
@@ -165,16 +174,21 @@ async def _init_trust(config: Config, issuer: IssuerAbilities, trust: TrustBundl
 def build_service(config: Config, *, worker_index: int = 0) -> Service:
     """Construct every part (no I/O beyond reading config files)."""
     runtime = config.runtime(worker_index=worker_index)
-    slot = IssuerSlot(create_issuer(config.issuer.name, config.issuer.values, runtime))
-    authenticator = AuthenticatorAbilities.of(
-        create_authenticator(config.authenticator.name, config.authenticator.values, runtime)
-    )
     trust = TrustBundle.from_file(config.pipeline.root_ca_file) if config.pipeline.root_ca_file else TrustBundle()
+    runtime.trust_roots = lambda: trust.current.roots  # read per call: follows root rotations
+    slot = IssuerSlot(create_issuer(config.issuer.name, config.issuer.values, runtime))
+    authenticators = tuple(
+        AuthenticatorAbilities.of(create_authenticator(choice.name, choice.values, runtime))
+        for choice in config.authenticators
+    )
     # ztunnel impersonation: only with --ca-trusted-node-accounts (policy + a pod cache per worker).
     node_policy = node_impersonation(config.pipeline.trusted_node_accounts, runtime)
     rate = config.pipeline.per_identity_rate
     pipeline = CertificatePipeline(
-        authenticator=authenticator.authenticator,
+        # One authenticator is asked directly: its own errors, no recognising step.
+        authenticator=authenticators[0].authenticator
+        if len(authenticators) == 1
+        else AuthenticatorChain(authenticators),
         impersonation=node_policy[0] if node_policy else None,
         rate_limit=IdentityRateLimiter(rate, config.pipeline.per_identity_burst) if rate > 0 else None,
         issuers=slot,
@@ -198,7 +212,7 @@ def build_service(config: Config, *, worker_index: int = 0) -> Service:
         config=config,
         runtime=runtime,
         issuers=slot,
-        authenticator=authenticator,
+        authenticators=authenticators,
         trust=trust,
         pipeline=pipeline,
         serving=serving,

@@ -291,6 +291,10 @@ class TokenReviewAuthenticator:
         """Entries currently cached (positive and negative)."""
         return len(self._cache)
 
+    def recognizes(self, ctx: RequestContext) -> bool:
+        """A bearer token is present (see ``--authenticators``)."""
+        return ctx.bearer_token() is not None
+
     async def authenticate(self, ctx: RequestContext) -> Caller:
         token = ctx.bearer_token()
         if token is None:
