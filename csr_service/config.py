@@ -25,6 +25,7 @@ from csr_service.common.options import Option
 from csr_service.controllers.options import CONTROLLER_OPTIONS, TRUST_SOURCE_OPTIONS
 from csr_service.controllers.settings import ControllerSettings
 from csr_service.kube.client import KubeSettings
+from csr_service.kube.clusters import MulticlusterSettings
 from csr_service.pki.keys import KeyType
 from csr_service.plugins.registry import AUTHENTICATORS, ISSUERS, Kind, find, kind_options, plugin_values
 from csr_service.plugins.runtime import Runtime
@@ -272,6 +273,24 @@ CORE_OPTIONS: list[Option] = [
         group="kubernetes",
         kind="duration",
     ),
+    # --- multi-cluster (primary-remote / multi-primary meshes with one CA)
+    Option(
+        "multicluster-secrets",
+        "Serve remote clusters too: watch Secrets labelled istio/multiCluster=true in --multicluster-namespace, "
+        "in istiod's remote-secret format (each data key a cluster id, its value a kubeconfig: "
+        "`istioctl create-remote-secret` output). A workload's clusterid picks the apiserver that reviews its "
+        "token (needs tokenreview in --authenticators); root ConfigMaps are kept there too. See docs/multicluster.md.",
+        False,
+        group="multicluster",
+        kind="bool",
+    ),
+    Option(
+        "multicluster-namespace",
+        "Namespace of the remote-cluster Secrets (csr-service's own); empty: $POD_NAMESPACE or the "
+        "service-account mount's namespace.",
+        "",
+        group="multicluster",
+    ),
     # --- Kubernetes controllers (root ConfigMaps, leader election, istiod-tls, runtime issuer)
     *CONTROLLER_OPTIONS,
     # --- issuer
@@ -395,6 +414,16 @@ def _check_client_cert(v: Mapping[str, Any], authenticators: tuple[PluginChoice,
         )
 
 
+def _multicluster(v: Mapping[str, Any], authenticators: tuple[PluginChoice, ...]) -> MulticlusterSettings | None:
+    if not v["multicluster-secrets"]:
+        return None
+    if not any(a.name == "tokenreview" for a in authenticators):
+        # Only a TokenReview asks the caller's own cluster; a JWKS file or the local apiserver's
+        # keys would accept the clusterid of any remote without checking it.
+        raise ConfigError("--multicluster-secrets: needs tokenreview in --authenticators")
+    return MulticlusterSettings(namespace=v["multicluster-namespace"])
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     grpc_listen: str
@@ -475,6 +504,8 @@ class Config:
     issuer: PluginChoice
     kube: KubeSettings | None = None
     controllers: ControllerSettings | None = None
+    #: ``--multicluster-secrets``: remote clusters from Secrets; None: this cluster only.
+    multicluster: MulticlusterSettings | None = None
     dev: bool = False
     state_dir: str = ".dev-state"
     log_level: str = "info"
@@ -570,6 +601,7 @@ class Config:
             issuer=PluginChoice.select(ISSUERS, v),
             kube=KubeSettings.from_values(dict(v)),
             controllers=ControllerSettings.from_values(v),
+            multicluster=_multicluster(v, authenticators),
             dev=v["dev"],
             state_dir=v["state-dir"],
             log_level=v["log-level"].lower(),

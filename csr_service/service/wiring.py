@@ -23,6 +23,7 @@ from csr_service.common.errors import (
 from csr_service.common.lifecycle import Component, Lifecycle
 from csr_service.config import Config
 from csr_service.infra.fsutil import write_atomic
+from csr_service.kube.clusters import Cluster, ClusterSet
 from csr_service.pipeline.authn.chain import AuthenticatorChain
 from csr_service.pipeline.handler import CertificatePipeline, IssuerSlot, PipelineSettings
 from csr_service.pipeline.impersonation_k8s import node_impersonation
@@ -176,6 +177,8 @@ def build_service(config: Config, *, worker_index: int = 0) -> Service:
     runtime = config.runtime(worker_index=worker_index)
     trust = TrustBundle.from_file(config.pipeline.root_ca_file) if config.pipeline.root_ca_file else TrustBundle()
     runtime.trust_roots = lambda: trust.current.roots  # read per call: follows root rotations
+    clusters = _cluster_set(config, runtime)
+    runtime.clusters = clusters  # before the plugins: tokenreview reviews in the caller's cluster
     slot = IssuerSlot(create_issuer(config.issuer.name, config.issuer.values, runtime))
     authenticators = tuple(
         AuthenticatorAbilities.of(create_authenticator(choice.name, choice.values, runtime))
@@ -195,7 +198,9 @@ def build_service(config: Config, *, worker_index: int = 0) -> Service:
         trust=trust,
         settings=PipelineSettings(
             trust_domain=config.pipeline.trust_domain,
-            cluster_ids=frozenset({config.pipeline.cluster_id, *config.pipeline.cluster_id_aliases}),
+            cluster_ids=clusters
+            if clusters is not None
+            else frozenset({config.pipeline.cluster_id, *config.pipeline.cluster_id_aliases}),
             max_duration=config.pipeline.max_certificate_duration,
             default_duration=config.pipeline.default_certificate_duration,
         ),
@@ -218,7 +223,25 @@ def build_service(config: Config, *, worker_index: int = 0) -> Service:
         serving=serving,
         admission=Admission(config.server.max_concurrent_requests),
         components=[
+            # Remote clusters first: known before the listener opens (and before their controllers).
+            *_multicluster_components(config, runtime),
             *build_components(config, runtime, slot, trust, serving),
             *([node_policy[1]] if node_policy else []),
         ],
     )
+
+
+def _cluster_set(config: Config, runtime: Runtime) -> ClusterSet | None:
+    """The local cluster and (filled at run time) the remote ones, with ``--multicluster-secrets``."""
+    if config.multicluster is None:
+        return None
+    local = Cluster(config.pipeline.cluster_id, runtime.kube)
+    return ClusterSet(local, aliases=config.pipeline.cluster_id_aliases)
+
+
+def _multicluster_components(config: Config, runtime: Runtime) -> list[Component]:
+    if config.multicluster is None or runtime.clusters is None or config.kube is None:
+        return []
+    from csr_service.kube.remote_secrets import RemoteSecretWatcher
+
+    return [RemoteSecretWatcher(runtime.kube(), runtime.clusters, config.multicluster, config.kube)]

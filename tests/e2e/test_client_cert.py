@@ -71,7 +71,8 @@ def test_certificate_for_a_with_csr_for_b_is_refused(mtls: MTLSServer) -> None:
         good_client_cert(mtls.ca),
         "spiffe://cluster.local/ns/vm/sa/b",
     )
-    assert error is not None and error.code() == grpc.StatusCode.UNAUTHENTICATED, error
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_KINDS))
@@ -87,7 +88,8 @@ def test_bad_certificate_is_refused(mtls: MTLSServer, kind: str) -> None:
         serial = f"serial {cert.cert.serial_number:x}"
         wait_for(lambda: serial in mtls.server.log(), 10, what=f"a log line naming {serial}")
         line = next(line for line in mtls.server.log().splitlines() if serial in line)
-        assert "UNAUTHENTICATED" in line and "client certificate refused" in line, line
+        assert "UNAUTHENTICATED" in line, line
+        assert "client certificate refused" in line, line
 
 
 def test_token_still_works_on_the_main_listener_which_asks_for_no_certificate(mtls: MTLSServer) -> None:
@@ -96,14 +98,16 @@ def test_token_still_works_on_the_main_listener_which_asks_for_no_certificate(mt
     assert _call(mtls.server.address, root, None, "spiffe://cluster.local/ns/default/sa/sleep", token) is None
     # The main listener does not ask for a certificate, so one sent there proves nothing.
     error = _call(mtls.server.address, root, good_client_cert(mtls.ca), VM)
-    assert error is not None and error.code() == grpc.StatusCode.UNAUTHENTICATED, error
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
     assert "no credential" in (error.details() or "")
 
 
 def test_the_mtls_listener_requires_a_certificate(mtls: MTLSServer) -> None:
     token = mtls.server.token("vm", "vm-workload")
     error = _call(mtls.mtls_address, mtls.server.root_cert.read_bytes(), None, VM, token)
-    assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE, error
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
 
 
 @pytest.mark.istio
