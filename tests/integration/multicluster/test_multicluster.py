@@ -3,6 +3,10 @@ A, ``remote_kube`` the remote cluster B), csr-service running in A with ``--mult
 and only the RBAC docs/multicluster.md lists, B reached through an istiod-format remote Secret
 (``istioctl create-remote-secret`` shape) for a least-privilege service account of B.
 
+csr-service's account in A gets exactly the RBAC the Helm chart renders with
+``app.multicluster.enabled`` (so the chart is proven enough: Secrets are read in its own
+namespace only); B's account gets the rules docs/multicluster.md lists for a remote cluster.
+
 The tests run in order on one server: the remote Secret is created, changed and removed at run
 time; the last test stops B's apiserver.
 """
@@ -22,24 +26,53 @@ from tests.integration.kube_authn.conftest import call, csr_service, rpc_error, 
 from tests.support.dev_server import DevServer
 from tests.testbed.kube import KubeCluster, unique_name, wait_for
 
-pytestmark = pytest.mark.multicluster
+# The chart renders the local account's RBAC, so the Helm tool is needed too.
+pytestmark = [pytest.mark.multicluster, pytest.mark.helm]
 
 A, B = "cluster-a", "cluster-b"
 SECRET = "istio-remote-secret-cluster-b"
 CM = "istio-ca-root-cert"
 
-#: What csr-service's account in its own cluster needs (docs/multicluster.md).
-LOCAL_CLUSTER_RULES = [
+#: What the remote kubeconfig's account needs in each remote cluster (docs/multicluster.md).
+REMOTE_CLUSTER_RULES = [
     k8s.V1PolicyRule(api_groups=["authentication.k8s.io"], resources=["tokenreviews"], verbs=["create"]),
     k8s.V1PolicyRule(api_groups=[""], resources=["namespaces"], verbs=["list", "watch"]),
     k8s.V1PolicyRule(api_groups=[""], resources=["configmaps"], verbs=["list", "watch", "create", "patch"]),
     # ztunnel impersonation (--ca-trusted-node-accounts): pods on the caller's node.
     k8s.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["list", "watch"]),
 ]
-#: Namespaced (a Role): the remote Secrets are read in csr-service's own namespace only.
-SECRET_RULES = [k8s.V1PolicyRule(api_groups=[""], resources=["secrets"], verbs=["get", "list", "watch"])]
-#: What the remote kubeconfig's account needs in each remote cluster (docs/multicluster.md).
-REMOTE_CLUSTER_RULES = LOCAL_CLUSTER_RULES
+#: The chart's values for the local cluster: multicluster, root ConfigMaps, ztunnel impersonation.
+CHART_VALUES = {
+    "app": {
+        "multicluster": {"enabled": True},
+        "server": {"caTrustedNodeAccounts": "istio-system/ztunnel"},
+        "tls": {"istiodCertificateEnable": False},
+    }
+}
+RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+
+
+def _apply_chart_rbac(kube: KubeCluster, namespace: str) -> str:
+    """Apply the RBAC objects of the chart rendered into ``namespace``; returns its ServiceAccount's name."""
+    from kubernetes.dynamic import DynamicClient
+
+    from tests.helm.chart import render
+
+    manifests = render(CHART_VALUES, namespace=namespace, release=unique_name("csr"))
+    dyn = DynamicClient(kube.api_client)
+    for m in manifests:
+        if m["kind"] in RBAC_KINDS:
+            dyn.resources.get(api_version=m["apiVersion"], kind=m["kind"]).create(
+                body=m, namespace=m["metadata"].get("namespace")
+            )
+    [sa] = [m["metadata"]["name"] for m in manifests if m["kind"] == "ServiceAccount"]
+    return str(sa)
+
+
+def _can(kube: KubeCluster, user: str, verb: str, resource: str, namespace: str = "") -> bool:
+    attrs = k8s.V1ResourceAttributes(verb=verb, resource=resource, namespace=namespace or None)
+    review = k8s.V1SubjectAccessReview(spec=k8s.V1SubjectAccessReviewSpec(user=user, resource_attributes=attrs))
+    return bool(k8s.AuthorizationV1Api(kube.api_client).create_subject_access_review(review).status.allowed)
 
 
 def _cluster_role(kube: KubeCluster, namespace: str, sa: str, rules: list[k8s.V1PolicyRule]) -> None:
@@ -48,19 +81,6 @@ def _cluster_role(kube: KubeCluster, namespace: str, sa: str, rules: list[k8s.V1
         k8s.V1ClusterRole(metadata=k8s.V1ObjectMeta(name=name), rules=rules)
     )
     kube.grant_cluster_role(name, namespace, sa)
-
-
-def _role(kube: KubeCluster, namespace: str, sa: str, rules: list[k8s.V1PolicyRule]) -> None:
-    rbac = k8s.RbacAuthorizationV1Api(kube.api_client)
-    rbac.create_namespaced_role(namespace, k8s.V1Role(metadata=k8s.V1ObjectMeta(name="csr-service"), rules=rules))
-    rbac.create_namespaced_role_binding(
-        namespace,
-        k8s.V1RoleBinding(
-            metadata=k8s.V1ObjectMeta(name="csr-service"),
-            role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="csr-service"),
-            subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=sa, namespace=namespace)],
-        ),
-    )
 
 
 def _wait_allowed(kube: KubeCluster, token: str, checks: list[tuple[str, str, str, str]]) -> None:
@@ -99,8 +119,9 @@ class Mesh:
     a: KubeCluster
     b: KubeCluster
     server: DevServer
-    #: csr-service's namespace in A (where the remote Secrets live).
+    #: csr-service's namespace in A (where the remote Secrets live) and its user name there.
     namespace: str
+    user: str
     #: Kubeconfig (YAML) of B's least-privilege remote account, and of one with no rights at all.
     remote_kubeconfig: str
     powerless_kubeconfig: str
@@ -142,12 +163,11 @@ def mesh(own_kube: KubeCluster, remote_kube: KubeCluster, tmp_path_factory: pyte
     from tests.support.certs import write_ca_dir
 
     a, b = own_kube, remote_kube
-    # csr-service's own account in A.
+    # csr-service's own account in A: the chart's.
     ns = a.create_namespace(unique_name("csr-system"))
-    a.create_service_account(ns, "csr-service")
-    _cluster_role(a, ns, "csr-service", LOCAL_CLUSTER_RULES)
-    _role(a, ns, "csr-service", SECRET_RULES)
-    own_token = a.token(ns, "csr-service", audiences=[], expiration_seconds=86400)
+    a.create_namespace("istio-system")
+    own_sa = _apply_chart_rbac(a, ns)
+    own_token = a.token(ns, own_sa, audiences=[], expiration_seconds=86400)
     _wait_allowed(
         a,
         own_token,
@@ -172,7 +192,6 @@ def mesh(own_kube: KubeCluster, remote_kube: KubeCluster, tmp_path_factory: pyte
     write_ca_dir(ca_dir)
     workdir = tmp_path_factory.mktemp("multicluster")
     kubeconfig = a.kubeconfig_for_token(own_token, workdir / "kubeconfig", namespace=ns)
-    a.create_namespace("istio-system")
     args = (
         *("--cluster-id", A, "--multicluster-secrets", "--multicluster-namespace", ns, "--root-configmaps"),
         *("--ca-trusted-node-accounts", "istio-system/ztunnel"),
@@ -183,9 +202,18 @@ def mesh(own_kube: KubeCluster, remote_kube: KubeCluster, tmp_path_factory: pyte
             b,
             srv,
             ns,
+            f"system:serviceaccount:{ns}:{own_sa}",
             b.remote_kubeconfig(remote_token, B),
             b.remote_kubeconfig(powerless_token, B),
         )
+
+
+def test_chart_reads_secrets_in_its_own_namespace_only(mesh: Mesh) -> None:
+    user = mesh.user
+    assert _can(mesh.a, user, "watch", "secrets", mesh.namespace)
+    assert not _can(mesh.a, user, "list", "secrets", "kube-system")
+    assert not _can(mesh.a, user, "list", "secrets")  # cluster-wide
+    assert not _can(mesh.a, user, "create", "secrets", mesh.namespace)
 
 
 def test_unknown_cluster_is_refused_before_any_tokenreview(mesh: Mesh) -> None:
