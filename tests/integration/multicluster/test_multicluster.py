@@ -347,3 +347,10 @@ def test_remote_apiserver_down_only_its_workloads_wait(mesh: Mesh) -> None:
     finally:
         mesh.b.start_apiserver()
     wait_for(lambda: _works(mesh, later_token_b, later_b, B), timeout=120, what="cluster-b back")
+
+
+def test_the_charts_rbac_was_enough_in_the_local_cluster(mesh: Mesh) -> None:
+    # Every feature above ran against A with only the chart's RBAC: A never answered 403
+    # (B did, on purpose, while the powerless kubeconfig was in place).
+    refused = [line for line in mesh.server.log().splitlines() if '" 403' in line and mesh.a.server in line]
+    assert refused == []
