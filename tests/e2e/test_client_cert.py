@@ -152,3 +152,27 @@ def test_istio_client_renews_with_the_certificate_of_its_first_run(
         key_type="ec256",
     )
     assert (other.ok, other.code) == (False, "UNAUTHENTICATED"), other.message
+
+
+def test_verification_follows_the_trust_bundle_without_a_restart(tmp_path: Path) -> None:
+    state = prepare_dev_state(tmp_path / "state")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes((state.ca_dir / "ca-cert.pem").read_bytes())
+    new_root = pki.make_ca("the next root")
+    cert = good_client_cert(new_root)
+    port = free_port()
+    args = (
+        *("--authenticators", "client-cert,jwt", "--client-cert-grpc-listen", f"127.0.0.1:{port}"),
+        *("--root-ca-file", str(bundle)),
+    )
+    with running_dev_server(state.state_dir, *args) as srv:
+        address, root = f"127.0.0.1:{port}", srv.root_cert.read_bytes()
+        error = _call(address, root, cert, VM)
+        assert error is not None
+        assert error.code() == grpc.StatusCode.UNAVAILABLE  # not in the bundle: the handshake fails
+        # Rotation starts: the bundle holds both roots. New connections accept the new root's certificates.
+        bundle.write_bytes(bundle.read_bytes() + new_root.cert_pem)
+        wait_for(lambda: _call(address, root, cert, VM) is None, 60, what="the new root to be trusted")
+        # Rotation ends without the new root (here: it is withdrawn): refused again.
+        bundle.write_bytes((state.ca_dir / "ca-cert.pem").read_bytes())
+        wait_for(lambda: _call(address, root, cert, VM) is not None, 60, what="the withdrawn root to be refused")
