@@ -230,9 +230,9 @@ class KubeCluster:
             f"    token: {token}\n"
         )
 
-    def request_count(self, resource: str) -> int:
-        """Requests the apiserver has answered for ``resource`` (e.g. ``tokenreviews``) since it
-        started, from its own ``apiserver_request_total`` metric (admin credentials)."""
+    def request_count(self, resource: str = "") -> int:
+        """Requests the apiserver has answered for ``resource`` (e.g. ``tokenreviews``; empty: all)
+        since it started, from its own ``apiserver_request_total`` metric (admin credentials)."""
         ctx = ssl.create_default_context(cafile=str(self.ca_cert))
         ctx.load_cert_chain(self.admin_cert, self.admin_key)
         status, body = _https_get(f"{self.server}/metrics", ctx, timeout=10)
@@ -241,7 +241,7 @@ class KubeCluster:
         text = body.decode()
         total = 0.0
         for line in text.splitlines():
-            if line.startswith("apiserver_request_total{") and f'resource="{resource}"' in line:
+            if line.startswith("apiserver_request_total{") and (not resource or f'resource="{resource}"' in line):
                 total += float(line.rsplit(" ", 1)[1])
         return int(total)
 
