@@ -78,11 +78,19 @@ def test_certificate_for_a_with_csr_for_b_is_refused(mtls: MTLSServer) -> None:
 @pytest.mark.parametrize("kind", sorted(BAD_KINDS))
 def test_bad_certificate_is_refused(mtls: MTLSServer, kind: str) -> None:
     cert = bad_client_cert(kind, mtls.ca)
+    handshake_reason = BAD_KINDS[kind]
+    logged_before = mtls.server.log().count(handshake_reason) if handshake_reason else 0
     error = _call(mtls.mtls_address, mtls.server.root_cert.read_bytes(), cert, VM)
     assert error is not None, f"a {kind} client certificate was accepted"
-    if BAD_KINDS[kind]:
-        # gRPC core verifies chain and validity in the handshake: no call is made at all.
+    if handshake_reason:
+        # gRPC core verifies chain and validity in the handshake: no call is made at all, and
+        # gRPC core logs why ("Handshake failed ... CERTIFICATE_VERIFY_FAILED: <reason>").
         assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        wait_for(
+            lambda: mtls.server.log().count(handshake_reason) > logged_before, 10, what=f"{handshake_reason!r} logged"
+        )
+        line = next(line for line in mtls.server.log().splitlines() if handshake_reason in line)
+        assert "Handshake failed" in line, line
     else:
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
         serial = f"serial {cert.cert.serial_number:x}"

@@ -15,18 +15,19 @@ from tests.support import pki
 
 __all__ = ["BAD_KINDS", "ClientCert", "bad_client_cert", "good_client_cert"]
 
-#: Each kind of certificate a caller must not authenticate with; the value says whether gRPC
-#: core's handshake already refuses it on the mTLS listener (chain or time failures) or the
-#: handshake passes and the authenticator refuses it with UNAUTHENTICATED.
-BAD_KINDS: dict[str, bool] = {
-    "expired": True,
-    "not-yet-valid": True,
-    "foreign-root": True,
-    "ca": False,
-    "multi-uri": False,
-    "non-spiffe": False,
-    "other-trust-domain": False,
-    "no-uri": False,
+#: Each kind of certificate a caller must not authenticate with. For chain and time failures,
+#: gRPC core's handshake already refuses it on the mTLS listener, and the value is the reason
+#: gRPC core logs (OpenSSL's words); for the others the handshake passes, the authenticator
+#: refuses the call with UNAUTHENTICATED, and the value is None.
+BAD_KINDS: dict[str, str | None] = {
+    "expired": "certificate has expired",
+    "not-yet-valid": "certificate is not yet valid",
+    "foreign-root": "unable to get local issuer certificate",
+    "ca": None,
+    "multi-uri": None,
+    "non-spiffe": None,
+    "other-trust-domain": None,
+    "no-uri": None,
 }
 
 
