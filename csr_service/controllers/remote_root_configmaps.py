@@ -37,7 +37,7 @@ class RemoteRootConfigMaps:
         clusters: ClusterSet,
         trust: TrustBundle,
         *,
-        controller: Callable[[Any, TrustBundle], RootConfigMapController],
+        controller: Callable[[Any, TrustBundle, str], RootConfigMapController],
     ) -> None:
         self._clusters = clusters
         self._trust = trust
@@ -80,7 +80,7 @@ class RemoteRootConfigMaps:
             for cid, cluster in wanted.items():
                 if cid in self._running:
                     continue
-                ctl = self._controller(cluster.client(), self._trust)
+                ctl = self._controller(cluster.client(), self._trust, cid)
                 try:
                     await ctl.start()
                 except Exception as exc:  # noqa: BLE001 (one cluster's trouble must not stop the others)

@@ -64,13 +64,14 @@ def build_components(
     if c.root_configmaps:
         from csr_service.controllers.root_configmaps import RootConfigMapController
 
-        def root_configmaps(api: Any, bundle: TrustBundle) -> RootConfigMapController:
+        def root_configmaps(api: Any, bundle: TrustBundle, cluster: str = "") -> RootConfigMapController:
             return RootConfigMapController(
                 api,
                 bundle,
                 configmap_name=c.root_configmap_name,
                 namespace_selector=c.root_configmap_namespace_selector,
                 workers=c.root_configmap_workers,
+                cluster=cluster,
             )
 
         leader_only.append(root_configmaps(runtime.kube(), trust))

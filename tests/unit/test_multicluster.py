@@ -207,7 +207,8 @@ def test_remote_root_configmaps_follow_the_cluster_set() -> None:
     clusters = local_set()
     made: list[_Controller] = []
 
-    def controller(api: Any, trust: TrustBundle) -> Any:
+    def controller(api: Any, trust: TrustBundle, cluster: str) -> Any:
+        assert cluster == {"api-b": "cluster-b", "api-b2": "cluster-b", "api-c": "cluster-c"}[api]
         made.append(_Controller(api, trust))
         return made[-1]
 
