@@ -69,6 +69,29 @@ def test_root_rotated_out_of_the_bundle_stops_working() -> None:
         _run(authn, _ctx(cert))
 
 
+def test_accepted_certificate_is_remembered_within_its_validity_and_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime as dt
+
+    from csr_service.pipeline.authn import clientcert
+
+    checks: list[int] = []
+    real = clientcert.build_path
+    monkeypatch.setattr(clientcert, "build_path", lambda *a, **k: checks.append(1) or real(*a, **k))
+    now = [dt.datetime.now(dt.UTC)]
+    roots: tuple[Any, ...] = (ROOT.cert,)
+    authn = ClientCertAuthenticator(trust_domain="cluster.local", roots=lambda: roots, clock=lambda: now[0])
+    cert = good_client_cert(ROOT)
+    for _ in range(3):
+        assert _run(authn, _ctx(cert)).identity.uri == VM
+    assert len(checks) == 1  # the path was verified once
+    roots = (ROOT.cert, pki.make_ca("next").cert)  # a new bundle: checked again
+    _run(authn, _ctx(cert))
+    assert len(checks) == 2
+    now[0] = cert.cert.not_valid_after_utc + dt.timedelta(seconds=1)  # remembered, but expired now
+    with pytest.raises(AuthenticationError, match="expired"):
+        _run(authn, _ctx(cert))
+
+
 def test_leaf_signed_by_a_non_ca_is_refused() -> None:
     not_a_ca = pki.issue(ROOT, "a workload", client=True)
     leaf_key = pki.new_key()
