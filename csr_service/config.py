@@ -417,10 +417,12 @@ def _check_client_cert(v: Mapping[str, Any], authenticators: tuple[PluginChoice,
 def _multicluster(v: Mapping[str, Any], authenticators: tuple[PluginChoice, ...]) -> MulticlusterSettings | None:
     if not v["multicluster-secrets"]:
         return None
-    if not any(a.name == "tokenreview" for a in authenticators):
-        # Only a TokenReview asks the caller's own cluster; a JWKS file or the local apiserver's
-        # keys would accept the clusterid of any remote without checking it.
-        raise ConfigError("--multicluster-secrets: needs tokenreview in --authenticators")
+    names = [a.name for a in authenticators]
+    # Only a TokenReview asks the caller's own cluster; a JWKS file or the local apiserver's keys
+    # would accept the clusterid of any remote without checking it. An authenticator listed
+    # before tokenreview that also takes bearer tokens would decide instead of it.
+    if "tokenreview" not in names or any(n in ("jwt", "jwks") for n in names[: names.index("tokenreview")]):
+        raise ConfigError("--multicluster-secrets: needs tokenreview in --authenticators, before jwt and jwks")
     return MulticlusterSettings(namespace=v["multicluster-namespace"])
 
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from csr_service.common.errors import AuthenticationError, UnavailableError
+from csr_service.common.errors import AuthenticationError, ConfigError, UnavailableError
 from csr_service.common.request import RequestContext
+from csr_service.config import Config, resolve
 from csr_service.controllers.remote_root_configmaps import RemoteRootConfigMaps
 from csr_service.kube.client import KubeSettings
 from csr_service.kube.clusters import Cluster, ClusterSet, MulticlusterSettings
@@ -233,3 +234,29 @@ def test_remote_root_configmaps_follow_the_cluster_set() -> None:
         assert not any(c.running for c in made)
 
     asyncio.run(go())
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def _config(**flags: Any) -> Config:
+    return Config.from_values(resolve({"jwt-jwks-file": "", **flags}, env={}))
+
+
+def test_multicluster_with_tokenreview_first() -> None:
+    c = _config(**{"multicluster-secrets": "true", "authenticator": "tokenreview", "multicluster-namespace": "csr"})
+    assert c.multicluster is not None
+    assert c.multicluster.namespace == "csr"
+    assert _config(**{"authenticator": "tokenreview"}).multicluster is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"multicluster-secrets": "true"}, "--multicluster-secrets: needs tokenreview"),
+        ({"multicluster-secrets": "true", "authenticators": "jwt,tokenreview"}, "before jwt and jwks"),
+    ],
+)
+def test_multicluster_needs_tokenreview_to_decide(flags: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _config(**flags)
