@@ -32,7 +32,7 @@ class ClusterPodCaches:
         self._clusters = clusters
         self._cache = cache
         self.local = cache(clusters.local.client())
-        self._remote: dict[str, tuple[Cluster, PodCache]] = {}
+        self._remote: dict[str, tuple[Cluster, PodCache, asyncio.Task[None]]] = {}
         self._lock = asyncio.Lock()
         self._active = False
         self._pending: set[asyncio.Task[None]] = set()
@@ -47,6 +47,11 @@ class ClusterPodCaches:
             return self.local
         entry = self._remote.get(cluster.cluster_id)
         return entry[1] if entry is not None and entry[0] is cluster else None
+
+    @property
+    def remote_caches(self) -> dict[str, PodCache]:
+        """The remote clusters' caches by cluster id (for tests)."""
+        return {cid: cache for cid, (_, cache, _) in self._remote.items()}
 
     async def start(self) -> None:
         self._active = True
@@ -70,14 +75,17 @@ class ClusterPodCaches:
     async def _reconcile(self) -> None:
         async with self._lock:
             wanted = {c.cluster_id: c for c in self._clusters.remotes()} if self._active else {}
-            for cid, (cluster, cache) in list(self._remote.items()):
+            for cid, (cluster, cache, starting) in list(self._remote.items()):
                 if wanted.get(cid) is not cluster:
                     del self._remote[cid]
+                    starting.cancel()
                     await cache.stop()
             for cid, cluster in wanted.items():
                 if cid not in self._remote:
                     cache = self._cache(cluster.client())
                     # Registered before it syncs: requests meanwhile get "not synced" (UNAVAILABLE).
-                    self._remote[cid] = (cluster, cache)
-                    await cache.start()
-                    log.info("multicluster: pod cache of cluster %r started", cid)
+                    # Started in the background: a remote apiserver that is down must not hold
+                    # up the service's start (PodCache.start waits for its first list).
+                    starting = asyncio.get_running_loop().create_task(cache.start(), name=f"pod-cache-{cid}")
+                    self._remote[cid] = (cluster, cache, starting)
+                    log.info("multicluster: pod cache of cluster %r starting", cid)

@@ -260,3 +260,48 @@ def test_multicluster_with_tokenreview_first() -> None:
 def test_multicluster_needs_tokenreview_to_decide(flags: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         _config(**flags)
+
+
+# --- per-cluster pod caches ---------------------------------------------------------------------
+
+
+class _Pods:
+    """A pod cache whose start hangs until released (a remote apiserver that does not answer)."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+        self.release = asyncio.Event()
+        self.stopped = False
+
+    async def start(self) -> None:
+        if self.api != "local-api":
+            await self.release.wait()
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+def test_a_remote_pod_cache_that_cannot_sync_does_not_hold_up_the_start() -> None:
+    from csr_service.kube.cluster_pods import ClusterPodCaches
+
+    clusters = local_set()
+    clusters.put_remote(Cluster("cluster-b", lambda: "api-b", source="s", digest="1"))
+    caches = ClusterPodCaches(clusters, cache=_Pods)  # type: ignore[arg-type]
+
+    async def go() -> None:
+        await asyncio.wait_for(caches.start(), 5)  # returns although B's cache is still starting
+        assert caches.for_cluster(None) is caches.local
+        assert caches.for_cluster("old-a") is caches.local
+        b = caches.for_cluster("cluster-b")
+        assert isinstance(b, _Pods)
+        assert b.api == "api-b"
+        assert caches.for_cluster("cluster-x") is None
+        clusters.remove_remote("cluster-b")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert b.stopped
+        assert caches.for_cluster("cluster-b") is None
+        await caches.stop()
+        assert caches.local.stopped  # type: ignore[attr-defined]
+
+    asyncio.run(go())
