@@ -166,6 +166,7 @@ class WorkerMonitor:
             # A replica without an elector reports nothing.
             leader=self._leader.is_leader if self._leader is not None else None,
             authn_cache=self._authn_cache(),
+            authn_cluster_cache=self._authn_cluster_cache(),
             in_flight_peak=in_flight_peak,
             never_served=never_served,
         )
@@ -176,6 +177,14 @@ class WorkerMonitor:
             if authn.cache is not None:
                 hits, misses = authn.cache.cache_stats()
                 totals += [(authn.name, "hit", int(hits)), (authn.name, "miss", int(misses))]
+        return totals
+
+    def _authn_cluster_cache(self) -> list[tuple[str, str, int]]:
+        totals = []
+        for authn in self._authenticators:
+            if authn.cluster_cache is not None:
+                for cluster, (hits, misses) in sorted(authn.cluster_cache.cluster_cache_stats().items()):
+                    totals += [(cluster, "hit", int(hits)), (cluster, "miss", int(misses))]
         return totals
 
     async def _tick_async(self) -> None:

@@ -184,6 +184,7 @@ def test_multicluster_tokenreview_asks_the_callers_cluster() -> None:
         # it); hits: the alias and the last call, both from A's cache.
         assert authn.cache_stats() == (2, 3)
         assert [len(r.calls) for r in reviewers.values()] == [1, 2]
+        assert authn.cluster_cache_stats() == {"cluster-a": (2, 1), "cluster-b": (0, 2)}
         await authn.stop()
 
     asyncio.run(go())
@@ -305,3 +306,45 @@ def test_a_remote_pod_cache_that_cannot_sync_does_not_hold_up_the_start() -> Non
         assert caches.local.stopped  # type: ignore[attr-defined]
 
     asyncio.run(go())
+
+
+def test_per_cluster_cache_counts_reach_the_metrics() -> None:
+    from csr_service.infra import metrics
+    from csr_service.plugins.authenticator import AuthenticatorAbilities
+    from csr_service.service.health import WorkerMonitor
+    from tests.unit.test_metrics import _value
+
+    class _Authn:
+        name = "tokenreview"
+
+        def __init__(self) -> None:
+            self.stats = {"cluster-b": (4, 1)}
+
+        async def authenticate(self, ctx: RequestContext) -> Any:
+            raise NotImplementedError
+
+        def cluster_cache_stats(self) -> dict[str, tuple[int, int]]:
+            return self.stats
+
+    authn = _Authn()
+    monitor = WorkerMonitor(
+        None, issuers=None, serving=None, trust=None, authenticators=[AuthenticatorAbilities.of(authn)]
+    )  # type: ignore[arg-type]
+    labels = {"cluster": "cluster-b", "result": "hit"}
+    before = _value("csr_service_authn_cluster_cache_requests_total", labels)
+    metrics.refresh(
+        roots_not_after=[],
+        signing_ca_not_after=None,
+        serving_not_after=None,
+        leader=None,
+        authn_cluster_cache=monitor._authn_cluster_cache(),
+    )
+    authn.stats = {"cluster-b": (9, 1)}
+    metrics.refresh(
+        roots_not_after=[],
+        signing_ca_not_after=None,
+        serving_not_after=None,
+        leader=None,
+        authn_cluster_cache=monitor._authn_cluster_cache(),
+    )
+    assert _value("csr_service_authn_cluster_cache_requests_total", labels) == before + 9

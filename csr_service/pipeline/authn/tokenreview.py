@@ -420,8 +420,8 @@ class MultiClusterTokenReview:
         self._clusters = clusters
         self._build = build
         self._per_cluster: dict[str, tuple[Cluster, TokenReviewAuthenticator]] = {}
-        #: Cache totals of authenticators already dropped, so the metric's counters never go back.
-        self._retired = (0, 0)
+        #: Cache totals of authenticators already dropped, so the metrics' counters never go back.
+        self._retired: dict[str, tuple[int, int]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         clusters.add_listener(self._on_change)
 
@@ -446,18 +446,19 @@ class MultiClusterTokenReview:
         authn = self._build(cluster)
         self._per_cluster[cluster.cluster_id] = (cluster, authn)
         if entry is not None:
-            self._retire(entry[1])
+            self._retire(cluster.cluster_id, entry[1])
         return authn
 
     def _on_change(self, event: str, cluster: Cluster) -> None:
         entry = self._per_cluster.get(cluster.cluster_id)
         if event == "removed" and entry is not None and entry[0] is cluster:
             del self._per_cluster[cluster.cluster_id]
-            self._retire(entry[1])
+            self._retire(cluster.cluster_id, entry[1])
 
-    def _retire(self, authn: TokenReviewAuthenticator) -> None:
+    def _retire(self, cluster_id: str, authn: TokenReviewAuthenticator) -> None:
         hits, misses = authn.cache_stats()
-        self._retired = (self._retired[0] + hits, self._retired[1] + misses)
+        old_hits, old_misses = self._retired.get(cluster_id, (0, 0))
+        self._retired[cluster_id] = (old_hits + hits, old_misses + misses)
         with contextlib.suppress(RuntimeError):  # no running loop: nothing was opened
             task = asyncio.get_running_loop().create_task(authn.stop())
             self._closing.add(task)
@@ -467,12 +468,18 @@ class MultiClusterTokenReview:
         """Per cluster id, the counters of its :class:`TokenReviewAuthenticator` (for tests, benchmarks)."""
         return {cid: dict(authn.stats) for cid, (_, authn) in self._per_cluster.items()}
 
-    def cache_stats(self) -> tuple[int, int]:
-        hits, misses = self._retired
-        for _, authn in self._per_cluster.values():
+    def cluster_cache_stats(self) -> dict[str, tuple[int, int]]:
+        """(hits, misses) per cluster id since start, including authenticators already replaced."""
+        totals = dict(self._retired)
+        for cid, (_, authn) in self._per_cluster.items():
             h, m = authn.cache_stats()
-            hits, misses = hits + h, misses + m
-        return hits, misses
+            old_h, old_m = totals.get(cid, (0, 0))
+            totals[cid] = (old_h + h, old_m + m)
+        return totals
+
+    def cache_stats(self) -> tuple[int, int]:
+        per_cluster = self.cluster_cache_stats().values()
+        return sum(h for h, _ in per_cluster), sum(m for _, m in per_cluster)
 
     async def start(self) -> None:
         """Nothing to start: each cluster's first review opens its connection."""
