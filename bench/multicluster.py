@@ -50,12 +50,14 @@ def _workloads(kube: KubeCluster, count: int) -> list[tuple[str, str, str]]:
     return out
 
 
-def _metric(port: int, authenticator_result: str) -> float:
+def _metric(port: int, result: str, cluster: str = "") -> float:
+    """csr-service's cache counter: all clusters, or one (``csr_service_authn_cluster_cache_requests_total``)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
+    name = "csr_service_authn_cluster_cache_requests_total{" if cluster else "csr_service_authn_cache_requests_total{"
     total = 0.0
     for line in text.splitlines():
-        if line.startswith("csr_service_authn_cache_requests_total{") and f'result="{authenticator_result}"' in line:
+        if line.startswith(name) and f'result="{result}"' in line and (not cluster or f'cluster="{cluster}"' in line):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -158,12 +160,18 @@ def main() -> None:
                     k: (k8s_cluster.request_count("tokenreviews"), k8s_cluster.request_count())
                     for k, k8s_cluster in ((A, a), (B, b))
                 }
+                time.sleep(2.5)  # the probe's counts reach /metrics first (published every 2 s)
                 hits0, misses0 = _metric(http_port, "hit"), _metric(http_port, "miss")
+                per0 = {c: (_metric(http_port, "hit", c), _metric(http_port, "miss", c)) for c in (A, B)}
                 started = time.monotonic()
                 issued = asyncio.run(_load(srv.address, root, calls, args.concurrency))
                 elapsed = time.monotonic() - started
                 time.sleep(2.5)  # the worker monitor publishes the cache counters every 2 s
                 hits, misses = _metric(http_port, "hit") - hits0, _metric(http_port, "miss") - misses0
+                per = {
+                    c: (_metric(http_port, "hit", c) - per0[c][0], _metric(http_port, "miss", c) - per0[c][1])
+                    for c in (A, B)
+                }
                 after = {k: (c.request_count("tokenreviews"), c.request_count()) for k, c in ((A, a), (B, b))}
         finally:
             a.stop()
@@ -178,9 +186,12 @@ def main() -> None:
         reviews = after[cluster][0] - before[cluster][0]
         requests = after[cluster][1] - before[cluster][1]
         n = max(issued[cluster], 1)
+        c_hits, c_misses = per[cluster]
+        rate = c_hits / (c_hits + c_misses) if c_hits + c_misses else float("nan")
         print(
             f"  {cluster}: {issued[cluster]} certificates, {reviews} TokenReviews ({reviews / n:.3f} per certificate), "
-            f"{requests} apiserver requests of any kind ({requests / n:.3f} per certificate)"
+            f"{requests} apiserver requests of any kind ({requests / n:.3f} per certificate), "
+            f"cache hit rate {rate:.1%}"
         )
     lookups = hits + misses
     print(
