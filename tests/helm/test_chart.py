@@ -257,7 +257,7 @@ def test_client_cert_and_multicluster() -> None:
     assert {"name": "grpc-mtls", "containerPort": 6444, "protocol": "TCP"} in ports
     granted = rules(manifests)
     # The remote-cluster Secrets: read in the release namespace only, never cluster-wide.
-    secrets = [r for r in granted if r[2] == "secrets" and r[3] == {"get", "list", "watch"}]
+    secrets = [r for r in granted if r[2] == "secrets" and r[3] == {"list", "watch"}]
     assert [(scope, names) for scope, _, _, _, names in secrets] == [("mesh-ca", ())]
     assert f["multicluster-namespace"] == "mesh-ca"
     assert ("*", "authentication.k8s.io", "tokenreviews", frozenset({"create"}), ()) in granted

@@ -233,6 +233,10 @@ def test_remote_root_configmaps_follow_the_cluster_set() -> None:
         assert sorted(c.api for c in made if c.running) == ["api-b2"]
         await remote.stop()
         assert not any(c.running for c in made)
+        # Leadership regained: started again, for the clusters of now.
+        await remote.start()
+        assert sorted(c.api for c in made if c.running) == ["api-b2"]
+        await remote.stop()
 
     asyncio.run(go())
 
