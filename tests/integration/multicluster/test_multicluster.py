@@ -24,6 +24,7 @@ from kubernetes import client as k8s
 
 from tests.integration.kube_authn.conftest import call, csr_service, rpc_error, spiffe
 from tests.support.dev_server import DevServer
+from tests.testbed.istio import IstioClient, IstioResult
 from tests.testbed.kube import KubeCluster, unique_name, wait_for
 
 # The chart renders the local account's RBAC, so the Helm tool is needed too.
@@ -239,6 +240,28 @@ def test_tokens_are_accepted_only_with_their_own_cluster_id(mesh: Mesh) -> None:
     assert _code(mesh, token_a, ns_a, B) == grpc.StatusCode.UNAUTHENTICATED
     # ...and B's token reviewed once by B stays B's: its cached verdict is not A's.
     assert _code(mesh, token_b, ns_b, A) == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.istio
+def test_istio_client_of_each_cluster_gets_its_certificate(mesh: Mesh, istio_client: IstioClient) -> None:
+    mesh.put_secret({B: mesh.remote_kubeconfig})
+    for kube, cluster_id in ((mesh.a, A), (mesh.b, B)):
+        ns, token = _workload(kube, "productpage")
+
+        def run(cid: str, ns: str = ns, token: str = token) -> IstioResult:
+            return istio_client(
+                ca_address=mesh.server.address,
+                root_cert=mesh.server.root_cert,
+                token=token,
+                namespace=ns,
+                service_account="productpage",
+                cluster_id=cid,
+            )
+
+        wait_for(lambda cid=cluster_id, run=run: run(cid).ok, timeout=60, what=f"istio-client in {cluster_id}")
+        assert run(cluster_id).identity == spiffe(ns, "productpage")
+        other = run(B if cluster_id == A else A)  # its token, the other cluster's id
+        assert (other.ok, other.code) == (False, "UNAUTHENTICATED"), other.message
 
 
 def test_root_configmaps_are_kept_in_both_clusters(mesh: Mesh) -> None:
