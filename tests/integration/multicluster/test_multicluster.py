@@ -14,7 +14,8 @@ time; the last test stops B's apiserver.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,8 @@ class Mesh:
     #: Kubeconfig (YAML) of B's least-privilege remote account, and of one with no rights at all.
     remote_kubeconfig: str
     powerless_kubeconfig: str
+    #: Starts another csr-service with the same configuration (a restart, a second replica).
+    another: Callable[[], AbstractContextManager[DevServer]]
 
     def put_secret(self, data: dict[str, str]) -> None:
         body = _remote_secret(self.namespace, data)
@@ -197,6 +200,10 @@ def mesh(own_kube: KubeCluster, remote_kube: KubeCluster, tmp_path_factory: pyte
         *("--cluster-id", A, "--multicluster-secrets", "--multicluster-namespace", ns, "--root-configmaps"),
         *("--ca-trusted-node-accounts", "istio-system/ztunnel"),
     )
+
+    def another() -> AbstractContextManager[DevServer]:
+        return csr_service(kubeconfig, ca_dir, tmp_path_factory.mktemp("another"), *args)
+
     with csr_service(kubeconfig, ca_dir, workdir, *args) as srv:
         yield Mesh(
             a,
@@ -206,6 +213,7 @@ def mesh(own_kube: KubeCluster, remote_kube: KubeCluster, tmp_path_factory: pyte
             f"system:serviceaccount:{ns}:{own_sa}",
             b.remote_kubeconfig(remote_token, B),
             b.remote_kubeconfig(powerless_token, B),
+            another,
         )
 
 
@@ -367,6 +375,12 @@ def test_remote_apiserver_down_only_its_workloads_wait(mesh: Mesh) -> None:
         assert _code(mesh, later_token_b, later_b, B) == grpc.StatusCode.UNAVAILABLE
         # A token B reviewed before it went down is still remembered (its cache entry).
         assert _issue(mesh, token_b, ns_b, B)
+        # A csr-service starting while B is down: it starts, serves A, and B's workloads wait.
+        with mesh.another() as fresh:
+            ns_a, token_a = _workload(mesh.a)
+            assert call(fresh, token_a, spiffe(ns_a, "httpbin"), metadata=[("clusterid", A)])
+            error = rpc_error(call, fresh, later_token_b, spiffe(later_b, "httpbin"), metadata=[("clusterid", B)])
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         mesh.b.start_apiserver()
     wait_for(lambda: _works(mesh, later_token_b, later_b, B), timeout=120, what="cluster-b back")
