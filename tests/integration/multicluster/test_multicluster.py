@@ -54,11 +54,12 @@ CHART_VALUES = {
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 
-def _apply_chart_rbac(kube: KubeCluster, namespace: str) -> str:
-    """Apply the RBAC objects of the chart rendered into ``namespace``; returns its ServiceAccount's name."""
+def _apply_chart_rbac(kube: KubeCluster, namespace: str) -> tuple[str, str]:
+    """Apply the RBAC objects of the chart rendered into ``namespace``; returns its ServiceAccount's
+    name and the Deployment's ``--leader-election-lease-name``."""
     from kubernetes.dynamic import DynamicClient
 
-    from tests.helm.chart import render
+    from tests.helm.chart import container_args, render
 
     manifests = render(CHART_VALUES, namespace=namespace, release=unique_name("csr"))
     dyn = DynamicClient(kube.api_client)
@@ -68,7 +69,8 @@ def _apply_chart_rbac(kube: KubeCluster, namespace: str) -> str:
                 body=m, namespace=m["metadata"].get("namespace")
             )
     [sa] = [m["metadata"]["name"] for m in manifests if m["kind"] == "ServiceAccount"]
-    return str(sa)
+    [lease] = [a.split("=", 1)[1] for a in container_args(manifests) if a.startswith("--leader-election-lease-name=")]
+    return str(sa), lease
 
 
 def _can(kube: KubeCluster, user: str, verb: str, resource: str, namespace: str = "") -> bool:
@@ -127,6 +129,8 @@ class Mesh:
     #: Kubeconfig (YAML) of B's least-privilege remote account, and of one with no rights at all.
     remote_kubeconfig: str
     powerless_kubeconfig: str
+    #: The leader-election Lease (in A's istio-system).
+    lease: str
     #: Starts another csr-service with the same configuration (a restart, a second replica).
     another: Callable[[], AbstractContextManager[DevServer]]
 
@@ -170,7 +174,7 @@ def mesh(own_kube: KubeCluster, remote_kube: KubeCluster, tmp_path_factory: pyte
     # csr-service's own account in A: the chart's.
     ns = a.create_namespace(unique_name("csr-system"))
     a.create_namespace("istio-system")
-    own_sa = _apply_chart_rbac(a, ns)
+    own_sa, lease = _apply_chart_rbac(a, ns)
     own_token = a.token(ns, own_sa, audiences=[], expiration_seconds=86400)
     _wait_allowed(
         a,
@@ -199,6 +203,8 @@ def mesh(own_kube: KubeCluster, remote_kube: KubeCluster, tmp_path_factory: pyte
     args = (
         *("--cluster-id", A, "--multicluster-secrets", "--multicluster-namespace", ns, "--root-configmaps"),
         *("--ca-trusted-node-accounts", "istio-system/ztunnel"),
+        # The root ConfigMaps (local and remote) are leader-only work: under a real elector here.
+        *("--leader-election", "--leader-election-namespace", "istio-system", "--leader-election-lease-name", lease),
     )
 
     def another() -> AbstractContextManager[DevServer]:
@@ -213,6 +219,7 @@ def mesh(own_kube: KubeCluster, remote_kube: KubeCluster, tmp_path_factory: pyte
             f"system:serviceaccount:{ns}:{own_sa}",
             b.remote_kubeconfig(remote_token, B),
             b.remote_kubeconfig(powerless_token, B),
+            lease,
             another,
         )
 
@@ -284,6 +291,7 @@ def test_root_configmaps_are_kept_in_both_clusters(mesh: Mesh) -> None:
             return False
         return bool((cm.data or {}).get("root-cert.pem") == pem)
 
+    assert mesh.a.lease_holder("istio-system", mesh.lease)  # the elector holds the lease: we are leader
     wait_for(lambda: published(mesh.a, ns_a), timeout=60, what=f"{CM} in cluster A")
     wait_for(lambda: published(mesh.b, ns_b), timeout=60, what=f"{CM} in cluster B")
     # Repaired in B as in A.
