@@ -6,7 +6,7 @@ STATE_DIR ?= .dev-state
 GRPC_LISTEN ?= 127.0.0.1:6443
 UNIT := tests/unit
 # The bed-free tiers: unit tests plus the end-to-end tests that only start csr-service itself.
-PEER_MARKERS := kube or vault or certmanager or istio or istiod or helm or image
+PEER_MARKERS := kube or vault or certmanager or istio or istiod or helm or image or multicluster
 
 .PHONY: run test test-unit test-e2e testbed image lint bench proto docs clean venv
 

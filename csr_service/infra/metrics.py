@@ -176,6 +176,11 @@ AUTHN_CACHE = Counter(
     "Authentication cache lookups by authenticator and result (hit: no API call).",
     ["authenticator", "result"],
 )
+AUTHN_CLUSTER_CACHE = Counter(
+    "csr_service_authn_cluster_cache_requests",
+    "TokenReview cache lookups per cluster (--multicluster-secrets) and result (hit: no API call).",
+    ["cluster", "result"],
+)
 LEADER = Gauge(
     "csr_service_leader",
     "1 when this replica holds the leader lease (controllers run here), else 0.",
@@ -314,6 +319,7 @@ def refresh(
     serving_not_after: datetime | None,
     leader: bool | None,
     authn_cache: Iterable[tuple[str, str, int]] = (),
+    authn_cluster_cache: Iterable[tuple[str, str, int]] = (),
     in_flight_peak: int | None = None,
     never_served: int | None = None,
 ) -> None:
@@ -321,6 +327,7 @@ def refresh(
 
     ``authn_cache`` holds ``(authenticator, result, running total)`` as the authenticator
     counts them; the counter is advanced by the difference since the last call.
+    ``authn_cluster_cache`` holds ``(cluster id, result, running total)`` the same way.
     ``never_served`` is the running estimate of calls gRPC core refused or dropped from its
     queue (:class:`csr_service.transport.grpc_server.UnservedCalls`); the shed counter
     (reason ``queue_full``) follows its highest value, so it never goes back.
@@ -340,15 +347,22 @@ def refresh(
         SERVING_EXPIRY.set(ts)
     if leader is not None:
         LEADER.set(1 if leader else 0)
-    for authenticator, result, total in authn_cache:
-        key = (authenticator, result)
-        delta = total - _AUTHN_SEEN.get(key, 0)
+    _advance(AUTHN_CACHE, _AUTHN_SEEN, authn_cache)
+    _advance(AUTHN_CLUSTER_CACHE, _AUTHN_CLUSTER_SEEN, authn_cluster_cache)
+
+
+def _advance(counter: Counter, seen: dict[tuple[str, str], int], totals: Iterable[tuple[str, str, int]]) -> None:
+    """Advance ``counter`` by what each running total grew since the last call."""
+    for first, result, total in totals:
+        key = (first, result)
+        delta = total - seen.get(key, 0)
         if delta > 0:
-            AUTHN_CACHE.labels(authenticator, result).inc(delta)
-        _AUTHN_SEEN[key] = total
+            counter.labels(first, result).inc(delta)
+        seen[key] = total
 
 
 _AUTHN_SEEN: dict[tuple[str, str], int] = {}
+_AUTHN_CLUSTER_SEEN: dict[tuple[str, str], int] = {}
 _TOTALS_SEEN: dict[str, int] = {}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class PipelineSettings:
     trust_domain: str
-    cluster_ids: frozenset[str]
+    #: Accepted ``clusterid`` values: a set, or the live ClusterSet with remote clusters.
+    cluster_ids: Collection[str]
     max_duration: timedelta
     default_duration: timedelta
 
@@ -85,8 +86,9 @@ class CertificatePipeline:
     ) -> list[str]:
         """Run the pipeline; returns ``[leaf, intermediates..., root bundle]``."""
         started = time.perf_counter()
-        caller = await self.authenticator.authenticate(ctx)
+        # First: a cluster we do not serve costs no TokenReview.
         check_cluster_id(ctx, self.settings.cluster_ids)
+        caller = await self.authenticator.authenticate(ctx)
         identities = caller.identities
         requested = metadata.get(IMPERSONATION_KEY)
         if requested:

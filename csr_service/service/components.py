@@ -7,7 +7,7 @@ plain ``--root-ca-file`` setup) creates no Kubernetes client at all.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from csr_service.common.lifecycle import Component
@@ -65,15 +65,21 @@ def build_components(
     if c.root_configmaps:
         from csr_service.controllers.root_configmaps import RootConfigMapController
 
-        leader_only.append(
-            RootConfigMapController(
-                runtime.kube(),
-                trust,
+        def root_configmaps(api: Any, bundle: TrustBundle, cluster: str = "") -> RootConfigMapController:
+            return RootConfigMapController(
+                api,
+                bundle,
                 configmap_name=c.root_configmap_name,
                 namespace_selector=c.root_configmap_namespace_selector,
                 workers=c.root_configmap_workers,
+                cluster=cluster,
             )
-        )
+
+        leader_only.append(root_configmaps(runtime.kube(), trust))
+        if runtime.clusters is not None:  # --multicluster-secrets: the same in every remote cluster
+            from csr_service.controllers.remote_root_configmaps import RemoteRootConfigMaps
+
+            leader_only.append(RemoteRootConfigMaps(runtime.clusters, trust, controller=root_configmaps))
     if c.istiod_cert:
         from csr_service.controllers.istiod_cert import IstiodCertController, IstiodCertSpec
 

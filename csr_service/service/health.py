@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
@@ -141,7 +141,7 @@ class WorkerMonitor:
         issuers: IssuerSlot,
         serving: ServingCertificate | None,
         trust: TrustBundle,
-        authenticator: AuthenticatorAbilities | None = None,
+        authenticators: Sequence[AuthenticatorAbilities] = (),
         leader: LeaderReporter | None = None,
         publish: Callable[[ReadinessReport], None] | None = None,
         load: Callable[[], tuple[int, int | None]] | None = None,
@@ -151,7 +151,7 @@ class WorkerMonitor:
         self._issuers = issuers
         self._serving = serving
         self._trust = trust
-        self._authenticator = authenticator
+        self._authenticators = tuple(authenticators)
         self._leader = leader
         self._publish = publish
         self._load = load
@@ -170,16 +170,26 @@ class WorkerMonitor:
             # A replica without an elector reports nothing.
             leader=self._leader.is_leader if self._leader is not None else None,
             authn_cache=self._authn_cache(),
+            authn_cluster_cache=self._authn_cluster_cache(),
             in_flight_peak=in_flight_peak,
             never_served=never_served,
         )
 
     def _authn_cache(self) -> list[tuple[str, str, int]]:
-        authn = self._authenticator
-        if authn is None or authn.cache is None:
-            return []
-        hits, misses = authn.cache.cache_stats()
-        return [(authn.name, "hit", int(hits)), (authn.name, "miss", int(misses))]
+        totals = []
+        for authn in self._authenticators:
+            if authn.cache is not None:
+                hits, misses = authn.cache.cache_stats()
+                totals += [(authn.name, "hit", int(hits)), (authn.name, "miss", int(misses))]
+        return totals
+
+    def _authn_cluster_cache(self) -> list[tuple[str, str, int]]:
+        totals = []
+        for authn in self._authenticators:
+            if authn.cluster_cache is not None:
+                for cluster, (hits, misses) in sorted(authn.cluster_cache.cluster_cache_stats().items()):
+                    totals += [(cluster, "hit", int(hits)), (cluster, "miss", int(misses))]
+        return totals
 
     async def _tick_async(self) -> None:
         self.tick()

@@ -63,7 +63,7 @@ async def serve_forever(
         issuers=service.issuers,
         serving=service.serving,
         trust=service.trust,
-        authenticator=service.authenticator,
+        authenticators=service.authenticators,
         leader=next((c for c in service.components if isinstance(c, LeaderReporter)), None),
         publish=publish,
         load=service.load,

@@ -94,7 +94,6 @@ class ServingCertificate:
         self._key_type = key_type
         self._material: ServingMaterial | None = None
         self._lock = threading.Lock()
-        self._fetched: ServingMaterial | None = None
         self._failures = 0
         self._last_error: str | None = None
         self._renewal = BackgroundTask("serving-cert-renewal", self._renew, every=self._next_renewal, logger=log)
@@ -228,24 +227,45 @@ class ServingCertificate:
             log.error("serving certificate renewal failed (%d, %.0fs of validity left): %s", self._failures, left, why)
 
     # --- gRPC credentials ---------------------------------------------------------------
-    def _config(self, material: ServingMaterial) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration([(material.key_pem, material.chain_pem)])
+    def _config(self, material: ServingMaterial, client_roots: str | None) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(material.key_pem, material.chain_pem)],
+            root_certificates=client_roots.encode() if client_roots is not None else None,
+        )
 
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        # Called by gRPC core on its own thread for each new handshake: return a new config
-        # only when the certificate changed, else None ("keep using the current one").
-        with self._lock:
-            material = self._material
-            if material is None or material is self._fetched:
-                return None
-            self._fetched = material
-        return self._config(material)
+    def server_credentials(self, *, require_client_certificate: bool = False) -> grpc.ServerCredentials:
+        """Credentials whose certificate follows renewals without a restart.
 
-    def server_credentials(self) -> grpc.ServerCredentials:
-        """Credentials whose certificate follows renewals without a restart."""
+        With ``require_client_certificate`` the handshake requires a client certificate that
+        chains to the trust bundle; the bundle is read again on each new handshake, so root
+        rotations apply to new connections at once (existing ones keep their verified peer).
+        """
         material = self._material
         if material is None:
             raise RuntimeError("serving certificate not obtained yet")
-        self._fetched = material
+
+        def roots() -> tuple[int, str | None]:
+            snapshot = self._trust.current
+            return snapshot.version, snapshot.pem if require_client_certificate else None
+
+        version, pem = roots()
+        fetched: list[tuple[ServingMaterial, int]] = [(material, version)]
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # Called by gRPC core on its own thread for each new handshake: return a new config
+            # only when the certificate or (for mTLS) the trust bundle changed, else None
+            # ("keep using the current one").
+            with self._lock:
+                current = self._material
+                trust_version, trust_pem = roots()
+                if current is None or fetched[0] == (current, trust_version):
+                    return None
+                fetched[0] = (current, trust_version)
+            return self._config(current, trust_pem)
+
         # grpc-stubs types the fetcher as never returning None, but None means "unchanged".
-        return grpc.dynamic_ssl_server_credentials(self._config(material), self._fetch)  # type: ignore[arg-type]
+        return grpc.dynamic_ssl_server_credentials(
+            self._config(material, pem),
+            fetch,  # type: ignore[arg-type]
+            require_client_authentication=require_client_certificate,
+        )

@@ -76,6 +76,11 @@ def test_lint(tmp_path: Path) -> None:
         ({"app": {"extraArgs": ["serve"]}}, "does not match pattern"),
         ({"app": {"issuer": "local"}}, "app.local.secretName is required"),
         ({"app": {"issuer": "vault"}}, "app.vault.address is required"),
+        ({"app": {"server": {"authenticators": ["client-cert", "oidc"]}}}, "value must be one of"),
+        (
+            {"app": {"multicluster": {"enabled": True}, "server": {"authenticator": "jwks"}}},
+            "app.multicluster.enabled needs tokenreview",
+        ),
     ],
 )
 def test_bad_values_are_rejected(values: dict[str, Any], message: str) -> None:
@@ -283,3 +288,37 @@ def test_signer_values(tmp_path: Path) -> None:
     assert sign == [("*", "certificates.k8s.io", "signers", frozenset({"sign"}), tuple(signers))]
     only = flags(render(merge(values, {"app": {"signer": {"signerOnly": True}}})))
     assert only["grpc-listen"] == ""
+
+
+def test_client_cert_and_multicluster() -> None:
+    values = merge(
+        CERT_MANAGER,
+        {"app": {"server": {"authenticators": ["client-cert", "tokenreview"]}, "multicluster": {"enabled": True}}},
+    )
+    manifests = render(values, namespace="mesh-ca")
+    f = flags(manifests)
+    assert f["authenticators"] == "client-cert,tokenreview"
+    assert "authenticator" not in f
+    assert f["client-cert-grpc-listen"] == "0.0.0.0:6444"
+    assert f["multicluster-secrets"] == "true"
+    svc = one(manifests, "Service", "csr-service")
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
+        "grpc": (443, "grpc"),
+        "grpc-mtls": (444, "grpc-mtls"),
+    }
+    ports = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"name": "grpc-mtls", "containerPort": 6444, "protocol": "TCP"} in ports
+    granted = rules(manifests)
+    # The remote-cluster Secrets: read in the release namespace only, never cluster-wide.
+    secrets = [r for r in granted if r[2] == "secrets" and r[3] == {"list", "watch"}]
+    assert [(scope, names) for scope, _, _, _, names in secrets] == [("mesh-ca", ())]
+    assert f["multicluster-namespace"] == "mesh-ca"
+    assert ("*", "authentication.k8s.io", "tokenreviews", frozenset({"create"}), ()) in granted
+
+
+def test_authenticator_alone_still_renders_as_before() -> None:
+    f = flags(render(CERT_MANAGER))
+    assert f["authenticator"] == "tokenreview"
+    assert "authenticators" not in f
+    assert "client-cert-grpc-listen" not in f
+    assert "multicluster-secrets" not in f

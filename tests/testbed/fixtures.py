@@ -7,6 +7,7 @@ fixture                marker          what
 =====================  ==============  =====================================================
 ``kube``               ``kube``        etcd + kube-apiserver (session); ``KubeCluster``
 ``own_kube``           ``kube``        a private etcd + kube-apiserver per module, free to restart
+``remote_kube``        ``multicluster`` a second private etcd + kube-apiserver per module (a remote cluster)
 ``openbao``            ``vault``       OpenBao dev server with PKI + approle (session); ``OpenBao``
 ``openbao_kube_auth``  ``vault, kube`` kubernetes auth on ``openbao`` against ``kube``
 ``cert_manager``       ``certmanager`` CRDs + controllers + Ready CA issuers (session)
@@ -49,6 +50,7 @@ T = TypeVar("T")
 FIXTURE_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
     "kube": (("etcd", "kube-apiserver"), "kube"),
     "own_kube": (("etcd", "kube-apiserver"), "kube"),
+    "remote_kube": (("etcd", "kube-apiserver"), "multicluster"),
     "openbao": (("openbao",), "vault"),
     "openbao_kube_auth": (("openbao", "etcd", "kube-apiserver"), "kube"),
     "cert_manager": (
@@ -92,6 +94,19 @@ def own_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
     the apiserver (``restart_apiserver``, ``stop_apiserver``/``start_apiserver``) without
     disturbing the shared ``kube`` other tests and session peers use."""
     cluster = _start(start_kube, tmp_path_factory, "own-kube")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def remote_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
+    """A second private etcd + kube-apiserver for one module, next to ``own_kube`` or ``kube``: a
+    remote cluster of a multi-cluster mesh. ``start_kube`` gives it its own ports, etcd (data
+    dir, client and peer ports), certificates, service-account signing key and directory, so
+    tokens of one cluster mean nothing to the other; it may be stopped and restarted freely."""
+    cluster = _start(start_kube, tmp_path_factory, "remote-kube")
     try:
         yield cluster
     finally:
@@ -169,12 +184,13 @@ def container_image() -> ProjectImage:
 
 # ------------------------------------------------------------------ collection hooks
 #: A marker that implies others: cert-manager tests need kube, but `-m kube` should not run them.
-IMPLIED_MARKERS = {"certmanager": {"kube"}, "istiod": {"kube"}}
+IMPLIED_MARKERS = {"certmanager": {"kube"}, "istiod": {"kube"}, "multicluster": {"kube"}}
 #: What a peer marker brings. A test body run against a fake and the real peer gets the peer
 #: from a parametrized fixture calling ``request.getfixturevalue`` for the real half only,
 #: which the fixture scan cannot see; its marker (on that half alone) still says what to build.
 MARKER_NEEDS: dict[str, tuple[str, ...]] = {
     "kube": FIXTURE_NEEDS["kube"][0],
+    "multicluster": FIXTURE_NEEDS["remote_kube"][0],
     "vault": FIXTURE_NEEDS["openbao"][0],
     "certmanager": FIXTURE_NEEDS["cert_manager"][0],
     "istio": FIXTURE_NEEDS["istio_client"][0],
