@@ -518,9 +518,10 @@ class Config:
     log_format: str = "text"
 
     @property
-    def authenticator(self) -> PluginChoice:
-        """The first of :attr:`authenticators` (what ``--authenticator`` selects)."""
-        return self.authenticators[0]
+    def authenticator(self) -> PluginChoice | None:
+        """The first of :attr:`authenticators` (what ``--authenticator`` selects); None when the
+        gRPC service is off."""
+        return self.authenticators[0] if self.authenticators else None
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> Config:

@@ -160,7 +160,9 @@ def _config(**flags: Any) -> Config:
 
 def test_authenticator_flag_is_a_list_of_one() -> None:
     assert [a.name for a in _config(authenticator="tokenreview").authenticators] == ["tokenreview"]
-    assert _config(authenticator="tokenreview").authenticator.name == "tokenreview"
+    first = _config(authenticator="tokenreview").authenticator
+    assert first is not None
+    assert first.name == "tokenreview"
 
 
 def test_authenticators_list_in_order() -> None:
