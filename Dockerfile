@@ -6,6 +6,12 @@
 # tests do (tests/helm/test_dockerfile.py runs this install step outside Docker). Every
 # dependency ships manylinux wheels, so no compiler is needed even here; the final stage gets
 # only the wheels, installs them offline and drops pip.
+#
+# Build arguments (`make image` sets them from git; docs/install.md, "Building the image"):
+#   PYTHON_IMAGE  the base (the test bed builds a local stand-in where no registry is reachable)
+#   VERSION       the distribution version in pyproject.toml (the wheel installed, the label)
+#   REVISION      the git commit; `csr-service --version` and the OCI label report it
+#   SOURCE        the repository URL for the OCI label
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -13,21 +19,31 @@ WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 COPY pyproject.toml README.md ./
+# The dependencies first, from pyproject.toml alone (empty packages stand in for ours): this
+# layer is reused until pyproject.toml changes, so a source change or a new commit does not
+# download them again. The vault extra (hvac) is included: one image serves every issuer.
+RUN mkdir csr_service issuers \
+    && touch csr_service/__init__.py issuers/__init__.py \
+    && pip wheel --wheel-dir /wheels ".[vault]" \
+    && rm -rf /wheels/csr_service-* csr_service issuers build ./*.egg-info
 COPY csr_service ./csr_service
 # The built-in issuer plugins (registered as entry points in pyproject.toml).
 COPY issuers ./issuers
-# The vault extra (hvac) is included: one image serves every issuer.
-RUN pip wheel --wheel-dir /wheels ".[vault]"
+ARG REVISION=unknown
+# The commit goes into the wheel itself (package data), so `--version` reports what was built.
+RUN printf '%s\n' "${REVISION}" > csr_service/BUILD_REVISION \
+    && pip wheel --no-deps --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0
 ARG REVISION=unknown
+ARG SOURCE=https://github.com/csr-service/csr-service
 LABEL org.opencontainers.image.title="csr-service" \
       org.opencontainers.image.description="An external certificate authority for Istio (istio.v1.auth.IstioCertificateService) with cert-manager, Vault/OpenBao and local CA issuers" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.source="https://github.com/csr-service/csr-service" \
+      org.opencontainers.image.source="${SOURCE}" \
       org.opencontainers.image.documentation="https://github.com/csr-service/csr-service/blob/main/docs/install.md"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

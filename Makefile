@@ -6,9 +6,9 @@ STATE_DIR ?= .dev-state
 GRPC_LISTEN ?= 127.0.0.1:6443
 UNIT := tests/unit
 # The bed-free tiers: unit tests plus the end-to-end tests that only start csr-service itself.
-PEER_MARKERS := kube or vault or certmanager or istio or istiod or helm
+PEER_MARKERS := kube or vault or certmanager or istio or istiod or helm or image or multicluster
 
-.PHONY: run test test-unit test-e2e testbed lint bench proto docs clean venv
+.PHONY: run test test-unit test-e2e testbed image lint bench proto docs clean venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,11 @@ venv: $(VENV)/.installed
 run: venv
 	$(VENV)/bin/csr-service serve --dev --state-dir $(STATE_DIR) --grpc-listen $(GRPC_LISTEN)
 
-## test: set up the test bed and run the whole suite (lint, unit, e2e, integration)
-test: venv lint testbed
+## test: set up the test bed and run the whole suite (lint, unit, e2e, integration, image)
+# The peers are built first; the container image (root only) is built by pytest for the image
+# tests, so where it cannot be built those tests fail with the reason and the rest still run.
+test: venv lint
+	$(PY) -m tests.testbed.install peers
 	$(PY) -m pytest tests
 
 ## test-unit: the fast tier, no test bed needed
@@ -37,6 +40,10 @@ test-e2e: venv
 ## testbed: build or reuse every test-bed component (cache: ~/.cache/csr-service/testbed)
 testbed: venv
 	$(PY) -m tests.testbed.install all
+
+## image: build the container image from this tree on a local Python base (podman, as root; docs/install.md)
+image: venv
+	$(PY) -m tests.testbed.containers build
 
 lint: venv
 	$(VENV)/bin/ruff check csr_service issuers tests bench scripts

@@ -106,14 +106,21 @@ def ghz_command(
     validity: int = 3600,
     rps: int = 0,
     timeout: str = "20s",
+    client_cert: Path | None = None,
+    client_key: Path | None = None,
+    cluster_id: str = "Kubernetes",
 ) -> list[str]:
     """The ghz command line for ``requests`` CreateCertificate calls (JSON report on stdout).
 
     ``rps`` > 0 paces the calls (ghz's ``--rps``: an offered rate, as long as ``concurrency``
     workers are enough to keep it up); 0 sends the next call as soon as a worker is free.
+    ``client_cert``/``client_key`` present a TLS client certificate (the ``client-cert``
+    authenticator); an empty ``token`` then sends no authorization header.
     """
     data = json.dumps({"csr": csr_pem, "validity_duration": validity})
-    md = json.dumps({"authorization": f"Bearer {token}", "clusterid": "Kubernetes"})
+    md = json.dumps(
+        {"authorization": f"Bearer {token}", "clusterid": cluster_id} if token else {"clusterid": cluster_id}
+    )
     cmd = [
         str(ghz_binary()),
         "--proto", str(PROTO_DIR / "istio/v1/auth/ca.proto"),
@@ -139,6 +146,8 @@ def ghz_command(
     ]  # fmt: skip
     if rps > 0:
         cmd += ["--rps", str(rps)]
+    if client_cert is not None and client_key is not None:
+        cmd += ["--cert", str(client_cert), "--key", str(client_key)]
     return [*cmd, address]
 
 
@@ -155,9 +164,15 @@ def run_ghz(
     connections: int,
     server_name: str = "localhost",
     validity: int = 3600,
+    client_cert: Path | None = None,
+    client_key: Path | None = None,
+    cluster_id: str = "Kubernetes",
 ) -> LoadResult:
     """One ghz run against ``address``; samples the server's CPU and RSS meanwhile."""
     cmd = ghz_command(
+        client_cert=client_cert,
+        client_key=client_key,
+        cluster_id=cluster_id,
         address=address,
         root_cert=root_cert,
         token=token,

@@ -1,6 +1,7 @@
 """Benchmark: a mesh restart. N distinct service accounts ask for their first certificate at once.
 
     python -m bench.storm [--accounts 10000] [--workers 2] [--ramp 0] [--compare jwks]
+                          [--variant "--max-connections 0" ...]
 
 Starts the test bed's etcd + kube-apiserver, creates ``--accounts`` ServiceAccounts (100 per
 namespace) and mints a TokenRequest token (audience istio-ca) for each, concurrently, and makes
@@ -17,8 +18,11 @@ apiserver's ``apiserver_request_total{resource="tokenreviews"}``), CPU of csr-se
 apiserver and of the load client, and whether every workload holds a certificate for its own
 identity that chains to the root. ``--compare jwks`` runs the same storm (same workloads, a
 fresh server) with ``--authenticator jwks``: no apiserver call per token, so the difference is
-what the TokenReview round trips cost. Numbers are printed, never asserted; everything shares
-the machine's cores.
+what the TokenReview round trips cost. Each ``--variant "FLAGS"`` runs the tokenreview storm
+once more against a fresh server with those extra ``serve`` flags (e.g. another
+``--max-connections``), so a default can be weighed against the same workloads in the same run;
+the peak RSS of csr-service (all workers) is printed for each. Numbers are printed, never
+asserted; everything shares the machine's cores.
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ import argparse
 import asyncio
 import contextlib
 import resource
+import shlex
 import ssl
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.common import cpu_seconds, process_tree
+from bench.common import cpu_seconds, process_tree, rss_mib
 from csr_service.pki.keys import KeyType
 from csr_service.pki.pem import parse_certs
 from tests.integration.kube_authn.conftest import new_csr_service_account
@@ -76,9 +82,40 @@ def apiserver_pid(kube: KubeCluster) -> int:
     return next(p.pid for p in kube._procs if p.name == "kube-apiserver")
 
 
+class PeakRss:
+    """Samples the RSS of a process tree every ``interval`` s in a thread; ``peak`` in MiB."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        self._pid = pid
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
+        self.peak = 0.0
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_mib(process_tree(self._pid)))
+            if self._stop.wait(self._interval):
+                return
+
+
 @contextlib.contextmanager
 def csr_service(
-    kube: KubeCluster, kubeconfig: Path, ca_dir: Path, workdir: Path, authenticator: str, workers: int
+    kube: KubeCluster,
+    kubeconfig: Path,
+    ca_dir: Path,
+    workdir: Path,
+    authenticator: str,
+    workers: int,
+    extra: list[str],
 ) -> Iterator[tuple[DevServer, int]]:
     port, http_port = free_port(), free_port()
     args = [
@@ -87,6 +124,7 @@ def csr_service(
         *("--grpc-listen", f"127.0.0.1:{port}", "--http-listen", f"127.0.0.1:{http_port}"),
         *("--serving-dns-names", "localhost", "--serving-ip-addresses", "127.0.0.1"),
         *("--workers", str(workers), "--log-level", "warning"),
+        *extra,
     ]
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"server-{authenticator}.log"
@@ -113,23 +151,27 @@ def run_storm(
     ramp: float,
     give_up_after: float,
     call_timeout: float,
+    extra: list[str] | None = None,
 ) -> FleetReport:
     roots = parse_certs((ca_dir / "root-cert.pem").read_bytes())
-    with csr_service(kube, kubeconfig, ca_dir, workdir, authenticator, workers) as (srv, http_port):
+    extra = extra or []
+    with csr_service(kube, kubeconfig, ca_dir, workdir, authenticator, workers, extra) as (srv, http_port):
         reviews0 = apiserver_tokenreviews(kube)
         pids, kas = process_tree(srv.proc.pid), apiserver_pid(kube)
         cpu0, kas0 = cpu_seconds(pids), cpu_seconds([kas])
         self0 = resource.getrusage(resource.RUSAGE_SELF)
-        report = asyncio.run(
-            storm(
-                workloads,
-                srv.address,
-                srv.root_cert.read_bytes(),
-                ramp=ramp,
-                give_up_after=give_up_after,
-                call_timeout=call_timeout,
+        rss0 = rss_mib(pids)
+        with PeakRss(srv.proc.pid) as rss:
+            report = asyncio.run(
+                storm(
+                    workloads,
+                    srv.address,
+                    srv.root_cert.read_bytes(),
+                    ramp=ramp,
+                    give_up_after=give_up_after,
+                    call_timeout=call_timeout,
+                )
             )
-        )
         self1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu1, kas1 = cpu_seconds(process_tree(srv.proc.pid)), cpu_seconds([kas])
         time.sleep(3)  # workers publish their counters every 2 s
@@ -139,7 +181,8 @@ def run_storm(
     client_cpu = (self1.ru_utime + self1.ru_stime) - (self0.ru_utime + self0.ru_stime)
     problems = report.problems(roots)
     non_retryable = report.non_retryable()
-    print(f"--authenticator {authenticator}, {workers} worker(s), {len(workloads)} workloads, ramp {ramp:g} s")
+    flags = f" {shlex.join(extra)}" if extra else ""
+    print(f"--authenticator {authenticator}{flags}, {workers} worker(s), {len(workloads)} workloads, ramp {ramp:g} s")
     print(f"  {report.summary()}")
     print(
         f"  non-retryable errors: {len(non_retryable)}; client deadlines (hangs): {len(report.client_deadlines())}; "
@@ -157,6 +200,7 @@ def run_storm(
         f"  CPU during the storm: csr-service {cpu1 - cpu0:.1f} s, kube-apiserver {kas1 - kas0:.1f} s, "
         f"load client {client_cpu:.1f} s (wall {report.elapsed:.1f} s, 2 cores shared)"
     )
+    print(f"  csr-service RSS: {rss0:.0f} MiB before, peak {rss.peak:.0f} MiB during the storm")
     return report
 
 
@@ -167,6 +211,13 @@ def main() -> None:
     ap.add_argument("--ramp", type=float, default=0.0, help="spread the workloads' start over this many seconds")
     ap.add_argument("--key-type", choices=sorted(KEY_TYPES), default="ec-p256")
     ap.add_argument("--compare", default="jwks", help="comma-separated other authenticators to run ('' for none)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="FLAGS",
+        help="also run the tokenreview storm with these extra serve flags (repeatable), e.g. '--max-connections 0'",
+    )
     ap.add_argument("--give-up-after", type=float, default=300.0)
     ap.add_argument(
         "--call-timeout",
@@ -194,18 +245,21 @@ def main() -> None:
             ca_dir = work / "ca"
             ca_dir.mkdir()
             write_ca_dir(ca_dir)
-            for authenticator in ["tokenreview", *filter(None, args.compare.split(","))]:
+            runs = [("tokenreview", []), *(("tokenreview", shlex.split(v)) for v in args.variant)]
+            runs += [(a, []) for a in filter(None, args.compare.split(","))]
+            for i, (authenticator, extra) in enumerate(runs):
                 run_storm(
                     kube,
                     account.kubeconfig,
                     ca_dir,
-                    work / authenticator,
+                    work / f"{i}-{authenticator}",
                     workloads,
                     authenticator=authenticator,
                     workers=args.workers,
                     ramp=args.ramp,
                     give_up_after=args.give_up_after,
                     call_timeout=args.call_timeout,
+                    extra=extra,
                 )
         finally:
             kube.stop()

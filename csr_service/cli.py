@@ -10,6 +10,7 @@ import argparse
 import ipaddress
 import sys
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ _GROUP_TITLES = {
     "auth": "caller authentication",
     "kubernetes": "Kubernetes API access",
     "controllers": "Kubernetes controllers (root ConfigMaps, leader election, istiod-tls, runtime issuer)",
+    "signer": "Kubernetes CSR signer (istiod EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API)",
     "issuer": "issuer selection",
 }
 
@@ -40,6 +42,8 @@ def _serve_parser(sub: Any) -> None:
         "environment variable (shown in brackets) or in the --config TOML file.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # Also here: the image's entrypoint is `csr-service serve`, so `docker run IMAGE --version` lands here.
+    p.add_argument("--version", action="version", version=version_text())
     groups: dict[str, Any] = {}
     for opt in all_options():
         title = _GROUP_TITLES.get(opt.group, f"issuer '{opt.group}'")
@@ -94,7 +98,7 @@ def _banner(config: Config, port: int) -> str:
     state = Path(config.state_dir).resolve()
     addr = f"127.0.0.1:{port}"
     return f"""
-csr-service {__version__} (dev mode) is serving on {addr} (TLS)
+{version_text()} (dev mode) is serving on {addr} (TLS)
 
   state directory   {state}
   trust bundle      {state / "root-cert.pem"}   (the root Istio workloads trust)
@@ -121,8 +125,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(port: int) -> None:
         if config.dev:
             print(_banner(config, port), flush=True)
+        elif port:
+            print(f"{version_text()} serving on port {port}", flush=True)
         else:
-            print(f"csr-service {__version__} serving on port {port}", flush=True)
+            print(f"{version_text()} running without a gRPC service (--grpc-listen is empty)", flush=True)
 
     return run(config, on_ready=ready)
 
@@ -177,9 +183,22 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return run(AgentSettings.from_args(args))
 
 
+def version_text() -> str:
+    """``csr-service <version>``, plus the git commit when the installation was stamped with one.
+
+    The image's build stage writes ``csr_service/BUILD_REVISION`` before building the wheel
+    (Dockerfile, build argument REVISION); a checkout or a plain wheel has no such file.
+    """
+    try:
+        revision = resources.files("csr_service").joinpath("BUILD_REVISION").read_text().strip()
+    except OSError:
+        revision = ""
+    return f"csr-service {__version__}" + (f" (revision {revision})" if revision else "")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csr-service", description="An external certificate authority for Istio.")
-    parser.add_argument("--version", action="version", version=f"csr-service {__version__}")
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
 

@@ -22,9 +22,10 @@ from typing import Any
 from csr_service.common.durations import parse_duration
 from csr_service.common.errors import ConfigError
 from csr_service.common.options import Option
-from csr_service.controllers.options import CONTROLLER_OPTIONS, TRUST_SOURCE_OPTIONS
+from csr_service.controllers.options import CONTROLLER_OPTIONS, SIGNER_OPTIONS, TRUST_SOURCE_OPTIONS
 from csr_service.controllers.settings import ControllerSettings
 from csr_service.kube.client import KubeSettings
+from csr_service.kube.clusters import MulticlusterSettings
 from csr_service.pki.keys import KeyType
 from csr_service.plugins.registry import AUTHENTICATORS, ISSUERS, Kind, find, kind_options, plugin_values
 from csr_service.plugins.runtime import Runtime
@@ -51,7 +52,8 @@ CORE_OPTIONS: list[Option] = [
     # --- gRPC transport
     Option(
         "grpc-listen",
-        "Address of the TLS gRPC listener.",
+        "Address of the TLS gRPC listener. Empty: no gRPC service (e.g. only the Kubernetes CSR signer; "
+        "then no authenticator is needed).",
         "0.0.0.0:6443",
         group="server",
         metavar="HOST:PORT",
@@ -59,6 +61,15 @@ CORE_OPTIONS: list[Option] = [
     Option(
         "insecure-grpc-listen",
         "INSECURE: also serve gRPC in plaintext on this address (tokens travel in the clear). Empty: off.",
+        "",
+        group="server",
+        metavar="HOST:PORT",
+    ),
+    Option(
+        "client-cert-grpc-listen",
+        "Address of a second TLS gRPC listener that requires a client certificate chaining to the trust "
+        "bundle (mTLS), for callers that authenticate with the certificate they hold (--authenticators "
+        "client-cert,...; istio-agent's PROV_CERT). Empty: off. See docs/kubernetes.md.",
         "",
         group="server",
         metavar="HOST:PORT",
@@ -219,9 +230,17 @@ CORE_OPTIONS: list[Option] = [
         "authenticator",
         "How callers are authenticated: jwt (keys from --jwt-jwks-file), tokenreview (ask the apiserver; "
         "the in-cluster choice), jwks (the apiserver's published keys), or an installed plugin. "
-        "See docs/kubernetes.md.",
+        "See docs/kubernetes.md. A one-element --authenticators.",
         "jwt",
         group="auth",
+    ),
+    Option(
+        "authenticators",
+        "Ordered authenticators, like istiod's (e.g. client-cert,tokenreview): the first that recognises "
+        "the call's credential (a client certificate, a bearer token) decides. Empty: --authenticator.",
+        (),
+        group="auth",
+        kind="list",
     ),
     Option(
         "ca-trusted-node-accounts",
@@ -255,8 +274,28 @@ CORE_OPTIONS: list[Option] = [
         group="kubernetes",
         kind="duration",
     ),
+    # --- multi-cluster (primary-remote / multi-primary meshes with one CA)
+    Option(
+        "multicluster-secrets",
+        "Serve remote clusters too: watch Secrets labelled istio/multiCluster=true in --multicluster-namespace, "
+        "in istiod's remote-secret format (each data key a cluster id, its value a kubeconfig: "
+        "`istioctl create-remote-secret` output). A workload's clusterid picks the apiserver that reviews its "
+        "token (needs tokenreview in --authenticators); root ConfigMaps are kept there too. See docs/multicluster.md.",
+        False,
+        group="multicluster",
+        kind="bool",
+    ),
+    Option(
+        "multicluster-namespace",
+        "Namespace of the remote-cluster Secrets (csr-service's own); empty: $POD_NAMESPACE or the "
+        "service-account mount's namespace.",
+        "",
+        group="multicluster",
+    ),
     # --- Kubernetes controllers (root ConfigMaps, leader election, istiod-tls, runtime issuer)
     *CONTROLLER_OPTIONS,
+    # --- the Kubernetes CSR signer (istiod's EXTERNAL_CA mode)
+    *SIGNER_OPTIONS,
     # --- issuer
     Option(
         "issuer",
@@ -357,6 +396,39 @@ def _check_load_limits(v: Mapping[str, Any]) -> None:
         raise ConfigError("--per-identity-burst: must be >= 1")
 
 
+def _check_client_cert(v: Mapping[str, Any], authenticators: tuple[PluginChoice, ...]) -> None:
+    """The client-cert authenticator and the listener that asks for certificates come together.
+
+    gRPC Python cannot ask for a client certificate without requiring one (its server
+    credentials either do not request one or require and verify it), so certificates are
+    accepted on a listener of their own; either half alone would be a silent no-op.
+    """
+    listen = v["client-cert-grpc-listen"]
+    wanted = any(a.name == "client-cert" for a in authenticators)
+    if listen:
+        _host_port(listen, "client-cert-grpc-listen")
+        if not wanted:
+            raise ConfigError(
+                "--client-cert-grpc-listen: add client-cert to --authenticators (e.g. client-cert,tokenreview)"
+            )
+    elif wanted:
+        raise ConfigError(
+            "--authenticators client-cert: needs --client-cert-grpc-listen (the listener that asks for certificates)"
+        )
+
+
+def _multicluster(v: Mapping[str, Any], authenticators: tuple[PluginChoice, ...]) -> MulticlusterSettings | None:
+    if not v["multicluster-secrets"]:
+        return None
+    names = [a.name for a in authenticators]
+    # Only a TokenReview asks the caller's own cluster; a JWKS file or the local apiserver's keys
+    # would accept the clusterid of any remote without checking it. An authenticator listed
+    # before tokenreview that also takes bearer tokens would decide instead of it.
+    if "tokenreview" not in names or any(n in ("jwt", "jwks") for n in names[: names.index("tokenreview")]):
+        raise ConfigError("--multicluster-secrets: needs tokenreview in --authenticators, before jwt and jwks")
+    return MulticlusterSettings(namespace=v["multicluster-namespace"])
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     grpc_listen: str
@@ -375,6 +447,8 @@ class ServerConfig:
     max_connection_idle: timedelta = timedelta(minutes=5)
     max_connection_age: timedelta = timedelta(minutes=30)
     tls_handshake_timeout: timedelta = timedelta(seconds=10)
+    #: The mTLS listener (a client certificate required), for ``--authenticators client-cert``.
+    client_cert_grpc_listen: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,12 +474,28 @@ class PluginChoice:
     values: Mapping[str, Any] = field(repr=False)
 
     @classmethod
-    def select(cls, kind: Kind, v: Mapping[str, Any]) -> PluginChoice:
-        """The plugin named by ``--<kind.flag>``, with its values validated by the plugin."""
-        plugin = find(kind, v[kind.flag])
+    def select(cls, kind: Kind, v: Mapping[str, Any], name: str | None = None) -> PluginChoice:
+        """The plugin named ``name`` (default: by ``--<kind.flag>``), its values validated by the plugin."""
+        plugin = find(kind, v[kind.flag] if name is None else name)
         values = plugin_values(plugin, v)
         plugin.validate(values)
         return cls(plugin.name, values)
+
+
+def _authenticators(v: Mapping[str, Any]) -> tuple[PluginChoice, ...]:
+    """``--authenticators``, or ``--authenticator`` as a list of one (configurations before the list)."""
+    names = tuple(v["authenticators"])
+    if not names:
+        return (PluginChoice.select(AUTHENTICATORS, v),)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--authenticators: {', '.join(names)} names one authenticator twice")
+    default = next(o.default for o in CORE_OPTIONS if o.name == "authenticator")
+    if v["authenticator"] not in (default, *names):
+        raise ConfigError(
+            f"--authenticator {v['authenticator']} and --authenticators {','.join(names)} disagree; "
+            "set only --authenticators"
+        )
+    return tuple(PluginChoice.select(AUTHENTICATORS, v, name) for name in names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,21 +504,39 @@ class Config:
 
     server: ServerConfig
     pipeline: PipelineConfig
-    authenticator: PluginChoice
+    #: ``--authenticators`` in order (``--authenticator`` alone is a list of one); empty when the
+    #: gRPC service is off (``--grpc-listen ''``: istiod authenticates for the CSR signer).
+    authenticators: tuple[PluginChoice, ...]
     issuer: PluginChoice
     kube: KubeSettings | None = None
     controllers: ControllerSettings | None = None
+    #: ``--multicluster-secrets``: remote clusters from Secrets; None: this cluster only.
+    multicluster: MulticlusterSettings | None = None
     dev: bool = False
     state_dir: str = ".dev-state"
     log_level: str = "info"
     log_format: str = "text"
 
+    @property
+    def authenticator(self) -> PluginChoice | None:
+        """The first of :attr:`authenticators` (what ``--authenticator`` selects); None when the
+        gRPC service is off."""
+        return self.authenticators[0] if self.authenticators else None
+
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> Config:
         """Validate resolved option values (see :func:`resolve`) and build the config."""
-        _host_port(v["grpc-listen"], "grpc-listen")
+        if v["grpc-listen"]:
+            _host_port(v["grpc-listen"], "grpc-listen")
+        elif not v["k8s-signer-names"]:
+            raise ConfigError("--grpc-listen: empty turns the gRPC service off; then give --k8s-signer-names")
+        elif v["insecure-grpc-listen"]:
+            raise ConfigError("--insecure-grpc-listen: needs the gRPC service (--grpc-listen)")
         if v["insecure-grpc-listen"]:
             _host_port(v["insecure-grpc-listen"], "insecure-grpc-listen")
+        # Without gRPC nobody is authenticated here (istiod authenticates for the CSR signer).
+        authenticators = _authenticators(v) if v["grpc-listen"] else ()
+        _check_client_cert(v, authenticators)
         if v["http-listen"]:
             _host_port(v["http-listen"], "http-listen")
         workers = v["workers"]
@@ -436,6 +544,8 @@ class Config:
             raise ConfigError("--workers: must be >= 0")
         if workers == 0:
             workers = max(1, len(os.sched_getaffinity(0)))
+        if not v["grpc-listen"]:
+            workers = 1  # the worker processes share the gRPC port; without it one process does it all
         for ip in v["serving-ip-addresses"]:
             try:
                 ipaddress.ip_address(ip)
@@ -489,6 +599,7 @@ class Config:
                 max_connection_idle=v["max-connection-idle"],
                 max_connection_age=v["max-connection-age"],
                 tls_handshake_timeout=v["tls-handshake-timeout"],
+                client_cert_grpc_listen=v["client-cert-grpc-listen"] or None,
             ),
             pipeline=PipelineConfig(
                 trust_domain=v["trust-domain"],
@@ -501,10 +612,11 @@ class Config:
                 per_identity_rate=float(v["per-identity-rate"]),
                 per_identity_burst=v["per-identity-burst"],
             ),
-            authenticator=PluginChoice.select(AUTHENTICATORS, v),
+            authenticators=authenticators,
             issuer=PluginChoice.select(ISSUERS, v),
             kube=KubeSettings.from_values(dict(v)),
             controllers=ControllerSettings.from_values(v),
+            multicluster=_multicluster(v, authenticators),
             dev=v["dev"],
             state_dir=v["state-dir"],
             log_level=v["log-level"].lower(),

@@ -11,6 +11,7 @@ never keys, tokens or whole CSRs::
     ├── InvalidRequestError        INVALID_ARGUMENT  bad or forbidden CSR, bad metadata
     ├── PermissionDeniedError      PERMISSION_DENIED request denied (cert-manager), impersonation refused
     ├── FailedPreconditionError    FAILED_PRECONDITION no issuer, CA expired, backend refuses a valid CSR
+    │   └── MissingUsageError                         the issued leaf lacks a key usage (backend misconfigured)
     ├── UnavailableError           UNAVAILABLE       backend down, sealed, connection errors (retryable)
     ├── ResourceExhaustedError     RESOURCE_EXHAUSTED backend 429, our own concurrency limit (retryable)
     │   └── LoadShedError                             refused by our own limits before any work
@@ -32,6 +33,7 @@ __all__ = [
     "InternalError",
     "InvalidRequestError",
     "LoadShedError",
+    "MissingUsageError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "UnavailableError",
@@ -73,6 +75,11 @@ class PermissionDeniedError(CSRServiceError):
 
 class FailedPreconditionError(CSRServiceError):
     """The system is not in a state to serve this request until an operator acts."""
+
+
+class MissingUsageError(FailedPreconditionError):
+    """The issuer returned a leaf without a key usage Istio's CA puts in: its backend decides
+    usages on its own (a Vault role's ``server_flag``) and is misconfigured. Never returned."""
 
 
 class UnavailableError(CSRServiceError):

@@ -1,4 +1,4 @@
-"""What a pipeline step knows about the call: metadata, peer, request id."""
+"""What a pipeline step knows about the call: metadata, peer, TLS client certificate, request id."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ class RequestContext:
     metadata: Mapping[str, str] = field(default_factory=dict)
     peer: str = ""
     request_id: str = field(default_factory=new_request_id)
+    #: The TLS client certificate chain the caller presented (PEM, leaf first), empty if none.
+    #: Only the listener of ``--client-cert-grpc-listen`` asks for one; gRPC core has already
+    #: checked it chains to the trust bundle, and the ``client-cert`` authenticator checks again.
+    peer_certificates: tuple[bytes, ...] = ()
 
     def bearer_token(self) -> str | None:
         """The token from ``authorization: Bearer <token>``, or None if absent/malformed."""

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from csr_service.common.options import Option
 
-__all__ = ["CONTROLLER_OPTIONS", "TRUST_SOURCE_OPTIONS"]
+__all__ = ["CONTROLLER_OPTIONS", "SIGNER_OPTIONS", "TRUST_SOURCE_OPTIONS"]
 
 #: Where the trust bundle comes from, next to the core ``--root-ca-file``.
 TRUST_SOURCE_OPTIONS = [
@@ -156,5 +156,67 @@ CONTROLLER_OPTIONS = [
         "",
         group="controllers",
         metavar="NS/NAME",
+    ),
+]
+
+#: The Kubernetes CSR signer for istiod's EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API mode
+#: (docs/istiod-external-ca.md). Off unless --k8s-signer-names is given.
+SIGNER_OPTIONS = [
+    Option(
+        "k8s-signer-names",
+        "Sign certificates.k8s.io CertificateSigningRequests of these signerNames (exact names, or DOMAIN/* "
+        "for every signer under a domain): istiod's K8S_SIGNER and CERT_SIGNER_DOMAIN/<CertSigner>. "
+        "Empty: the signer is off. Names under kubernetes.io are refused.",
+        (),
+        group="signer",
+        kind="list",
+    ),
+    Option(
+        "k8s-signer-requesters",
+        "Users whose CSRs are signed (spec.username, set by the apiserver); any other requester's CSR gets "
+        "a Failed condition.",
+        ("system:serviceaccount:istio-system:istiod",),
+        group="signer",
+        kind="list",
+    ),
+    Option(
+        "k8s-signer-issuers-file",
+        "TOML file with one table per signerName choosing its issuer, in the keys of the runtime issuer "
+        'ConfigMap (issuer = "vault", vault-role = ..., root-ca-file = ...); signer names not in it sign '
+        "with --issuer. Empty: every signer name signs with --issuer.",
+        "",
+        group="signer",
+        kind="path",
+    ),
+    Option(
+        "k8s-signer-istiod-signer-names",
+        "Signer names on which istiod's own serving certificate (DNS names only, PILOT_CERT_PROVIDER="
+        "k8s.io/<name>) may be signed. Empty: such CSRs get Failed.",
+        (),
+        group="signer",
+        kind="list",
+    ),
+    Option(
+        "k8s-signer-istiod-dns-names",
+        "DNS names istiod's own certificate may carry; empty: istiod.<ns>.svc (istiod-<rev>.<ns>.svc for "
+        "other --istio-revisions), istiod-remote.<ns>.svc and istio-pilot.<ns>.svc of --istio-namespace, "
+        "the names istiod asks for.",
+        (),
+        group="signer",
+        kind="list",
+    ),
+    Option(
+        "k8s-signer-istiod-max-duration",
+        "Upper bound on istiod's own certificate (istiod asks for 10 years and renews at half the lifetime).",
+        timedelta(days=30),
+        group="signer",
+        kind="duration",
+    ),
+    Option(
+        "k8s-signer-workers",
+        "CSRs signed in parallel.",
+        16,
+        group="signer",
+        kind="int",
     ),
 ]

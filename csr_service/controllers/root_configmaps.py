@@ -62,6 +62,14 @@ def is_up_to_date(cm: Any, pem: str) -> bool:
     return bool((cm.data or {}).get(ROOT_CERT_KEY) == pem and labels.get(MESH_LABEL[0]) == MESH_LABEL[1])
 
 
+class _ClusterLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes a remote cluster's lines with its id."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = self.extra or {}
+        return f"[cluster {extra.get('cluster')}] {msg}", kwargs
+
+
 class RootConfigMapController:
     """Keeps the root ConfigMap current in every matching namespace. A restartable Component.
 
@@ -84,6 +92,7 @@ class RootConfigMapController:
         workers: int = 16,
         watch: WatchFactory = LoopInformer,
         write: Callable[[str, str], None] | None = None,
+        cluster: str = "",
     ) -> None:
         self._api = api
         self._trust = trust
@@ -101,13 +110,19 @@ class RootConfigMapController:
         self._cms: Watch | None = None
         #: Counts for tests, the benchmark and metrics.
         self.stats = {"applied": 0, "errors": 0, "skipped": 0}
-        trust.add_listener(self._on_trust)
+        # A remote cluster's controller says which cluster its lines are about.
+        self._log: logging.Logger | logging.LoggerAdapter[logging.Logger] = (
+            _ClusterLog(log, {"cluster": cluster}) if cluster else log
+        )
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         from kubernetes import client
 
         core = client.CoreV1Api(self._api)
+        # Listening only while running: a stopped controller (a remote cluster's, replaced when
+        # its kubeconfig changes) must not stay reachable from the trust bundle.
+        self._trust.add_listener(self._on_trust)
         self._queue = asyncio.Queue()
         self._queued.clear()
         ns_kwargs = {"label_selector": self._selector} if self._selector else {}
@@ -123,7 +138,7 @@ class RootConfigMapController:
         self._tasks.append(BackgroundTask("root-configmaps-informers", self._start_informers, logger=log))
         for task in self._tasks:
             task.start()
-        log.info(
+        self._log.info(
             "root ConfigMaps: %s in namespaces matching %r, %d workers",
             self._cm_name,
             self._selector or "<all>",
@@ -137,6 +152,7 @@ class RootConfigMapController:
         await self._ns.start()
 
     async def stop(self) -> None:
+        self._trust.remove_listener(self._on_trust)
         # All at once, as they were started: no worker picks up more work while others stop.
         await asyncio.gather(*(task.stop() for task in self._tasks))
         self._tasks = []
@@ -161,7 +177,9 @@ class RootConfigMapController:
         name = ns.metadata.name
         if kind == "DELETED":
             # Deleted, or no longer matching the selector: leave its ConfigMap (module docstring).
-            log.info("root ConfigMaps: namespace %s deleted or no longer selected; its ConfigMap is left as is", name)
+            self._log.info(
+                "root ConfigMaps: namespace %s deleted or no longer selected; its ConfigMap is left as is", name
+            )
             return
         self._enqueue(name)
 
@@ -174,7 +192,9 @@ class RootConfigMapController:
     def _on_trust(self, snapshot: TrustSnapshot) -> None:
         if self._ns is None:
             return
-        log.info("root ConfigMaps: trust bundle v%d; updating %d namespaces", snapshot.version, len(self._ns.cache))
+        self._log.info(
+            "root ConfigMaps: trust bundle v%d; updating %d namespaces", snapshot.version, len(self._ns.cache)
+        )
         for name in list(self._ns.cache):
             self._enqueue(name)
 
@@ -195,7 +215,7 @@ class RootConfigMapController:
         self.stats["errors"] += 1
         n = self._failures[namespace] = self._failures.get(namespace, 0) + 1
         delay = min(60.0, 0.5 * 2 ** min(n, 7)) * (0.5 + random.random() / 2)  # noqa: S311 (jitter)
-        log.warning(
+        self._log.warning(
             "root ConfigMaps: %s/%s not written (HTTP %s, attempt %d), retrying in %.1fs: %s",
             namespace,
             self._cm_name,
@@ -224,7 +244,7 @@ class RootConfigMapController:
             return
         await asyncio.to_thread(self._write, namespace, snapshot.pem)
         self.stats["applied"] += 1
-        log.debug("root ConfigMaps: %s/%s written (bundle v%d)", namespace, self._cm_name, snapshot.version)
+        self._log.debug("root ConfigMaps: %s/%s written (bundle v%d)", namespace, self._cm_name, snapshot.version)
 
     def _apply(self, namespace: str, pem: str) -> None:
         """The default ``write``: server-side apply of our key and label."""

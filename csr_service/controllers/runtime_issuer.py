@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from csr_service.common.errors import ConfigError, CSRServiceError
 from csr_service.common.lifecycle import BackgroundTask, Lifecycle
+from csr_service.controllers.settings import issuer_values
 from csr_service.kube.refs import ObjectRef
 from csr_service.kube.util import LoopInformer, record_event
 from csr_service.pipeline.handler import IssuerSlot
@@ -41,7 +42,7 @@ from csr_service.pipeline.own_cert import issue_own_certificate
 from csr_service.pki.chain import ChainError
 from csr_service.pki.keys import KeyType
 from csr_service.plugins.issuer import Issuer
-from csr_service.plugins.registry import ISSUERS, find, plugins
+from csr_service.plugins.registry import ISSUERS, find
 from csr_service.trust.bundle import TrustBundle
 
 if TYPE_CHECKING:
@@ -51,44 +52,12 @@ __all__ = ["RuntimeIssuerController", "issuer_values_from_configmap"]
 
 log = logging.getLogger(__name__)
 
-_ALIASES = ("issuer-name", "issuer-kind", "issuer-group")
-
 
 def issuer_values_from_configmap(
     data: Mapping[str, str], *, default_backend: str, default_values: Mapping[str, Any]
 ) -> tuple[str, dict[str, Any]]:
     """(backend, option values) selected by the ConfigMap ``data``; ConfigError if invalid."""
-    data = dict(data)
-    backend = data.pop("issuer", "").strip()
-    if not backend:
-        backend = default_backend
-        if any(k in data for k in _ALIASES):
-            with_aliases = [n for n in plugins(ISSUERS) if _alias_targets(n)]
-            backend = with_aliases[0] if with_aliases else ""
-            if not backend:
-                raise ConfigError("issuer-name/issuer-kind/issuer-group: no installed issuer plugin has such options")
-    if backend not in plugins(ISSUERS):
-        raise ConfigError(f"issuer: unknown {backend!r}; choose one of {', '.join(plugins(ISSUERS))}")
-    options = {o.name: o for o in find(ISSUERS, backend).options}
-    values = {name: opt.default for name, opt in options.items()}
-    if backend == default_backend:
-        values.update(default_values)
-    aliases = _alias_targets(backend)
-    for key, raw in data.items():
-        name = aliases.get(key, key)
-        opt = options.get(name)
-        if opt is None:
-            raise ConfigError(f"{key}: not an option of issuer {backend!r}")
-        try:
-            values[name] = opt.parse(raw)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{key}: {exc}") from exc
-    return backend, values
-
-
-def _alias_targets(backend: str) -> dict[str, str]:
-    names = [o.name for o in find(ISSUERS, backend).options]
-    return {alias: n for alias in _ALIASES for n in names if n.endswith("-" + alias)}
+    return issuer_values(data, default_backend=default_backend, default_values=default_values)
 
 
 def _digest(data: Mapping[str, str] | None) -> str:

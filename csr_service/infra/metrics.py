@@ -5,7 +5,8 @@ The rest of the code calls one function per hook point:
 - :func:`observe_rpc` decorates the gRPC servicer method (gRPC server metrics, the
   ``citadel_server_*`` counters Istio operators already alert on);
 - :func:`observe_sign` wraps the issuer's ``sign`` call in the pipeline (per-issuer latency and errors,
-  ``citadel_server_csr_sign_err_count{error}``);
+  ``citadel_server_csr_sign_err_count{error}``), and :func:`count_sign_error` counts what it
+  returned and the pipeline refused (a leaf without the key usages Istio needs) the same way;
 - :func:`refresh` is called periodically by each worker (certificate expiry gauges, leader
   status, authentication-cache counters read from the components that keep them);
 - :func:`agent_rotated` / :func:`agent_failed` for ``csr-service agent``, whose metrics live in
@@ -65,10 +66,12 @@ __all__ = [
     "agent_failed",
     "agent_rotated",
     "count_shed",
+    "count_sign_error",
     "disable_multiprocess",
     "enable_multiprocess",
     "mark_worker_dead",
     "multiprocess_registry",
+    "observe_k8s_signer",
     "observe_rpc",
     "observe_sign",
     "refresh",
@@ -159,11 +162,29 @@ ISSUER_ERRORS = Counter(
     ["issuer", "code"],
 )
 
+# --- the Kubernetes CSR signer ---------------------------------------------------------------
+K8S_SIGNER_CSRS = Counter(
+    "csr_service_k8s_signer_csrs",
+    "Kubernetes CertificateSigningRequests finished by the signer, by signerName and result (signed, failed).",
+    ["signer", "result"],
+)
+K8S_SIGNER_SECONDS = Histogram(
+    "csr_service_k8s_signer_approval_to_certificate_seconds",
+    "From the watch event showing a CSR approved to its certificate written, by signerName.",
+    ["signer"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
 # --- authentication cache, leader election, certificates ---------------------------------------
 AUTHN_CACHE = Counter(
     "csr_service_authn_cache_requests",
     "Authentication cache lookups by authenticator and result (hit: no API call).",
     ["authenticator", "result"],
+)
+AUTHN_CLUSTER_CACHE = Counter(
+    "csr_service_authn_cluster_cache_requests",
+    "TokenReview cache lookups per cluster (--multicluster-secrets) and result (hit: no API call).",
+    ["cluster", "result"],
 )
 LEADER = Gauge(
     "csr_service_leader",
@@ -303,6 +324,14 @@ def sign_error_label(exc: BaseException) -> str:
     return "CERT_GEN_ERROR"
 
 
+def count_sign_error(issuer: str, exc: BaseException) -> None:
+    """Count a failure of ``issuer``'s signing: its ``sign`` call raised, or what it returned
+    did not pass the pipeline's checks (an unusable leaf is the issuer's error too)."""
+    code = status_code_for(exc).name if isinstance(exc, CSRServiceError) else "INTERNAL"
+    ISSUER_ERRORS.labels(issuer, code).inc()
+    SIGN_ERRORS.labels(sign_error_label(exc)).inc()
+
+
 _SIGN_SECONDS: dict[str, Any] = {}  # issuer name -> its histogram child (label lookup costs ~1 µs)
 
 
@@ -312,9 +341,7 @@ async def observe_sign(issuer: str, signing: Awaitable[T]) -> T:
     try:
         issued = await signing
     except BaseException as exc:
-        code = status_code_for(exc).name if isinstance(exc, CSRServiceError) else "INTERNAL"
-        ISSUER_ERRORS.labels(issuer, code).inc()
-        SIGN_ERRORS.labels(sign_error_label(exc)).inc()
+        count_sign_error(issuer, exc)
         raise
     finally:
         seconds = _SIGN_SECONDS.get(issuer)
@@ -322,6 +349,13 @@ async def observe_sign(issuer: str, signing: Awaitable[T]) -> T:
             seconds = _SIGN_SECONDS[issuer] = ISSUER_SECONDS.labels(issuer)
         seconds.observe(time.perf_counter() - t0)
     return issued
+
+
+def observe_k8s_signer(signer: str, result: str, seconds: float | None) -> None:
+    """One CSR finished by the Kubernetes CSR signer (``seconds``: approval to certificate)."""
+    K8S_SIGNER_CSRS.labels(signer, result).inc()
+    if seconds is not None:
+        K8S_SIGNER_SECONDS.labels(signer).observe(seconds)
 
 
 def _timestamp(when: datetime | None) -> float | None:
@@ -335,6 +369,7 @@ def refresh(
     serving_not_after: datetime | None,
     leader: bool | None,
     authn_cache: Iterable[tuple[str, str, int]] = (),
+    authn_cluster_cache: Iterable[tuple[str, str, int]] = (),
     in_flight_peak: int | None = None,
     never_served: int | None = None,
 ) -> None:
@@ -342,6 +377,7 @@ def refresh(
 
     ``authn_cache`` holds ``(authenticator, result, running total)`` as the authenticator
     counts them; the counter is advanced by the difference since the last call.
+    ``authn_cluster_cache`` holds ``(cluster id, result, running total)`` the same way.
     ``never_served`` is the running estimate of calls gRPC core refused or dropped from its
     queue (:class:`csr_service.transport.grpc_server.UnservedCalls`); the shed counter
     (reason ``queue_full``) follows its highest value, so it never goes back.
@@ -361,15 +397,22 @@ def refresh(
         SERVING_EXPIRY.set(ts)
     if leader is not None:
         LEADER.set(1 if leader else 0)
-    for authenticator, result, total in authn_cache:
-        key = (authenticator, result)
-        delta = total - _AUTHN_SEEN.get(key, 0)
+    _advance(AUTHN_CACHE, _AUTHN_SEEN, authn_cache)
+    _advance(AUTHN_CLUSTER_CACHE, _AUTHN_CLUSTER_SEEN, authn_cluster_cache)
+
+
+def _advance(counter: Counter, seen: dict[tuple[str, str], int], totals: Iterable[tuple[str, str, int]]) -> None:
+    """Advance ``counter`` by what each running total grew since the last call."""
+    for first, result, total in totals:
+        key = (first, result)
+        delta = total - seen.get(key, 0)
         if delta > 0:
-            AUTHN_CACHE.labels(authenticator, result).inc(delta)
-        _AUTHN_SEEN[key] = total
+            counter.labels(first, result).inc(delta)
+        seen[key] = total
 
 
 _AUTHN_SEEN: dict[tuple[str, str], int] = {}
+_AUTHN_CLUSTER_SEEN: dict[tuple[str, str], int] = {}
 _TOTALS_SEEN: dict[str, int] = {}
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from csr_service.common.errors import ConfigError
 
-__all__ = ["KubeSettings", "RateLimitedApiClient", "TokenBucket", "new_api_client"]
+__all__ = ["KubeSettings", "RateLimitedApiClient", "TokenBucket", "api_client_from_kubeconfig", "new_api_client"]
 
 
 class TokenBucket:
@@ -105,7 +105,6 @@ RateLimitedApiClient: type | None = None
 
 def new_api_client(settings: KubeSettings, *, pool_size: int = 64) -> Any:
     """A ``kubernetes.client.ApiClient`` for ``settings`` (kubeconfig, else in-cluster)."""
-    global RateLimitedApiClient
     from kubernetes import client, config
 
     configuration = client.Configuration()
@@ -120,6 +119,12 @@ def new_api_client(settings: KubeSettings, *, pool_size: int = 64) -> Any:
             raise ConfigError("--kubeconfig: not running in a cluster; give a kubeconfig file")
     except (config.ConfigException, OSError, ValueError) as exc:
         raise ConfigError(f"--kubeconfig: cannot load Kubernetes configuration: {exc}") from exc
+    return _limited(configuration, settings, pool_size)
+
+
+def _limited(configuration: Any, settings: KubeSettings, pool_size: int) -> Any:
+    """The rate-limited client over a loaded configuration: its own bucket, its own pool."""
+    global RateLimitedApiClient
     configuration.connection_pool_maxsize = pool_size
     if RateLimitedApiClient is None:
         RateLimitedApiClient = _rate_limited_class()
@@ -127,3 +132,19 @@ def new_api_client(settings: KubeSettings, *, pool_size: int = 64) -> Any:
     api.bucket = TokenBucket(settings.qps, settings.burst) if settings.qps > 0 else None
     api.default_timeout = settings.request_timeout.total_seconds()
     return api
+
+
+def api_client_from_kubeconfig(doc: dict[str, Any], settings: KubeSettings, *, pool_size: int = 32) -> Any:
+    """A client for a kubeconfig given as a parsed document (a remote cluster's), with a token
+    bucket of its own (``settings.qps``/``burst``): one cluster's storm cannot slow another's
+    calls. Raises ValueError for a kubeconfig that cannot be loaded."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        config.load_kube_config_from_dict(  # type: ignore[no-untyped-call]
+            doc, client_configuration=configuration, persist_config=False
+        )
+    except (config.ConfigException, OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot load the kubeconfig: {exc}") from exc
+    return _limited(configuration, settings, pool_size)

@@ -102,17 +102,23 @@ def record_event(
     message: str,
     warning: bool = True,
     component: str = "csr-service",
+    api_version: str = "v1",
+    cluster_scoped: bool = False,
 ) -> None:
     """Create a core/v1 Event about an object (synchronous: call it in a thread).
 
-    Failures are logged, never raised: an Event is a courtesy to the operator.
+    Failures are logged, never raised: an Event is a courtesy to the operator. For a
+    ``cluster_scoped`` object the Event is created in ``namespace`` (Kubernetes uses ``default``)
+    and refers to the object without a namespace.
     """
     from kubernetes import client
 
     now = datetime.now(UTC)
     event = client.CoreV1Event(
         metadata=client.V1ObjectMeta(generate_name=f"{name}.", namespace=namespace),
-        involved_object=client.V1ObjectReference(api_version="v1", kind=kind, namespace=namespace, name=name, uid=uid),
+        involved_object=client.V1ObjectReference(
+            api_version=api_version, kind=kind, namespace=None if cluster_scoped else namespace, name=name, uid=uid
+        ),
         reason=reason,
         message=message[:1024],
         type="Warning" if warning else "Normal",

@@ -23,7 +23,18 @@ from csr_service.common.identity import parse_spiffe_id
 from csr_service.pki.names import SubjectAltNames, subject_alt_names
 from csr_service.pki.pem import count_pem_blocks
 
-__all__ = ["MAX_CSR_BYTES", "RULES", "ParsedCSR", "ValidatedCSR", "parse_csr", "rule_signature", "validate_csr"]
+__all__ = [
+    "MAX_CSR_BYTES",
+    "RULES",
+    "SERVING_RULES",
+    "ParsedCSR",
+    "ValidatedCSR",
+    "parse_csr",
+    "rule_signature",
+    "validate_csr",
+    "validate_dns_csr",
+    "validate_trust_domain_csr",
+]
 
 #: A P-384 CSR is ~600 bytes, RSA-8192 ~2.5 KiB; refuse anything far beyond before parsing.
 MAX_CSR_BYTES = 64 * 1024
@@ -186,6 +197,51 @@ RULES: Sequence[Callable[[ParsedCSR], None]] = (
     rule_extensions,
     rule_san,
 )
+
+
+def rule_dns_only(parsed: ParsedCSR) -> None:
+    """A serving CSR (istiod's own certificate): DNS names only, at least one; no URI, IP or other names."""
+    names = parsed.san
+    if not names.present or not names.dns_names:
+        raise _bad("no DNS SubjectAltName")
+    if names.uris or names.ip_addresses or names.other:
+        raise _bad("a serving CSR may carry DNS names only")
+
+
+#: The rules of a serving CSR (istiod's own certificate through the Kubernetes CSR signer): the
+#: same key, subject and extension rules as a workload's, DNS names instead of the SPIFFE URI.
+SERVING_RULES: Sequence[Callable[[ParsedCSR], None]] = (rule_key, rule_subject, rule_extensions, rule_dns_only)
+
+
+def validate_trust_domain_csr(pem: str | bytes, trust_domain: str) -> ValidatedCSR:
+    """Every workload rule and the signature; the one SPIFFE URI must be of ``trust_domain``.
+
+    For a CSR whose caller somebody else authenticated (istiod's Kubernetes CSRs): nothing in
+    the CSR object says which workload asked, so the identity can only be checked for its
+    trust domain. Raises InvalidRequestError.
+    """
+    parsed = parse_csr(pem)
+    for rule in RULES:
+        rule(parsed)
+    rule_signature(parsed.csr)
+    uri = parsed.san.uris[0]
+    found = parse_spiffe_id(uri).trust_domain  # rule_san parsed it once already: cannot fail
+    if found != trust_domain:
+        raise _bad(f"identity of trust domain {found!r}; this CA signs for {trust_domain!r}", f"CSR asks for {uri!r}")
+    return ValidatedCSR(csr=parsed.csr, pem=parsed.pem, uri=uri, public_key=parsed.public_key)
+
+
+def validate_dns_csr(pem: str | bytes, allowed_dns_names: frozenset[str]) -> tuple[ParsedCSR, tuple[str, ...]]:
+    """:data:`SERVING_RULES` and the signature; every DNS name must be in ``allowed_dns_names``.
+    Returns the parsed CSR and its DNS names. Raises InvalidRequestError."""
+    parsed = parse_csr(pem)
+    for rule in SERVING_RULES:
+        rule(parsed)
+    rule_signature(parsed.csr)
+    extra = sorted(set(parsed.san.dns_names) - allowed_dns_names)
+    if extra:
+        raise _bad(f"DNS names not allowed for this signer: {', '.join(extra)[:300]}")
+    return parsed, parsed.san.dns_names
 
 
 def validate_csr(pem: str | bytes, allowed_identities: Sequence[str], *, check_signature: bool = True) -> ValidatedCSR:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from csr_service.common.errors import FailedPreconditionError, InvalidRequestError
+from csr_service.common.errors import CSRServiceError, FailedPreconditionError, InvalidRequestError
 from csr_service.common.request import RequestContext
-from csr_service.infra.metrics import observe_sign
+from csr_service.infra.metrics import count_sign_error, observe_sign
 from csr_service.pipeline.clusterid import check_cluster_id
 from csr_service.pipeline.csr import rule_signature, validate_csr
 from csr_service.pipeline.duration import decide_ttl
@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class PipelineSettings:
     trust_domain: str
-    cluster_ids: frozenset[str]
+    #: Accepted ``clusterid`` values: a set, or the live ClusterSet with remote clusters.
+    cluster_ids: Collection[str]
     max_duration: timedelta
     default_duration: timedelta
 
@@ -85,8 +86,9 @@ class CertificatePipeline:
     ) -> list[str]:
         """Run the pipeline; returns ``[leaf, intermediates..., root bundle]``."""
         started = time.perf_counter()
-        caller = await self.authenticator.authenticate(ctx)
+        # First: a cluster we do not serve costs no TokenReview.
         check_cluster_id(ctx, self.settings.cluster_ids)
+        caller = await self.authenticator.authenticate(ctx)
         identities = caller.identities
         requested = metadata.get(IMPERSONATION_KEY)
         if requested:
@@ -125,8 +127,15 @@ class CertificatePipeline:
         signing = _sign_checked(issuer, request) if backend_checks_signature else issuer.sign(request)
         issued = await observe_sign(active.name, signing)  # timed and counted per issuer
         trust = self.trust.current
-        # A fresh clock reading: a remote backend may take a while and stamp its own "now".
-        leaf_pem, intermediates = self._verifier.verify(issued, request, trust, now=datetime.now(UTC))
+        try:
+            # A fresh clock reading: a remote backend may take a while and stamp its own "now".
+            leaf_pem, intermediates = self._verifier.verify(
+                issued, request, trust, now=datetime.now(UTC), issuer=issuer
+            )
+        except CSRServiceError as exc:
+            # What the issuer returned is unusable (wrong chain, names, usages): its failure.
+            count_sign_error(active.name, exc)
+            raise
         # DEBUG, not INFO: at 1,000+ issuances/s a line each floods operators' logs and
         # costs CPU on the hot path; counts live in the metrics, failures log at WARNING/ERROR.
         if log.isEnabledFor(logging.DEBUG):  # the arguments cost more than the disabled call

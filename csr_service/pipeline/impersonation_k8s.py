@@ -20,7 +20,7 @@ client's retry (istiod has the same window).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from csr_service.common.errors import InvalidRequestError, PermissionDeniedError, UnavailableError
@@ -29,6 +29,7 @@ from csr_service.kube.podcache import PodInfo
 from csr_service.plugins.authenticator import Caller
 
 if TYPE_CHECKING:
+    from csr_service.kube.cluster_pods import ClusterPodCaches
     from csr_service.kube.podcache import PodCache
     from csr_service.plugins.runtime import Runtime
 
@@ -54,10 +55,20 @@ def _refuse(public: str, detail: str) -> PermissionDeniedError:
 
 
 class NodeImpersonationPolicy:
-    """An :class:`~csr_service.pipeline.impersonation.ImpersonationPolicy` (see the module docstring)."""
+    """An :class:`~csr_service.pipeline.impersonation.ImpersonationPolicy` (see the module docstring).
 
-    def __init__(self, pods: PodLookup, *, trusted_accounts: Iterable[tuple[str, str]], trust_domain: str) -> None:
-        self._pods = pods
+    ``pods`` is one cluster's pod lookup, or (multi-cluster) a function from the caller's
+    cluster id to that cluster's: a ztunnel's node and the pods on it are in its own cluster.
+    """
+
+    def __init__(
+        self,
+        pods: PodLookup | Callable[[str | None], PodLookup | None],
+        *,
+        trusted_accounts: Iterable[tuple[str, str]],
+        trust_domain: str,
+    ) -> None:
+        self._lookup: Callable[[str | None], PodLookup | None] = pods if callable(pods) else (lambda _cid: pods)
         self._trusted = frozenset(trusted_accounts)
         self._trust_domain = trust_domain
 
@@ -86,24 +97,35 @@ class NodeImpersonationPolicy:
                 "the caller's token is not bound to a pod",
                 f"{who} asked for {target} with a token that names no pod (pod uid needed)",
             )
-        if not self._pods.is_synced():
-            raise UnavailableError("pod information not loaded yet; retry", detail="pod cache not synced yet")
-        pod = self._caller_pod(caller, who, str(target))
-        if not self._pods.has_pod_on_node(pod.node, target.namespace, target.service_account):
+        pods = self._lookup(caller.cluster_id)
+        if pods is None or not pods.is_synced():
+            raise UnavailableError(
+                "pod information not loaded yet; retry",
+                detail=f"pod cache of cluster {caller.cluster_id or '<local>'} not synced yet",
+            )
+        pod = self._caller_pod(pods, caller, who, str(target))
+        if not pods.has_pod_on_node(pod.node, target.namespace, target.service_account):
             raise _refuse(
                 "no pod of the requested identity runs on the caller's node",
                 f"{who} (pod {pod.name}) asked for {target}: no active pod of "
                 f"{target.namespace}/{target.service_account} on node {pod.node!r}",
             )
-        log.info("impersonation allowed caller=%s pod=%s node=%s identity=%s", who, pod.name, pod.node, target)
+        log.info(
+            "impersonation allowed caller=%s cluster=%s pod=%s node=%s identity=%s",
+            who,
+            caller.cluster_id or "<local>",
+            pod.name,
+            pod.node,
+            target,
+        )
         return target.uri
 
-    def _caller_pod(self, caller: Caller, who: str, target: str) -> PodInfo:
+    def _caller_pod(self, pods: PodLookup, caller: Caller, who: str, target: str) -> PodInfo:
         assert caller.pod_uid is not None
         ns, sa = caller.identity.namespace, caller.identity.service_account
-        pod = self._pods.pod_by_uid(caller.pod_uid)
+        pod = pods.pod_by_uid(caller.pod_uid)
         if pod is None:
-            same_name = self._pods.pod(ns, caller.pod_name) if caller.pod_name else None
+            same_name = pods.pod(ns, caller.pod_name) if caller.pod_name else None
             if same_name is not None:
                 raise _refuse(
                     "the caller's pod was replaced",
@@ -132,10 +154,18 @@ class NodeImpersonationPolicy:
 
 def node_impersonation(
     accounts: Sequence[tuple[str, str]], runtime: Runtime
-) -> tuple[NodeImpersonationPolicy, PodCache] | None:
-    """The policy and its pod cache when ``--ca-trusted-node-accounts`` is set, else None."""
+) -> tuple[NodeImpersonationPolicy, PodCache | ClusterPodCaches] | None:
+    """The policy and its pod cache(s) when ``--ca-trusted-node-accounts`` is set, else None."""
     if not accounts:
         return None
+    if runtime.clusters is not None:  # one pod cache per cluster
+        from csr_service.kube.cluster_pods import ClusterPodCaches
+
+        caches = ClusterPodCaches(runtime.clusters)
+        multi = NodeImpersonationPolicy(
+            caches.for_cluster, trusted_accounts=accounts, trust_domain=runtime.trust_domain
+        )
+        return multi, caches
     from csr_service.kube.podcache import PodCache
 
     pods = PodCache(runtime.kube())

@@ -2,7 +2,10 @@
 
 Used for the gRPC serving certificate and for ``istiod-tls``. The request pipeline's
 verifier is built for workload certificates (one SPIFFE URI); these carry DNS names and IPs,
-so they are verified here with :func:`build_path` against the trust bundle.
+so they are verified here with :func:`build_path` against the trust bundle, and their key
+usages with the same rule as workloads' (:func:`~csr_service.pipeline.verify.missing_usages`)
+for a TLS server: digitalSignature, serverAuth, not a CA. clientAuth and keyEncipherment are
+not required, so a serving role without ``client_flag`` works.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from csr_service.pipeline.verify import check_usages
 from csr_service.pki.certs import build_csr
 from csr_service.pki.chain import ChainError, build_path, certifies_key
 from csr_service.pki.keys import KeyType, PrivateKey, generate_key
@@ -45,7 +49,8 @@ async def issue_own_certificate(
 ) -> OwnCertificate:
     """Generate a key, have ``issuer`` sign it, verify the chain against ``roots``.
 
-    Raises the issuer's csr_service errors, or :class:`~csr_service.pki.chain.ChainError`
+    Raises the issuer's csr_service errors, FailedPreconditionError naming the issuer when
+    the leaf lacks a usage a TLS server needs, or :class:`~csr_service.pki.chain.ChainError`
     when the result does not chain to ``roots``.
     """
     # RSA key generation takes tens of milliseconds: not on the event loop.
@@ -65,5 +70,6 @@ async def issue_own_certificate(
     )
     if not certifies_key(issued.leaf, key.public_key()):
         raise ChainError("the issued certificate carries another public key than the one generated for it")
+    check_usages(issued.leaf, purpose, issuer)
     path = build_path(issued.leaf, list(issued.chain), roots, now=datetime.now(UTC))
     return OwnCertificate(key=key, issued=issued, path=path)

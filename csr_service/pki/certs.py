@@ -61,6 +61,9 @@ class LeafSpec:
     dns_names: Sequence[str] = ()
     ip_addresses: Sequence[str] = ()
     not_before: datetime = field(default_factory=lambda: datetime.now(UTC) - CLOCK_SKEW)
+    #: ExtendedKeyUsage; Istio's workload certificates have both.
+    server_auth: bool = True
+    client_auth: bool = True
 
 
 def _san(uris: Sequence[str], dns: Sequence[str], ips: Sequence[str]) -> x509.SubjectAlternativeName:
@@ -98,14 +101,20 @@ def build_leaf(
             x509.KeyUsage(digital_signature=True, key_encipherment=True, key_cert_sign=False, **_NO_KU),
             critical=True,
         )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_aki(ca_cert), critical=False)
         .add_extension(_san(spec.uris, spec.dns_names, spec.ip_addresses), critical=True)
     )
+    ekus = [
+        oid
+        for oid, wanted in (
+            (ExtendedKeyUsageOID.SERVER_AUTH, spec.server_auth),
+            (ExtendedKeyUsageOID.CLIENT_AUTH, spec.client_auth),
+        )
+        if wanted
+    ]
+    if ekus:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
     return builder.sign(ca_key, signature_hash(ca_key))
 
 

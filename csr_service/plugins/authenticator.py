@@ -23,10 +23,17 @@ Optional abilities, looked up once by :meth:`AuthenticatorAbilities.of`:
 - :class:`~csr_service.common.lifecycle.Lifecycle`: ``start()``/``stop()``, run in every worker.
 - :class:`CacheReporter`: ``cache_stats() -> (hits, misses)``, running totals for the
   ``csr_service_authn_cache_requests_total`` metric.
+- :class:`ClusterCacheReporter`: ``cluster_cache_stats() -> {cluster id: (hits, misses)}``,
+  the same per cluster (``csr_service_authn_cluster_cache_requests_total``).
+- :class:`Recognizer`: ``recognizes(ctx) -> bool``, whether the call carries the kind of
+  credential this authenticator handles. With ``--authenticators a,b`` the first that
+  recognises the call decides (its verdict is final, the next is not asked); one without
+  this ability recognises every call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -35,7 +42,15 @@ from csr_service.common.identity import SpiffeId
 from csr_service.common.lifecycle import Lifecycle
 from csr_service.common.request import RequestContext
 
-__all__ = ["Authenticator", "AuthenticatorAbilities", "CacheReporter", "Caller", "RequestContext"]
+__all__ = [
+    "Authenticator",
+    "AuthenticatorAbilities",
+    "CacheReporter",
+    "Caller",
+    "ClusterCacheReporter",
+    "Recognizer",
+    "RequestContext",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +62,9 @@ class Caller:
     pod_uid: str | None = None
     token_expires_at: datetime | None = None
     authenticator: str = ""
+    #: The cluster whose apiserver vouched for the caller (its ``clusterid``); None when the
+    #: credential is not tied to a cluster (a JWKS file, a client certificate).
+    cluster_id: str | None = None
 
     @property
     def identities(self) -> tuple[str, ...]:
@@ -72,6 +90,24 @@ class CacheReporter(Protocol):
         ...
 
 
+@runtime_checkable
+class ClusterCacheReporter(Protocol):
+    """The authenticator caches verdicts per cluster (multi-cluster TokenReview)."""
+
+    def cluster_cache_stats(self) -> Mapping[str, tuple[int, int]]:
+        """Running totals (hits, misses) since start, by cluster id."""
+        ...
+
+
+@runtime_checkable
+class Recognizer(Protocol):
+    """The authenticator can tell whether a call carries its kind of credential."""
+
+    def recognizes(self, ctx: RequestContext) -> bool:
+        """True when this authenticator should decide about the call (cheap: no I/O)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class AuthenticatorAbilities:
     """An authenticator with its optional abilities looked up once."""
@@ -80,6 +116,8 @@ class AuthenticatorAbilities:
     name: str
     lifecycle: Lifecycle | None = None
     cache: CacheReporter | None = None
+    recognizer: Recognizer | None = None
+    cluster_cache: ClusterCacheReporter | None = None
 
     @classmethod
     def of(cls, authenticator: Authenticator) -> AuthenticatorAbilities:
@@ -88,4 +126,6 @@ class AuthenticatorAbilities:
             name=authenticator.name,
             lifecycle=authenticator if isinstance(authenticator, Lifecycle) else None,
             cache=authenticator if isinstance(authenticator, CacheReporter) else None,
+            recognizer=authenticator if isinstance(authenticator, Recognizer) else None,
+            cluster_cache=authenticator if isinstance(authenticator, ClusterCacheReporter) else None,
         )

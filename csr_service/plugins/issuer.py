@@ -12,7 +12,11 @@ The contract (every backend MUST, and ``tests/conformance`` checks it):
 2. The issued leaf MUST carry the public key of ``request.csr``, and exactly the names in
    ``request.uris``, ``request.dns_names`` and ``request.ip_addresses`` as its
    SubjectAltName (for workloads: the single SPIFFE URI; nothing from the CSR is copied
-   blindly).
+   blindly), and the key usages of Istio's own CA: KeyUsage digitalSignature (plus
+   keyEncipherment for an RSA key), ExtKeyUsage serverAuth and clientAuth, not CA:TRUE. For
+   ``purpose`` "serving"/"istiod", digitalSignature and serverAuth suffice. The pipeline
+   refuses any other leaf with FAILED_PRECONDITION naming the issuer and the missing usage
+   (``csr_service.pipeline.verify.missing_usages``), counted as the issuer's sign error.
 3. ``request.ttl`` is the lifetime the pipeline decided (already clamped to the configured
    maximum and to the signing CA's NotAfter when known). The issuer MAY issue a shorter
    certificate (its backend may truncate) but MUST NOT issue a longer one; NotAfter
@@ -102,6 +106,10 @@ class SigningRequest:
     request_id: str = "-"
     #: "workload" for CreateCertificate; "serving"/"istiod" for certificates we need ourselves.
     purpose: str = "workload"
+    #: Kubernetes key-usage names the certificate is for (a Kubernetes CSR's ``spec.usages``, e.g.
+    #: ``server auth`` without ``client auth`` for istiod's own certificate); empty: the usual
+    #: ``digital signature, key encipherment, server auth, client auth``. See item 8.
+    usages: Sequence[str] = ()
     #: The CSR's public key when the caller has parsed it already (see :meth:`public_key`).
     csr_public_key: CertificatePublicKeyTypes | None = field(default=None, repr=False, compare=False)
 

@@ -8,6 +8,7 @@ creates a Kubernetes client.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 from csr_service.common.errors import ConfigError
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from csr_service.kube.client import KubeSettings
+    from csr_service.kube.clusters import ClusterSet
 
 __all__ = ["Runtime"]
 
@@ -35,6 +39,12 @@ class Runtime:
     kube_settings: KubeSettings | None = field(default=None, repr=False)
     #: A ready ``ApiClient`` (tests); otherwise one is made from ``kube_settings`` on first use.
     kube_client: Any = field(default=None, repr=False)
+    #: The roots of the current trust bundle (follows rotations); set by the wiring before any
+    #: plugin is built. For plugins that verify certificates (the ``client-cert`` authenticator).
+    trust_roots: Callable[[], tuple[x509.Certificate, ...]] | None = field(default=None, repr=False)
+    #: The clusters whose workloads this CA serves (``--cluster-id`` and the remote clusters of
+    #: ``--multicluster-secrets``); set by the wiring when a Kubernetes feature needs it.
+    clusters: ClusterSet | None = field(default=None, repr=False)
 
     @property
     def kube_request_timeout(self) -> timedelta:

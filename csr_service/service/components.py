@@ -7,7 +7,7 @@ plain ``--root-ca-file`` setup) creates no Kubernetes client at all.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from csr_service.common.lifecycle import Component
@@ -27,9 +27,10 @@ def trust_from_source(config: Config) -> bool:
 
 
 def build_components(
-    config: Config, runtime: Runtime, slot: IssuerSlot, trust: TrustBundle, serving: ServingCertificate
+    config: Config, runtime: Runtime, slot: IssuerSlot, trust: TrustBundle, serving: ServingCertificate | None
 ) -> list[Component]:
-    """Trust sources, runtime issuer, and the leader-only controllers (behind the elector if on)."""
+    """Trust sources, runtime issuer, and the leader-only controllers (behind the elector if on):
+    root ConfigMaps, istiod-tls, the Kubernetes CSR signer."""
     c = config.controllers
     components: list[Component] = []
     if config.pipeline.root_ca_file:
@@ -57,22 +58,28 @@ def build_components(
                 default_values=config.issuer.values,
                 probe_dns_names=config.server.serving_dns_names,
                 grace=config.server.request_timeout + timedelta(seconds=1),
-                on_change=serving.request_renewal,
+                on_change=serving.request_renewal if serving is not None else None,
             )
         )
     leader_only: list[Component] = []
     if c.root_configmaps:
         from csr_service.controllers.root_configmaps import RootConfigMapController
 
-        leader_only.append(
-            RootConfigMapController(
-                runtime.kube(),
-                trust,
+        def root_configmaps(api: Any, bundle: TrustBundle, cluster: str = "") -> RootConfigMapController:
+            return RootConfigMapController(
+                api,
+                bundle,
                 configmap_name=c.root_configmap_name,
                 namespace_selector=c.root_configmap_namespace_selector,
                 workers=c.root_configmap_workers,
+                cluster=cluster,
             )
-        )
+
+        leader_only.append(root_configmaps(runtime.kube(), trust))
+        if runtime.clusters is not None:  # --multicluster-secrets: the same in every remote cluster
+            from csr_service.controllers.remote_root_configmaps import RemoteRootConfigMaps
+
+            leader_only.append(RemoteRootConfigMaps(runtime.clusters, trust, controller=root_configmaps))
     if c.istiod_cert:
         from csr_service.controllers.istiod_cert import IstiodCertController, IstiodCertSpec
 
@@ -86,6 +93,22 @@ def build_components(
             additional_dns_names=c.istiod_additional_dns_names,
         )
         leader_only.append(IstiodCertController(runtime.kube(), slot, trust, spec))
+    if c.signer is not None:
+        from csr_service.controllers.csr_signer import CSRSignerController, SignerContext
+
+        leader_only.append(
+            CSRSignerController(
+                runtime,
+                c.signer,
+                SignerContext(
+                    trust_domain=config.pipeline.trust_domain,
+                    max_duration=config.pipeline.max_certificate_duration,
+                    default_duration=config.pipeline.default_certificate_duration,
+                ),
+                slot=slot,
+                trust=trust,
+            )
+        )
     if c.leader is not None:
         from csr_service.controllers.leader import LeaderElector
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class Readiness:
     """The readiness of one worker: listening, issuer usable, serving certificate valid, roots loaded."""
 
-    def __init__(self, issuers: IssuerSlot, serving: ServingCertificate, trust: TrustBundle) -> None:
+    def __init__(self, issuers: IssuerSlot, serving: ServingCertificate | None, trust: TrustBundle) -> None:
         self._issuers = issuers
         self._serving = serving
         self._trust = trust
@@ -49,7 +49,7 @@ class Readiness:
 
     def _listening(self) -> Check:
         if self.listening:
-            return Check("grpc", True, "listening")
+            return Check("grpc", True, "listening" if self._serving is not None else "off (--grpc-listen is empty)")
         return Check("grpc", False, "starting: the gRPC listener is not open yet")
 
     def _issuer(self) -> Check:
@@ -63,13 +63,17 @@ class Readiness:
         return Check("issuer", True, f"{active.name}: no health report (assumed usable)")
 
     def _serving_cert(self) -> Check:
+        if self._serving is None:
+            return Check("serving-certificate", True, "none needed (no gRPC service)")
         material = self._serving.material
+        error = self._serving.last_error
         if material is None:
-            return Check("serving-certificate", False, "not obtained yet")
+            # The reason, not just the fact: nothing listens until it is obtained.
+            return Check("serving-certificate", False, f"not obtained: {error}" if error else "not obtained yet")
         now = datetime.now(UTC)
         until = material.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
         if now >= material.not_after:
-            return Check("serving-certificate", False, f"expired at {until} (renewal failing, see the log)")
+            return Check("serving-certificate", False, f"expired at {until}, renewal failing: {error or 'see the log'}")
         return Check("serving-certificate", True, f"valid until {until}")
 
     def _trust_bundle(self) -> Check:
@@ -135,9 +139,9 @@ class WorkerMonitor:
         readiness: Readiness,
         *,
         issuers: IssuerSlot,
-        serving: ServingCertificate,
+        serving: ServingCertificate | None,
         trust: TrustBundle,
-        authenticator: AuthenticatorAbilities | None = None,
+        authenticators: Sequence[AuthenticatorAbilities] = (),
         leader: LeaderReporter | None = None,
         publish: Callable[[ReadinessReport], None] | None = None,
         load: Callable[[], tuple[int, int | None]] | None = None,
@@ -147,7 +151,7 @@ class WorkerMonitor:
         self._issuers = issuers
         self._serving = serving
         self._trust = trust
-        self._authenticator = authenticator
+        self._authenticators = tuple(authenticators)
         self._leader = leader
         self._publish = publish
         self._load = load
@@ -157,7 +161,7 @@ class WorkerMonitor:
         """One round (also called directly by tests)."""
         if self._publish is not None:
             self._publish(self._readiness.report())
-        material = self._serving.material
+        material = self._serving.material if self._serving is not None else None
         in_flight_peak, never_served = self._load() if self._load is not None else (None, None)
         metrics.refresh(
             roots_not_after=[r.not_valid_after_utc for r in self._trust.current.roots],
@@ -166,16 +170,26 @@ class WorkerMonitor:
             # A replica without an elector reports nothing.
             leader=self._leader.is_leader if self._leader is not None else None,
             authn_cache=self._authn_cache(),
+            authn_cluster_cache=self._authn_cluster_cache(),
             in_flight_peak=in_flight_peak,
             never_served=never_served,
         )
 
     def _authn_cache(self) -> list[tuple[str, str, int]]:
-        authn = self._authenticator
-        if authn is None or authn.cache is None:
-            return []
-        hits, misses = authn.cache.cache_stats()
-        return [(authn.name, "hit", int(hits)), (authn.name, "miss", int(misses))]
+        totals = []
+        for authn in self._authenticators:
+            if authn.cache is not None:
+                hits, misses = authn.cache.cache_stats()
+                totals += [(authn.name, "hit", int(hits)), (authn.name, "miss", int(misses))]
+        return totals
+
+    def _authn_cluster_cache(self) -> list[tuple[str, str, int]]:
+        totals = []
+        for authn in self._authenticators:
+            if authn.cluster_cache is not None:
+                for cluster, (hits, misses) in sorted(authn.cluster_cache.cluster_cache_stats().items()):
+                    totals += [(cluster, "hit", int(hits)), (cluster, "miss", int(misses))]
+        return totals
 
     async def _tick_async(self) -> None:
         self.tick()

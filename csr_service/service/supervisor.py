@@ -63,7 +63,7 @@ async def serve_forever(
         issuers=service.issuers,
         serving=service.serving,
         trust=service.trust,
-        authenticator=service.authenticator,
+        authenticators=service.authenticators,
         leader=next((c for c in service.components if isinstance(c, LeaderReporter)), None),
         publish=publish,
         load=service.load,
@@ -90,9 +90,8 @@ async def serve_forever(
             started = True
             readiness.listening = True
             monitor.tick()  # report "ready" and the certificate gauges now, not at the next tick
-            assert service.server is not None
             if on_ready:
-                on_ready(service.server.port)
+                on_ready(service.server.port if service.server is not None else 0)
             await stopping
         readiness.listening = False  # not ready while draining
         log.info("shutting down: draining in-flight requests")
@@ -139,8 +138,8 @@ def run(config: Config, on_ready: Callable[[int], None] | None = None) -> int:
     """Run the service (in-process for one worker, supervised processes otherwise)."""
     ensure_fd_limit(config.server.max_connections)  # before workers start: they inherit it
     workers = config.server.workers
-    port_zero = config.server.grpc_listen.rsplit(":", 1)[1] == "0"
-    if workers == 1 or port_zero:
+    port_zero = config.server.grpc_listen.rsplit(":", 1)[-1] == "0"
+    if workers == 1 or port_zero or not config.server.grpc_listen:
         try:
             asyncio.run(serve_forever(config, on_ready))
         except (CSRServiceError, OSError) as exc:  # ConfigError goes to the CLI, which names the flag

@@ -23,6 +23,8 @@ from csr_service.common.errors import (
 from csr_service.common.lifecycle import Component, Lifecycle
 from csr_service.config import Config
 from csr_service.infra.fsutil import write_atomic
+from csr_service.kube.clusters import Cluster, ClusterSet
+from csr_service.pipeline.authn.chain import AuthenticatorChain
 from csr_service.pipeline.handler import CertificatePipeline, IssuerSlot, PipelineSettings
 from csr_service.pipeline.impersonation_k8s import node_impersonation
 from csr_service.pipeline.ratelimit import IdentityRateLimiter
@@ -49,10 +51,12 @@ class Service:
     config: Config
     runtime: Runtime
     issuers: IssuerSlot
-    authenticator: AuthenticatorAbilities
+    #: ``--authenticators`` in order; the pipeline asks them through an AuthenticatorChain.
+    #: Empty, and pipeline/serving None, when the gRPC service is off (``--grpc-listen ''``).
+    authenticators: tuple[AuthenticatorAbilities, ...]
     trust: TrustBundle
-    pipeline: CertificatePipeline
-    serving: ServingCertificate
+    pipeline: CertificatePipeline | None
+    serving: ServingCertificate | None
     #: Counts CreateCertificate calls in progress; refuses those above --max-concurrent-requests.
     admission: Admission
     #: Background parts (watches, controllers, ...), started before the gRPC listener opens.
@@ -72,23 +76,33 @@ class Service:
         if issuer.lifecycle is not None:
             await _start_issuer(issuer.lifecycle)
             self._started.append(issuer.lifecycle)
-        if self.authenticator.lifecycle is not None:
-            await self.authenticator.lifecycle.start()
-            self._started.append(self.authenticator.lifecycle)
+        for authenticator in self.authenticators:
+            if authenticator.lifecycle is not None:
+                await authenticator.lifecycle.start()
+                self._started.append(authenticator.lifecycle)
         await _init_trust(self.config, issuer, self.trust)
         for component in self.components:
             if component.all_workers or self.runtime.worker_index == 0:
                 await component.start()
                 self._started.append(component)
+        if self.serving is None or self.pipeline is None:
+            log.info("gRPC service off (--grpc-listen is empty)")
+            return
         await self.serving.start()
         self._started.append(self.serving)
         server = self.config.server
-        servicer = IstioCertificateServicer(self.pipeline, timeout=server.request_timeout, admission=self.admission)
+        servicer = IstioCertificateServicer(
+            self.pipeline,
+            timeout=server.request_timeout,
+            admission=self.admission,
+            client_certificates=server.client_cert_grpc_listen is not None,
+        )
         self.server = GrpcServer(
             servicer,
             self.serving,
             listen=server.grpc_listen,
             insecure_listen=server.insecure_grpc_listen,
+            client_cert_listen=server.client_cert_grpc_listen,
             limits=GrpcLimits(
                 max_queued_requests=server.max_queued_requests,
                 max_concurrent_requests=server.max_concurrent_requests,
@@ -165,23 +179,44 @@ async def _init_trust(config: Config, issuer: IssuerAbilities, trust: TrustBundl
 def build_service(config: Config, *, worker_index: int = 0) -> Service:
     """Construct every part (no I/O beyond reading config files)."""
     runtime = config.runtime(worker_index=worker_index)
-    slot = IssuerSlot(create_issuer(config.issuer.name, config.issuer.values, runtime))
-    authenticator = AuthenticatorAbilities.of(
-        create_authenticator(config.authenticator.name, config.authenticator.values, runtime)
-    )
     trust = TrustBundle.from_file(config.pipeline.root_ca_file) if config.pipeline.root_ca_file else TrustBundle()
+    runtime.trust_roots = lambda: trust.current.roots  # read per call: follows root rotations
+    clusters = _cluster_set(config, runtime)
+    runtime.clusters = clusters  # before the plugins: tokenreview reviews in the caller's cluster
+    slot = IssuerSlot(create_issuer(config.issuer.name, config.issuer.values, runtime))
+    if not config.authenticators:  # no gRPC service: the Kubernetes CSR signer alone
+        return Service(
+            config=config,
+            runtime=runtime,
+            issuers=slot,
+            authenticators=(),
+            trust=trust,
+            pipeline=None,
+            serving=None,
+            admission=Admission(config.server.max_concurrent_requests),
+            components=build_components(config, runtime, slot, trust, None),
+        )
+    authenticators = tuple(
+        AuthenticatorAbilities.of(create_authenticator(choice.name, choice.values, runtime))
+        for choice in config.authenticators
+    )
     # ztunnel impersonation: only with --ca-trusted-node-accounts (policy + a pod cache per worker).
     node_policy = node_impersonation(config.pipeline.trusted_node_accounts, runtime)
     rate = config.pipeline.per_identity_rate
     pipeline = CertificatePipeline(
-        authenticator=authenticator.authenticator,
+        # One authenticator is asked directly: its own errors, no recognising step.
+        authenticator=authenticators[0].authenticator
+        if len(authenticators) == 1
+        else AuthenticatorChain(authenticators),
         impersonation=node_policy[0] if node_policy else None,
         rate_limit=IdentityRateLimiter(rate, config.pipeline.per_identity_burst) if rate > 0 else None,
         issuers=slot,
         trust=trust,
         settings=PipelineSettings(
             trust_domain=config.pipeline.trust_domain,
-            cluster_ids=frozenset({config.pipeline.cluster_id, *config.pipeline.cluster_id_aliases}),
+            cluster_ids=clusters
+            if clusters is not None
+            else frozenset({config.pipeline.cluster_id, *config.pipeline.cluster_id_aliases}),
             max_duration=config.pipeline.max_certificate_duration,
             default_duration=config.pipeline.default_certificate_duration,
         ),
@@ -198,13 +233,31 @@ def build_service(config: Config, *, worker_index: int = 0) -> Service:
         config=config,
         runtime=runtime,
         issuers=slot,
-        authenticator=authenticator,
+        authenticators=authenticators,
         trust=trust,
         pipeline=pipeline,
         serving=serving,
         admission=Admission(config.server.max_concurrent_requests),
         components=[
+            # Remote clusters first: known before the listener opens (and before their controllers).
+            *_multicluster_components(config, runtime),
             *build_components(config, runtime, slot, trust, serving),
             *([node_policy[1]] if node_policy else []),
         ],
     )
+
+
+def _cluster_set(config: Config, runtime: Runtime) -> ClusterSet | None:
+    """The local cluster and (filled at run time) the remote ones, with ``--multicluster-secrets``."""
+    if config.multicluster is None:
+        return None
+    local = Cluster(config.pipeline.cluster_id, runtime.kube)
+    return ClusterSet(local, aliases=config.pipeline.cluster_id_aliases)
+
+
+def _multicluster_components(config: Config, runtime: Runtime) -> list[Component]:
+    if config.multicluster is None or runtime.clusters is None or config.kube is None:
+        return []
+    from csr_service.kube.remote_secrets import RemoteSecretWatcher
+
+    return [RemoteSecretWatcher(runtime.kube(), runtime.clusters, config.multicluster, config.kube)]

@@ -126,6 +126,7 @@ class GrpcServer:
         listen: str,
         insecure_listen: str | None,
         limits: GrpcLimits,
+        client_cert_listen: str | None = None,
     ) -> None:
         # SO_REUSEPORT lets several worker processes share the port; the kernel spreads
         # connections across them. grpc.aio's maximum_concurrent_rpcs is only a backstop: it
@@ -146,6 +147,19 @@ class GrpcServer:
             raise OSError(f"--grpc-listen: cannot listen on {listen} (address in use or not local)") from exc
         if self.port == 0:
             raise OSError(f"--grpc-listen: cannot listen on {listen}")
+        self.client_cert_port: int | None = None
+        if client_cert_listen:
+            # A listener of its own: gRPC Python either does not ask for a client certificate
+            # or requires (and verifies) one, never "ask but accept none" on one port.
+            try:
+                self.client_cert_port = self._server.add_secure_port(
+                    client_cert_listen, serving.server_credentials(require_client_certificate=True)
+                )
+            except RuntimeError as exc:
+                raise OSError(f"--client-cert-grpc-listen: cannot listen on {client_cert_listen}") from exc
+            if self.client_cert_port == 0:
+                raise OSError(f"--client-cert-grpc-listen: cannot listen on {client_cert_listen}")
+            log.info("mTLS gRPC listener on %s: client certificates chaining to the trust bundle", client_cert_listen)
         self.insecure_port: int | None = None
         if insecure_listen:
             try:

@@ -47,14 +47,39 @@ def _metadata(struct: struct_pb2.Struct) -> dict[str, Any]:
     return json_format.MessageToDict(struct)
 
 
+def _peer_certificates(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[bytes, ...]:
+    """The client certificate gRPC core verified in the handshake, leaf first, then the rest of
+    the chain the client sent (gRPC core reports the leaf and the chain as two properties)."""
+    auth = context.auth_context() or {}
+    leaf = tuple(auth.get("x509_pem_cert", ()))
+    if not leaf:
+        return ()
+    rest = tuple(_split_pem(b"".join(auth.get("x509_pem_cert_chain", ()))))
+    return leaf[:1] + tuple(c for c in rest if c.strip() != leaf[0].strip())
+
+
+def _split_pem(data: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    return [block + end + b"\n" for block in data.split(end) if b"-----BEGIN CERTIFICATE-----" in block]
+
+
 class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
     """``istio.v1.auth.IstioCertificateService``."""
 
-    def __init__(self, pipeline: CertificatePipeline, *, timeout: timedelta, admission: Admission) -> None:
+    def __init__(
+        self,
+        pipeline: CertificatePipeline,
+        *,
+        timeout: timedelta,
+        admission: Admission,
+        client_certificates: bool = False,
+    ) -> None:
         self._pipeline = pipeline
         self._timeout = timeout.total_seconds()
         self._admission = admission
         self._shed_log = ShedLog(log)
+        #: Whether a listener asks for client certificates: only then is the auth context read.
+        self._client_certificates = client_certificates
 
     def _done(self, _context: object) -> None:
         self._admission.leave()
@@ -66,7 +91,8 @@ class IstioCertificateServicer(ca_pb2_grpc.IstioCertificateServiceServicer):
         rid = new_request_id()
         REQUEST_ID.set(rid)
         md = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        ctx = RequestContext(metadata=md, peer=context.peer() or "", request_id=rid)
+        peer_certs = _peer_certificates(context) if self._client_certificates else ()
+        ctx = RequestContext(metadata=md, peer=context.peer() or "", request_id=rid, peer_certificates=peer_certs)
         error: CSRServiceError
         try:
             self._admission.enter()

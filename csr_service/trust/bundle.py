@@ -77,3 +77,9 @@ class TrustBundle:
 
     def add_listener(self, listener: Callable[[TrustSnapshot], None]) -> None:
         self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[TrustSnapshot], None]) -> None:
+        """Stop notifying ``listener`` (a stopped component that may be replaced, e.g. a remote
+        cluster's controller); unknown listeners are ignored."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)

@@ -203,8 +203,9 @@ class CertManagerIssuer:
         if self._sweeper is not None:
             self._sweeper.start()
         log.info(
-            "cert-manager issuer ready: signing with %s, requests in namespace %s labelled %s=%s, timeout %.0fs%s",
+            "cert-manager issuer ready: signing with %s%s, requests in namespace %s labelled %s=%s, timeout %.0fs%s",
             s.describe_issuer(),
+            f" (own certificates: {s.describe_issuer('serving')})" if s.serving_issuer else "",
             s.namespace,
             INSTANCE_LABEL,
             self.instance,
@@ -287,8 +288,8 @@ class CertManagerIssuer:
                 "request": base64.b64encode(request.csr_pem).decode("ascii"),
                 "isCA": False,
                 "duration": f"{max(1, int(request.ttl.total_seconds()))}s",
-                "usages": list(USAGES),
-                "issuerRef": s.issuer_ref,
+                "usages": list(request.usages or USAGES),
+                "issuerRef": s.issuer_ref_for(request.purpose),
             },
         }
 
@@ -299,7 +300,7 @@ class CertManagerIssuer:
                 "the cert-manager issuer is not running", detail="sign() before start()/after stop()"
             )
         s = self.settings
-        issuer = s.describe_issuer()
+        issuer = s.describe_issuer(request.purpose)
         _check_csr_names(request)
         created = await self._create(self.request_body(request))
         name = str(created["metadata"]["name"])

@@ -35,6 +35,25 @@ OPTIONS = [
         group=_G,
     ),
     Option(
+        "certmanager-serving-issuer-name",
+        "Issuer for csr-service's own certificates (serving, istiod-tls: DNS names) when the workload issuer "
+        "allows SPIFFE URIs only; empty: --certmanager-issuer-name.",
+        "",
+        group=_G,
+    ),
+    Option(
+        "certmanager-serving-issuer-kind",
+        "issuerRef.kind of --certmanager-serving-issuer-name; empty: --certmanager-issuer-kind.",
+        "",
+        group=_G,
+    ),
+    Option(
+        "certmanager-serving-issuer-group",
+        "issuerRef.group of --certmanager-serving-issuer-name; empty: --certmanager-issuer-group.",
+        "",
+        group=_G,
+    ),
+    Option(
         "preserve-certificate-requests",
         "Keep CertificateRequests after they are finished (for auditing); the sweeper is then off too.",
         False,

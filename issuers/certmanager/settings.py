@@ -55,17 +55,30 @@ class Settings:
     sweep_age: timedelta
     sweep_interval: timedelta
     trust_status_ca: bool
+    #: (name, kind, group) of the issuer for csr-service's own certificates; None: the workload issuer.
+    serving_issuer: tuple[str, str, str] | None = None
+
+    def _ref(self, purpose: str) -> tuple[str, str, str]:
+        if purpose != "workload" and self.serving_issuer is not None:
+            return self.serving_issuer
+        return self.issuer_name, self.issuer_kind, self.issuer_group
 
     @property
     def issuer_ref(self) -> dict[str, str]:
-        """``spec.issuerRef`` of every request."""
-        return {"name": self.issuer_name, "kind": self.issuer_kind, "group": self.issuer_group}
+        """``spec.issuerRef`` of every workload request."""
+        return self.issuer_ref_for("workload")
 
-    def describe_issuer(self) -> str:
+    def issuer_ref_for(self, purpose: str) -> dict[str, str]:
+        """``spec.issuerRef`` for a request of ``purpose`` (serving/istiod may have their own issuer)."""
+        name, kind, group = self._ref(purpose)
+        return {"name": name, "kind": kind, "group": group}
+
+    def describe_issuer(self, purpose: str = "workload") -> str:
         """``Issuer istio-system/istio-ca`` or ``ClusterIssuer istio-ca`` (group if not cert-manager's)."""
-        where = f"{self.namespace}/{self.issuer_name}" if self.issuer_kind == "Issuer" else self.issuer_name
-        group = "" if self.issuer_group == "cert-manager.io" else f".{self.issuer_group}"
-        return f"{self.issuer_kind}{group} {where}"
+        name, kind, group_name = self._ref(purpose)
+        where = f"{self.namespace}/{name}" if kind == "Issuer" else name
+        group = "" if group_name == "cert-manager.io" else f".{group_name}"
+        return f"{kind}{group} {where}"
 
     @property
     def sweeping(self) -> bool:
@@ -87,6 +100,20 @@ class Settings:
         group = str(values.get("certmanager-issuer-group") or "")
         if not group or not _DNS_SUBDOMAIN.fullmatch(group):
             raise ConfigError(f"--certmanager-issuer-group: {group!r} is not an API group (e.g. cert-manager.io)")
+        serving: tuple[str, str, str] | None = None
+        serving_name = str(values.get("certmanager-serving-issuer-name") or "")
+        if serving_name:
+            if len(serving_name) > 253 or not _DNS_SUBDOMAIN.fullmatch(serving_name):
+                raise ConfigError(f"--certmanager-serving-issuer-name: {serving_name!r} is not a valid object name")
+            serving_kind = str(values.get("certmanager-serving-issuer-kind") or "") or kind
+            if not _KIND.fullmatch(serving_kind):
+                raise ConfigError(f"--certmanager-serving-issuer-kind: {serving_kind!r} is not a kind")
+            serving_group = str(values.get("certmanager-serving-issuer-group") or "") or group
+            if not _DNS_SUBDOMAIN.fullmatch(serving_group):
+                raise ConfigError(f"--certmanager-serving-issuer-group: {serving_group!r} is not an API group")
+            serving = (serving_name, serving_kind, serving_group)
+        elif values.get("certmanager-serving-issuer-kind") or values.get("certmanager-serving-issuer-group"):
+            raise ConfigError("--certmanager-serving-issuer-kind/-group: only with --certmanager-serving-issuer-name")
         timeout: timedelta = values.get("certmanager-timeout", timedelta(seconds=8))
         if timeout <= timedelta(0):
             raise ConfigError("--certmanager-timeout: must be positive")
@@ -116,4 +143,5 @@ class Settings:
             sweep_age=sweep_age,
             sweep_interval=sweep_interval,
             trust_status_ca=bool(values.get("certmanager-trust-status-ca", False)),
+            serving_issuer=serving,
         )

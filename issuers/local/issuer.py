@@ -153,6 +153,8 @@ class LocalCAIssuer:
             uris=request.uris,
             dns_names=request.dns_names,
             ip_addresses=request.ip_addresses,
+            server_auth=not request.usages or "server auth" in request.usages,
+            client_auth=not request.usages or "client auth" in request.usages,
         )
         leaf = build_leaf(request.csr.public_key(), spec, material.cert, material.key)  # type: ignore[arg-type]
         return IssuedChain(leaf=leaf, chain=(material.cert, *material.intermediates))

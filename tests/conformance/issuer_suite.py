@@ -7,6 +7,9 @@ A backend's test module subclasses :class:`IssuerConformance` and provides two f
   loop-bound resources (clients, watches) are exercised the way the server uses them.
 - ``trust_roots``: the root certificates the backend's chains must end in.
 
+Every issued leaf must carry the key usages Istio's own CA puts in (the rule the pipeline
+refuses leaves by, ``csr_service.pipeline.verify.missing_usages``).
+
 Set ``supports_dns_names = False`` for backends whose policy only allows SPIFFE URIs (a
 Vault role for workloads, say). Run with the marker of the backend's peer (vault, ...).
 """
@@ -25,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from csr_service.common.errors import CSRServiceError, FailedPreconditionError, InvalidRequestError
+from csr_service.pipeline.verify import missing_usages
 from csr_service.plugins.issuer import IssuedChain, Issuer
 from tests.support import pki
 from tests.support.certs import WORKLOAD, assert_is_leaf, forge_signature, uri_sans
@@ -57,6 +61,17 @@ class IssuerConformance:
         assert san.get_values_for_type(x509.IPAddress) == []
         assert_is_leaf(issued.leaf)
 
+    @pytest.mark.parametrize("key_kind", ["ec256", "ec384", "rsa"])
+    def test_workload_leaf_carries_istio_key_usages(
+        self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate], key_kind: pki.KeyKind
+    ) -> None:
+        """What Istio's own CA issues: KeyUsage digitalSignature (+ keyEncipherment for RSA),
+        ExtKeyUsage serverAuth and clientAuth, CA:FALSE. Checked independently, and by the
+        rule the pipeline refuses leaves with (FAILED_PRECONDITION naming the issuer)."""
+        issued: IssuedChain = run_fresh(issuer_factory, lambda i: i.sign(signing_request(key_kind=key_kind)))
+        assert_is_leaf(issued.leaf)
+        assert missing_usages(issued.leaf, "workload") == []
+
     def test_chain_links_to_trust_roots(
         self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate]
     ) -> None:
@@ -87,11 +102,15 @@ class IssuerConformance:
     ) -> None:
         if not self.supports_dns_names:
             pytest.skip("this backend's policy only allows SPIFFE URIs")
-        req = signing_request(uris=(), dns_names=("csr-service.cert-manager.svc",), ip_addresses=("127.0.0.1",))
+        req = signing_request(
+            uris=(), dns_names=("csr-service.cert-manager.svc",), ip_addresses=("127.0.0.1",), purpose="serving"
+        )
         issued: IssuedChain = run_fresh(issuer_factory, lambda i: i.sign(req))
         san = issued.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert san.get_values_for_type(x509.DNSName) == ["csr-service.cert-manager.svc"]
         assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+        # csr-service's own TLS certificates need the server side (the pipeline's rule).
+        assert missing_usages(issued.leaf, "serving") == []
 
     def test_concurrent_requests_get_distinct_certificates(
         self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate]

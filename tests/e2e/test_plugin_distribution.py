@@ -66,7 +66,7 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def test_the_registry_finds_installed_plugins_beside_the_built_ins(plugin_site: Path) -> None:
     assert set(registry.plugins(ISSUERS)) == {"local", "vault", "cert-manager", "example"}
-    assert set(registry.plugins(AUTHENTICATORS)) == {"jwt", "tokenreview", "jwks", "example-static"}
+    assert set(registry.plugins(AUTHENTICATORS)) == {"jwt", "tokenreview", "jwks", "client-cert", "example-static"}
 
 
 def test_without_the_distribution_the_plugin_is_unknown() -> None:

@@ -76,6 +76,11 @@ def test_lint(tmp_path: Path) -> None:
         ({"app": {"extraArgs": ["serve"]}}, "does not match pattern"),
         ({"app": {"issuer": "local"}}, "app.local.secretName is required"),
         ({"app": {"issuer": "vault"}}, "app.vault.address is required"),
+        ({"app": {"server": {"authenticators": ["client-cert", "oidc"]}}}, "value must be one of"),
+        (
+            {"app": {"multicluster": {"enabled": True}, "server": {"authenticator": "jwks"}}},
+            "app.multicluster.enabled needs tokenreview",
+        ),
     ],
 )
 def test_bad_values_are_rejected(values: dict[str, Any], message: str) -> None:
@@ -230,3 +235,90 @@ def test_no_pdb_for_a_single_replica() -> None:
     """A PodDisruptionBudget over one replica would block every node drain."""
     assert of_kind(render(merge(CERT_MANAGER, {"replicaCount": 1})), "PodDisruptionBudget") == []
     assert len(of_kind(render(CERT_MANAGER), "PodDisruptionBudget")) == 1
+
+
+def test_serving_issuer_for_cert_manager() -> None:
+    """A second issuerRef for csr-service's own certificates (docs/cert-manager.md, the Vault recipe)."""
+    serving = {"name": "vault-serving", "kind": "ClusterIssuer"}
+    f = flags(render(merge(CERT_MANAGER, {"app": {"certmanager": {"servingIssuer": serving}}})))
+    assert f["certmanager-serving-issuer-name"] == "vault-serving"
+    assert f["certmanager-serving-issuer-kind"] == "ClusterIssuer"
+    assert "certmanager-serving-issuer-group" not in f
+    assert "certmanager-serving-issuer-name" not in flags(render(CERT_MANAGER))
+
+
+def test_signer_values(tmp_path: Path) -> None:
+    """app.signer: the flags exist, the per-signer issuers ConfigMap is a file `serve` accepts, and
+    `sign` is granted on exactly the signer names."""
+    from csr_service.cli import build_config
+    from csr_service.config import all_options
+
+    signers = ["mesh.example.com/workloads", "mesh.example.com/team-a"]
+    team_a = {
+        "issuer": "vault",
+        "vault-address": "https://vault.vault.svc:8200",
+        "vault-role": "team-a",
+        "vault-auth": "kubernetes",
+        "vault-kubernetes-role": "csr-service",
+    }
+    values = merge(LOCAL, {"app": {"signer": {"signerNames": signers, "issuers": {signers[1]: team_a}}}})
+    manifests = render(values)
+    f = flags(manifests)
+    known = {o.name for o in all_options()}
+    assert all(a[2:].partition("=")[0] in known for a in container_args(manifests))
+    assert f["k8s-signer-names"] == ",".join(signers)
+    assert f["grpc-listen"] == "0.0.0.0:6443"  # beside the gRPC service unless signerOnly
+    assert f["leader-election"] == "true"
+    toml = one(manifests, "ConfigMap", "csr-service-signer-issuers")["data"]["issuers.toml"]
+    (tmp_path / "issuers.toml").write_text(toml)
+    (tmp_path / "jwks.json").write_text('{"keys": []}')
+    config = build_config(
+        {
+            "k8s-signer-names": f["k8s-signer-names"],
+            "k8s-signer-issuers-file": str(tmp_path / "issuers.toml"),
+            "local-ca-dir": str(tmp_path),
+            "jwt-jwks-file": str(tmp_path / "jwks.json"),
+        }
+    )
+    assert config.controllers is not None
+    assert config.controllers.signer is not None
+    chosen = config.controllers.signer.issuers[signers[1]]
+    assert (chosen.backend, chosen.values["vault-role"]) == ("vault", "team-a")
+    sign = [r for r in rules(manifests) if r[2] == "signers"]
+    assert sign == [("*", "certificates.k8s.io", "signers", frozenset({"sign"}), tuple(signers))]
+    only = flags(render(merge(values, {"app": {"signer": {"signerOnly": True}}})))
+    assert only["grpc-listen"] == ""
+
+
+def test_client_cert_and_multicluster() -> None:
+    values = merge(
+        CERT_MANAGER,
+        {"app": {"server": {"authenticators": ["client-cert", "tokenreview"]}, "multicluster": {"enabled": True}}},
+    )
+    manifests = render(values, namespace="mesh-ca")
+    f = flags(manifests)
+    assert f["authenticators"] == "client-cert,tokenreview"
+    assert "authenticator" not in f
+    assert f["client-cert-grpc-listen"] == "0.0.0.0:6444"
+    assert f["multicluster-secrets"] == "true"
+    svc = one(manifests, "Service", "csr-service")
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
+        "grpc": (443, "grpc"),
+        "grpc-mtls": (444, "grpc-mtls"),
+    }
+    ports = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"name": "grpc-mtls", "containerPort": 6444, "protocol": "TCP"} in ports
+    granted = rules(manifests)
+    # The remote-cluster Secrets: read in the release namespace only, never cluster-wide.
+    secrets = [r for r in granted if r[2] == "secrets" and r[3] == {"list", "watch"}]
+    assert [(scope, names) for scope, _, _, _, names in secrets] == [("mesh-ca", ())]
+    assert f["multicluster-namespace"] == "mesh-ca"
+    assert ("*", "authentication.k8s.io", "tokenreviews", frozenset({"create"}), ()) in granted
+
+
+def test_authenticator_alone_still_renders_as_before() -> None:
+    f = flags(render(CERT_MANAGER))
+    assert f["authenticator"] == "tokenreview"
+    assert "authenticators" not in f
+    assert "client-cert-grpc-listen" not in f
+    assert "multicluster-secrets" not in f

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import urllib.error
@@ -307,3 +308,93 @@ def test_jwks_needs_only_the_discovery_documents(kube: KubeCluster, tmp_path: Pa
     assert not _can(kube, user, "create", "tokenreviews", group="authentication.k8s.io")
     assert not _can(kube, user, "list", "configmaps")
     assert json.dumps(values)  # (values kept for the failure message)
+
+
+@pytest.mark.istiod  # CSRs are created as istiod's ServiceAccount, as istiod creates them
+def test_signer_rbac_is_enough_and_no_more(kube: KubeCluster, tmp_path: Path) -> None:
+    """The Kubernetes CSR signer alone (app.signer.signerOnly) with the chart's RBAC: it signs its
+    signer name's CSRs, refuses another user's with Failed and an Event, holds its Lease; nothing
+    was forbidden; and it cannot sign other signer names, approve, create or delete CSRs."""
+    from tests.support.certs import write_ca_dir
+    from tests.support.k8s_signer import approve, create_csr, csr_failed, istiod_api, wait_outcome
+    from tests.support.pki import csr_pem as pki_csr_pem
+    from tests.support.waiting import wait_for as wait
+
+    release_ns = kube.create_namespace(unique_name("csr"))
+    lease_ns = kube.create_namespace(unique_name("istio"))
+    fullname = unique_name("csr-service")
+    signer = f"{unique_name('csr')}.test/workloads"
+    values: dict[str, Any] = {
+        "fullnameOverride": fullname,
+        "app": {
+            "issuer": "local",
+            "local": {"secretName": "ca"},
+            "signer": {"signerNames": [signer], "signerOnly": True},
+            "tls": {"istiodCertificateEnable": False},
+            "controller": {"rootConfigMaps": False, "leaderElectionNamespace": lease_ns},
+        },
+    }
+    manifests = render(values, namespace=release_ns, release=fullname)
+    _apply(kube, manifests)
+    write_ca_dir(tmp_path / "ca", intermediate=True)
+    kubeconfig = kube.kubeconfig_for_service_account(release_ns, fullname, path=tmp_path / "kubeconfig")
+    http_port = free_port()
+    args = [
+        *(a for a in container_args(manifests) if not a.startswith(("--http-listen=", "--local-ca-dir="))),
+        f"--http-listen=127.0.0.1:{http_port}",
+        f"--local-ca-dir={tmp_path / 'ca'}",
+        f"--kubeconfig={kubeconfig}",
+    ]
+    assert "--grpc-listen=" in args
+    log_path = tmp_path / "signer.log"
+    env = {**os.environ, "POD_NAME": f"{fullname}-0", "POD_NAMESPACE": release_ns}
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen([*CSR_SERVICE, "serve", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait(lambda: "k8s signer: watching" in log_path.read_text(), timeout=60, what="the signer (leader) watching")
+        as_istiod = istiod_api(kube)
+        mine = create_csr(as_istiod, signer, pki_csr_pem(new_key(), uris=("spiffe://cluster.local/ns/a/sa/b",)))
+        theirs = create_csr(
+            k8s.CertificatesV1Api(kube.api_client),
+            signer,
+            pki_csr_pem(new_key(), uris=("spiffe://cluster.local/ns/a/sa/b",)),
+        )
+        approve(kube, mine)
+        approve(kube, theirs)
+        assert wait_outcome(kube, mine).status.certificate
+        assert csr_failed(wait_outcome(kube, theirs)).reason == "RequesterNotAllowed"
+
+        def event() -> Any:
+            for ev in kube.core.list_namespaced_event("default").items:
+                if ev.involved_object.name == theirs and ev.reason == "RequesterNotAllowed":
+                    return ev
+            return None
+
+        assert wait(event, what="the Failed CSR's Event").type == "Warning"
+        assert kube.lease_holder(lease_ns, fullname).startswith(f"{fullname}-0")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    log = log_path.read_text()
+    messages = "\n".join(line.split(" ", 2)[-1] if line[:4].isdigit() else line for line in log.splitlines())
+    assert not re.search(r"\b403\b", messages), log[-5000:]
+    assert "forbidden" not in log.lower(), log[-5000:]
+    assert "cannot record event" not in log
+
+    user = f"system:serviceaccount:{release_ns}:{fullname}"
+    csrs = {"group": "certificates.k8s.io"}
+    assert _can(kube, user, "sign", "signers", **csrs, name=signer)
+    assert _can(kube, user, "update", "certificatesigningrequests", subresource="status", **csrs)
+    must_not = [
+        ("sign", "signers", {"name": f"{unique_name('other')}.test/workloads"}),
+        ("sign", "signers", {"name": "kubernetes.io/kube-apiserver-client"}),
+        ("approve", "signers", {"name": signer}),
+        ("create", "certificatesigningrequests", {}),
+        ("delete", "certificatesigningrequests", {}),
+        ("update", "certificatesigningrequests", {}),
+        ("update", "certificatesigningrequests", {"subresource": "approval"}),
+    ]
+    for verb, resource, kw in must_not:
+        assert not _can(kube, user, verb, resource, **csrs, **kw), f"must be denied: {verb} {resource} {kw}"
+    assert not _can(kube, user, "create", "tokenreviews", group="authentication.k8s.io")  # no gRPC: no authn
+    assert not _can(kube, user, "create", "events", "kube-system")

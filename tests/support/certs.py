@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.support import pki
@@ -89,9 +90,14 @@ def uri_sans(cert: x509.Certificate) -> list[str]:
 
 
 def assert_is_leaf(cert: x509.Certificate) -> None:
-    """Istio-shaped leaf: not a CA, serverAuth+clientAuth."""
+    """Istio-shaped leaf (security/pkg/pki/util/generate_cert.go): not a CA, serverAuth+clientAuth,
+    KeyUsage digitalSignature, plus keyEncipherment for an RSA key."""
     bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     assert not bc.ca
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert ExtendedKeyUsageOID.SERVER_AUTH in eku
     assert ExtendedKeyUsageOID.CLIENT_AUTH in eku
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature, "KeyUsage digitalSignature"
+    if isinstance(cert.public_key(), rsa.RSAPublicKey):
+        assert ku.key_encipherment, "KeyUsage keyEncipherment (RSA key)"

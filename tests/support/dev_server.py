@@ -115,10 +115,12 @@ def running_server(
     env: dict[str, str] | None = None,
     timeout: float = 60.0,
     wrapper: Sequence[str] = (),
+    wait_ready: bool = True,
 ) -> Iterator[DevServer]:
     """Run ``csr-service serve <args>`` (args must make it listen on 127.0.0.1:port).
 
     ``wrapper`` prefixes the command (benchmarks pin the server to CPUs with ``taskset -c``).
+    ``wait_ready=False`` yields at once, for a test about a server that cannot start serving.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
@@ -133,7 +135,8 @@ def running_server(
         )
     srv = DevServer(address=f"127.0.0.1:{port}", root_cert=root_cert, state_dir=state_dir, proc=proc, log_path=log_path)
     try:
-        _wait_ready(srv, timeout)
+        if wait_ready:
+            _wait_ready(srv, timeout)
         yield srv
     finally:
         _stop(proc)

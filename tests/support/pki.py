@@ -207,6 +207,58 @@ def sign_leaf(
     return builder.sign(ca.key, _digest(ca.key))
 
 
+def leaf_with_usages(
+    ca: KeyPair,
+    public_key: PublicKey,
+    *,
+    uris: Sequence[str] = ("spiffe://cluster.local/ns/default/sa/sleep",),
+    dns: Sequence[str] = (),
+    digital_signature: bool = True,
+    key_encipherment: bool = True,
+    key_usage: bool = True,
+    ekus: Sequence[x509.ObjectIdentifier] | None = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+    ca_flag: bool | None = False,
+    not_after: dt.datetime | None = None,
+) -> x509.Certificate:
+    """A leaf like a backend with a given configuration would sign: every usage adjustable,
+    ``ekus=None`` / ``key_usage=False`` / ``ca_flag=None`` leave the extension out."""
+    now = _now()
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+    names += [x509.DNSName(d) for d in dns]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca.cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=2))
+        .not_valid_after(not_after or now + dt.timedelta(minutes=30))
+        .add_extension(x509.SubjectAlternativeName(names), critical=True)
+    )
+    if key_usage:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=digital_signature,
+                content_commitment=False,
+                key_encipherment=key_encipherment,
+                data_encipherment=False,
+                key_agreement=not digital_signature,  # a KeyUsage must assert something
+                key_cert_sign=bool(ca_flag),
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    if ekus is not None:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage(list(ekus) or [ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
+        )
+    if ca_flag is not None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca_flag, path_length=None), critical=True)
+    return builder.sign(ca.key, _digest(ca.key))
+
+
 def issue(
     ca: KeyPair,
     common_name: str,

@@ -177,6 +177,51 @@ class CertManager:
         self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "certificaterequests", body)
         return name
 
+    def create_vault_cluster_issuer(
+        self,
+        name: str,
+        *,
+        server: str,
+        path: str,
+        token_secret: tuple[str, str] | None = None,
+        kubernetes: tuple[str, str, str] | None = None,
+        timeout: float = 60,
+    ) -> None:
+        """A ClusterIssuer of type ``vault`` signing at ``path`` (``<mount>/sign/<role>``), Ready.
+
+        Auth: ``token_secret=(secret, key)`` (a Secret in the cluster resource namespace holding
+        a Vault token), or ``kubernetes=(auth mount, Vault role, service account)``: cert-manager
+        requests a token for that ServiceAccount (in the cluster resource namespace, audience
+        ``vault://<name>``) and logs in with it. Needs the ``certificaterequests-issuer-vault``
+        controller, which the test bed's controller program runs.
+        """
+        auth: dict[str, Any]
+        if token_secret is not None:
+            auth = {"tokenSecretRef": {"name": token_secret[0], "key": token_secret[1]}}
+        elif kubernetes is not None:
+            mount, role, service_account = kubernetes
+            auth = {
+                "kubernetes": {
+                    "mountPath": f"/v1/auth/{mount}",
+                    "role": role,
+                    "serviceAccountRef": {"name": service_account},
+                }
+            }
+        else:
+            raise ValueError("token_secret or kubernetes auth is required")
+        self.custom.create_cluster_custom_object(
+            GROUP,
+            VERSION,
+            "clusterissuers",
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "ClusterIssuer",
+                "metadata": {"name": name},
+                "spec": {"vault": {"server": server, "path": path, "auth": auth}},
+            },
+        )
+        self.wait_issuer_ready(name, None, timeout)
+
     def get_certificate_request(self, namespace: str, name: str) -> dict[str, Any]:
         """A CertificateRequest as a dict."""
         obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "certificaterequests", name)

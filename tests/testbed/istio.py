@@ -57,7 +57,9 @@ class IstioClient:
 
     ``client(ca_address=..., root_cert=..., token=..., namespace=..., service_account=...)`` runs
     one CreateCertificate exactly as a sidecar would and returns an ``IstioResult``. Pass either
-    ``token`` (the JWT text; written to a temp file) or ``token_file``.
+    ``token`` (the JWT text; written to a temp file) or ``token_file``, and/or ``cert_chain`` and
+    ``key`` (a certificate presented in TLS, as istio-agent does with ``PROV_CERT``); with neither
+    token nor token file no authorization header is sent.
     """
 
     def __init__(self, binary: Path | None = None) -> None:
@@ -78,8 +80,11 @@ class IstioClient:
         ttl: str = "1h",
         impersonate: str | None = None,
         ca_san: str | None = None,
+        cert_chain: Path | None = None,
+        key: Path | None = None,
         renewals: int = 0,
         renew_after: float = 0.0,
+        cert_signer: str = "",
         timeout: float = 120,
     ) -> IstioResult:
         """Request a certificate; see the class docstring."""
@@ -103,8 +108,12 @@ class IstioClient:
                 argv.append(f"--impersonate={impersonate}")
             if ca_san:
                 argv.append(f"--ca-san={ca_san}")
+            if cert_chain is not None and key is not None:  # PROV_CERT: present this pair in TLS
+                argv += [f"--cert-chain={cert_chain}", f"--key={key}"]
             if renewals:
                 argv += [f"--renewals={renewals}", f"--renew-after={renew_after}s"]
+            if cert_signer:  # ISTIO_META_CERT_SIGNER: istiod's per-workload Kubernetes CSR signer
+                argv.append(f"--cert-signer={cert_signer}")
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
         if proc.returncode == 2:
             raise ValueError(f"istio-client usage error: {proc.stderr.strip()}")

@@ -25,7 +25,7 @@ import contextlib
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,12 +118,14 @@ def start_istiod(
     cluster_admin: bool = True,
     wait_ready: bool = True,
     timeout: float = 90,
+    extra_args: Sequence[str] = (),
 ) -> Istiod:
     """Start ``pilot-discovery discovery`` in ``workdir`` (created if missing) against ``kube``.
 
     ``env`` is added to istiod's environment (e.g. ``EXTERNAL_CA``, ``K8S_SIGNER``,
     ``CERT_SIGNER_DOMAIN``, ``PILOT_CERT_PROVIDER``). ``mesh_config`` is the YAML of the mesh
-    config file (``trustDomain``, ``caCertificates`` …). With ``wait_ready`` (default) this
+    config file (``trustDomain``, ``caCertificates`` …); ``extra_args`` are added to the command
+    line (e.g. ``--kubernetesApiQPS``). With ``wait_ready`` (default) this
     returns once ``/ready`` answers 200; with ``PILOT_CERT_PROVIDER=k8s.io/...`` istiod is ready
     only after a signer has signed its own certificate (ISTIOD_RA.md §7).
     """
@@ -166,6 +168,7 @@ def start_istiod(
         f"--monitoringAddr=127.0.0.1:{ports['monitoring']}",
         "--profile=false",
         "--shutdownDuration=1s",
+        *extra_args,
     ]
     proc = ManagedProcess("istiod", argv, workdir / "istiod.log", env=full_env, cwd=workdir)
     istiod = Istiod(

@@ -204,6 +204,47 @@ class KubeCluster:
         token = self.token(namespace, service_account, audiences=[], expiration_seconds=expiration_seconds)
         return self.kubeconfig_for_token(token, path, namespace=namespace)
 
+    def remote_kubeconfig(self, token: str, cluster_name: str) -> str:
+        """A kubeconfig for ``token`` shaped like ``istioctl create-remote-secret`` writes into
+        its Secret: the server, the CA as certificate-authority-data and the bearer token inline
+        (no file paths), one context named after the cluster. YAML (as istioctl writes it)."""
+        ca_data = base64.b64encode(self.ca_cert.read_bytes()).decode()
+        return (
+            "apiVersion: v1\n"
+            "clusters:\n"
+            "- cluster:\n"
+            f"    certificate-authority-data: {ca_data}\n"
+            f"    server: {self.server}\n"
+            f"  name: {cluster_name}\n"
+            "contexts:\n"
+            "- context:\n"
+            f"    cluster: {cluster_name}\n"
+            f"    user: {cluster_name}\n"
+            f"  name: {cluster_name}\n"
+            f"current-context: {cluster_name}\n"
+            "kind: Config\n"
+            "preferences: {}\n"
+            "users:\n"
+            f"- name: {cluster_name}\n"
+            "  user:\n"
+            f"    token: {token}\n"
+        )
+
+    def request_count(self, resource: str = "") -> int:
+        """Requests the apiserver has answered for ``resource`` (e.g. ``tokenreviews``; empty: all)
+        since it started, from its own ``apiserver_request_total`` metric (admin credentials)."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_cert))
+        ctx.load_cert_chain(self.admin_cert, self.admin_key)
+        status, body = _https_get(f"{self.server}/metrics", ctx, timeout=10)
+        if status != 200:
+            raise RuntimeError(f"GET /metrics: HTTP {status}")
+        text = body.decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("apiserver_request_total{") and (not resource or f'resource="{resource}"' in line):
+                total += float(line.rsplit(" ", 1)[1])
+        return int(total)
+
     def api_client_for_token(self, token: str) -> k8s.ApiClient:
         """A ``kubernetes.client.ApiClient`` authenticating with a bearer token."""
         cfg = k8s.Configuration()

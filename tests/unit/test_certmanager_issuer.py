@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -356,6 +357,12 @@ def test_defaults_match_istio_csr() -> None:
         ({"certmanager-timeout": timedelta(0)}, "--certmanager-timeout"),
         ({"certmanager-sweep-age": timedelta(seconds=5)}, "--certmanager-sweep-age"),
         ({"certmanager-sweep-interval": timedelta(0)}, "--certmanager-sweep-interval"),
+        ({"certmanager-serving-issuer-name": "Bad Name"}, "--certmanager-serving-issuer-name"),
+        (
+            {"certmanager-serving-issuer-name": "serving", "certmanager-serving-issuer-kind": "a kind"},
+            "--certmanager-serving-issuer-kind",
+        ),
+        ({"certmanager-serving-issuer-kind": "ClusterIssuer"}, "--certmanager-serving-issuer-kind"),
     ],
 )
 def test_invalid_settings_name_the_flag(overrides: dict[str, Any], flag: str) -> None:
@@ -768,3 +775,33 @@ def test_sweeper_deletes_only_old_requests_of_ours() -> None:
     )
     assert deleted == 1
     assert fake.ours() == ["foreign", "young"]
+
+
+def _serving_request() -> SigningRequest:
+    pem = csr_pem(new_key(), uris=(), dns_names=("csr.example",))
+    return SigningRequest(
+        csr=x509.load_pem_x509_csr(pem),
+        csr_pem=pem,
+        ttl=timedelta(hours=1),
+        dns_names=("csr.example",),
+        purpose="serving",
+    )
+
+
+def test_own_certificates_may_have_their_own_issuer() -> None:
+    """A workload issuer that allows SPIFFE URIs only (a Vault role behind cert-manager) cannot
+    sign the serving certificate's DNS names: --certmanager-serving-issuer-* names another."""
+    issuer = make(
+        FakeRequests(),
+        certmanager_issuer_kind="ClusterIssuer",
+        certmanager_issuer_name="vault-workloads",
+        certmanager_serving_issuer_name="vault-serving",
+    )
+    assert issuer.request_body(request())["spec"]["issuerRef"]["name"] == "vault-workloads"
+    for purpose in ("serving", "istiod"):
+        req = replace(_serving_request(), purpose=purpose)
+        ref = issuer.request_body(req)["spec"]["issuerRef"]
+        assert ref == {"name": "vault-serving", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    assert issuer.settings.describe_issuer("serving") == "ClusterIssuer vault-serving"
+    # Without it, everything goes to the one issuer, as before.
+    assert make(FakeRequests()).request_body(_serving_request())["spec"]["issuerRef"]["name"] == "istio-ca"

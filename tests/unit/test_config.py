@@ -17,6 +17,7 @@ def test_defaults_match_istio_csr() -> None:
     assert c.pipeline.max_certificate_duration == timedelta(hours=1)
     assert c.pipeline.cluster_id == "Kubernetes"
     assert c.pipeline.trust_domain == "cluster.local"
+    assert c.authenticator is not None
     assert c.authenticator.name == "jwt"
     assert c.authenticator.values["token-audiences"] == ("istio-ca",)
     assert c.server.insecure_grpc_listen is None  # TLS only by default

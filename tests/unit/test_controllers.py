@@ -247,6 +247,7 @@ def test_istio_csr_keys_select_cert_manager() -> None:
     assert values["certmanager-issuer-name"] == "cluster-ca"
     assert values["certmanager-issuer-kind"] == "ClusterIssuer"
     assert values["certmanager-issuer-group"] == "cert-manager.io"
+    assert values["certmanager-serving-issuer-name"] == ""  # istio-csr's keys name the signing issuer
     assert "local-ca-dir" not in values
 
 

@@ -87,8 +87,9 @@ class _SlowIssuer:
 
 
 class _Serving:
-    def __init__(self, material: ServingMaterial | None) -> None:
+    def __init__(self, material: ServingMaterial | None, last_error: str | None = None) -> None:
         self.material = material
+        self.last_error = last_error
 
 
 def _material(not_after: datetime) -> ServingMaterial:

@@ -244,6 +244,7 @@ def test_worker_monitor_reads_leader_and_authenticator_cache(tmp_path: Path) -> 
 
     class _Serving:
         material = None
+        last_error = None
 
     published: list[ReadinessReport] = []
     authn = _CachingAuthenticator()
@@ -252,7 +253,7 @@ def test_worker_monitor_reads_leader_and_authenticator_cache(tmp_path: Path) -> 
         issuers=slot,
         serving=_Serving(),  # type: ignore[arg-type]
         trust=trust,
-        authenticator=AuthenticatorAbilities.of(authn),  # type: ignore[arg-type]
+        authenticators=[AuthenticatorAbilities.of(authn)],  # type: ignore[arg-type]
         leader=_Elector(),
         publish=published.append,
     )

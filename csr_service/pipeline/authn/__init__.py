@@ -2,7 +2,12 @@
 
 - ``jwt``: the token's signature checked offline against a JWKS file (:mod:`.jwt`);
 - ``tokenreview``: the apiserver asked about every token, cached and coalesced (:mod:`.tokenreview`);
-- ``jwks``: the apiserver's (or an OIDC issuer's) published keys, refreshed (:mod:`.jwks`).
+- ``jwks``: the apiserver's (or an OIDC issuer's) published keys, refreshed (:mod:`.jwks`);
+- ``client-cert``: the caller's TLS client certificate, verified against the trust bundle
+  (:mod:`.clientcert`).
+
+``--authenticators`` orders several of them; the first that recognises the call's credential
+decides (:mod:`.chain`).
 
 The contract is in :mod:`csr_service.plugins.authenticator`. This module is cheap to import:
 the implementations are imported only when selected.
@@ -21,7 +26,7 @@ from csr_service.pipeline.authn.options import (
 )
 from csr_service.plugins.registry import Plugin
 
-__all__ = ["JWKS", "JWT", "TOKENREVIEW"]
+__all__ = ["CLIENT_CERT", "JWKS", "JWT", "TOKENREVIEW"]
 
 
 def _builtin(name: str, settings: str, summary: str, *options: Sequence[Option]) -> Plugin:
@@ -58,4 +63,10 @@ JWKS = _builtin(
     AUDIENCE_OPTIONS,
     JWT_CLAIM_OPTIONS,
     JWKS_OPTIONS,
+)
+CLIENT_CERT = Plugin(
+    "client-cert",
+    "the caller's TLS client certificate (needs --client-cert-grpc-listen): renew an identity held",
+    (),
+    "csr_service.pipeline.authn.clientcert:create",
 )

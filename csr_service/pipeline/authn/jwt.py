@@ -171,6 +171,10 @@ class JWTAuthenticator:
         self._issuer = issuer
         self._leeway = leeway
 
+    def recognizes(self, ctx: RequestContext) -> bool:
+        """A bearer token is present (see ``--authenticators``)."""
+        return ctx.bearer_token() is not None
+
     async def authenticate(self, ctx: RequestContext) -> Caller:
         token = ctx.bearer_token()
         if token is None:

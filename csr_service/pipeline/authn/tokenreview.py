@@ -33,6 +33,7 @@ Every :meth:`authenticate` call with a well-formed bearer token counts exactly o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -58,11 +59,13 @@ from csr_service.pipeline.authn.settings import TokenReviewSettings
 from csr_service.plugins.authenticator import Caller
 
 if TYPE_CHECKING:
+    from csr_service.kube.clusters import Cluster, ClusterSet
     from csr_service.plugins.runtime import Runtime
 
 __all__ = [
     "NEGATIVE_TTL",
     "KubeTokenReviewer",
+    "MultiClusterTokenReview",
     "ReviewResult",
     "TokenReviewAuthenticator",
     "TokenReviewer",
@@ -259,8 +262,10 @@ class TokenReviewAuthenticator:
         cache_size: int = 10000,
         negative_ttl: timedelta = NEGATIVE_TTL,
         clock: Callable[[], float] = time.time,
+        cluster_id: str | None = None,
     ) -> None:
         self._reviewer = reviewer
+        self._cluster_id = cluster_id
         self._trust_domain = trust_domain
         self._audiences = tuple(audiences)
         self._ttl = cache_ttl.total_seconds()
@@ -290,6 +295,10 @@ class TokenReviewAuthenticator:
     def cache_len(self) -> int:
         """Entries currently cached (positive and negative)."""
         return len(self._cache)
+
+    def recognizes(self, ctx: RequestContext) -> bool:
+        """A bearer token is present (see ``--authenticators``)."""
+        return ctx.bearer_token() is not None
 
     async def authenticate(self, ctx: RequestContext) -> Caller:
         token = ctx.bearer_token()
@@ -381,6 +390,7 @@ class TokenReviewAuthenticator:
             pod_name=_first(r.extra.get(POD_NAME_KEY)),
             pod_uid=_first(r.extra.get(POD_UID_KEY)),
             authenticator=self.name,
+            cluster_id=self._cluster_id,
         )
 
 
@@ -392,13 +402,112 @@ def _with_expiry(caller: Caller, exp: float) -> Caller:
     return replace(caller, token_expires_at=datetime.fromtimestamp(exp, UTC))
 
 
-def create(values: Mapping[str, Any], runtime: Runtime) -> TokenReviewAuthenticator:
-    """``--authenticator tokenreview``: reviews through ``runtime.kube()`` (needs create on tokenreviews)."""
+class MultiClusterTokenReview:
+    """TokenReview in the apiserver of the caller's cluster (``--multicluster-secrets``).
+
+    The ``clusterid`` metadata picks the cluster (none: the local one); an id that is neither
+    the local cluster's nor a known remote's is refused before any API call. Each cluster has
+    its own :class:`TokenReviewAuthenticator`: its own cache (a token is only ever remembered as
+    valid for the cluster that reviewed it, so a token of cluster B sent as cluster A is
+    reviewed by A, which refuses it), its own connections and rate limit (its client's), and
+    its own failures: an apiserver that is down makes only its workloads retry. A cluster whose
+    kubeconfig changes gets a fresh authenticator (the cache of the old credentials is dropped).
+    """
+
+    name = "tokenreview"
+
+    def __init__(self, clusters: ClusterSet, build: Callable[[Cluster], TokenReviewAuthenticator]) -> None:
+        self._clusters = clusters
+        self._build = build
+        self._per_cluster: dict[str, tuple[Cluster, TokenReviewAuthenticator]] = {}
+        #: Cache totals of authenticators already dropped, so the metrics' counters never go back.
+        self._retired: dict[str, tuple[int, int]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        clusters.add_listener(self._on_change)
+
+    def recognizes(self, ctx: RequestContext) -> bool:
+        """A bearer token is present (see ``--authenticators``)."""
+        return ctx.bearer_token() is not None
+
+    async def authenticate(self, ctx: RequestContext) -> Caller:
+        claimed = ctx.metadata.get("clusterid", "")
+        cluster = self._clusters.get(claimed)
+        if cluster is None:
+            raise AuthenticationError(
+                f"client claims to be in cluster {claimed[:64]!r}, which this CA does not serve",
+                detail=f"clusterid {claimed[:64]!r} is neither --cluster-id nor a remote cluster; no TokenReview made",
+            )
+        return await self._authenticator(cluster).authenticate(ctx)
+
+    def _authenticator(self, cluster: Cluster) -> TokenReviewAuthenticator:
+        entry = self._per_cluster.get(cluster.cluster_id)
+        if entry is not None and entry[0] is cluster:
+            return entry[1]
+        authn = self._build(cluster)
+        self._per_cluster[cluster.cluster_id] = (cluster, authn)
+        if entry is not None:
+            self._retire(cluster.cluster_id, entry[1])
+        return authn
+
+    def _on_change(self, event: str, cluster: Cluster) -> None:
+        entry = self._per_cluster.get(cluster.cluster_id)
+        if event == "removed" and entry is not None and entry[0] is cluster:
+            del self._per_cluster[cluster.cluster_id]
+            self._retire(cluster.cluster_id, entry[1])
+
+    def _retire(self, cluster_id: str, authn: TokenReviewAuthenticator) -> None:
+        hits, misses = authn.cache_stats()
+        old_hits, old_misses = self._retired.get(cluster_id, (0, 0))
+        self._retired[cluster_id] = (old_hits + hits, old_misses + misses)
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing was opened
+            task = asyncio.get_running_loop().create_task(authn.stop())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def cluster_stats(self) -> dict[str, dict[str, int]]:
+        """Per cluster id, the counters of its :class:`TokenReviewAuthenticator` (for tests, benchmarks)."""
+        return {cid: dict(authn.stats) for cid, (_, authn) in self._per_cluster.items()}
+
+    def cluster_cache_stats(self) -> dict[str, tuple[int, int]]:
+        """(hits, misses) per cluster id since start, including authenticators already replaced."""
+        totals = dict(self._retired)
+        for cid, (_, authn) in self._per_cluster.items():
+            h, m = authn.cache_stats()
+            old_h, old_m = totals.get(cid, (0, 0))
+            totals[cid] = (old_h + h, old_m + m)
+        return totals
+
+    def cache_stats(self) -> tuple[int, int]:
+        per_cluster = self.cluster_cache_stats().values()
+        return sum(h for h, _ in per_cluster), sum(m for _, m in per_cluster)
+
+    async def start(self) -> None:
+        """Nothing to start: each cluster's first review opens its connection."""
+
+    async def stop(self) -> None:
+        entries = list(self._per_cluster.values())
+        self._per_cluster.clear()
+        for _, authn in entries:
+            await authn.stop()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def create(values: Mapping[str, Any], runtime: Runtime) -> TokenReviewAuthenticator | MultiClusterTokenReview:
+    """``--authenticator tokenreview``: reviews through ``runtime.kube()`` (needs create on
+    tokenreviews), or, with remote clusters, through the client of the caller's cluster."""
     settings = TokenReviewSettings.from_values(values)
-    return TokenReviewAuthenticator(
-        KubeTokenReviewer(runtime.kube()),
-        trust_domain=runtime.trust_domain,
-        audiences=settings.audiences,
-        cache_ttl=settings.cache_ttl,
-        cache_size=settings.cache_size,
-    )
+
+    def build(api: Any, cluster_id: str | None) -> TokenReviewAuthenticator:
+        return TokenReviewAuthenticator(
+            KubeTokenReviewer(api),
+            trust_domain=runtime.trust_domain,
+            audiences=settings.audiences,
+            cache_ttl=settings.cache_ttl,
+            cache_size=settings.cache_size,
+            cluster_id=cluster_id,
+        )
+
+    if runtime.clusters is not None:
+        return MultiClusterTokenReview(runtime.clusters, lambda cluster: build(cluster.client(), cluster.cluster_id))
+    return build(runtime.kube(), None)

@@ -49,11 +49,21 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
 {{/* Feature switches, used by the Deployment flags and by the RBAC rules alike. */}}
+{{- /* app.server.authenticators, or [app.server.authenticator] (the values before the list). */ -}}
+{{- define "csr-service.authenticators" -}}
+{{- join "," (.Values.app.server.authenticators | default (list .Values.app.server.authenticator)) -}}
+{{- end -}}
+{{- define "csr-service.clientCert" -}}
+{{- if has "client-cert" (splitList "," (include "csr-service.authenticators" .)) }}true{{ end -}}
+{{- end -}}
+{{- define "csr-service.tokenreview" -}}
+{{- if has "tokenreview" (splitList "," (include "csr-service.authenticators" .)) }}true{{ end -}}
+{{- end -}}
 {{- define "csr-service.impersonation" -}}
 {{- if .Values.app.server.caTrustedNodeAccounts }}true{{ end -}}
 {{- end -}}
 {{- define "csr-service.leaderElection" -}}
-{{- if and .Values.app.controller.leaderElection (or .Values.app.controller.rootConfigMaps .Values.app.tls.istiodCertificateEnable) }}true{{ end -}}
+{{- if and .Values.app.controller.leaderElection (or .Values.app.controller.rootConfigMaps .Values.app.tls.istiodCertificateEnable .Values.app.signer.signerNames) }}true{{ end -}}
 {{- end -}}
 
 {{/* Namespace of a NS/NAME[:KEY] reference. */}}

@@ -92,7 +92,11 @@ func main() {
 	caAddress := flag.String("ca-address", "", "CA address HOST:PORT (as values.global.caAddress)")
 	caSAN := flag.String("ca-san", "", "override the TLS server name checked in the CA's cert")
 	rootCert := flag.String("root-cert", "", "PEM file with the root(s) that verify the CA's serving cert")
-	tokenFile := flag.String("token-file", "", "file holding the JWT (re-read per call, like the agent)")
+	tokenFile := flag.String("token-file", "", "file holding the JWT (re-read per call, like the agent); "+
+		"empty: no token (authenticate with --cert-chain/--key only)")
+	certChain := flag.String("cert-chain", "", "client certificate chain presented in TLS, as istio-agent "+
+		"presents PROV_CERT/cert-chain.pem (with --key)")
+	keyFile := flag.String("key", "", "private key of --cert-chain (PROV_CERT/key.pem)")
 	clusterID := flag.String("cluster-id", "Kubernetes", "ClusterID metadata sent with the request")
 	trustDomain := flag.String("trust-domain", "cluster.local", "trust domain of the requested identity")
 	namespace := flag.String("namespace", "", "workload namespace")
@@ -104,6 +108,8 @@ func main() {
 	renewals := flag.Int("renewals", 0, "after the first certificate, ask for this many more on the "+
 		"same client (a new key each time), as istio-agent renews; the last one is printed")
 	renewAfter := flag.Duration("renew-after", 0, "pause before each renewal (the connection idles meanwhile)")
+	certSigner := flag.String("cert-signer", "", "ISTIO_META_CERT_SIGNER: sent as the CertSigner request metadata "+
+		"(istiod's per-workload Kubernetes CSR signer)")
 	flag.Parse()
 
 	if flag.NArg() != 0 {
@@ -111,6 +117,9 @@ func main() {
 	}
 	if *caAddress == "" || *rootCert == "" {
 		usage("--ca-address and --root-cert are required")
+	}
+	if (*certChain == "") != (*keyFile == "") {
+		usage("--cert-chain and --key go together")
 	}
 	if *impersonate == "" && (*namespace == "" || *serviceAccount == "") {
 		usage("--namespace and --service-account are required")
@@ -155,9 +164,16 @@ func main() {
 		TrustDomain:       *trustDomain,
 		WorkloadNamespace: *namespace,
 		ServiceAccount:    *serviceAccount,
-		CredFetcher:       plugin.CreateTokenPlugin(*tokenFile),
+		CertSigner:        *certSigner,
 	}
-	tlsOpts := &citadel.TLSOptions{RootCert: *rootCert}
+	// pilot-agent leaves CredFetcher nil when it has no token (a VM bootstrapped with PROV_CERT):
+	// the token provider then sends no authorization header and the client certificate is the
+	// only credential.
+	if *tokenFile != "" {
+		opts.CredFetcher = plugin.CreateTokenPlugin(*tokenFile)
+	}
+	// What pilot-agent passes with PROV_CERT: the citadel client presents this pair in TLS.
+	tlsOpts := &citadel.TLSOptions{RootCert: *rootCert, Cert: *certChain, Key: *keyFile}
 
 	var chain []string
 	if *impersonate == "" {
@@ -203,7 +219,8 @@ func signLikeAgent(opts *security.Options, tlsOpts *citadel.TLSOptions, csr []by
 // {"ImpersonatedIdentity": id} in the request metadata.
 func signImpersonated(opts *security.Options, tlsOpts *citadel.TLSOptions, csr []byte, ttl int64, id string) ([]string, error) {
 	dialOpts, err := istiogrpc.ClientOptions(nil, &istiogrpc.TLSOptions{
-		RootCert: tlsOpts.RootCert, ServerAddress: opts.CAEndpoint, SAN: opts.CAEndpointSAN,
+		RootCert: tlsOpts.RootCert, Cert: tlsOpts.Cert, Key: tlsOpts.Key,
+		ServerAddress: opts.CAEndpoint, SAN: opts.CAEndpointSAN,
 	})
 	if err != nil {
 		return nil, err
