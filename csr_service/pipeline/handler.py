@@ -126,7 +126,9 @@ class CertificatePipeline:
         issued = await observe_sign(active.name, signing)  # timed and counted per issuer
         trust = self.trust.current
         # A fresh clock reading: a remote backend may take a while and stamp its own "now".
-        leaf_pem, intermediates = self._verifier.verify(issued, request, trust, now=datetime.now(UTC))
+        leaf_pem, intermediates = self._verifier.verify(
+            issued, request, trust, now=datetime.now(UTC), signed_in_process=active.signs_in_process
+        )
         # DEBUG, not INFO: at 1,000+ issuances/s a line each floods operators' logs and
         # costs CPU on the hot path; counts live in the metrics, failures log at WARNING/ERROR.
         if log.isEnabledFor(logging.DEBUG):  # the arguments cost more than the disabled call

@@ -36,9 +36,20 @@ class ChainVerifier:
         self._cache: dict[tuple[tuple[x509.Certificate, ...], int], tuple[tuple[str, ...], datetime]] = {}
 
     def verify(
-        self, issued: IssuedChain, request: SigningRequest, trust: TrustSnapshot, *, now: datetime
+        self,
+        issued: IssuedChain,
+        request: SigningRequest,
+        trust: TrustSnapshot,
+        *,
+        now: datetime,
+        signed_in_process: bool = False,
     ) -> tuple[str, tuple[str, ...]]:
-        """Return (leaf PEM, intermediate PEMs) or raise InternalError with the reason."""
+        """Return (leaf PEM, intermediate PEMs) or raise InternalError with the reason.
+
+        ``signed_in_process``: the issuer signed the leaf here with a key it checked against
+        ``chain[0]`` (issuer contract item 8). The first leaf of each chain and trust bundle
+        is still verified with the whole path; later ones skip only their signature check.
+        """
         leaf = issued.leaf
         self._check_leaf(leaf, request, now)
         # The leaf's own validity is checked by _check_leaf (with clock-skew allowance); the
@@ -48,8 +59,12 @@ class ChainVerifier:
         cached = self._cache.get(key)
         if cached is not None and now < cached[1]:
             issuer_cert = chain[0] if chain else None
-            if issuer_cert is not None and signed_by(leaf, issuer_cert):
-                return cert_to_pem(leaf), cached[0]
+            if issuer_cert is not None:
+                if signed_in_process:
+                    if leaf.issuer == issuer_cert.subject:
+                        return cert_to_pem(leaf), cached[0]
+                elif signed_by(leaf, issuer_cert):
+                    return cert_to_pem(leaf), cached[0]
         try:
             path = build_path(leaf, chain, trust.roots, now=now, check_leaf_time=False)
         except ChainError as exc:
