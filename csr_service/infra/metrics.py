@@ -157,7 +157,7 @@ ISSUER_ERRORS = Counter(
 # --- authentication cache, leader election, certificates ---------------------------------------
 AUTHN_CACHE = Counter(
     "csr_service_authn_cache_requests",
-    "Authentication cache lookups by authenticator and result (hit: no API call).",
+    "Authentication cache lookups by authenticator and result (hit: no API call, or for JWTs no signature check).",
     ["authenticator", "result"],
 )
 LEADER = Gauge(
