@@ -178,7 +178,7 @@ K8S_SIGNER_SECONDS = Histogram(
 # --- authentication cache, leader election, certificates ---------------------------------------
 AUTHN_CACHE = Counter(
     "csr_service_authn_cache_requests",
-    "Authentication cache lookups by authenticator and result (hit: no API call).",
+    "Authentication cache lookups by authenticator and result (hit: no API call, or for JWTs no signature check).",
     ["authenticator", "result"],
 )
 AUTHN_CLUSTER_CACHE = Counter(

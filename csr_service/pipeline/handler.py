@@ -130,7 +130,12 @@ class CertificatePipeline:
         try:
             # A fresh clock reading: a remote backend may take a while and stamp its own "now".
             leaf_pem, intermediates = self._verifier.verify(
-                issued, request, trust, now=datetime.now(UTC), issuer=issuer
+                issued,
+                request,
+                trust,
+                now=datetime.now(UTC),
+                issuer=issuer,
+                signed_in_process=active.signs_in_process,
             )
         except CSRServiceError as exc:
             # What the issuer returned is unusable (wrong chain, names, usages): its failure.

@@ -50,9 +50,15 @@ class ChainVerifier:
         *,
         now: datetime,
         issuer: Issuer | None = None,
+        signed_in_process: bool = False,
     ) -> tuple[str, tuple[str, ...]]:
         """Return (leaf PEM, intermediate PEMs), or raise InternalError with the reason
-        (MissingUsageError naming ``issuer`` when the leaf lacks a key usage)."""
+        (MissingUsageError naming ``issuer`` when the leaf lacks a key usage).
+
+        ``signed_in_process``: the issuer signed the leaf here with a key it checked against
+        ``chain[0]`` (issuer contract item 8). The first leaf of each chain and trust bundle
+        is still verified with the whole path; later ones skip only their signature check.
+        """
         leaf = issued.leaf
         self._check_leaf(leaf, request, now)
         check_usages(leaf, request.purpose, issuer, request.public_key())  # _check_leaf: the leaf certifies it
@@ -63,8 +69,12 @@ class ChainVerifier:
         cached = self._cache.get(key)
         if cached is not None and now < cached[1]:
             issuer_cert = chain[0] if chain else None
-            if issuer_cert is not None and signed_by(leaf, issuer_cert):
-                return cert_to_pem(leaf), cached[0]
+            if issuer_cert is not None:
+                if signed_in_process:
+                    if leaf.issuer == issuer_cert.subject:
+                        return cert_to_pem(leaf), cached[0]
+                elif signed_by(leaf, issuer_cert):
+                    return cert_to_pem(leaf), cached[0]
         try:
             path = build_path(leaf, chain, trust.roots, now=now, check_leaf_time=False)
         except ChainError as exc:

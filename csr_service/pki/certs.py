@@ -88,34 +88,66 @@ def build_leaf(
     ca_key: PrivateKey,
 ) -> x509.Certificate:
     """Sign an Istio-shaped leaf for ``public_key``. ``spec.not_after`` must already be capped."""
-    # The subject is empty, so RFC 5280 §4.2.1.6 requires the SAN to be critical (Istio does this).
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(ca_cert.subject)
+        _leaf_template(ca_cert)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(spec.not_before)
         .not_valid_after(spec.not_after)
+    )
+    eku = _EKUS[(spec.server_auth, spec.client_auth)]
+    if eku is not None:
+        builder = builder.add_extension(eku, critical=False)
+    return builder.add_extension(_san(spec.uris, spec.dns_names, spec.ip_addresses), critical=True).sign(
+        ca_key, signature_hash(ca_key)
+    )
+
+
+#: ExtendedKeyUsage by (serverAuth, clientAuth): per leaf, since istiod's own certificate through
+#: the Kubernetes CSR signer has no clientAuth; built once, not per leaf.
+_EKUS: dict[tuple[bool, bool], x509.ExtendedKeyUsage | None] = {
+    (server, client): x509.ExtendedKeyUsage(
+        [
+            oid
+            for oid, wanted in ((ExtendedKeyUsageOID.SERVER_AUTH, server), (ExtendedKeyUsageOID.CLIENT_AUTH, client))
+            if wanted
+        ]
+    )
+    if server or client
+    else None
+    for server in (True, False)
+    for client in (True, False)
+}
+
+
+#: Leaf builders holding what every leaf of one CA shares, by the CA certificate's identity.
+#: Building them costs ~40 µs per leaf (the AKI from the CA's extensions, five extension objects,
+#: the names, the builder's duplicate checks), a fifth of signing one: once per CA instead.
+_TEMPLATES: dict[int, tuple[x509.Certificate, x509.CertificateBuilder]] = {}
+_TEMPLATES_MAX = 16
+
+
+def _leaf_template(ca_cert: x509.Certificate) -> x509.CertificateBuilder:
+    entry = _TEMPLATES.get(id(ca_cert))
+    if entry is not None and entry[0] is ca_cert:  # the same object, not a recycled id
+        return entry[1]
+    # The subject is empty, so RFC 5280 §4.2.1.6 requires the SAN (added per leaf, last, as
+    # Istio orders them) to be critical (Istio does this).
+    template = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca_cert.subject)
         .add_extension(
             x509.KeyUsage(digital_signature=True, key_encipherment=True, key_cert_sign=False, **_NO_KU),
             critical=True,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_aki(ca_cert), critical=False)
-        .add_extension(_san(spec.uris, spec.dns_names, spec.ip_addresses), critical=True)
     )
-    ekus = [
-        oid
-        for oid, wanted in (
-            (ExtendedKeyUsageOID.SERVER_AUTH, spec.server_auth),
-            (ExtendedKeyUsageOID.CLIENT_AUTH, spec.client_auth),
-        )
-        if wanted
-    ]
-    if ekus:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
-    return builder.sign(ca_key, signature_hash(ca_key))
+    if len(_TEMPLATES) >= _TEMPLATES_MAX:  # CA rotations: a few per process lifetime
+        _TEMPLATES.clear()
+    _TEMPLATES[id(ca_cert)] = (ca_cert, template)
+    return template
 
 
 def build_self_signed_ca(

@@ -45,12 +45,23 @@ The contract (every backend MUST, and ``tests/conformance`` checks it):
    the signature itself, so a forged CSR still gets INVALID_ARGUMENT, not a message about
    the backend's configuration. The conformance suite sends every issuer that claims this a
    CSR with a broken signature and requires a refusal.
+8. Signed here: the pipeline verifies the issued leaf's signature with ``chain[0]``'s key,
+   unless the issuer sets the class attribute ``signs_in_process = True``. An issuer MAY set
+   it only when it signs the leaf itself, in this process, with a private key it has checked
+   against ``chain[0]``'s public key when it loaded them (the local CA refuses a key that does
+   not match its certificate), and returns that very ``chain[0]``. The pipeline then still
+   verifies the first leaf of every chain (and trust bundle) with the whole path, and every
+   leaf's key, names, lifetime and issuer name; it skips only the per-leaf signature check
+   (~80 µs of CPU per ECDSA P-256 certificate here, the check a remote backend needs). The
+   conformance suite verifies every leaf of an issuer that claims this against ``chain[0]``
+   with cryptography's own check.
 
 Optional abilities. The core asks an issuer nothing that is not listed here, and it works
 out which abilities an issuer has once, when the issuer is made active
 (:meth:`IssuerAbilities.of`), never per request:
 
 - ``checks_csr_signature: bool`` (class attribute, default False): item 7 above.
+- ``signs_in_process: bool`` (class attribute, default False): item 8 above.
 - ``roots_are_configuration: bool`` (class attribute, default False): the roots that
   :meth:`RootsProvider.roots` reports are the operator's own configuration (files, a Secret),
   not something learned from a remote backend, so the trust bundle may be built from them
@@ -199,6 +210,7 @@ class IssuerAbilities:
     issuer: Issuer
     name: str
     checks_csr_signature: bool = False
+    signs_in_process: bool = False
     roots_are_configuration: bool = False
     roots: RootsProvider | None = None
     roots_watcher: RootsWatcher | None = None
@@ -213,6 +225,7 @@ class IssuerAbilities:
             issuer=issuer,
             name=issuer.name,
             checks_csr_signature=getattr(issuer, "checks_csr_signature", False) is True,
+            signs_in_process=getattr(issuer, "signs_in_process", False) is True,
             roots_are_configuration=getattr(issuer, "roots_are_configuration", False) is True,
             roots=issuer if isinstance(issuer, RootsProvider) else None,
             roots_watcher=issuer if isinstance(issuer, RootsWatcher) else None,

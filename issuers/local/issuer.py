@@ -62,12 +62,16 @@ def _is_slow_key(material: CAMaterial) -> bool:
 class LocalCAIssuer:
     """Signs with a local CA keypair.
 
-    Abilities (see the issuer contract): RootsProvider, RootsWatcher, SigningCAInfo,
-    HealthReporter, Lifecycle. Its roots come from the operator's own files (or KV secret),
-    so they are configuration, not trust on first use.
+    Abilities (see the issuer contract): signs_in_process, RootsProvider, RootsWatcher,
+    SigningCAInfo, HealthReporter, Lifecycle. Its roots come from the operator's own files (or
+    KV secret), so they are configuration, not trust on first use.
     """
 
     name = "local"
+    #: Contract item 8: it signs with ``material.key``, which the CA loader refuses unless it
+    #: matches ``material.cert`` (load_ca_pem), and returns that ``material.cert`` as chain[0],
+    #: both from the one CAMaterial object a request reads once.
+    signs_in_process = True
     roots_are_configuration = True
 
     def __init__(self, source: MaterialSource, *, reload_interval: timedelta, initial: CAMaterial | None = None):
@@ -156,7 +160,7 @@ class LocalCAIssuer:
             server_auth=not request.usages or "server auth" in request.usages,
             client_auth=not request.usages or "client auth" in request.usages,
         )
-        leaf = build_leaf(request.csr.public_key(), spec, material.cert, material.key)  # type: ignore[arg-type]
+        leaf = build_leaf(request.public_key(), spec, material.cert, material.key)  # type: ignore[arg-type]
         return IssuedChain(leaf=leaf, chain=(material.cert, *material.intermediates))
 
     # --- optional abilities ------------------------------------------------------------------

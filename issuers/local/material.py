@@ -48,6 +48,12 @@ class CAMaterial:
     #: Hash of the input bytes: a reload with identical content is a no-op.
     digest: str
 
+    def __post_init__(self) -> None:
+        # Whichever way a CAMaterial is made, its key signs for its certificate: the local
+        # issuer's signs_in_process claim (issuer contract item 8) rests on this.
+        if not same_public_key(self.cert, self.key):
+            raise CAMaterialError(f"{self.source}: the CA key does not match the CA certificate")
+
     @property
     def not_after(self) -> datetime:
         """The earliest NotAfter along the signing path: nothing may be issued past it."""

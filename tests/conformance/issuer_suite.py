@@ -150,6 +150,21 @@ class IssuerConformance:
         with pytest.raises((FailedPreconditionError, InvalidRequestError)):
             run_fresh(issuer_factory, body)
 
+    def test_a_claimed_in_process_signature_is_real(
+        self, issuer_factory: IssuerFactory, trust_roots: Sequence[x509.Certificate]
+    ) -> None:
+        """Contract item 8: an issuer that claims ``signs_in_process`` is trusted not to need a
+        per-leaf signature check, so every leaf it issues must verify against its chain[0]."""
+        reqs = [signing_request(key_kind=kind) for kind in ("ec256", "ec384", "rsa") for _ in range(3)]
+
+        async def body(issuer: Issuer) -> list[IssuedChain]:
+            if getattr(issuer, "signs_in_process", False) is not True:
+                pytest.skip("the pipeline checks this issuer's leaf signatures itself")
+            return [await issuer.sign(r) for r in reqs]
+
+        for issued in run_fresh(issuer_factory, body):
+            issued.leaf.verify_directly_issued_by(issued.chain[0])  # cryptography's check, not ours
+
     def test_failures_are_csr_service_errors(self, unusable_issuer_factory: IssuerFactory | None) -> None:
         """An issuer whose backend is unusable raises a classified error, never a raw exception."""
         if unusable_issuer_factory is None:

@@ -201,6 +201,10 @@ def _build_pilot(binary: str) -> Callable[[Path, Path], None]:
     return build
 
 
+def _build_istio_ca_server(stage: Path, log: Path) -> None:
+    _go_build("istio-ca", "./cmd/istio-ca-server", stage / "istio-ca-server", log)
+
+
 def _build_cert_manager_controller(stage: Path, log: Path) -> None:
     _go_build("clients", "./cmd/cert-manager-controller", stage / "cert-manager-controller", log)
 
@@ -381,6 +385,17 @@ COMPONENTS: dict[str, Component] = {
             heavy=True,
             order=26,
             inputs=_ISTIO_MOD,
+        ),
+        # Istio's own CA server wired as istiod wires it: the reference bench.local_ca compares
+        # against. Its own module so that it never changes the clients' cache keys.
+        Component(
+            "istio-ca-server",
+            ISTIO_VERSION,
+            "istio-ca-server",
+            _build_istio_ca_server,
+            heavy=True,
+            order=25,
+            inputs=(GO_DIR / "istio-ca",),
         ),
         Component("etcd", ETCD_VERSION, "etcd", _build_etcd, heavy=True, order=30, inputs=_KUBE_INPUTS),
         Component(

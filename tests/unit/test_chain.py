@@ -116,3 +116,30 @@ def test_signed_by_refuses_a_tampered_signature() -> None:
     der[-3] ^= 0x01  # inside the ECDSA signature's last integer
     tampered = x509.load_der_x509_certificate(bytes(der))
     assert not signed_by(tampered, ca)
+
+
+def test_leaves_of_two_cas_built_in_turn_each_name_their_own_ca() -> None:
+    """build_leaf keeps one template per CA certificate: alternating CAs must never mix them."""
+    from cryptography import x509
+
+    cas = []
+    for name in ("ca one", "ca two"):
+        key = generate_key(KeyType.EC_P256)
+        cas.append((build_self_signed_ca(key, common_name=name), key))
+    spec = LeafSpec(not_after=datetime.now(UTC) + timedelta(hours=1), uris=["spiffe://td/ns/a/sa/b"])
+    for i in range(6):
+        cert, key = cas[i % 2]
+        leaf = build_leaf(generate_key(KeyType.EC_P256).public_key(), spec, cert, key)
+        leaf.verify_directly_issued_by(cert)
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        assert aki.key_identifier == ski.digest
+        # Istio's shape and order: KeyUsage, ExtKeyUsage, BasicConstraints, AKI, then the SAN.
+        assert [type(e.value) for e in leaf.extensions] == [
+            x509.KeyUsage,
+            x509.ExtendedKeyUsage,
+            x509.BasicConstraints,
+            x509.AuthorityKeyIdentifier,
+            x509.SubjectAlternativeName,
+        ]
+        assert [e.critical for e in leaf.extensions] == [True, False, True, False, True]

@@ -38,7 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from jwt import PyJWK
 
 from csr_service.common.errors import AuthenticationError, ConfigError, UnavailableError
-from csr_service.pipeline.authn.jwt import JWTAuthenticator, StaticKeySource
+from csr_service.pipeline.authn.jwt import VERIFIED_TOKENS_MAX, JWTAuthenticator, StaticKeySource
 from csr_service.pipeline.authn.settings import JWKSSettings
 from csr_service.plugins.authenticator import Caller
 
@@ -286,12 +286,26 @@ class JWKSAuthenticator(JWTAuthenticator):
         audiences: Sequence[str] = ("istio-ca",),
         issuer: str | None = None,
         leeway: timedelta = timedelta(seconds=30),
+        cache_size: int = VERIFIED_TOKENS_MAX,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         # The base class checks iss only against a fixed string; ours is known after discovery,
         # so it is checked in _caller, on the verified claims.
-        super().__init__(keys, trust_domain=trust_domain, audiences=audiences, issuer=None, leeway=leeway)
+        super().__init__(
+            keys,
+            trust_domain=trust_domain,
+            audiences=audiences,
+            issuer=None,
+            leeway=leeway,
+            cache_size=cache_size,
+            clock=clock,
+        )
         self._source = keys
         self._expected_issuer = issuer
+
+    def _cache_context(self) -> Hashable:
+        # The issuer _caller checks comes from discovery and may change on a refresh.
+        return self._expected_issuer or self._source.issuer
 
     def _caller(self, claims: Mapping[str, Any]) -> Caller:
         expected = self._expected_issuer or self._source.issuer
