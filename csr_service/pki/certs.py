@@ -88,47 +88,29 @@ def build_leaf(
     ca_key: PrivateKey,
 ) -> x509.Certificate:
     """Sign an Istio-shaped leaf for ``public_key``. ``spec.not_after`` must already be capped."""
-    builder = (
-        _leaf_template(ca_cert)
+    return (
+        _leaf_template(ca_cert, spec.server_auth, spec.client_auth)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(spec.not_before)
         .not_valid_after(spec.not_after)
+        .add_extension(_san(spec.uris, spec.dns_names, spec.ip_addresses), critical=True)
+        .sign(ca_key, signature_hash(ca_key))
     )
-    eku = _EKUS[(spec.server_auth, spec.client_auth)]
-    if eku is not None:
-        builder = builder.add_extension(eku, critical=False)
-    return builder.add_extension(_san(spec.uris, spec.dns_names, spec.ip_addresses), critical=True).sign(
-        ca_key, signature_hash(ca_key)
-    )
-
-
-#: ExtendedKeyUsage by (serverAuth, clientAuth): per leaf, since istiod's own certificate through
-#: the Kubernetes CSR signer has no clientAuth; built once, not per leaf.
-_EKUS: dict[tuple[bool, bool], x509.ExtendedKeyUsage | None] = {
-    (server, client): x509.ExtendedKeyUsage(
-        [
-            oid
-            for oid, wanted in ((ExtendedKeyUsageOID.SERVER_AUTH, server), (ExtendedKeyUsageOID.CLIENT_AUTH, client))
-            if wanted
-        ]
-    )
-    if server or client
-    else None
-    for server in (True, False)
-    for client in (True, False)
-}
 
 
 #: Leaf builders holding what every leaf of one CA shares, by the CA certificate's identity.
 #: Building them costs ~40 µs per leaf (the AKI from the CA's extensions, five extension objects,
 #: the names, the builder's duplicate checks), a fifth of signing one: once per CA instead.
-_TEMPLATES: dict[int, tuple[x509.Certificate, x509.CertificateBuilder]] = {}
+#: Keyed also by the ExtendedKeyUsage wanted (serverAuth, clientAuth): istiod's own certificate
+#: through the Kubernetes CSR signer has no clientAuth.
+_TEMPLATES: dict[tuple[int, bool, bool], tuple[x509.Certificate, x509.CertificateBuilder]] = {}
 _TEMPLATES_MAX = 16
 
 
-def _leaf_template(ca_cert: x509.Certificate) -> x509.CertificateBuilder:
-    entry = _TEMPLATES.get(id(ca_cert))
+def _leaf_template(ca_cert: x509.Certificate, server_auth: bool, client_auth: bool) -> x509.CertificateBuilder:
+    key = (id(ca_cert), server_auth, client_auth)
+    entry = _TEMPLATES.get(key)
     if entry is not None and entry[0] is ca_cert:  # the same object, not a recycled id
         return entry[1]
     # The subject is empty, so RFC 5280 §4.2.1.6 requires the SAN (added per leaf, last, as
@@ -141,12 +123,23 @@ def _leaf_template(ca_cert: x509.Certificate) -> x509.CertificateBuilder:
             x509.KeyUsage(digital_signature=True, key_encipherment=True, key_cert_sign=False, **_NO_KU),
             critical=True,
         )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_aki(ca_cert), critical=False)
+    )
+    ekus = [
+        oid
+        for oid, wanted in (
+            (ExtendedKeyUsageOID.SERVER_AUTH, server_auth),
+            (ExtendedKeyUsageOID.CLIENT_AUTH, client_auth),
+        )
+        if wanted
+    ]
+    if ekus:  # after KeyUsage, as Istio orders them
+        template = template.add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
+    template = template.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True).add_extension(
+        _aki(ca_cert), critical=False
     )
     if len(_TEMPLATES) >= _TEMPLATES_MAX:  # CA rotations: a few per process lifetime
         _TEMPLATES.clear()
-    _TEMPLATES[id(ca_cert)] = (ca_cert, template)
+    _TEMPLATES[key] = (ca_cert, template)
     return template
 
 

@@ -83,7 +83,26 @@ def _leaf(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=2))
         .not_valid_after(now + timedelta(minutes=20))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        # The usages every workload leaf must carry (pipeline/verify.py): only the checks under
+        # test may fail.
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=True,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_ca.cert.public_key()),  # type: ignore[arg-type]
             critical=False,
