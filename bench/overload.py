@@ -59,7 +59,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import children_cpu, cpu_seconds, ghz_command, process_tree, rss_mib
+from bench.common import Sampler, children_cpu, ghz_command, process_tree, rss_mib
 from bench.local_ca import KEY_TYPES, _csr
 from csr_service._generated import ca_pb2, ca_pb2_grpc
 from tests.support.dev_server import DevServer, free_port, running_dev_server
@@ -181,42 +181,6 @@ def _metrics(port: int) -> dict[str, float]:
         m = re.search(rf'^csr_service_requests_shed_total{{reason="{reason}"}} (\S+)$', text, re.M)
         out[reason] = float(m.group(1)) if m else 0.0
     return out
-
-
-class Sampler:
-    """Samples the server's CPU seconds and RSS every ``interval`` seconds (wall-clock stamped)."""
-
-    def __init__(self, pid: int, interval: float = 0.25) -> None:
-        self._pids = process_tree(pid)
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
-        self.samples: list[tuple[float, float]] = []
-        self.peak_rss = 0.0
-
-    def __enter__(self) -> Sampler:
-        self._take()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._take()
-
-    def _take(self) -> None:
-        self.samples.append((time.time(), cpu_seconds(self._pids)))
-        self.peak_rss = max(self.peak_rss, rss_mib(self._pids))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._take()
-
-    def cores(self, start: float, end: float) -> float:
-        """CPU cores used between two wall-clock times (from the nearest samples inside)."""
-        inside = [(t, c) for t, c in self.samples if start <= t <= end] or self.samples
-        (t0, c0), (t1, c1) = inside[0], inside[-1]
-        return (c1 - c0) / (t1 - t0) if t1 > t0 else float("nan")
 
 
 def _epoch(stamp: str) -> float:

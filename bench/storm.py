@@ -34,13 +34,12 @@ import resource
 import shlex
 import ssl
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.common import cpu_seconds, process_tree, rss_mib
+from bench.common import Sampler, cpu_seconds, process_tree, rss_mib
 from csr_service.pki.keys import KeyType
 from csr_service.pki.pem import parse_certs
 from tests.integration.kube_authn.conftest import new_csr_service_account
@@ -80,31 +79,6 @@ def server_metric(port: int, name: str, *label_parts: str) -> float:
 
 def apiserver_pid(kube: KubeCluster) -> int:
     return next(p.pid for p in kube._procs if p.name == "kube-apiserver")
-
-
-class PeakRss:
-    """Samples the RSS of a process tree every ``interval`` s in a thread; ``peak`` in MiB."""
-
-    def __init__(self, pid: int, interval: float = 0.5) -> None:
-        self._pid = pid
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
-        self.peak = 0.0
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            self.peak = max(self.peak, rss_mib(process_tree(self._pid)))
-            if self._stop.wait(self._interval):
-                return
 
 
 @contextlib.contextmanager
@@ -161,7 +135,7 @@ def run_storm(
         cpu0, kas0 = cpu_seconds(pids), cpu_seconds([kas])
         self0 = resource.getrusage(resource.RUSAGE_SELF)
         rss0 = rss_mib(pids)
-        with PeakRss(srv.proc.pid) as rss:
+        with Sampler(srv.proc.pid, interval=0.5) as rss:
             report = asyncio.run(
                 storm(
                     workloads,
@@ -200,7 +174,7 @@ def run_storm(
         f"  CPU during the storm: csr-service {cpu1 - cpu0:.1f} s, kube-apiserver {kas1 - kas0:.1f} s, "
         f"load client {client_cpu:.1f} s (wall {report.elapsed:.1f} s, 2 cores shared)"
     )
-    print(f"  csr-service RSS: {rss0:.0f} MiB before, peak {rss.peak:.0f} MiB during the storm")
+    print(f"  csr-service RSS: {rss0:.0f} MiB before, peak {rss.peak_rss:.0f} MiB during the storm")
     return report
 
 
