@@ -2,6 +2,7 @@
 
     python -m bench.overload [--workers 1] [--seconds 15] [--levels 1,2,5] [--rounds 1]
                              [--compare-unbounded] [--server-args "--max-queued-requests 64"]
+                             [--variant "GRPC_EXPERIMENTS=ph2_server --max-queued-requests 64" ...]
 
 Starts ``csr-service serve --dev`` (local CA, TLS, JWT), and:
 
@@ -18,9 +19,14 @@ Starts ``csr-service serve --dev`` (local CA, TLS, JWT), and:
    machine the server does not always get its core), p50/p99 latency of the admitted
    (successful) calls and p99 of the refusals as ghz saw them, the calls by status code, the
    shed counters from ``/metrics``, the server's CPU (and what a refused call cost it) and
-   peak RSS, and ghz's own CPU per call. Meanwhile a **probe** (one Python gRPC client on its
-   own connection, one call every 50 ms, like an istio-agent renewing) records what a
-   well-behaved client sees: ghz runs thousands of goroutines on a shared CPU and its
+   peak RSS, and ghz's own CPU per call. The server's CPU is also split by thread: ``loop``
+   (the event loop's thread: the Python handlers, and the gRPC core work they start inline,
+   such as encrypting and writing an answer) and ``grpc`` (gRPC core's ``event_engine``
+   threads: reading, decrypting and parsing what arrives, and refusing what the queue has no
+   room for), at capacity per successful call and under overload as what is left, after the
+   successful calls at capacity's cost, per refused call. Meanwhile a **probe** (one Python
+   gRPC client on its own connection, one call every 50 ms, like an istio-agent renewing)
+   records what a well-behaved client sees: ghz runs thousands of goroutines on a shared CPU and its
    latencies include its own scheduling delays, the probe's do not;
 3. finally checks that a closed-loop run still succeeds (the server stayed up).
 
@@ -29,6 +35,15 @@ of the way (``--max-concurrent-requests 1000000 --max-queued-requests 1000000
 --max-queue-wait 30s``: gRPC's own defaults, about what csr-service did before it bounded
 queueing), at the same offered rates, so the two can be read side by side. Its offered rate
 stops at what ghz's workers can keep waiting.
+
+Each ``--variant SPEC`` is another server to weigh against the first: ``SPEC`` is
+``NAME=VALUE`` environment assignments for the server process (e.g. gRPC core's
+``GRPC_EXPERIMENTS``) followed by extra ``serve`` flags, shell-quoted as one argument. With
+variants, the rounds are interleaved (round 1: the first server, then each variant; round 2:
+again...), a fresh server each time, so the machine's changing load falls on all of them
+alike; every run offers the same rates (k x the capacity measured first) and reports goodput
+against that capacity, and prints its own closed-loop capacity too. The summary gives the
+median and range over the rounds of each.
 
 On a machine with at least ``workers + 1`` CPUs the server is pinned to the first
 ``workers`` CPUs and ghz to the others (``taskset``), so the load generator does not take the
@@ -59,13 +74,48 @@ from typing import Any
 
 import grpc
 
-from bench.common import Sampler, children_cpu, ghz_command, process_tree, rss_mib
+from bench.common import CLK_TCK, Sampler, children_cpu, ghz_command, process_tree, rss_mib
 from bench.local_ca import KEY_TYPES, _csr
 from csr_service._generated import ca_pb2, ca_pb2_grpc
 from tests.support.dev_server import DevServer, free_port, running_dev_server
 
 UNBOUNDED = ("--max-concurrent-requests", "1000000", "--max-queued-requests", "1000000", "--max-queue-wait", "30s")
 SHED_REASONS = ("concurrency", "identity_rate", "queue_full")
+
+
+def thread_cpu(pids: Sequence[int]) -> dict[str, float]:
+    """CPU seconds of the server's threads, by kind: each process's main thread (the event loop:
+    Python, plus the gRPC core work it runs inline when it starts a batch) and gRPC core's own
+    threads (``event_engine``: reads, TLS, HTTP/2 parsing, and the refusals of calls the queue
+    has no room for), the rest together."""
+    out = {"loop": 0.0, "grpc": 0.0, "other": 0.0}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    comm = (task / "comm").read_text().strip()
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    kind = "loop" if task.name == str(pid) else "grpc" if comm.startswith("event_engine") else "other"
+                    out[kind] += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+class ThreadSampler(Sampler):
+    """:class:`Sampler`, plus the CPU of the server's threads by kind (:func:`thread_cpu`)."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        super().__init__(pid, interval)
+        self.threads: list[tuple[float, dict[str, float]]] = []
+
+    def _take(self) -> None:
+        super()._take()
+        self.threads.append((time.time(), thread_cpu(self._pids)))
+
+    def split(self, start: float, end: float) -> dict[str, float]:
+        """Cores used by each kind of thread between two wall-clock times."""
+        inside = [(t, c) for t, c in self.threads if start <= t <= end] or self.threads
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return {k: (c1[k] - c0[k]) / (t1 - t0) if t1 > t0 else float("nan") for k in c0}
 
 
 class Probe:
@@ -126,6 +176,7 @@ class Level:
     codes: dict[str, int] = field(default_factory=dict)
     shed: dict[str, float] = field(default_factory=dict)
     server_cpu: float = 0.0
+    threads: dict[str, float] = field(default_factory=dict)
     rss_mib: float = 0.0
     ghz_cpu_ms: float = 0.0
     probe: Probe | None = None
@@ -142,6 +193,22 @@ class Level:
         spare = self.server_cpu - self.goodput / capacity.per_cpu()
         return max(spare, 0.0) / refused_per_s * 1e6
 
+    def split_costs(self, capacity: Level) -> str:
+        """Server CPU per call by kind of thread: at capacity per successful call; here, what is
+        left after the successful calls (at capacity's cost each) per refused call."""
+        ok, refused = self.goodput, self.offered_rps - self.goodput
+        parts = []
+        for kind in ("loop", "grpc"):
+            if kind not in self.threads or kind not in capacity.threads or not ok:
+                continue
+            per_ok = capacity.threads[kind] / capacity.goodput
+            if self is capacity or refused < 1:
+                parts.append(f"{kind} {self.threads[kind]:.2f} cores = {self.threads[kind] / ok * 1e6:.0f} us/OK")
+            else:
+                left = self.threads[kind] - ok * per_ok
+                parts.append(f"{kind} {self.threads[kind]:.2f} cores, {left / refused * 1e6:.0f} us/refused")
+        return "; ".join(parts)
+
     def row(self, capacity: Level | None) -> str:
         share = self.goodput / capacity.goodput if capacity else float("nan")
         share_cpu = self.per_cpu() / capacity.per_cpu() if capacity else float("nan")
@@ -153,11 +220,22 @@ class Level:
             f"per CPU-second {share_cpu:4.0%})  ghz: admitted p50 {self.p50_ok_ms:6.1f} p99 {self.p99_ok_ms:7.1f} ms, "
             f"refused p99 {self.p99_refused_ms:6.1f} ms\n"
             f"{'':<9} server CPU {self.server_cpu:4.2f} cores "
+            f"[{self.split_costs(capacity or self)}] "
             f"(left after the successful calls: {self.refusal_cost_us(capacity) if capacity else float('nan'):.0f} "
             "us per refused call), "
             f"peak RSS {self.rss_mib:4.0f} MiB; "
             f"ghz {self.ghz_cpu_ms:4.2f} ms CPU/call; codes: {codes}{'; shed: ' + shed if shed else ''}{probe}"
         )
+
+
+def _variant(spec: str) -> tuple[dict[str, str], list[str]]:
+    """``"A=1 B=2 --flag x"`` -> ({"A": "1", "B": "2"}, ["--flag", "x"])."""
+    words = shlex.split(spec)
+    env: dict[str, str] = {}
+    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    return env, words
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -219,7 +297,7 @@ def _ghz(
     shed0 = _metrics(http_port)
     probe = Probe(srv, token, csr) if rps else None
     ghz0 = children_cpu()
-    with Sampler(srv.proc.pid) as sampler, probe or contextlib.nullcontext():
+    with ThreadSampler(srv.proc.pid) as sampler, probe or contextlib.nullcontext():
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     ghz_cpu = children_cpu() - ghz0
     if proc.returncode not in (0, 1) or not proc.stdout.strip():
@@ -247,6 +325,7 @@ def _ghz(
         codes={k: int(v) for k, v in (rep.get("statusCodeDistribution") or {}).items()},
         shed={k: shed1[k] - shed0[k] for k in SHED_REASONS},
         server_cpu=sampler.cores(start, end),
+        threads=sampler.split(start, end),
         rss_mib=sampler.peak_rss,
         ghz_cpu_ms=ghz_cpu / max(int(rep["count"]), 1) * 1000,
         probe=probe,
@@ -268,26 +347,37 @@ def run_server(
     *,
     name: str,
     capacity: Level | None = None,
+    env: dict[str, str] | None = None,
+    rounds: int | None = None,
 ) -> tuple[Level, list[Level], str]:
-    """Measure one server: capacity (unless given), then each level. Returns (capacity, levels, log)."""
+    """Measure one server: capacity (unless given), then each level. Returns (capacity, levels, log).
+
+    A given ``capacity`` sets the offered rates; this server's own is then measured as well
+    (and printed) when ``env`` or ``extra`` make it a variant.
+    """
     wrapper, ghz_cpus = _cpus(args.workers, args.pin)
     http_port = free_port()
     server_args = ["--http-listen", f"127.0.0.1:{http_port}", *extra]
-    with running_dev_server(state, *server_args, workers=args.workers, wrapper=wrapper) as srv:
+    rounds = args.rounds if rounds is None else rounds
+    with running_dev_server(state, *server_args, workers=args.workers, wrapper=wrapper, env=env) as srv:
         token = srv.token("default", "bench", ttl="24h")
         csr = _csr(KEY_TYPES["ec-p256"])
         common = {"token": token, "csr": csr, "http_port": http_port, "ghz_cpus": ghz_cpus}
         time.sleep(1)
         rss0 = rss_mib(process_tree(srv.proc.pid))
-        print(f"[{name}] server args: {shlex.join(server_args)}; pinned: server {wrapper[2:] or '-'} ghz {ghz_cpus}")
+        print(
+            f"[{name}] server env: {shlex.join(f'{k}={v}' for k, v in (env or {}).items()) or '-'}; "
+            f"args: {shlex.join(server_args)}; pinned: server {wrapper[2:] or '-'} ghz {ghz_cpus}"
+        )
         print(f"[{name}] RSS at start {rss0:.0f} MiB", flush=True)
         _ghz(srv, label="warm-up", rps=0, count=1000, concurrency=4, connections=4, **common)
-        if capacity is None:
+        if capacity is None or env or extra:
             n, c = args.capacity_requests, args.capacity_concurrency
-            capacity = _ghz(srv, label="capacity", rps=0, count=n, concurrency=c, connections=c, **common)
-            print(f"[{name}] " + capacity.row(capacity), flush=True)
+            own = _ghz(srv, label="capacity", rps=0, count=n, concurrency=c, connections=c, **common)
+            print(f"[{name}] " + own.row(capacity or own), flush=True)
+            capacity = capacity or own
         levels = []
-        for k in [k for _ in range(args.rounds) for k in args.levels]:
+        for k in [k for _ in range(rounds) for k in args.levels]:
             rps = max(int(k * capacity.goodput), 1)
             # Enough ghz workers that the offered rate does not depend on how fast the server
             # answers: a call may take up to ~a second when queued, a refusal a few ms.
@@ -334,43 +424,98 @@ def main() -> None:
     ap.add_argument("--compare-unbounded", action="store_true", help="also run a server with the limits out of the way")
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin server and ghz to separate CPUs")
     ap.add_argument("--server-args", default="", help="extra `csr-service serve` flags for the bounded server")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="also run a server with these NAME=VALUE environment variables and serve flags (repeatable; "
+        "interleaved rounds), e.g. 'GRPC_EXPERIMENTS=ph2_server'",
+    )
     args = ap.parse_args()
     args.levels = [float(x) for x in args.levels.split(",")]
 
+    logs: list[str] = []
+    variants: dict[str, list[Level]] = {spec: [] for spec in args.variant}
     with tempfile.TemporaryDirectory() as tmp:
-        capacity, bounded, log = run_server(Path(tmp) / "bounded", args, shlex.split(args.server_args), name="bounded")
+        if not variants:
+            capacity, bounded, log = run_server(
+                Path(tmp) / "bounded", args, shlex.split(args.server_args), name="bounded"
+            )
+            logs.append(log)
+        else:
+            capacity, bounded, log = run_server(
+                Path(tmp) / "bounded-1", args, shlex.split(args.server_args), name="bounded", rounds=1
+            )
+            logs.append(log)
+            for r in range(args.rounds):
+                if r:
+                    _, more, log = run_server(
+                        Path(tmp) / f"bounded-{r + 1}",
+                        args,
+                        shlex.split(args.server_args),
+                        name="bounded",
+                        capacity=capacity,
+                        rounds=1,
+                    )
+                    bounded += more
+                    logs.append(log)
+                for i, spec in enumerate(variants):
+                    env, extra = _variant(spec)
+                    _, more, log = run_server(
+                        Path(tmp) / f"variant{i}-{r + 1}",
+                        args,
+                        [*shlex.split(args.server_args), *extra],
+                        name=f"variant {spec}",
+                        capacity=capacity,
+                        env=env,
+                        rounds=1,
+                    )
+                    variants[spec] += more
+                    logs.append(log)
         unbounded: list[Level] = []
         if args.compare_unbounded:
-            _, unbounded, _ = run_server(Path(tmp) / "unbounded", args, UNBOUNDED, name="unbounded", capacity=capacity)
+            _, unbounded, log = run_server(
+                Path(tmp) / "unbounded", args, UNBOUNDED, name="unbounded", capacity=capacity
+            )
+            logs.append(log)
 
     print(
         f"\nSummary: capacity {capacity.goodput:.0f} CSR/s with {capacity.server_cpu:.2f} server cores "
         f"({capacity.per_cpu():.0f} per CPU-second); {args.workers} worker(s), ghz {args.capacity_concurrency} "
         "calls in flight, one per connection"
     )
-    for name, levels in (("bounded (defaults)", bounded), ("unbounded", unbounded)):
+    named = [("bounded (defaults)", bounded), *((f"variant {spec}", v) for spec, v in variants.items())]
+    for name, levels in [*named, ("unbounded", unbounded)]:
         if not levels:
             continue
         print(f"-- {name}")
         for level in levels:
             print(level.row(capacity))
-    for label in dict.fromkeys(level.label for level in bounded):
-        runs = [level for level in bounded if level.label == label]
-        other = {k for level in runs for k in level.codes if k not in {"OK", "ResourceExhausted", "Canceled"}}
-        probe_p99 = [
-            _percentile([ms for code, ms in level.probe.results if code == "OK"], 0.99) for level in runs if level.probe
-        ]
-        print(
-            f"goal {label} ({len(runs)} round(s), median [min-max]): goodput "
-            f"{_spread([level.goodput / capacity.goodput for level in runs])} of capacity, "
-            f"{_spread([level.per_cpu() / capacity.per_cpu() for level in runs])} per CPU-second (>= 90%); "
-            f"admitted p99 {_spread(probe_p99, '.0f')} ms (probe), "
-            f"{_spread([level.p99_ok_ms for level in runs], '.0f')} ms (ghz); "
-            f"peak RSS {max(level.rss_mib for level in runs):.0f} MiB; "
-            f"errors other than RESOURCE_EXHAUSTED/CANCELLED: {sorted(other) or 'none'}"
-        )
-    if "Traceback" in log:
-        print("WARNING: the server logged a traceback during the run")
+    for name, levels in named:
+        print(f"-- goals, {name}")
+        for label in dict.fromkeys(level.label for level in levels):
+            runs = [level for level in levels if level.label == label]
+            refused = Counter[str]()
+            for level in runs:
+                refused.update({k: v for k, v in level.codes.items() if k != "OK"})
+            probe_p99 = [
+                _percentile([ms for code, ms in level.probe.results if code == "OK"], 0.99)
+                for level in runs
+                if level.probe
+            ]
+            print(
+                f"goal {label} ({len(runs)} round(s), median [min-max]): goodput "
+                f"{_spread([level.goodput / capacity.goodput for level in runs])} of capacity, "
+                f"{_spread([level.per_cpu() / capacity.per_cpu() for level in runs])} per CPU-second (>= 90%); "
+                f"admitted p99 {_spread(probe_p99, '.0f')} ms (probe), "
+                f"{_spread([level.p99_ok_ms for level in runs], '.0f')} ms (ghz); "
+                f"peak RSS {max(level.rss_mib for level in runs):.0f} MiB; "
+                f"refusals by code (ghz, all rounds): {dict(refused) or 'none'} "
+                f"(goal: ResourceExhausted only)"
+            )
+    if any("Traceback" in log for log in logs):
+        print("WARNING: a server logged a traceback during the run")
 
 
 if __name__ == "__main__":
