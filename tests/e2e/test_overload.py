@@ -8,7 +8,9 @@ measured are printed (``pytest -s``). Throughput under overload: ``python -m ben
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import subprocess
 import threading
 import time
 import urllib.request
@@ -19,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.common import ghz_command
 from csr_service._generated import ca_pb2, ca_pb2_grpc
 from csr_service.pki.keys import KeyType, generate_key
 from tests.support.certs import csr_pem
@@ -137,6 +140,39 @@ def test_a_full_queue_refuses_in_grpc_core(tmp_path: Path, http_port: int) -> No
         while _shed(http_port).get("queue_full", 0) < 1:
             assert time.monotonic() < deadline, _shed(http_port)
             time.sleep(0.5)
+
+
+def test_a_go_client_sees_the_queue_refusals_as_cancelled(tmp_path: Path, http_port: int, ghz: Path) -> None:
+    # istio-agent's CA client is grpc-go, which checks a response's headers more strictly than
+    # gRPC Python: gRPC core's refusals must reach it as CANCELLED (retried with backoff), not
+    # INTERNAL "malformed header" (what GRPC_EXPERIMENTS=ph2_server makes of them in grpcio
+    # 1.85: docs/operations.md, "Overload") nor a hang. 50 connections, 200 calls in flight.
+    with _server(tmp_path, http_port, "--max-queued-requests", "2") as srv:
+        token = srv.token("default", "sleep")
+        csr = csr_pem(generate_key(KeyType.EC_P256), uris=("spiffe://cluster.local/ns/default/sa/sleep",)).decode()
+        cmd = ghz_command(
+            address=srv.address,
+            root_cert=srv.root_cert,
+            token=token,
+            csr_pem=csr,
+            concurrency=200,
+            requests=2000,
+            connections=50,
+            timeout=f"{SANE_REFUSAL_SECONDS:.0f}s",
+        )
+        assert cmd[0] == str(ghz)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode in (0, 1), proc.stderr[-2000:]  # 1: some calls failed
+        assert proc.stdout.strip(), proc.stderr[-2000:]
+        report = json.loads(proc.stdout)
+        codes = Counter(report.get("statusCodeDistribution") or {})
+        errors = Counter(d.get("error", "") for d in report.get("details") or [] if d.get("status") != "OK")
+        print(f"\nghz, queue of 2, 2000 calls: {dict(codes)}; errors: {dict(errors.most_common(3))}")
+        assert set(codes) <= {"OK", "Canceled", "ResourceExhausted"}, errors.most_common(3)
+        assert codes["OK"] >= 1
+        assert codes["Canceled"] >= 1, "the queue limit never refused anything"
+        assert srv.proc.poll() is None
+        _one_call_succeeds(srv)
 
 
 def test_per_identity_rate_limits_only_that_identity(tmp_path: Path, http_port: int) -> None:

@@ -13,6 +13,7 @@ fixture                marker          what
 ``cert_manager``       ``certmanager`` CRDs + controllers + Ready CA issuers (session)
 ``cert_manager_no_approver``  ``certmanager``  same, approver stopped for the test
 ``istio_client``       ``istio``       the Istio conformance client; ``IstioClient``
+``ghz``                ``e2e``         ghz (a load generator on Go's gRPC client, as istio-agent's); its path
 ``istiod``             ``istiod``      Istio's real istiod with its built-in CA on ``kube`` (module)
 ``container_image``    ``image``       the project's image, built by podman (session); ``ProjectImage``
 =====================  ==============  =====================================================
@@ -62,6 +63,7 @@ FIXTURE_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
         "certmanager",
     ),
     "istio_client": (("istio-client",), "istio"),
+    "ghz": (("ghz",), "e2e"),
     "istiod": (("etcd", "kube-apiserver", "pilot-discovery"), "istiod"),
     "container_image": (("image",), "image"),
 }
@@ -151,6 +153,13 @@ def cert_manager_no_approver(cert_manager: CertManager) -> Iterator[CertManager]
 def istio_client() -> IstioClient:
     """The Istio conformance client: call it to run one CreateCertificate like a sidecar."""
     return IstioClient()
+
+
+@pytest.fixture(scope="session")
+def ghz() -> Path:
+    """ghz: many calls at once through Go's gRPC client, the one istio-agent uses."""
+    path = install.ensure("ghz")
+    return path / "ghz" if path.is_dir() else path
 
 
 @pytest.fixture(scope="module")
