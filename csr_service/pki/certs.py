@@ -115,11 +115,23 @@ class _LeafTemplate:
     its own error) go through the builder.
     """
 
-    __slots__ = ("_builder", "_extensions", "_fast", "_hash", "_issuer", "_sig_alg", "_subject", "_version", "ca_cert")
+    __slots__ = (
+        "_builder",
+        "_ecdsa",
+        "_extensions",
+        "_fast",
+        "_hash",
+        "_issuer",
+        "_sig_alg",
+        "_subject",
+        "_version",
+        "ca_cert",
+    )
 
     def __init__(self, ca_cert: x509.Certificate, ca_key: PrivateKey, server_auth: bool, client_auth: bool) -> None:
         self.ca_cert = ca_cert
         self._hash = signature_hash(ca_key)
+        self._ecdsa = ec.ECDSA(self._hash)
         # The subject is empty, so RFC 5280 4.2.1.6 requires the SAN (added per leaf, last, as
         # Istio orders them) to be critical (Istio does this).
         builder = (
@@ -189,7 +201,7 @@ class _LeafTemplate:
             der.tlv(0xA3, der.sequence(self._extensions, san)),
         )
         if isinstance(ca_key, ec.EllipticCurvePrivateKey):
-            signature = ca_key.sign(tbs, ec.ECDSA(self._hash))
+            signature = ca_key.sign(tbs, self._ecdsa)
         else:
             assert isinstance(ca_key, rsa.RSAPrivateKey)  # self._fast
             signature = ca_key.sign(tbs, padding.PKCS1v15(), self._hash)
