@@ -8,15 +8,20 @@ UNIT := tests/unit
 # The bed-free tiers: unit tests plus the end-to-end tests that only start csr-service itself.
 PEER_MARKERS := kube or vault or certmanager or istio or istiod or helm or image or multicluster
 
-.PHONY: run test test-unit test-e2e testbed image lint bench proto docs clean venv
+.PHONY: run test test-unit test-e2e testbed image lint bench proto docs clean venv lock
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed
+
+## lock: after upgrading a dependency in the venv, record every version in constraints.txt
+lock: venv
+	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 ## run: set up and run csr-service in dev mode (local CA generated on first start)
 run: venv

@@ -12,18 +12,15 @@ list/watch/create/patch ConfigMaps (cluster-wide, as locally).
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable
 from typing import Any
 
 from csr_service.controllers.root_configmaps import RootConfigMapController
 from csr_service.kube.clusters import Cluster, ClusterSet
+from csr_service.kube.per_cluster import PerCluster
 from csr_service.trust.bundle import TrustBundle
 
 __all__ = ["RemoteRootConfigMaps"]
-
-log = logging.getLogger(__name__)
 
 
 class RemoteRootConfigMaps:
@@ -39,60 +36,18 @@ class RemoteRootConfigMaps:
         *,
         controller: Callable[[Any, TrustBundle, str], RootConfigMapController],
     ) -> None:
-        self._clusters = clusters
-        self._trust = trust
-        self._controller = controller
-        self._running: dict[str, tuple[Cluster, RootConfigMapController]] = {}
-        self._lock = asyncio.Lock()
-        self._active = False
-        self._pending: set[asyncio.Task[None]] = set()
-        clusters.add_listener(self._on_change)
+        def make(cluster: Cluster) -> RootConfigMapController:
+            return controller(cluster.client(), trust, cluster.cluster_id)
+
+        # Started awaited: a controller counts as running once its set-up succeeded.
+        self._controllers = PerCluster(clusters, make, what="root ConfigMaps")
 
     def controllers(self) -> dict[str, RootConfigMapController]:
         """The running controllers by cluster id (for tests)."""
-        return {cid: ctl for cid, (_, ctl) in self._running.items()}
+        return self._controllers.children()
 
     async def start(self) -> None:
-        self._active = True
-        await self._reconcile()
+        await self._controllers.start()
 
     async def stop(self) -> None:
-        self._active = False
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
-        await self._reconcile()
-
-    def _on_change(self, _event: str, _cluster: Cluster) -> None:
-        if not self._active:
-            return
-        task = asyncio.get_running_loop().create_task(self._reconcile())
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _reconcile(self) -> None:
-        """Start a controller for each remote cluster without a current one; stop the others."""
-        async with self._lock:
-            wanted = {c.cluster_id: c for c in self._clusters.remotes()} if self._active else {}
-            for cid, (cluster, ctl) in list(self._running.items()):
-                if wanted.get(cid) is not cluster:
-                    del self._running[cid]
-                    await self._stop(cid, ctl)
-            for cid, cluster in wanted.items():
-                if cid in self._running:
-                    continue
-                ctl = self._controller(cluster.client(), self._trust, cid)
-                try:
-                    await ctl.start()
-                except Exception as exc:  # noqa: BLE001 (one cluster's trouble must not stop the others)
-                    # The controller's watches retry on their own; a failure here is its set-up.
-                    log.error("multicluster: root ConfigMaps in cluster %r not started: %s", cid, exc)
-                    continue
-                self._running[cid] = (cluster, ctl)
-                log.info("multicluster: keeping root ConfigMaps in cluster %r", cid)
-
-    @staticmethod
-    async def _stop(cluster_id: str, ctl: RootConfigMapController) -> None:
-        try:
-            await ctl.stop()
-        except Exception:  # stopping must go on for the rest
-            log.exception("multicluster: stopping root ConfigMaps of cluster %r failed", cluster_id)
+        await self._controllers.stop()

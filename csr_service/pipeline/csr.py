@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -116,12 +117,33 @@ def parse_csr(pem: str | bytes) -> ParsedCSR:
     return ParsedCSR(csr=csr, pem=data, subject=subject, extensions=extensions, san=san, public_key=key)
 
 
-def rule_signature(csr: x509.CertificateSigningRequest) -> None:
-    """The CSR must be signed by the key it carries (proof of possession)."""
+def rule_signature(csr: x509.CertificateSigningRequest, key: CertificatePublicKeyTypes | None = None) -> None:
+    """The CSR must be signed by the key it carries (proof of possession).
+
+    ``key``: the CSR's key, already parsed (:class:`ParsedCSR`). ``is_signature_valid`` parses
+    it again from the DER on every call, ~25 µs of a ~140 µs P-256 check; with the key, RSA and
+    ECDSA signatures are verified directly with the algorithm the CSR names, and a key of
+    another kind than the signature (a forged or broken CSR) cannot be checked.
+    """
     try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            params = csr.signature_algorithm_parameters
+            if not isinstance(params, ec.ECDSA):
+                raise TypeError(f"an ECDSA key with a {csr.signature_algorithm_oid.dotted_string} signature")
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, params)
+            return
+        if isinstance(key, rsa.RSAPublicKey):
+            params = csr.signature_algorithm_parameters
+            digest = csr.signature_hash_algorithm
+            if not isinstance(params, (padding.PKCS1v15, padding.PSS)) or digest is None:
+                raise TypeError(f"an RSA key with a {csr.signature_algorithm_oid.dotted_string} signature")
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, params, digest)
+            return
         ok = csr.is_signature_valid
+    except InvalidSignature:
+        ok = False
     except Exception as exc:  # unsupported algorithms raise various errors
-        raise _bad("signature cannot be checked", f"signature check failed: {exc}") from exc
+        raise _bad("signature cannot be checked", f"signature check failed: {_failure(exc)}") from exc
     if not ok:
         raise _bad("signature does not verify")
 
@@ -223,7 +245,7 @@ def validate_trust_domain_csr(pem: str | bytes, trust_domain: str) -> ValidatedC
     parsed = parse_csr(pem)
     for rule in RULES:
         rule(parsed)
-    rule_signature(parsed.csr)
+    rule_signature(parsed.csr, parsed.public_key)
     uri = parsed.san.uris[0]
     found = parse_spiffe_id(uri).trust_domain  # rule_san parsed it once already: cannot fail
     if found != trust_domain:
@@ -237,7 +259,7 @@ def validate_dns_csr(pem: str | bytes, allowed_dns_names: frozenset[str]) -> tup
     parsed = parse_csr(pem)
     for rule in SERVING_RULES:
         rule(parsed)
-    rule_signature(parsed.csr)
+    rule_signature(parsed.csr, parsed.public_key)
     extra = sorted(set(parsed.san.dns_names) - allowed_dns_names)
     if extra:
         raise _bad(f"DNS names not allowed for this signer: {', '.join(extra)[:300]}")
@@ -257,7 +279,7 @@ def validate_csr(pem: str | bytes, allowed_identities: Sequence[str], *, check_s
     for rule in RULES:
         rule(parsed)
     if check_signature:
-        rule_signature(parsed.csr)
+        rule_signature(parsed.csr, parsed.public_key)
     uri = parsed.san.uris[0]  # rule_san made sure there is exactly one
     if uri not in allowed_identities:
         raise AuthenticationError(

@@ -166,7 +166,7 @@ async def _sign_checked(issuer: Issuer, request: SigningRequest) -> IssuedChain:
         return await issuer.sign(request)
     except FailedPreconditionError as refusal:
         try:
-            rule_signature(request.csr)
+            rule_signature(request.csr, request.public_key())
         except InvalidRequestError as exc:
             raise InvalidRequestError(
                 exc.public, detail=f"{exc.detail}; the backend refused it too: {refusal.detail}"

@@ -13,7 +13,6 @@ time; the last test stops B's apiserver.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import pytest
 from kubernetes import client as k8s
 
 from tests.integration.kube_authn.conftest import call, csr_service, rpc_error, spiffe
+from tests.integration.multicluster.conftest import REMOTE_CLUSTER_RULES, cluster_role, remote_secret, wait_allowed
 from tests.support.dev_server import DevServer
 from tests.testbed.istio import IstioClient, IstioResult
 from tests.testbed.kube import KubeCluster, unique_name, wait_for
@@ -35,14 +35,6 @@ A, B = "cluster-a", "cluster-b"
 SECRET = "istio-remote-secret-cluster-b"
 CM = "istio-ca-root-cert"
 
-#: What the remote kubeconfig's account needs in each remote cluster (docs/multicluster.md).
-REMOTE_CLUSTER_RULES = [
-    k8s.V1PolicyRule(api_groups=["authentication.k8s.io"], resources=["tokenreviews"], verbs=["create"]),
-    k8s.V1PolicyRule(api_groups=[""], resources=["namespaces"], verbs=["list", "watch"]),
-    k8s.V1PolicyRule(api_groups=[""], resources=["configmaps"], verbs=["list", "watch", "create", "patch"]),
-    # ztunnel impersonation (--ca-trusted-node-accounts): pods on the caller's node.
-    k8s.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["list", "watch"]),
-]
 #: The chart's values for the local cluster: multicluster, root ConfigMaps, ztunnel impersonation.
 CHART_VALUES = {
     "app": {
@@ -79,45 +71,6 @@ def _can(kube: KubeCluster, user: str, verb: str, resource: str, namespace: str 
     return bool(k8s.AuthorizationV1Api(kube.api_client).create_subject_access_review(review).status.allowed)
 
 
-def _cluster_role(kube: KubeCluster, namespace: str, sa: str, rules: list[k8s.V1PolicyRule]) -> None:
-    name = unique_name("csr-service-mc")
-    k8s.RbacAuthorizationV1Api(kube.api_client).create_cluster_role(
-        k8s.V1ClusterRole(metadata=k8s.V1ObjectMeta(name=name), rules=rules)
-    )
-    kube.grant_cluster_role(name, namespace, sa)
-
-
-def _wait_allowed(kube: KubeCluster, token: str, checks: list[tuple[str, str, str, str]]) -> None:
-    """Until RBAC allows ``token`` each (group, resource, verb, namespace): the authorizer's cache lags."""
-    api = k8s.AuthorizationV1Api(kube.api_client_for_token(token))
-    for group, resource, verb, namespace in checks:
-        review = k8s.V1SelfSubjectAccessReview(
-            spec=k8s.V1SelfSubjectAccessReviewSpec(
-                resource_attributes=k8s.V1ResourceAttributes(
-                    group=group, resource=resource, verb=verb, namespace=namespace or None
-                )
-            )
-        )
-        wait_for(
-            lambda r=review: api.create_self_subject_access_review(r).status.allowed,
-            timeout=30,
-            what=f"RBAC {verb} {resource}",
-        )
-
-
-def _remote_secret(namespace: str, data: dict[str, str]) -> k8s.V1Secret:
-    """An istiod-format remote Secret: label istio/multiCluster=true, data key = cluster id."""
-    return k8s.V1Secret(
-        metadata=k8s.V1ObjectMeta(
-            name=SECRET,
-            namespace=namespace,
-            labels={"istio/multiCluster": "true"},
-            annotations={"networking.istio.io/cluster": B},
-        ),
-        data={cid: base64.b64encode(kubeconfig.encode()).decode() for cid, kubeconfig in data.items()},
-    )
-
-
 @dataclass
 class Mesh:
     a: KubeCluster
@@ -135,7 +88,7 @@ class Mesh:
     another: Callable[[], AbstractContextManager[DevServer]]
 
     def put_secret(self, data: dict[str, str]) -> None:
-        body = _remote_secret(self.namespace, data)
+        body = remote_secret(SECRET, self.namespace, data)
         try:
             self.a.core.replace_namespaced_secret(SECRET, self.namespace, body)
         except k8s.ApiException as exc:
@@ -176,7 +129,7 @@ def mesh(own_kube: KubeCluster, remote_kube: KubeCluster, tmp_path_factory: pyte
     a.create_namespace("istio-system")
     own_sa, lease = _apply_chart_rbac(a, ns)
     own_token = a.token(ns, own_sa, audiences=[], expiration_seconds=86400)
-    _wait_allowed(
+    wait_allowed(
         a,
         own_token,
         [
@@ -189,10 +142,10 @@ def mesh(own_kube: KubeCluster, remote_kube: KubeCluster, tmp_path_factory: pyte
     b.create_namespace("istio-system")
     b.create_service_account("istio-system", "csr-service-remote")
     b.create_service_account("istio-system", "powerless")
-    _cluster_role(b, "istio-system", "csr-service-remote", REMOTE_CLUSTER_RULES)
+    cluster_role(b, "istio-system", "csr-service-remote", REMOTE_CLUSTER_RULES)
     remote_token = b.token("istio-system", "csr-service-remote", audiences=[], expiration_seconds=86400)
     powerless_token = b.token("istio-system", "powerless", audiences=[], expiration_seconds=86400)
-    _wait_allowed(
+    wait_allowed(
         b, remote_token, [("authentication.k8s.io", "tokenreviews", "create", ""), ("", "configmaps", "patch", "")]
     )
 
