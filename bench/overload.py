@@ -27,7 +27,10 @@ Starts ``csr-service serve --dev`` (local CA, TLS, JWT), and:
    successful calls at capacity's cost, per refused call. Meanwhile a **probe** (one Python
    gRPC client on its own connection, one call every 50 ms, like an istio-agent renewing)
    records what a well-behaved client sees: ghz runs thousands of goroutines on a shared CPU and its
-   latencies include its own scheduling delays, the probe's do not;
+   latencies include its own scheduling delays, the probe's do not. ghz's CPU per call also
+   tells how it paced: starved of CPU (about 0.06 ms per call) it sends in bursts, which gRPC
+   core refuses several per wake-up and so more cheaply than steady arrivals; compare rounds
+   with similar ghz CPU (docs/operations.md, "Closer to the goal?");
 3. finally checks that a closed-loop run still succeeds (the server stayed up).
 
 With ``--compare-unbounded`` it does the same against a second server whose limits are out
@@ -511,6 +514,7 @@ def main() -> None:
                 f"admitted p99 {_spread(probe_p99, '.0f')} ms (probe), "
                 f"{_spread([level.p99_ok_ms for level in runs], '.0f')} ms (ghz); "
                 f"peak RSS {max(level.rss_mib for level in runs):.0f} MiB; "
+                f"ghz {_spread([level.ghz_cpu_ms for level in runs], '.2f')} ms CPU/call; "
                 f"refusals by code (ghz, all rounds): {dict(refused) or 'none'} "
                 f"(goal: ResourceExhausted only)"
             )
