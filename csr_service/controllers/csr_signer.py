@@ -70,6 +70,7 @@ from csr_service.plugins.issuer import IssuerAbilities, SigningRequest
 from csr_service.plugins.registry import ISSUERS, find
 from csr_service.plugins.runtime import Runtime
 from csr_service.trust.bundle import TrustBundle
+from csr_service.trust.sources import FileTrustSource
 
 __all__ = ["CSRApi", "CSRSignerController", "KubeCSRApi", "Refusal", "SignerContext", "is_pending"]
 
@@ -174,6 +175,9 @@ class _Target:
     trust: TrustBundle
     #: Created (and started, stopped) by this controller, not the service's --issuer.
     owned: bool
+    #: The signer's own ``root-ca-file``, re-read when it changes (a mounted ConfigMap is
+    #: updated in place), as ``--root-ca-file`` is for the service.
+    source: FileTrustSource | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,9 +210,12 @@ class CSRSignerController:
         api: CSRApi | None = None,
         watch: WatchFactory | None = None,
         events: EventRecorder | None = None,
+        root_file_interval: timedelta = timedelta(seconds=10),
     ) -> None:
         self._runtime = runtime
         self._s = settings
+        #: How often a signer's ``root-ca-file`` is checked for changes (--root-ca-file's interval).
+        self._root_file_interval = root_file_interval
         self._ctx = context
         self._slot = slot
         self._trust = trust
@@ -263,7 +270,7 @@ class CSRSignerController:
         self._broken.clear()
         for target in self._targets.values():
             if target.owned:
-                await _close(target.issuer)
+                await _close(target.issuer, target.source)
         self._targets.clear()
         if isinstance(self._api, KubeCSRApi) and self._owned_api:
             await self._api.aclose()
@@ -296,6 +303,7 @@ class CSRSignerController:
         """Create and start ``signer``'s issuer (retrying while its backend is unavailable) and
         its trust; a misconfiguration is remembered, and that signer's CSRs get Failed."""
         issuer: IssuerAbilities | None = None
+        source: FileTrustSource | None = None
         try:
             issuer = IssuerAbilities.of(find(ISSUERS, cfg.backend).create(cfg.values, self._runtime))
             delay = 1.0
@@ -311,6 +319,8 @@ class CSRSignerController:
                     delay = min(delay * 2, 30.0)
             if cfg.root_ca_file:
                 trust = TrustBundle.from_file(cfg.root_ca_file)
+                source = FileTrustSource(cfg.root_ca_file, trust, interval=self._root_file_interval)
+                await source.start()
             elif issuer.roots is not None and issuer.roots_are_configuration:
                 trust = TrustBundle(await issuer.roots.roots())
                 if issuer.roots_watcher is not None:
@@ -318,14 +328,14 @@ class CSRSignerController:
             else:
                 trust = self._trust
         except asyncio.CancelledError:
-            await _close(issuer)
+            await _close(issuer, source)
             raise
         except Exception as exc:  # noqa: BLE001 (a broken issuer fails its own CSRs, not the signer)
-            await _close(issuer)
+            await _close(issuer, source)
             self._broken[signer] = str(exc)
             log.error("k8s signer: the issuer of %s cannot start; its CSRs get Failed: %s", signer, exc)
             return
-        self._targets[signer] = _Target(issuer=issuer, trust=trust, owned=True)
+        self._targets[signer] = _Target(issuer=issuer, trust=trust, owned=True, source=source)
         log.info("k8s signer: %s signs with issuer %s", signer, issuer.name)
 
     def _target(self, signer: str) -> _Target:
@@ -602,7 +612,9 @@ class CSRSignerController:
         )
 
 
-async def _close(issuer: IssuerAbilities | None) -> None:
+async def _close(issuer: IssuerAbilities | None, source: FileTrustSource | None = None) -> None:
+    if source is not None:
+        await source.stop()
     if issuer is not None and issuer.lifecycle is not None:
         try:
             await issuer.lifecycle.stop()

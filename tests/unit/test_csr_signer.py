@@ -124,7 +124,14 @@ class Kit:
         return next((c for c in conds if c["type"] == "Failed"), None)
 
 
-def run(tmp_path: Path, body: Callable[[Kit], Awaitable[None]], *, issuer: Any = None, **over: Any) -> None:
+def run(
+    tmp_path: Path,
+    body: Callable[[Kit], Awaitable[None]],
+    *,
+    issuer: Any = None,
+    root_file_interval: timedelta = timedelta(seconds=10),
+    **over: Any,
+) -> None:
     _, _, root = write_ca_dir(tmp_path / "ca", intermediate=True)
 
     async def main() -> None:
@@ -141,6 +148,7 @@ def run(tmp_path: Path, body: Callable[[Kit], Awaitable[None]], *, issuer: Any =
             trust=TrustBundle(await local.roots()),
             api=api,
             watch=FakeWatches(),
+            root_file_interval=root_file_interval,
         )
         await controller.start()
         try:
@@ -386,3 +394,37 @@ def test_a_broken_signer_issuer_fails_its_csrs_only(tmp_path: Path) -> None:
         assert await kit.controller.process(good) == "signed"
 
     run(tmp_path, body, issuers=issuers)
+
+
+def test_a_signers_root_ca_file_is_followed_without_restart(tmp_path: Path) -> None:
+    """A signer's own ``root-ca-file`` is re-read when it changes: its chain check then uses the new roots."""
+    from csr_service.controllers.settings import SignerIssuer
+
+    team = "csr-service.test/team-b"
+    write_ca_dir(tmp_path / "ca-b")
+    other = write_ca_dir(tmp_path / "ca-other")[2]
+    root_file = tmp_path / "team-b-root.pem"
+    root_file.write_bytes((tmp_path / "ca-other" / "root-cert.pem").read_bytes())  # the wrong root first
+    issuers = {
+        team: SignerIssuer(
+            backend="local", values={"local-ca-dir": str(tmp_path / "ca-b")}, root_ca_file=str(root_file)
+        )
+    }
+
+    async def body(kit: Kit) -> None:
+        for _ in range(200):  # the issuer is started in the background
+            if team in kit.controller._targets:
+                break
+            await asyncio.sleep(0.01)
+        target = kit.controller._targets[team]
+        assert target.trust.current.roots == (other,)
+        # Its chain does not verify against the wrong root: the controller does not hand it out.
+        assert await kit.controller.process(kit.api.add(csr_object("r1", signer=team))) != "signed"
+        root_file.write_bytes((tmp_path / "ca-b" / "root-cert.pem").read_bytes())
+        for _ in range(300):
+            if target.trust.current.roots != (other,):
+                break
+            await asyncio.sleep(0.01)
+        assert await kit.controller.process(kit.api.add(csr_object("r2", signer=team))) == "signed"
+
+    run(tmp_path, body, issuers=issuers, root_file_interval=timedelta(milliseconds=20))
