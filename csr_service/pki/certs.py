@@ -187,15 +187,16 @@ class _LeafTemplate:
 
     def sign(self, public_key: PublicKey, spec: LeafSpec, ca_key: PrivateKey, serial: int) -> x509.Certificate:
         """The leaf for ``public_key`` and ``spec``, signed with ``ca_key`` (this template's CA key)."""
-        san = _san_der(spec) if self._fast else None
-        if san is None:
+        not_before, not_after = _utc(spec.not_before), _utc(spec.not_after)
+        san = _san_der(spec) if self._fast and not_before.year >= 1950 and not_after >= not_before else None
+        if san is None:  # the builder decides (and raises its own error for what it refuses)
             return self._build(public_key, spec, ca_key, serial)
         tbs = der.sequence(
             self._version,
             der.integer(serial),
             self._sig_alg,
             self._issuer,
-            der.sequence(der.x509_time(_utc(spec.not_before)), der.x509_time(_utc(spec.not_after))),
+            der.sequence(der.x509_time(not_before), der.x509_time(not_after)),
             self._subject,
             public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
             der.tlv(0xA3, der.sequence(self._extensions, san)),

@@ -85,6 +85,21 @@ def test_names_the_builder_refuses_still_reach_the_builder() -> None:
         template.sign(LEAF_KEYS[0], spec, ca_key, 7)
 
 
+@pytest.mark.parametrize(
+    ("not_before", "not_after", "match"),
+    [
+        (datetime(2030, 1, 2, tzinfo=UTC), datetime(2030, 1, 1, tzinfo=UTC), "after"),
+        (datetime(1949, 12, 31, tzinfo=UTC), datetime(2030, 1, 1, tzinfo=UTC), "1950"),
+    ],
+)
+def test_validity_the_builder_refuses_is_still_refused(not_before: datetime, not_after: datetime, match: str) -> None:
+    ca_key, ca_cert = CAS[KeyType.EC_P256]
+    template = _LeafTemplate(ca_cert, ca_key, True, True)
+    spec = LeafSpec(not_before=not_before, not_after=not_after, uris=["spiffe://cluster.local/ns/a/sa/b"])
+    with pytest.raises(ValueError, match=match):
+        template.sign(LEAF_KEYS[0], spec, ca_key, 7)
+
+
 def test_der_primitives() -> None:
     assert der.integer(0) == b"\x02\x01\x00"
     assert der.integer(127) == b"\x02\x01\x7f"
