@@ -251,25 +251,36 @@ def _run_model(
     ]
     if not limiter:
         argv.append("--disable-kubernetes-client-rate-limiter")
-    results = []
     with ManagedProcess("istio-csr-model", argv, tmp / f"model-{limiter}.log") as proc:
         proc.wait_ready(lambda: "serving on" in proc.tail(5), 30, "serving")
-        address = f"127.0.0.1:{port}"
-        _measure("warm-up", kube, address=address, root=tmp / "model-ca.pem", token=token, csr=csr, pid=proc.pid,
-                 concurrency=4, requests=8 if limiter else 100)  # fmt: skip
-        for conc, count in levels:
-            res, calls = _measure(
-                label,
-                kube,
-                address=address,
-                root=tmp / "model-ca.pem",
-                token=token,
-                csr=csr,
-                pid=proc.pid,
-                concurrency=conc,
-                requests=count,
-            )
-            results.append((res, calls, ""))
+        return _measure_levels(
+            kube, f"127.0.0.1:{port}", tmp / "model-ca.pem", token, csr, proc.pid,
+            label=label, levels=levels, warm_up=8 if limiter else 100,
+        )  # fmt: skip
+
+
+def _measure_levels(
+    kube: KubeCluster,
+    address: str,
+    root: Path,
+    token: str,
+    csr: str,
+    pid: int,
+    *,
+    label: str,
+    levels: list[tuple[int, int]],
+    warm_up: int,
+) -> list[tuple[LoadResult, float, str]]:
+    """A warm-up of ``warm_up`` calls at c=4, then one measured run per (concurrency, requests)."""
+    _measure("warm-up", kube, address=address, root=root, token=token, csr=csr, pid=pid,
+             concurrency=4, requests=warm_up)  # fmt: skip
+    results = []
+    for conc, count in levels:
+        res, calls = _measure(
+            label, kube, address=address, root=root, token=token, csr=csr, pid=pid,
+            concurrency=conc, requests=count,
+        )  # fmt: skip
+        results.append((res, calls, ""))
     return results
 
 
@@ -318,19 +329,11 @@ def _run_istio_csr(
         with urllib.request.urlopen(f"http://127.0.0.1:{ready_port}/readyz", timeout=2) as resp:
             return bool(resp.status == 200)
 
-    results = []
     with ManagedProcess("istio-csr", argv, tmp / f"istio-csr-{limiter}.log") as proc:
         proc.wait_ready(ready, 120, "ready")
-        address = f"127.0.0.1:{port}"
-        _measure("warm-up", kube, address=address, root=root, token=token, csr=csr, pid=proc.pid,
-                 concurrency=4, requests=8)  # fmt: skip
-        for conc, count in levels:
-            res, calls = _measure(
-                label, kube, address=address, root=root, token=token, csr=csr, pid=proc.pid,
-                concurrency=conc, requests=count,
-            )  # fmt: skip
-            results.append((res, calls, ""))
-    return results
+        return _measure_levels(
+            kube, f"127.0.0.1:{port}", root, token, csr, proc.pid, label=label, levels=levels, warm_up=8
+        )
 
 
 def main() -> None:
