@@ -184,6 +184,16 @@ class KubeCluster:
             return ""
         return str((lease.spec.holder_identity if lease.spec else None) or "")
 
+    def root_configmap_pem(self, namespace: str, name: str = "istio-ca-root-cert") -> str | None:
+        """``root-cert.pem`` of the mesh root ConfigMap in ``namespace``; None while it does not exist."""
+        try:
+            cm = self.core.read_namespaced_config_map(name, namespace)
+        except k8s.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return (cm.data or {}).get("root-cert.pem")
+
     def token_review(self, token: str, audiences: list[str] | None = None) -> k8s.V1TokenReviewStatus:
         """Ask the apiserver to review ``token`` (as istiod/csr-service would); returns the status."""
         review = k8s.V1TokenReview(spec=k8s.V1TokenReviewSpec(token=token, audiences=audiences))

@@ -16,7 +16,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from kubernetes import client as k8s
 
 from csr_service.pki.pem import parse_certs
 from tests.integration.chaos.conftest import metric_total, scrape
@@ -38,16 +37,6 @@ LEASE = "csr-service"
 LEASE_SECONDS = 6
 CM = "istio-ca-root-cert"
 AGENTS = 6
-
-
-def _root_pem(kube: KubeCluster, ns: str) -> str | None:
-    try:
-        cm = kube.core.read_namespaced_config_map(CM, ns)
-    except k8s.ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return (cm.data or {}).get("root-cert.pem")
 
 
 def _leader_args(ca_dir: Path, bundle: Path, lease_ns: str, identity: str, selector: dict[str, str]) -> list[str]:
@@ -96,7 +85,7 @@ def test_killed_leader_hands_over_and_signing_never_stops(kube: KubeCluster, jwk
 
     with csr_service(kube, identities["a"], jwks_file, bundle, args("a"), tmp_path=tmp_path, name="a") as srv_a:
         wait_for(lambda: kube.lease_holder(lease_ns, LEASE) == "a", what="a leads")
-        wait_for(lambda: _root_pem(kube, first_ns) == pem, what="the leader writes the root ConfigMap")
+        wait_for(lambda: kube.root_configmap_pem(first_ns) == pem, what="the leader writes the root ConfigMap")
         with (
             csr_service(kube, identities["b"], jwks_file, bundle, args("b"), tmp_path=tmp_path, name="b") as srv_b,
             BackgroundLoad(make_workloads(accounts), srv_a.address, bundle.read_bytes()) as load_a,
@@ -112,9 +101,12 @@ def test_killed_leader_hands_over_and_signing_never_stops(kube: KubeCluster, jwk
             wait_for(lambda: kube.lease_holder(lease_ns, LEASE) == "b", timeout=LEASE_SECONDS + 20, what="b takes over")
             # Leader-only work goes on, on b: a new namespace, and repairs.
             later_ns = kube.create_namespace(labels=selector)
-            wait_for(lambda: _root_pem(kube, later_ns) == pem, what="the new leader writes new namespaces' ConfigMaps")
+            wait_for(
+                lambda: kube.root_configmap_pem(later_ns) == pem,
+                what="the new leader writes new namespaces' ConfigMaps",
+            )
             kube.core.patch_namespaced_config_map(CM, first_ns, {"data": {"root-cert.pem": "tampered"}})
-            wait_for(lambda: _root_pem(kube, first_ns) == pem, what="the new leader repairs ConfigMaps")
+            wait_for(lambda: kube.root_configmap_pem(first_ns) == pem, what="the new leader repairs ConfigMaps")
             load_b.wait_until_each_certified(since=load_b.now())
             assert "became leader" in srv_b.log()
 
@@ -154,7 +146,7 @@ def test_killed_leading_worker_is_replaced_and_leads_again(kube: KubeCluster, jw
 
     with csr_service(kube, ident, jwks_file, bundle, args, tmp_path=tmp_path, name="w", workers=2) as srv:
         wait_for(lambda: kube.lease_holder(lease_ns, LEASE) == "w", what="the replica leads")
-        wait_for(lambda: _root_pem(kube, first_ns) == pem, what="root ConfigMap written")
+        wait_for(lambda: kube.root_configmap_pem(first_ns) == pem, what="root ConfigMap written")
         wait_for(lambda: metric_total(scrape(http), "csr_service_leader") == 1, what="leader gauge")
         with BackgroundLoad(make_workloads(accounts), srv.address, bundle.read_bytes(), pause=0.05) as load:
             load.wait_until_each_certified(since=0)
@@ -167,9 +159,9 @@ def test_killed_leading_worker_is_replaced_and_leads_again(kube: KubeCluster, jw
             # The replacement leads at once: the Lease names this replica, which it is.
             wait_for(lambda: srv.log().count("became leader") == 2, timeout=20, what="the new worker 0 leads")
             later_ns = kube.create_namespace(labels=selector)
-            wait_for(lambda: _root_pem(kube, later_ns) == pem, what="ConfigMaps written by the new worker 0")
+            wait_for(lambda: kube.root_configmap_pem(later_ns) == pem, what="ConfigMaps written by the new worker 0")
             kube.core.patch_namespaced_config_map(CM, first_ns, {"data": {"root-cert.pem": "tampered"}})
-            wait_for(lambda: _root_pem(kube, first_ns) == pem, what="ConfigMaps repaired by the new worker 0")
+            wait_for(lambda: kube.root_configmap_pem(first_ns) == pem, what="ConfigMaps repaired by the new worker 0")
             load.wait_until_each_certified(since=load.now())
         assert kube.lease_holder(lease_ns, LEASE) == "w"
         wait_for(lambda: metric_total(scrape(http), "csr_service_leader") == 1, what="leader gauge after the restart")

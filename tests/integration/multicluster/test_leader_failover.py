@@ -22,7 +22,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from kubernetes import client as k8s
 
 from tests.integration.kube_authn.conftest import call, csr_service, spiffe
 from tests.integration.kube_controllers.conftest import ROOT_CONFIGMAP_RULES, lease_rules, new_identity
@@ -44,16 +43,6 @@ LEASE_SECONDS = 10
 #: multicluster authenticator) and the remote Secrets in its own namespace.
 TOKENREVIEW_RULES = [{"api_groups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]
 SECRET_RULES = [{"api_groups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]}]
-
-
-def _root_pem(kube: KubeCluster, ns: str) -> str | None:
-    try:
-        cm = kube.core.read_namespaced_config_map(CM, ns)
-    except k8s.ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return (cm.data or {}).get("root-cert.pem")
 
 
 def _b_lines(srv: DevServer) -> list[str]:
@@ -117,7 +106,7 @@ def test_remote_root_configmaps_follow_the_leader(kube: KubeCluster, remote_kube
     with csr_service(ident.kubeconfig, ca_dir, tmp_path / "a", *args("a")) as srv_a:
         wait_for(lambda: a.lease_holder(lease_ns, LEASE) == "a", timeout=60, what="a leads")
         for kube_, ns in ((b, first_b), (b, altered_b), (a, first_a)):
-            wait_for(lambda k=kube_, n=ns: _root_pem(k, n) == pem, timeout=90, what=f"the leader writes {ns}")
+            wait_for(lambda k=kube_, n=ns: k.root_configmap_pem(n) == pem, timeout=90, what=f"the leader writes {ns}")
 
         with csr_service(ident.kubeconfig, ca_dir, tmp_path / "b", *args("b")) as srv_b:
             # The follower knows cluster B: it serves B's workloads (TokenReview in B)...
@@ -134,7 +123,7 @@ def test_remote_root_configmaps_follow_the_leader(kube: KubeCluster, remote_kube
             wait_for(b_served, timeout=90, what="the follower to serve cluster B's workloads")
             # ...and while it follows, B's ConfigMaps are repaired by the leader alone.
             b.core.delete_namespaced_config_map(CM, first_b)
-            wait_for(lambda: _root_pem(b, first_b) == pem, timeout=90, what="the leader re-creates it")
+            wait_for(lambda: b.root_configmap_pem(first_b) == pem, timeout=90, what="the leader re-creates it")
             assert a.lease_holder(lease_ns, LEASE) == "a"
             assert any(_written(first_b) in line for line in _b_lines(srv_a))
             assert _b_lines(srv_b) == []
@@ -145,7 +134,9 @@ def test_remote_root_configmaps_follow_the_leader(kube: KubeCluster, remote_kube
             later_b = b.create_namespace(labels=selector)
             wait_for(lambda: a.lease_holder(lease_ns, LEASE) == "b", timeout=LEASE_SECONDS + 90, what="b takes over")
             wait_for(
-                lambda: _root_pem(b, later_b) == pem, timeout=90, what="the new leader writes a new namespace of B"
+                lambda: b.root_configmap_pem(later_b) == pem,
+                timeout=90,
+                what="the new leader writes a new namespace of B",
             )
             log_b = srv_b.log()
             became = log_b.index("became leader")
@@ -156,10 +147,16 @@ def test_remote_root_configmaps_follow_the_leader(kube: KubeCluster, remote_kube
             # Repairs in B go on under the new leader: deleted, and altered.
             b.core.delete_namespaced_config_map(CM, first_b)
             b.core.patch_namespaced_config_map(CM, altered_b, {"data": {"root-cert.pem": "tampered"}})
-            wait_for(lambda: _root_pem(b, first_b) == pem, timeout=90, what="the new leader re-creates B's ConfigMap")
-            wait_for(lambda: _root_pem(b, altered_b) == pem, timeout=90, what="the new leader repairs B's ConfigMap")
+            wait_for(
+                lambda: b.root_configmap_pem(first_b) == pem, timeout=90, what="the new leader re-creates B's ConfigMap"
+            )
+            wait_for(
+                lambda: b.root_configmap_pem(altered_b) == pem, timeout=90, what="the new leader repairs B's ConfigMap"
+            )
             # The local cluster's leader-only work moved too.
             later_a = a.create_namespace(labels=selector)
             wait_for(
-                lambda: _root_pem(a, later_a) == pem, timeout=90, what="the new leader writes a new namespace of A"
+                lambda: a.root_configmap_pem(later_a) == pem,
+                timeout=90,
+                what="the new leader writes a new namespace of A",
             )
