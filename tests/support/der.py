@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from csr_service.pki.der import bit_string, tlv
+
 __all__ = [
     "CN_OID",
     "EDI",
@@ -33,21 +35,10 @@ __all__ = [
 ]
 
 TAG_BOOLEAN, TAG_INTEGER, TAG_UTF8, TAG_IA5 = 0x01, 0x02, 0x0C, 0x16
-_SEQUENCE, _SET, _OID, _OCTETS, _BITS = 0x30, 0x31, 0x06, 0x04, 0x03
+_SEQUENCE, _SET, _OID, _OCTETS = 0x30, 0x31, 0x06, 0x04
 CN_OID, _ORGANIZATION = "2.5.4.3", "2.5.4.10"
 _EXTENSION_REQUEST, _SAN = "1.2.840.113549.1.9.14", "2.5.29.17"
 _ECDSA_SHA256 = "1.2.840.10045.4.3.2"
-
-
-def tlv(tag: int, content: bytes) -> bytes:
-    """One DER element (definite length)."""
-    n = len(content)
-    if n < 0x80:
-        length = bytes([n])
-    else:
-        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(raw)]) + raw
-    return bytes([tag]) + length + content
 
 
 def oid(dotted: str) -> bytes:
@@ -102,7 +93,7 @@ def csr_der(
     info = tlv(_SEQUENCE, tlv(TAG_INTEGER, bytes([version])) + _name(subject) + spki + attributes)
     signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
     algorithm = tlv(_SEQUENCE, oid(_ECDSA_SHA256))
-    return tlv(_SEQUENCE, info + algorithm + tlv(_BITS, b"\x00" + signature))
+    return tlv(_SEQUENCE, info + algorithm + bit_string(signature))
 
 
 def csr_pem(key: ec.EllipticCurvePrivateKey, **kw: object) -> bytes:
