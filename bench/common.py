@@ -46,14 +46,20 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def stat_cpu(stat: Path) -> float:
+    """utime + stime in seconds from a ``/proc/<pid>/stat`` or ``/proc/<pid>/task/<tid>/stat``
+    file (OSError when the process or thread is gone)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def cpu_seconds(pids: list[int]) -> float:
     total = 0.0
     for p in pids:
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += stat_cpu(Path(f"/proc/{p}/stat"))
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
     return total
 
 

@@ -77,7 +77,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import CLK_TCK, Sampler, children_cpu, ghz_command, process_tree, rss_mib
+from bench.common import Sampler, children_cpu, ghz_command, process_tree, rss_mib, stat_cpu
 from bench.local_ca import KEY_TYPES, _csr
 from csr_service._generated import ca_pb2, ca_pb2_grpc
 from tests.support.dev_server import DevServer, free_port, running_dev_server
@@ -97,9 +97,8 @@ def thread_cpu(pids: Sequence[int]) -> dict[str, float]:
             for task in Path(f"/proc/{pid}/task").iterdir():
                 with contextlib.suppress(OSError):
                     comm = (task / "comm").read_text().strip()
-                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
                     kind = "loop" if task.name == str(pid) else "grpc" if comm.startswith("event_engine") else "other"
-                    out[kind] += (int(fields[11]) + int(fields[12])) / CLK_TCK
+                    out[kind] += stat_cpu(task / "stat")
     return out
 
 
