@@ -22,8 +22,7 @@ def ghz_binary() -> Path:
     """ghz from the test bed (built or cached by tests/testbed/install.py)."""
     from tests.testbed.install import ensure
 
-    path = Path(ensure("ghz"))
-    return path / "ghz" if path.is_dir() else path
+    return ensure("ghz")  # the binary itself
 
 
 def process_tree(pid: int) -> list[int]:

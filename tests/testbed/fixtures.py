@@ -158,8 +158,7 @@ def istio_client() -> IstioClient:
 @pytest.fixture(scope="session")
 def ghz() -> Path:
     """ghz: many calls at once through Go's gRPC client, the one istio-agent uses."""
-    path = install.ensure("ghz")
-    return path / "ghz" if path.is_dir() else path
+    return install.ensure("ghz")
 
 
 @pytest.fixture(scope="module")
