@@ -71,21 +71,27 @@ def _chain(directory: Path) -> list[x509.Certificate]:
     return pki.load_certs((directory / "cert-chain.pem").read_bytes())
 
 
+def _provision(csr: Server, workdir: Path, out: Path) -> None:
+    """A first pilot-agent run with a token, on the main (token-only) listener, writing its
+    certificate to ``out`` (OUTPUT_CERTS): what PROV_CERT later points at."""
+    with run_pilot_agent(
+        workdir,
+        ca_address=csr.server.address,
+        namespace=NS,
+        service_account=SA,
+        token=csr.server.token(NS, SA),
+        root_cert=csr.server.root_cert,
+        output_certs=out,
+    ) as first:
+        wait_for(lambda: _written(first), 90, what="the first pilot-agent's OUTPUT_CERTS")
+
+
 def test_pilot_agent_renews_with_its_provisioned_certificate(csr: Server, tmp_path: Path) -> None:
     root = csr.server.root_cert
     first_out, second_out = tmp_path / "first-certs", tmp_path / "second-certs"
 
     # First run: a token, on the main listener (token-only), certificates written out.
-    with run_pilot_agent(
-        tmp_path / "first",
-        ca_address=csr.server.address,
-        namespace=NS,
-        service_account=SA,
-        token=csr.server.token(NS, SA),
-        root_cert=root,
-        output_certs=first_out,
-    ) as first:
-        wait_for(lambda: _written(first), 90, what="the first pilot-agent's OUTPUT_CERTS")
+    _provision(csr, tmp_path / "first", first_out)
     first_leaf = _chain(first_out)[0]
     assert pki.spiffe_uris(first_leaf) == [VM]
 
@@ -114,16 +120,7 @@ def test_pilot_agent_renews_with_its_provisioned_certificate(csr: Server, tmp_pa
 
 def test_pilot_agent_cannot_renew_another_identity_with_it(csr: Server, tmp_path: Path) -> None:
     provisioned = tmp_path / "provisioned"
-    with run_pilot_agent(
-        tmp_path / "first",
-        ca_address=csr.server.address,
-        namespace=NS,
-        service_account=SA,
-        token=csr.server.token(NS, SA),
-        root_cert=csr.server.root_cert,
-        output_certs=provisioned,
-    ) as first:
-        wait_for(lambda: _written(first), 90, what="the first pilot-agent's OUTPUT_CERTS")
+    _provision(csr, tmp_path / "first", provisioned)
 
     # The same certificate, but the agent asks for service account "other": refused, and it
     # retries with backoff (its own loop) without ever getting one.
