@@ -87,6 +87,38 @@ def sidecar_request(
     return res, f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
 
 
+def cert_signer_requests(
+    kube: KubeCluster,
+    client: IstioClient,
+    tmp_path: Path,
+    *,
+    domain: str,
+    roots: dict[str, x509.Certificate],
+    key_types: tuple[str, ...] = ("ec256",),
+) -> dict[tuple[str, str], tuple[IstioResult, str]]:
+    """istiod with ``CERT_SIGNER_DOMAIN=domain`` and each team's root in meshConfig: one sidecar
+    per (team, key type) with ``ISTIO_META_CERT_SIGNER=team``; their (result, SPIFFE id)."""
+    istiod = istiod_ra(
+        kube,
+        tmp_path / "istiod",
+        root=None,  # with a root file istiod would append it to every CertSigner's chain too
+        k8s_signer=f"{domain}/workloads",
+        cert_signer_domain=domain,
+        mesh_roots={f"{domain}/{team}": root for team, root in roots.items()},
+    )
+    try:
+        istiod_root = istiod_self_signed_root(kube)
+        return {
+            (team, key): sidecar_request(
+                kube, istiod, client, tmp_path, istiod_root=istiod_root, cert_signer=team, key_type=key
+            )
+            for team in roots
+            for key in key_types
+        }
+    finally:
+        istiod.stop()
+
+
 def istiod_self_signed_root(kube: KubeCluster) -> bytes:
     """The root of istiod's own serving certificate with PILOT_CERT_PROVIDER=istiod: its
     self-signed CA in Secret istio-system/istio-ca-secret (read there, not from the

@@ -11,9 +11,7 @@ import pytest
 
 from tests.integration.istiod_signer.support import (
     ca_dir,
-    istiod_ra,
-    istiod_self_signed_root,
-    sidecar_request,
+    cert_signer_requests,
     signer_domain,
 )
 from tests.support import pki
@@ -87,25 +85,9 @@ root-ca-file = "{tmp_path / "cm-root.pem"}"
     args = [f"--local-ca-dir={tmp_path / 'default-ca'}", f"--k8s-signer-issuers-file={tmp_path / 'issuers.toml'}"]
     roots = {"team-vault": vault_root, "team-cm": cm_root}
     with running_signer(kube, tmp_path, [f"{domain}/*"], args, namespace=ns, rbac=False) as csr_service:
-        istiod = istiod_ra(
-            kube,
-            tmp_path / "istiod",
-            root=None,
-            k8s_signer=f"{domain}/workloads",
-            cert_signer_domain=domain,
-            mesh_roots={f"{domain}/{team}": root for team, root in roots.items()},
+        results = cert_signer_requests(
+            kube, istio_client, tmp_path, domain=domain, roots=roots, key_types=("rsa", "ec256")
         )
-        try:
-            istiod_root = istiod_self_signed_root(kube)
-            results = {
-                (team, key): sidecar_request(
-                    kube, istiod, istio_client, tmp_path, istiod_root=istiod_root, cert_signer=team, key_type=key
-                )
-                for team in roots
-                for key in ("rsa", "ec256")
-            }
-        finally:
-            istiod.stop()
         log = csr_service.log()
 
     for (team, key), (res, spiffe) in results.items():

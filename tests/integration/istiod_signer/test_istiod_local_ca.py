@@ -16,6 +16,7 @@ from cryptography.x509.verification import VerificationError
 
 from tests.integration.istiod_signer.support import (
     ca_dir,
+    cert_signer_requests,
     istiod_ra,
     istiod_self_signed_root,
     sidecar_request,
@@ -130,24 +131,12 @@ def test_per_workload_signers_reach_different_issuers(
     ca_dir(tmp_path / "default-ca")
     args = [f"--local-ca-dir={tmp_path / 'default-ca'}", f"--k8s-signer-issuers-file={issuers}"]
     with running_signer(kube, tmp_path, [f"{domain}/*"], args) as csr_service:
-        istiod = istiod_ra(
-            kube,
-            tmp_path / "istiod",
-            root=None,  # with a root file istiod would append it to every CertSigner's chain too
-            k8s_signer=f"{domain}/workloads",
-            cert_signer_domain=domain,
-            mesh_roots={f"{domain}/{team}": root for team, root in roots.items()},
-        )
-        try:
-            istiod_root = istiod_self_signed_root(kube)
-            results = {
-                team: sidecar_request(
-                    kube, istiod, istio_client, tmp_path, istiod_root=istiod_root, cert_signer=team, key_type="ec256"
-                )
-                for team in roots
-            }
-        finally:
-            istiod.stop()
+        results = {
+            team: result
+            for (team, _), result in cert_signer_requests(
+                kube, istio_client, tmp_path, domain=domain, roots=roots
+            ).items()
+        }
         metrics = csr_service.metrics()
         log = csr_service.log()
 
