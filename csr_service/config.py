@@ -75,6 +75,14 @@ CORE_OPTIONS: list[Option] = [
         metavar="HOST:PORT",
     ),
     Option(
+        "grpc-transport",
+        "gRPC server implementation: grpcio (gRPC core) or native (csr-service's own HTTP/2 server on "
+        "asyncio: about a quarter of grpcio's CPU per call; serves CreateCertificate and Health/Check, "
+        "no reflection, no --client-cert-grpc-listen). See docs/performance.md.",
+        "grpcio",
+        group="server",
+    ),
+    Option(
         "workers",
         "gRPC worker processes sharing the port (SO_REUSEPORT); 0 means one per available CPU.",
         0,
@@ -449,6 +457,8 @@ class ServerConfig:
     tls_handshake_timeout: timedelta = timedelta(seconds=10)
     #: The mTLS listener (a client certificate required), for ``--authenticators client-cert``.
     client_cert_grpc_listen: str | None = None
+    #: "grpcio" (gRPC core) or "native" (csr_service.transport.native).
+    grpc_transport: str = "grpcio"
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,6 +589,10 @@ class Config:
             default_dur = min(default_dur, max_dur)
         if v["log-format"] not in {"text", "json"}:
             raise ConfigError("--log-format: choose text or json")
+        if v["grpc-transport"] not in {"grpcio", "native"}:
+            raise ConfigError("--grpc-transport: choose grpcio or native")
+        if v["grpc-transport"] == "native" and v["client-cert-grpc-listen"]:
+            raise ConfigError("--client-cert-grpc-listen: needs --grpc-transport grpcio")
         if v["log-level"].lower() not in {"debug", "info", "warning", "error"}:
             raise ConfigError("--log-level: choose debug, info, warning or error")
         return cls(
@@ -600,6 +614,7 @@ class Config:
                 max_connection_age=v["max-connection-age"],
                 tls_handshake_timeout=v["tls-handshake-timeout"],
                 client_cert_grpc_listen=v["client-cert-grpc-listen"] or None,
+                grpc_transport=v["grpc-transport"],
             ),
             pipeline=PipelineConfig(
                 trust_domain=v["trust-domain"],

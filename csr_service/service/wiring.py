@@ -35,6 +35,7 @@ from csr_service.plugins.runtime import Runtime
 from csr_service.service.components import build_components, trust_from_source
 from csr_service.transport.admission import Admission
 from csr_service.transport.grpc_server import GrpcLimits, GrpcServer, UnservedCalls
+from csr_service.transport.native import NativeGrpcServer
 from csr_service.transport.servicer import IstioCertificateServicer
 from csr_service.transport.serving_cert import ServingCertificate
 from csr_service.trust.bundle import TrustBundle
@@ -61,7 +62,7 @@ class Service:
     admission: Admission
     #: Background parts (watches, controllers, ...), started before the gRPC listener opens.
     components: list[Component] = field(default_factory=list)
-    server: GrpcServer | None = None
+    server: GrpcServer | NativeGrpcServer | None = None
     unserved: UnservedCalls | None = None
     _started: list[Lifecycle] = field(default_factory=list)
 
@@ -97,25 +98,36 @@ class Service:
             admission=self.admission,
             client_certificates=server.client_cert_grpc_listen is not None,
         )
-        self.server = GrpcServer(
-            servicer,
-            self.serving,
-            listen=server.grpc_listen,
-            insecure_listen=server.insecure_grpc_listen,
-            client_cert_listen=server.client_cert_grpc_listen,
-            limits=GrpcLimits(
-                max_queued_requests=server.max_queued_requests,
-                max_concurrent_requests=server.max_concurrent_requests,
-                max_queue_wait=server.max_queue_wait,
-                max_connections=server.max_connections,
-                max_connection_idle=server.max_connection_idle,
-                max_connection_age=server.max_connection_age,
-                # Calls in progress when a connection reaches its age get their full deadline.
-                max_connection_age_grace=server.request_timeout + timedelta(seconds=5),
-                handshake_timeout=server.tls_handshake_timeout,
-            ),
+        limits = GrpcLimits(
+            max_queued_requests=server.max_queued_requests,
+            max_concurrent_requests=server.max_concurrent_requests,
+            max_queue_wait=server.max_queue_wait,
+            max_connections=server.max_connections,
+            max_connection_idle=server.max_connection_idle,
+            max_connection_age=server.max_connection_age,
+            # Calls in progress when a connection reaches its age get their full deadline.
+            max_connection_age_grace=server.request_timeout + timedelta(seconds=5),
+            handshake_timeout=server.tls_handshake_timeout,
         )
-        self.unserved = UnservedCalls(server.max_queue_wait, server.max_queued_requests)
+        if server.grpc_transport == "native":
+            self.server = NativeGrpcServer(
+                servicer,
+                self.serving,
+                listen=server.grpc_listen,
+                insecure_listen=server.insecure_grpc_listen,
+                limits=limits,
+            )
+        else:
+            self.server = GrpcServer(
+                servicer,
+                self.serving,
+                listen=server.grpc_listen,
+                insecure_listen=server.insecure_grpc_listen,
+                client_cert_listen=server.client_cert_grpc_listen,
+                limits=limits,
+            )
+            # gRPC core's own queue refusals are invisible to us but for its channelz counters.
+            self.unserved = UnservedCalls(server.max_queue_wait, server.max_queued_requests)
         await self.server.start()
 
     def load(self) -> tuple[int, int | None]:
