@@ -269,6 +269,8 @@ class _Connection(asyncio.Protocol):
         self._last_ping = 0.0
         self._strikes = 0
         self._sent_since_ping = True
+        #: Control frames to send with the next answer (see _on_ping).
+        self._held: list[bytes] = []
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -355,6 +357,9 @@ class _Connection(asyncio.Protocol):
                     return
         finally:
             del buf[:pos]
+            if self._held and not self._streams:
+                out += self._held
+                self._held.clear()
             if out and not self._closed and self._transport is not None:
                 self._transport.write(b"".join(out))
 
@@ -439,7 +444,10 @@ class _Connection(asyncio.Protocol):
                 raise _ConnectionError(_ENHANCE_YOUR_CALM, "too_many_pings")
         self._last_ping = now
         self._sent_since_ping = False
-        out.append(_frame(_PING, _ACK, 0, payload))
+        # Sent at the end of this read, or with the answer of a call in progress, in one write:
+        # grpc-go pings after every answer it reads (to size its windows), usually in the same
+        # packet as its next request; an ack a call's time late only makes that estimate larger.
+        self._held.append(_frame(_PING, _ACK, 0, payload))
 
     def _on_window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -658,14 +666,17 @@ class _Connection(asyncio.Protocol):
         """Send an answer: a trailers-only status (``data`` None) or headers, message, OK trailers."""
         if self._closed or self._streams.get(stream.id) is not stream or self._transport is None:
             return  # the client went away or reset the stream
+        held = b"".join(self._held) if self._held else b""
+        self._held.clear()
         if data is None:
-            self._transport.write(_frame(_HEADERS, _END_HEADERS | _END_STREAM, stream.id, head))
+            self._transport.write(held + _frame(_HEADERS, _END_HEADERS | _END_STREAM, stream.id, head))
             self._sent_since_ping = True
             self._drop(stream.id, cancel=False)
             return
         if len(data) <= min(stream.send_window, self._send_window, self._peer_max_frame):
             self._transport.write(
-                _frame(_HEADERS, _END_HEADERS, stream.id, head)
+                held
+                + _frame(_HEADERS, _END_HEADERS, stream.id, head)
                 + _frame(_DATA, 0, stream.id, data)
                 + _frame(_HEADERS, _END_HEADERS | _END_STREAM, stream.id, _OK_TRAILERS)
             )
@@ -675,7 +686,7 @@ class _Connection(asyncio.Protocol):
             self._drop(stream.id, cancel=False)
             return
         # The client's windows are smaller than the answer: send what they allow, hold the rest.
-        self._transport.write(_frame(_HEADERS, _END_HEADERS, stream.id, head))
+        self._transport.write(held + _frame(_HEADERS, _END_HEADERS, stream.id, head))
         stream.waiting = data
         out: list[bytes] = []
         self._flush_waiting(out)
@@ -708,6 +719,9 @@ class _Connection(asyncio.Protocol):
         if stream is not None and cancel and stream.task is not None and not stream.task.done():
             stream.task.cancel()
         if not self._streams:
+            if self._held and self._transport is not None and not self._closed:
+                self._transport.write(b"".join(self._held))
+                self._held.clear()
             if self._goaway:
                 self._close_when_idle()
             else:
