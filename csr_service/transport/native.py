@@ -44,6 +44,9 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 
 from csr_service._generated import ca_pb2
+from csr_service.common.errors import LoadShedError
+from csr_service.infra.metrics import count_shed
+from csr_service.transport.admission import ShedLog
 from csr_service.transport.grpc_server import MAX_REQUEST_BYTES, MAX_STREAMS_PER_CONNECTION, MIN_PING_INTERVAL_MS
 from csr_service.transport.grpc_server import GrpcLimits as GrpcLimits
 from csr_service.transport.servicer import IstioCertificateServicer
@@ -85,6 +88,11 @@ _WINDOW_REFILL = 16_384
 _HEADER_TABLE = 4096
 #: Keepalive pings a client may send too early before it gets GOAWAY ENHANCE_YOUR_CALM (as gRPC core).
 _PING_STRIKES = 2
+#: Streams a client may reset before their answer, per second, before GOAWAY ENHANCE_YOUR_CALM:
+#: opening and resetting streams in a loop ("rapid reset", CVE-2023-44487) would otherwise start
+#: work the client never waits for. grpc-go resets a stream when a call is cancelled or its
+#: deadline passes, at most once per call.
+_RESETS_PER_SECOND = 200
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -133,6 +141,11 @@ def _status_block(code: grpc.StatusCode, message: str, *, with_head: bool) -> by
     if message:
         block += _literal(b"grpc-message", _grpc_message(message))
     return block
+
+
+#: The answer to a call refused by the worker's queue limits.
+_BUSY_MESSAGE = "the server is busy; retry later"
+_BUSY = _status_block(grpc.StatusCode.RESOURCE_EXHAUSTED, _BUSY_MESSAGE, with_head=True)
 
 
 class _ConnectionError(Exception):
@@ -232,7 +245,7 @@ class NativeHealth:
 
 # --- one stream, one connection -----------------------------------------------------------------
 class _Stream:
-    __slots__ = ("body", "ended", "headers", "id", "send_window", "task", "unacked", "waiting")
+    __slots__ = ("body", "ended", "headers", "id", "queued_at", "send_window", "task", "unacked", "waiting")
 
     def __init__(self, stream_id: int, initial_window: int) -> None:
         self.id = stream_id
@@ -240,6 +253,8 @@ class _Stream:
         self.body = bytearray()
         self.ended = False  # the client sent END_STREAM
         self.task: asyncio.Task[None] | None = None
+        #: When the call was queued for its handler (monotonic); 0 once the handler started.
+        self.queued_at = 0.0
         self.send_window = initial_window
         self.unacked = 0  # request bytes received and not yet given back in a WINDOW_UPDATE
         self.waiting: bytes | None = None  # an answer held back by flow control
@@ -271,6 +286,8 @@ class _Connection(asyncio.Protocol):
         self._sent_since_ping = True
         #: Control frames to send with the next answer (see _on_ping).
         self._held: list[bytes] = []
+        self._reset_window = 0.0
+        self._resets = 0
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -307,10 +324,19 @@ class _Connection(asyncio.Protocol):
             timer.cancel()
         self._timers.clear()
         for stream in list(self._streams.values()):
-            if stream.task is not None:
-                stream.task.cancel()
+            self._cancel(stream)
         self._streams.clear()
         self._server.release(self)
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: read no more requests from it until it does,
+        # so what we hold for it stays bounded (its streams in progress, at most).
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
@@ -383,6 +409,13 @@ class _Connection(asyncio.Protocol):
                 raise _ConnectionError(_PROTOCOL_ERROR if stream_id == 0 else _FRAME_SIZE_ERROR, "bad RST_STREAM")
             if stream_id > self._last_stream:
                 raise _ConnectionError(_PROTOCOL_ERROR, "RST_STREAM on an idle stream")
+            if stream_id in self._streams:
+                now = time.monotonic()
+                if now - self._reset_window >= 1.0:
+                    self._reset_window, self._resets = now, 0
+                self._resets += 1
+                if self._resets > _RESETS_PER_SECOND:
+                    raise _ConnectionError(_ENHANCE_YOUR_CALM, "too many stream resets")
             self._drop(stream_id, cancel=True)
         elif kind == _GOAWAY:
             if stream_id != 0 or len(payload) < 8:
@@ -523,6 +556,14 @@ class _Connection(asyncio.Protocol):
             raise _StreamError(_REFUSED_STREAM, "connection is going away")
         if len(self._streams) >= MAX_STREAMS_PER_CONNECTION:
             raise _StreamError(_REFUSED_STREAM, "too many concurrent streams")
+        if self._server.queue_full():
+            # Shed, don't queue: refused before the request's body is even read (its DATA frames
+            # are ignored), RESOURCE_EXHAUSTED, which istio-agent retries with backoff.
+            out.append(_frame(_HEADERS, _END_HEADERS | _END_STREAM, stream_id, _BUSY))
+            self._sent_since_ping = True
+            if not flags & _END_STREAM:
+                out.append(_frame(_RST_STREAM, 0, stream_id, struct.pack(">I", _NO_ERROR)))
+            return
         stream = _Stream(stream_id, self._peer_window)
         stream.headers = headers
         self._streams[stream_id] = stream
@@ -628,9 +669,17 @@ class _Connection(asyncio.Protocol):
             return
         stream.body = bytearray()
         context = _Context(tuple(metadata), self._peer)
+        stream.queued_at = time.monotonic()
+        self._server.queued += 1
         stream.task = asyncio.get_running_loop().create_task(self._call(stream, target, request, context))
 
     async def _call(self, stream: _Stream, target: _Method, request: Message, context: _Context) -> None:
+        self._server.queued -= 1
+        waited, stream.queued_at = time.monotonic() - stream.queued_at, 0.0
+        if waited > self._server.limits.max_queue_wait.total_seconds():
+            self._server.shed("queue_wait", f"waited {waited:.1f}s for the worker (--max-queue-wait)")
+            self._send_final(stream, _BUSY, None)
+            return
         try:
             try:
                 response = await target.handler(request, context)
@@ -710,14 +759,23 @@ class _Connection(asyncio.Protocol):
                 self._sent_since_ping = True
                 self._drop(stream.id, cancel=False)
 
+    def _cancel(self, stream: _Stream) -> None:
+        task = stream.task
+        if task is None or task.done():
+            return
+        if stream.queued_at:  # cancelled before its handler started: it never leaves the queue itself
+            stream.queued_at = 0.0
+            self._server.queued -= 1
+        task.cancel()
+
     def _reset(self, stream_id: int, code: int, out: list[bytes]) -> None:
         out.append(_frame(_RST_STREAM, 0, stream_id, struct.pack(">I", code)))
         self._drop(stream_id, cancel=True)
 
     def _drop(self, stream_id: int, *, cancel: bool) -> None:
         stream = self._streams.pop(stream_id, None)
-        if stream is not None and cancel and stream.task is not None and not stream.task.done():
-            stream.task.cancel()
+        if stream is not None and cancel:
+            self._cancel(stream)
         if not self._streams:
             if self._held and self._transport is not None and not self._closed:
                 self._transport.write(b"".join(self._held))
@@ -778,8 +836,7 @@ class _Connection(asyncio.Protocol):
             return
         self._closed = True
         for stream in list(self._streams.values()):
-            if stream.task is not None:
-                stream.task.cancel()
+            self._cancel(stream)
         self._streams.clear()
         if self._transport is not None:
             self._transport.close()
@@ -827,6 +884,9 @@ class NativeGrpcServer:
         self.insecure_port: int | None = None
         self.client_cert_port: int | None = None
         self._stopped = asyncio.Event()
+        #: Calls received whose handler has not started yet (the --max-queued-requests queue).
+        self.queued = 0
+        self._shed_log = ShedLog(log)
 
     def _refresh_certificate(self) -> None:
         """Load the serving certificate if it changed since the last connection (renewals)."""
@@ -848,6 +908,16 @@ class NativeGrpcServer:
         # Called for each accepted connection before its TLS handshake starts.
         self._refresh_certificate()
         return _Connection(self)
+
+    def queue_full(self) -> bool:
+        if self.queued < self.limits.max_queued_requests:
+            return False
+        self.shed("queue_full", f"{self.queued} calls waiting for this worker (--max-queued-requests)")
+        return True
+
+    def shed(self, reason: str, detail: str) -> None:
+        count_shed(reason)
+        self._shed_log.note(LoadShedError(_BUSY_MESSAGE, reason=reason, detail=detail))
 
     def admit(self, connection: _Connection) -> bool:
         if self.limits.max_connections and len(self._connections) >= self.limits.max_connections:
