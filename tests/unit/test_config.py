@@ -55,6 +55,15 @@ def test_file_rejects_unknown_keys(tmp_path: Path) -> None:
         ({"serving-ip-addresses": "not-an-ip"}, "--serving-ip-addresses"),
         ({"log-format": "xml"}, "--log-format"),
         ({"dev": "maybe"}, "--dev"),
+        ({"grpc-transport": "h2"}, "--grpc-transport"),
+        (
+            {
+                "grpc-transport": "native",
+                "authenticators": "client-cert,tokenreview",
+                "client-cert-grpc-listen": "0.0.0.0:6444",
+            },
+            "--client-cert-grpc-listen: needs --grpc-transport grpcio",
+        ),
     ],
 )
 def test_errors_name_the_flag(flags: dict[str, str], fragment: str) -> None:
