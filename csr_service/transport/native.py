@@ -347,6 +347,9 @@ class _Connection(asyncio.Protocol):
             self._fail(exc.code, str(exc))
         except hpack.HPACKError as exc:
             self._fail(_COMPRESSION_ERROR, f"header block: {type(exc).__name__}")
+        except Exception:  # a bug here: end this connection only, and say where
+            log.exception("HTTP/2 connection from %s failed", self._peer or "a client")
+            self._fail(_INTERNAL_ERROR, "internal error")
 
     # -- frames in -------------------------------------------------------------------------------
     def _receive(self, data: bytes) -> None:
