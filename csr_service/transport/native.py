@@ -263,9 +263,18 @@ class _Stream:
 class _Connection(asyncio.Protocol):
     """One client connection (after TLS): frames in, calls started, answers out."""
 
-    def __init__(self, server: NativeGrpcServer) -> None:
+    def __init__(self, server: NativeGrpcServer, tls: ssl.SSLContext | None) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
+        # TLS is done here over memory BIOs rather than by asyncio's SSL transport: the
+        # connection then counts against --max-connections from its first byte (the handshake
+        # included, as in gRPC core), one timer covers handshake and preface, and a call's
+        # answer is one encryption and one socket write without asyncio's SSL state machine.
+        self._context = tls
+        self._tls: ssl.SSLObject | None = None
+        self._tls_in = ssl.MemoryBIO()
+        self._tls_out = ssl.MemoryBIO()
+        self._open = False  # TLS handshake done (or plaintext), our SETTINGS sent
         self._buf = bytearray()
         self._preface = False
         self._decoder = hpack.Decoder(max_header_list_size=_MAX_HEADER_LIST)
@@ -295,28 +304,87 @@ class _Connection(asyncio.Protocol):
         self._transport = transport
         server = self._server
         if not server.admit(self):
-            transport.abort()
+            transport.abort()  # before the handshake, as gRPC core: the client retries elsewhere
             return
         host_port = transport.get_extra_info("peername")
         if isinstance(host_port, tuple) and len(host_port) >= 2:
             host, port = host_port[0], host_port[1]
             self._peer = f"ipv6:[{host}]:{port}" if ":" in str(host) else f"ipv4:{host}:{port}"
         limits = server.limits
-        tls = transport.get_extra_info("ssl_object")
-        if tls is not None and tls.selected_alpn_protocol() != "h2":
-            self._close()  # gRPC needs HTTP/2, negotiated by ALPN (grpc-go refuses without it too)
-            return
-        # The HTTP/2 preface must follow the TLS handshake within the same timeout.
-        self._timer("preface", limits.handshake_timeout.total_seconds(), self._close)
+        # The TLS handshake and the client's HTTP/2 preface and SETTINGS must arrive within this.
+        self._timer("hello", limits.handshake_timeout.total_seconds(), self._close)
         if limits.max_connection_age:
             age = limits.max_connection_age.total_seconds() * random.uniform(0.9, 1.1)  # noqa: S311 (jitter)
             self._timer("age", age, self._age_reached)
+        if self._context is None:
+            self._start_http2()
+        else:
+            self._tls = self._context.wrap_bio(self._tls_in, self._tls_out, server_side=True)
+
+    def _start_http2(self) -> None:
+        """TLS is up (or there is none): check ALPN, send our SETTINGS."""
+        if self._tls is not None and self._tls.selected_alpn_protocol() != "h2":
+            # gRPC needs HTTP/2, negotiated by ALPN (grpc-go refuses a server without it too).
+            log.debug("connection from %s closed: no ALPN h2", self._peer)
+            self._close()
+            return
+        self._open = True
         self._reset_idle()
         # Our SETTINGS: at most this many calls at once; the rest at the defaults.
         settings = struct.pack(">HI", _S_MAX_CONCURRENT_STREAMS, MAX_STREAMS_PER_CONNECTION)
         settings += struct.pack(">HI", _S_MAX_HEADER_LIST_SIZE, _MAX_HEADER_LIST)
         settings += struct.pack(">HI", _S_ENABLE_PUSH, 0)
-        transport.write(_frame(_SETTINGS, 0, 0, settings))
+        self._write(_frame(_SETTINGS, 0, 0, settings))
+
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        tls = self._tls
+        if tls is None:
+            transport.write(data)
+            return
+        tls.write(data)
+        transport.write(self._tls_out.read())
+
+    def _decrypt(self, data: bytes) -> bytes | None:
+        """What ``data`` carries for HTTP/2, after the handshake; None when the connection ends."""
+        tls = self._tls
+        assert tls is not None
+        self._tls_in.write(data)
+        try:
+            if not self._open:
+                try:
+                    tls.do_handshake()
+                except ssl.SSLWantReadError:
+                    return b""
+                finally:
+                    if self._tls_out.pending and self._transport is not None:
+                        self._transport.write(self._tls_out.read())  # handshake messages, alerts
+                self._start_http2()
+                if self._closed:
+                    return None
+            chunks = []
+            while True:
+                try:
+                    chunk = tls.read(65_536)
+                except ssl.SSLWantReadError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except ssl.SSLZeroReturnError:  # the client's close_notify
+            self._close()
+            return None
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("TLS with %s failed: %s", self._peer or "a client", exc)
+            if self._tls_out.pending and self._transport is not None:
+                self._transport.write(self._tls_out.read())
+            self._close()
+            return None
+        if self._tls_out.pending and self._transport is not None:  # e.g. a TLS 1.3 KeyUpdate answer
+            self._transport.write(self._tls_out.read())
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -341,6 +409,11 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        if self._tls is not None:
+            plain = self._decrypt(data)
+            if not plain:
+                return
+            data = plain
         try:
             self._receive(data)
         except _ConnectionError as exc:
@@ -364,7 +437,6 @@ class _Connection(asyncio.Protocol):
                 raise _ConnectionError(_PROTOCOL_ERROR, "not an HTTP/2 connection preface")
             del buf[: len(_PREFACE)]
             self._preface = True
-            self._cancel_timer("preface")
         pos, end = 0, len(buf)
         out: list[bytes] = []
         try:
@@ -390,7 +462,7 @@ class _Connection(asyncio.Protocol):
                 out += self._held
                 self._held.clear()
             if out and not self._closed and self._transport is not None:
-                self._transport.write(b"".join(out))
+                self._write(b"".join(out))
 
     def _on_frame(self, kind: int, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
         if self._continuation is not None and kind != _CONTINUATION:
@@ -443,6 +515,7 @@ class _Connection(asyncio.Protocol):
             return
         if len(payload) % 6:
             raise _ConnectionError(_FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
+        self._cancel_timer("hello")  # the client said hello in time
         for i in range(0, len(payload), 6):
             ident, value = struct.unpack_from(">HI", payload, i)
             if ident == _S_INITIAL_WINDOW_SIZE:
@@ -509,7 +582,7 @@ class _Connection(asyncio.Protocol):
         out: list[bytes] = []
         self._flush_waiting(out)
         if out and self._transport is not None:
-            self._transport.write(b"".join(out))
+            self._write(b"".join(out))
 
     def _on_headers(self, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
         if stream_id == 0:
@@ -721,12 +794,12 @@ class _Connection(asyncio.Protocol):
         held = b"".join(self._held) if self._held else b""
         self._held.clear()
         if data is None:
-            self._transport.write(held + _frame(_HEADERS, _END_HEADERS | _END_STREAM, stream.id, head))
+            self._write(held + _frame(_HEADERS, _END_HEADERS | _END_STREAM, stream.id, head))
             self._sent_since_ping = True
             self._drop(stream.id, cancel=False)
             return
         if len(data) <= min(stream.send_window, self._send_window, self._peer_max_frame):
-            self._transport.write(
+            self._write(
                 held
                 + _frame(_HEADERS, _END_HEADERS, stream.id, head)
                 + _frame(_DATA, 0, stream.id, data)
@@ -738,12 +811,12 @@ class _Connection(asyncio.Protocol):
             self._drop(stream.id, cancel=False)
             return
         # The client's windows are smaller than the answer: send what they allow, hold the rest.
-        self._transport.write(held + _frame(_HEADERS, _END_HEADERS, stream.id, head))
+        self._write(held + _frame(_HEADERS, _END_HEADERS, stream.id, head))
         stream.waiting = data
         out: list[bytes] = []
         self._flush_waiting(out)
         if out:
-            self._transport.write(b"".join(out))
+            self._write(b"".join(out))
 
     def _flush_waiting(self, out: list[bytes]) -> None:
         for stream in list(self._streams.values()):
@@ -781,7 +854,7 @@ class _Connection(asyncio.Protocol):
             self._cancel(stream)
         if not self._streams:
             if self._held and self._transport is not None and not self._closed:
-                self._transport.write(b"".join(self._held))
+                self._write(b"".join(self._held))
                 self._held.clear()
             if self._goaway:
                 self._close_when_idle()
@@ -819,7 +892,7 @@ class _Connection(asyncio.Protocol):
         if not self._goaway:
             self._goaway = True
             payload = struct.pack(">II", self._last_stream, code) + reason.encode("ascii", "replace")[:256]
-            self._transport.write(_frame(_GOAWAY, 0, 0, payload))
+            self._write(_frame(_GOAWAY, 0, 0, payload))
         self._close_when_idle()
 
     def _close_when_idle(self) -> None:
@@ -831,7 +904,7 @@ class _Connection(asyncio.Protocol):
         self._goaway = False  # send this GOAWAY with its code even after a graceful one
         if self._transport is not None and not self._closed:
             payload = struct.pack(">II", self._last_stream, code) + reason.encode("ascii", "replace")[:256]
-            self._transport.write(_frame(_GOAWAY, 0, 0, payload))
+            self._write(_frame(_GOAWAY, 0, 0, payload))
         self._close()
 
     def _close(self) -> None:
@@ -842,6 +915,11 @@ class _Connection(asyncio.Protocol):
             self._cancel(stream)
         self._streams.clear()
         if self._transport is not None:
+            if self._tls is not None and self._open:
+                with contextlib.suppress(ssl.SSLError, ValueError):
+                    self._tls.unwrap()  # close_notify; the client's own is not waited for
+                if self._tls_out.pending:
+                    self._transport.write(self._tls_out.read())
             self._transport.close()
 
     @property
@@ -908,9 +986,12 @@ class NativeGrpcServer:
         self._loaded = material
 
     def _factory(self) -> _Connection:
-        # Called for each accepted connection before its TLS handshake starts.
+        # Called for each accepted connection, before its TLS handshake.
         self._refresh_certificate()
-        return _Connection(self)
+        return _Connection(self, self._ssl)
+
+    def _plain_factory(self) -> _Connection:
+        return _Connection(self, None)
 
     def queue_full(self) -> bool:
         if self.queued < self.limits.max_queued_requests:
@@ -937,11 +1018,9 @@ class NativeGrpcServer:
         loop = asyncio.get_running_loop()
         try:
             return await loop.create_server(
-                self._factory,
+                self._factory if tls else self._plain_factory,
                 host,
                 int(port),
-                ssl=self._ssl if tls else None,
-                ssl_handshake_timeout=self.limits.handshake_timeout.total_seconds() if tls else None,
                 reuse_port=True,  # several worker processes share the port (SO_REUSEPORT)
                 backlog=1024,
             )
