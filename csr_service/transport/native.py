@@ -41,7 +41,8 @@ from typing import Any
 import grpc
 import hpack
 from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from csr_service._generated import ca_pb2
 from csr_service.common.errors import LoadShedError
@@ -148,6 +149,14 @@ _BUSY_MESSAGE = "the server is busy; retry later"
 _BUSY = _status_block(grpc.StatusCode.RESOURCE_EXHAUSTED, _BUSY_MESSAGE, with_head=True)
 
 
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
+    return next((value for key, value in headers if key == name), b"")
+
+
+def _is_grpc(headers: list[tuple[bytes, bytes]]) -> bool:
+    return _header(headers, b":method") == b"POST" and _header(headers, b"content-type").startswith(b"application/grpc")
+
+
 class _ConnectionError(Exception):
     """The client broke HTTP/2: GOAWAY with ``code`` and close."""
 
@@ -216,8 +225,11 @@ class _Context:
 @dataclass(frozen=True, slots=True)
 class _Method:
     request: type[Message]
-    #: (request, context) -> response; a bound servicer method.
-    handler: Callable[[Any, Any], Awaitable[Message]]
+    #: Unary: (request, context) -> response; a bound servicer method.
+    handler: Callable[[Any, Any], Awaitable[Message]] | None = None
+    #: Streaming in both directions, one answer per request message, computed at once
+    #: (reflection): request -> response.
+    respond: Callable[[Any], Message] | None = None
 
 
 class NativeHealth:
@@ -243,9 +255,39 @@ class NativeHealth:
         return health_pb2.HealthCheckResponse(status=status)
 
 
+_REFLECTION = reflection.ReflectionServicer(
+    (
+        "istio.v1.auth.IstioCertificateService",
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    )
+)
+
+
+def _reflection_answer(request: Any) -> Message:
+    # grpcio's own reflection servicer answers each request with one response.
+    # (Its stubs type it as returning None; it is a generator that ignores the context.)
+    answers: Any = _REFLECTION.ServerReflectionInfo(iter((request,)), None)  # type: ignore[arg-type,func-returns-value]
+    answer: Message = next(answers)
+    return answer
+
+
 # --- one stream, one connection -----------------------------------------------------------------
 class _Stream:
-    __slots__ = ("body", "ended", "headers", "id", "queued_at", "send_window", "task", "unacked", "waiting")
+    __slots__ = (
+        "body",
+        "ended",
+        "finishing",
+        "head_sent",
+        "headers",
+        "id",
+        "method",
+        "queued_at",
+        "send_window",
+        "task",
+        "unacked",
+        "waiting",
+    )
 
     def __init__(self, stream_id: int, initial_window: int) -> None:
         self.id = stream_id
@@ -257,7 +299,10 @@ class _Stream:
         self.queued_at = 0.0
         self.send_window = initial_window
         self.unacked = 0  # request bytes received and not yet given back in a WINDOW_UPDATE
-        self.waiting: bytes | None = None  # an answer held back by flow control
+        self.waiting = b""  # answer bytes held back by flow control
+        self.finishing = False  # trailers follow once ``waiting`` is sent
+        self.head_sent = False  # response headers sent (streaming)
+        self.method: _Method | None = None  # a streaming method, known from the headers
 
 
 class _Connection(asyncio.Protocol):
@@ -644,6 +689,13 @@ class _Connection(asyncio.Protocol):
         stream.headers = headers
         self._streams[stream_id] = stream
         self._cancel_timer("idle")
+        target = self._server.methods.get(_header(headers, b":path"))
+        if target is not None and target.respond is not None and _is_grpc(headers):
+            stream.method = target
+            if flags & _END_STREAM:  # no messages: no answers
+                stream.ended = stream.finishing = True
+                self._flush_waiting(out)
+            return
         if flags & _END_STREAM:
             stream.ended = True
             self._start(stream, out)
@@ -691,10 +743,19 @@ class _Connection(asyncio.Protocol):
             out.append(_frame(_RST_STREAM, 0, stream_id, struct.pack(">I", _NO_ERROR)))
             return
         stream.body += data
-        if flags & _END_STREAM:
+        if stream.method is not None:
+            self._stream_messages(stream, out)
+            if self._streams.get(stream_id) is not stream:
+                return  # ended by an error
+            if flags & _END_STREAM:
+                stream.ended = stream.finishing = True
+                self._flush_waiting(out)
+                return
+        elif flags & _END_STREAM:
             stream.ended = True
             self._start(stream, out)
-        elif stream.unacked >= _WINDOW_REFILL:
+            return
+        if stream.unacked >= _WINDOW_REFILL:
             out.append(_frame(_WINDOW_UPDATE, 0, stream_id, struct.pack(">I", stream.unacked)))
             stream.unacked = 0
 
@@ -724,7 +785,7 @@ class _Connection(asyncio.Protocol):
             self._answer(stream, _literal(b":status", status), out)
             return
         target = self._server.methods.get(path)
-        if target is None:
+        if target is None or target.handler is None:
             self._finish_call(stream, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path.decode('latin-1')}", out)
             return
         body = stream.body
@@ -750,6 +811,7 @@ class _Connection(asyncio.Protocol):
         stream.task = asyncio.get_running_loop().create_task(self._call(stream, target, request, context))
 
     async def _call(self, stream: _Stream, target: _Method, request: Message, context: _Context) -> None:
+        assert target.handler is not None
         self._server.queued -= 1
         waited, stream.queued_at = time.monotonic() - stream.queued_at, 0.0
         if waited > self._server.limits.max_queue_wait.total_seconds():
@@ -812,7 +874,9 @@ class _Connection(asyncio.Protocol):
             return
         # The client's windows are smaller than the answer: send what they allow, hold the rest.
         self._write(held + _frame(_HEADERS, _END_HEADERS, stream.id, head))
+        stream.head_sent = True
         stream.waiting = data
+        stream.finishing = True
         out: list[bytes] = []
         self._flush_waiting(out)
         if out:
@@ -821,7 +885,7 @@ class _Connection(asyncio.Protocol):
     def _flush_waiting(self, out: list[bytes]) -> None:
         for stream in list(self._streams.values()):
             data = stream.waiting
-            if data is None:
+            if not data and not stream.finishing:
                 continue
             while data and stream.send_window > 0 and self._send_window > 0:
                 n = min(len(data), stream.send_window, self._send_window, self._peer_max_frame)
@@ -830,10 +894,47 @@ class _Connection(asyncio.Protocol):
                 stream.send_window -= n
                 self._send_window -= n
             stream.waiting = data
-            if not data:
-                out.append(_frame(_HEADERS, _END_HEADERS | _END_STREAM, stream.id, _OK_TRAILERS))
+            if not data and stream.finishing:
+                trailers = _OK_TRAILERS if stream.head_sent else _RESPONSE_HEADERS + _OK_TRAILERS
+                out.append(_frame(_HEADERS, _END_HEADERS | _END_STREAM, stream.id, trailers))
                 self._sent_since_ping = True
                 self._drop(stream.id, cancel=False)
+
+    # -- streaming methods (reflection): one answer per request message -----------------------------
+    def _stream_messages(self, stream: _Stream, out: list[bytes]) -> None:
+        method = stream.method
+        assert method is not None
+        assert method.respond is not None
+        body = stream.body
+        while len(body) >= 5:
+            if body[0] != 0:
+                self._end_stream(stream, grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not accepted", out)
+                return
+            size = int.from_bytes(body[1:5], "big")
+            if len(body) < 5 + size:
+                return
+            raw = bytes(body[5 : 5 + size])
+            del body[: 5 + size]
+            try:
+                request = method.request.FromString(raw)
+            except (DecodeError, RuntimeError, ValueError):
+                self._end_stream(stream, grpc.StatusCode.INVALID_ARGUMENT, "the request message does not parse", out)
+                return
+            answer = method.respond(request).SerializeToString()
+            if not stream.head_sent:
+                out.append(_frame(_HEADERS, _END_HEADERS, stream.id, _RESPONSE_HEADERS))
+                stream.head_sent = True
+            stream.waiting += b"\x00" + struct.pack(">I", len(answer)) + answer
+            self._sent_since_ping = True
+            self._flush_waiting(out)
+
+    def _end_stream(self, stream: _Stream, code: grpc.StatusCode, message: str, out: list[bytes]) -> None:
+        block = _status_block(code, message, with_head=not stream.head_sent)
+        out.append(_frame(_HEADERS, _END_HEADERS | _END_STREAM, stream.id, block))
+        if not stream.ended:  # the client is still sending: tell it to stop
+            out.append(_frame(_RST_STREAM, 0, stream.id, struct.pack(">I", _NO_ERROR)))
+        self._sent_since_ping = True
+        self._drop(stream.id, cancel=False)
 
     def _cancel(self, stream: _Stream) -> None:
         task = stream.task
@@ -947,6 +1048,9 @@ class NativeGrpcServer:
                 ca_pb2.IstioCertificateRequest, servicer.CreateCertificate
             ),
             b"/grpc.health.v1.Health/Check": _Method(health_pb2.HealthCheckRequest, self.health.Check),
+            b"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _Method(
+                reflection_pb2.ServerReflectionRequest, respond=_reflection_answer
+            ),
         }
         self._serving = serving
         self._listen = listen
