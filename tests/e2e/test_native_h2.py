@@ -580,3 +580,22 @@ def test_alpn_h2_and_the_server_settings(native: DevServer) -> None:
         assert first is not None
         values = {struct.unpack_from(">H", first.payload, i)[0]: struct.unpack_from(">I", first.payload, i + 2)[0] for i in range(0, len(first.payload), 6)}
         assert values[0x3] == MAX_STREAMS_PER_CONNECTION
+
+
+def test_a_long_method_name_does_not_make_the_answer_too_large(native: DevServer) -> None:
+    # The unknown-method status names the path: a 40 KiB path (within the 64 KiB header list)
+    # must not become a HEADERS frame above the 16 KiB a client accepts (RFC 9113 4.2).
+    path = "/x." + "A" * 40_000 + "/M"
+    with _conn(native) as conn:
+        conn.send(frame(SETTINGS, 0, 0, struct.pack(">HI", 0x6, 1 << 20)))  # a header list this large is fine
+        block = conn.header_block(request_headers(path))
+        conn.send(
+            frame(HEADERS, 0, 1, block[:16_000])
+            + b"".join(frame(CONTINUATION, 0, 1, block[i : i + 16_000]) for i in range(16_000, len(block) - 16_000, 16_000))
+            + frame(CONTINUATION, END_HEADERS, 1, block[16_000 * ((len(block) - 1) // 16_000) :])
+            + frame(DATA, END_STREAM, 1, grpc_message(b""))
+        )
+        answer = conn.answer(1)
+        assert all(len(f.payload) <= 16_384 for f in conn.frames), [(f.kind, len(f.payload)) for f in conn.frames]
+        assert answer.grpc_status == UNIMPLEMENTED, answer
+        assert (answer.get("grpc-message") or "").startswith("unknown method /x.AAA")
