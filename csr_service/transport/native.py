@@ -305,6 +305,17 @@ class _Connection(asyncio.Protocol):
         settings += struct.pack(">HI", _S_ENABLE_PUSH, 0)
         transport.write(_frame(_SETTINGS, 0, 0, settings))
 
+    def pause_writing(self) -> None:
+        # The client does not read what we send (answers, SETTINGS and PING ACKs): read nothing
+        # more from it until it does, as gRPC core does. Otherwise a client that sends and never
+        # reads (a SETTINGS flood) grows our write buffer without bound.
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         for timer in self._timers.values():
