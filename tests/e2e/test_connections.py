@@ -307,3 +307,33 @@ def test_tls_done_but_no_http2_preface_is_closed_at_the_handshake_timeout(tmp_pa
             assert time.monotonic() - since >= HANDSHAKE_TIMEOUT * 0.5  # closed by the limit, not at once
             assert not _closed_by_peer(talking)
         _good_call(srv)
+
+
+#: Far more than the kernel's and the server's buffers on a loopback connection hold (a few MB).
+FLOOD_BOUND = 64 * 2**20
+#: No progress for this long: the server has stopped reading (a paused reader never resumes here).
+STALLED = 10.0
+
+
+def test_a_client_that_never_reads_is_not_read_either(tmp_path: Path, transport: str) -> None:
+    # A SETTINGS flood (CVE-2019-9515): every SETTINGS asks for an ACK. A client that sends them
+    # and never reads must meet TCP back-pressure (the server stops reading it), not grow the
+    # server's write buffer without bound.
+    with running_dev_server(tmp_path / "state", "--grpc-transport", transport) as srv:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        raw.settimeout(30)
+        raw.connect(("127.0.0.1", srv.port))
+        rss_before = _rss_mib(srv.proc.pid)
+        with _tls_context(srv).wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(H2_PREFACE + _frame(SETTINGS))
+            sock.settimeout(STALLED)
+            chunk = _frame(SETTINGS) * 10_000
+            sent = 0
+            with pytest.raises(OSError):  # TimeoutError: stalled (or the server closed it)
+                while sent < FLOOD_BOUND:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+            rss_held = _rss_mib(srv.proc.pid)
+        print(f"\n{transport}: the server stopped reading after {sent / 2**20:.1f} MiB; RSS {rss_before:.0f} -> {rss_held:.0f} MiB")
+        _good_call(srv)
