@@ -240,6 +240,16 @@ def test_idle_connections_get_goaway(tmp_path: Path, transport: str) -> None:
         _good_call(srv)  # new connections are served as before
 
 
+def test_old_connections_get_goaway(tmp_path: Path, transport: str) -> None:
+    args = ("--max-connection-age", "1s", "--max-connection-idle", "1h", "--grpc-transport", transport)
+    with running_dev_server(tmp_path / "state", *args) as srv:
+        with contextlib.closing(_idle_h2(srv, _tls_context(srv))) as sock:
+            payload = _wait_for_frame(sock, GOAWAY, timeout=20)
+            assert payload is not None, "no GOAWAY for a connection past its age"
+            assert int.from_bytes(payload[4:8], "big") == 0  # NO_ERROR: a graceful one
+        _good_call(srv)
+
+
 def test_too_many_pings_get_goaway(tmp_path: Path, transport: str) -> None:
     # Pings allowed every 10 s; faster ones are strikes, and the third gets GOAWAY.
     with running_dev_server(tmp_path / "state", "--grpc-transport", transport) as srv:
@@ -330,10 +340,17 @@ def test_a_client_that_never_reads_is_not_read_either(tmp_path: Path, transport:
             sock.settimeout(STALLED)
             chunk = _frame(SETTINGS) * 10_000
             sent = 0
-            with pytest.raises(OSError):  # TimeoutError: stalled (or the server closed it)
-                while sent < FLOOD_BOUND:
+            stopped: OSError | None = None  # TimeoutError: stalled (or the server closed it)
+            while sent < FLOOD_BOUND and stopped is None:
+                try:
                     sock.sendall(chunk)
                     sent += len(chunk)
+                except OSError as exc:
+                    stopped = exc
             rss_held = _rss_mib(srv.proc.pid)
-        print(f"\n{transport}: the server stopped reading after {sent / 2**20:.1f} MiB; RSS {rss_before:.0f} -> {rss_held:.0f} MiB")
+        assert stopped is not None, f"the server read {sent / 2**20:.0f} MiB from a client that never reads"
+        mib = sent / 2**20
+        print(
+            f"\n{transport}: the server stopped reading after {mib:.1f} MiB; RSS {rss_before:.0f} -> {rss_held:.0f} MiB"
+        )
         _good_call(srv)

@@ -15,7 +15,6 @@ import ssl
 import struct
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import h2.config
@@ -79,7 +78,9 @@ def token(native: DevServer) -> str:
 
 
 def _good_body() -> bytes:
-    return ca_pb2.IstioCertificateRequest(csr=csr_pem(pki.new_key()).decode(), validity_duration=3600).SerializeToString()
+    return ca_pb2.IstioCertificateRequest(
+        csr=csr_pem(pki.new_key()).decode(), validity_duration=3600
+    ).SerializeToString()
 
 
 def _good_call(srv: DevServer, token: str) -> None:
@@ -121,11 +122,14 @@ def test_raw_call_gets_a_chain(native: DevServer, token: str) -> None:
     assert answer.get(":status") == "200"
     assert answer.get("content-type") == "application/grpc"
     assert answer.grpc_status == OK, answer
-    assert answer.data[0] == 0 and int.from_bytes(answer.data[1:5], "big") == len(answer.data) - 5
+    assert answer.data[0] == 0
+    assert int.from_bytes(answer.data[1:5], "big") == len(answer.data) - 5
     resp = ca_pb2.IstioCertificateResponse.FromString(answer.data[5:])
     leaf = pki.load_certs(resp.cert_chain[0].encode())[0]
     assert pki.spiffe_uris(leaf) == [ID]
-    pki.verify_chain(leaf, pki.load_certs("".join(resp.cert_chain[1:]).encode()), pki.load_certs(native.root_cert.read_bytes()))
+    pki.verify_chain(
+        leaf, pki.load_certs("".join(resp.cert_chain[1:]).encode()), pki.load_certs(native.root_cert.read_bytes())
+    )
 
 
 # --- connection errors: GOAWAY with the RFC's code, then close ------------------------------------
@@ -137,7 +141,10 @@ def _open_stream(conn: H2Conn, stream: int, token: str | None = None) -> None:
 CONNECTION_ERRORS: dict[str, tuple[object, int]] = {
     # name -> (function(conn) sending the bad bytes, GOAWAY code)
     "oversized frame": (lambda c: c.send(frame(DATA, 0, 1, length=16_385) + b"\0" * 100), FRAME_SIZE_ERROR),
-    "HEADERS on stream 0": (lambda c: c.send(frame(HEADERS, END_HEADERS, 0, c.header_block(request_headers()))), PROTOCOL_ERROR),
+    "HEADERS on stream 0": (
+        lambda c: c.send(frame(HEADERS, END_HEADERS, 0, c.header_block(request_headers()))),
+        PROTOCOL_ERROR,
+    ),
     "HEADERS on an even stream": (
         lambda c: c.send(frame(HEADERS, END_HEADERS | END_STREAM, 2, c.header_block(request_headers()))),
         PROTOCOL_ERROR,
@@ -164,13 +171,19 @@ CONNECTION_ERRORS: dict[str, tuple[object, int]] = {
         PROTOCOL_ERROR,
     ),
     "SETTINGS of 7 bytes": (lambda c: c.send(frame(SETTINGS, 0, 0, b"\x00\x04\x00\x00\xff\xff\x00")), FRAME_SIZE_ERROR),
-    "SETTINGS ACK with a payload": (lambda c: c.send(frame(SETTINGS, 1, 0, b"\x00\x04\x00\x00\xff\xff")), FRAME_SIZE_ERROR),
+    "SETTINGS ACK with a payload": (
+        lambda c: c.send(frame(SETTINGS, 1, 0, b"\x00\x04\x00\x00\xff\xff")),
+        FRAME_SIZE_ERROR,
+    ),
     "SETTINGS on a stream": (lambda c: c.send(frame(SETTINGS, 0, 1)), PROTOCOL_ERROR),
     "SETTINGS initial window above 2^31-1": (
         lambda c: c.send(frame(SETTINGS, 0, 0, struct.pack(">HI", S_INITIAL_WINDOW_SIZE, 2**31))),
         FLOW_CONTROL_ERROR,
     ),
-    "SETTINGS max frame size below 16 KiB": (lambda c: c.send(frame(SETTINGS, 0, 0, struct.pack(">HI", 5, 100))), PROTOCOL_ERROR),
+    "SETTINGS max frame size below 16 KiB": (
+        lambda c: c.send(frame(SETTINGS, 0, 0, struct.pack(">HI", 5, 100))),
+        PROTOCOL_ERROR,
+    ),
     "SETTINGS enable push 2": (lambda c: c.send(frame(SETTINGS, 0, 0, struct.pack(">HI", 2, 2))), PROTOCOL_ERROR),
     "WINDOW_UPDATE of 0 on the connection": (lambda c: c.send(frame(WINDOW_UPDATE, 0, 0, b"\0\0\0\0")), PROTOCOL_ERROR),
     "WINDOW_UPDATE overflowing the connection window": (
@@ -188,16 +201,29 @@ CONNECTION_ERRORS: dict[str, tuple[object, int]] = {
         PROTOCOL_ERROR,
     ),
     "CONTINUATION on another stream": (
-        lambda c: c.send(frame(HEADERS, 0, 1, b"") + frame(CONTINUATION, END_HEADERS, 3, c.header_block(request_headers()))),
+        lambda c: c.send(
+            frame(HEADERS, 0, 1, b"") + frame(CONTINUATION, END_HEADERS, 3, c.header_block(request_headers()))
+        ),
         PROTOCOL_ERROR,
     ),
     "endless CONTINUATION": (
-        lambda c: c.send(frame(HEADERS, 0, 1, b"") + b"".join(frame(CONTINUATION, 0, 1, b"\0" * 16_000) for _ in range(6))),
+        lambda c: c.send(
+            frame(HEADERS, 0, 1, b"") + b"".join(frame(CONTINUATION, 0, 1, b"\0" * 16_000) for _ in range(6))
+        ),
         ENHANCE_YOUR_CALM,
     ),
-    "garbage HPACK block": (lambda c: c.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, b"\xff\xff\xff\xff\xff\x7f")), COMPRESSION_ERROR),
-    "HPACK index beyond the tables": (lambda c: c.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, b"\xfe\x7f")), COMPRESSION_ERROR),
-    "HPACK table size above SETTINGS": (lambda c: c.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, b"\x3f\xe1\xff\x03")), COMPRESSION_ERROR),
+    "garbage HPACK block": (
+        lambda c: c.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, b"\xff\xff\xff\xff\xff\x7f")),
+        COMPRESSION_ERROR,
+    ),
+    "HPACK index beyond the tables": (
+        lambda c: c.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, b"\xfe\x7f")),
+        COMPRESSION_ERROR,
+    ),
+    "HPACK table size above SETTINGS": (
+        lambda c: c.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, b"\x3f\xe1\xff\x03")),
+        COMPRESSION_ERROR,
+    ),
     "header list above 64 KiB": (
         lambda c: c.send(
             frame(HEADERS, 0, 1, c.header_block([("x-a", "a" * 16_000)]))
@@ -208,7 +234,10 @@ CONNECTION_ERRORS: dict[str, tuple[object, int]] = {
     ),
     "RST_STREAM on stream 0": (lambda c: c.send(frame(RST_STREAM, 0, 0, b"\0\0\0\0")), PROTOCOL_ERROR),
     "RST_STREAM on an idle stream": (lambda c: c.send(frame(RST_STREAM, 0, 11, b"\0\0\0\0")), PROTOCOL_ERROR),
-    "RST_STREAM of 3 bytes": (lambda c: (_open_stream(c, 1), c.send(frame(RST_STREAM, 0, 1, b"\0\0\0"))), FRAME_SIZE_ERROR),
+    "RST_STREAM of 3 bytes": (
+        lambda c: (_open_stream(c, 1), c.send(frame(RST_STREAM, 0, 1, b"\0\0\0"))),
+        FRAME_SIZE_ERROR,
+    ),
     "PING on a stream": (lambda c: c.send(frame(PING, 0, 1, b"\0" * 8)), PROTOCOL_ERROR),
     "PING of 7 bytes": (lambda c: c.send(frame(PING, 0, 0, b"\0" * 7)), FRAME_SIZE_ERROR),
     "PUSH_PROMISE from a client": (lambda c: c.send(frame(PUSH_PROMISE, END_HEADERS, 1, b"\0\0\0\2")), PROTOCOL_ERROR),
@@ -313,7 +342,8 @@ def test_the_101st_stream_is_refused(native: DevServer, token: str) -> None:
         conn.send(block)
         last = 2 * MAX_STREAMS_PER_CONNECTION + 1
         rst = conn.wait_for(RST_STREAM)
-        assert rst is not None and rst.stream == last, conn.frames
+        assert rst is not None, conn.frames
+        assert rst.stream == last
         assert rst.error_code == REFUSED_STREAM
         # The 100 open ones are still served, and a slot freed takes a new stream.
         conn.send(frame(DATA, END_STREAM, 1, grpc_message(_good_body())))
@@ -338,7 +368,8 @@ def test_request_above_the_limit_gets_resource_exhausted(native: DevServer, toke
         assert answer.grpc_status == RESOURCE_EXHAUSTED, answer
         assert str(MAX_REQUEST_BYTES) in (answer.get("grpc-message") or "")
         rst = conn.wait_for(RST_STREAM, 1)
-        assert rst is not None and rst.error_code == NO_ERROR
+        assert rst is not None
+        assert rst.error_code == NO_ERROR
         conn.request(3, grpc_message(_good_body()), request_headers(token=token))
         assert conn.answer(3).grpc_status == OK
 
@@ -350,7 +381,12 @@ GRPC_ERRORS: dict[str, tuple[list[tuple[str, str]] | None, bytes | None, str, in
     "PUT with a message": (request_headers(method="PUT"), grpc_message(b""), "405", None),
     "content-type text/plain": (request_headers(content_type="text/plain"), grpc_message(b""), "415", None),
     "no content-type": ([h for h in request_headers() if h[0] != "content-type"], grpc_message(b""), "415", None),
-    "unknown method": (request_headers("/istio.v1.auth.IstioCertificateService/Nope"), grpc_message(b""), "200", UNIMPLEMENTED),
+    "unknown method": (
+        request_headers("/istio.v1.auth.IstioCertificateService/Nope"),
+        grpc_message(b""),
+        "200",
+        UNIMPLEMENTED,
+    ),
     "reflection (not served)": (
         request_headers("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
         grpc_message(b""),
@@ -455,7 +491,9 @@ class _H2Client:
     def __init__(self, srv: DevServer, settings: dict[int, int]) -> None:
         ctx = ssl.create_default_context(cafile=str(srv.root_cert))
         ctx.set_alpn_protocols(["h2"])
-        self.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port), timeout=20), server_hostname="localhost")
+        self.sock = ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", srv.port), timeout=20), server_hostname="localhost"
+        )
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self.h2.local_settings = h2.settings.Settings(client=True, initial_values=settings)
         self.h2.initiate_connection()
@@ -524,7 +562,9 @@ def test_h2_client_100_calls_at_once_on_one_connection(native: DevServer, token:
         codes = {dict(client.headers[s]).get("grpc-status") for s in streams}
         assert codes == {"0"}, codes
         serials = {
-            pki.load_certs(ca_pb2.IstioCertificateResponse.FromString(bytes(client.data[s][5:])).cert_chain[0].encode())[0].serial_number
+            pki.load_certs(
+                ca_pb2.IstioCertificateResponse.FromString(bytes(client.data[s][5:])).cert_chain[0].encode()
+            )[0].serial_number
             for s in streams
         }
         assert len(serials) == len(streams)
@@ -555,11 +595,21 @@ def test_health_check(native: DevServer, service: str, expected: int | None) -> 
 
 def test_health_check_over_raw_h2(native: DevServer) -> None:
     with _conn(native) as conn:
-        conn.request(1, grpc_message(health_pb2.HealthCheckRequest(service="").SerializeToString()), request_headers(HEALTH_CHECK))
+        conn.request(
+            1,
+            grpc_message(health_pb2.HealthCheckRequest(service="").SerializeToString()),
+            request_headers(HEALTH_CHECK),
+        )
         answer = conn.answer(1)
         assert answer.grpc_status == OK
-        assert health_pb2.HealthCheckResponse.FromString(answer.data[5:]).status == health_pb2.HealthCheckResponse.SERVING
-        conn.request(3, grpc_message(health_pb2.HealthCheckRequest(service="x").SerializeToString()), request_headers(HEALTH_CHECK))
+        assert (
+            health_pb2.HealthCheckResponse.FromString(answer.data[5:]).status == health_pb2.HealthCheckResponse.SERVING
+        )
+        conn.request(
+            3,
+            grpc_message(health_pb2.HealthCheckRequest(service="x").SerializeToString()),
+            request_headers(HEALTH_CHECK),
+        )
         assert conn.answer(3).grpc_status == NOT_FOUND
 
 
@@ -578,7 +628,10 @@ def test_alpn_h2_and_the_server_settings(native: DevServer) -> None:
         # Our SETTINGS come first: MAX_CONCURRENT_STREAMS as promised.
         first = conn.wait_for(SETTINGS)
         assert first is not None
-        values = {struct.unpack_from(">H", first.payload, i)[0]: struct.unpack_from(">I", first.payload, i + 2)[0] for i in range(0, len(first.payload), 6)}
+        values = {
+            struct.unpack_from(">H", first.payload, i)[0]: struct.unpack_from(">I", first.payload, i + 2)[0]
+            for i in range(0, len(first.payload), 6)
+        }
         assert values[0x3] == MAX_STREAMS_PER_CONNECTION
 
 
@@ -591,7 +644,9 @@ def test_a_long_method_name_does_not_make_the_answer_too_large(native: DevServer
         block = conn.header_block(request_headers(path))
         conn.send(
             frame(HEADERS, 0, 1, block[:16_000])
-            + b"".join(frame(CONTINUATION, 0, 1, block[i : i + 16_000]) for i in range(16_000, len(block) - 16_000, 16_000))
+            + b"".join(
+                frame(CONTINUATION, 0, 1, block[i : i + 16_000]) for i in range(16_000, len(block) - 16_000, 16_000)
+            )
             + frame(CONTINUATION, END_HEADERS, 1, block[16_000 * ((len(block) - 1) // 16_000) :])
             + frame(DATA, END_STREAM, 1, grpc_message(b""))
         )

@@ -50,7 +50,9 @@ def test_grpc_go_gets_only_ok_at_c16(tmp_path: Path, ghz: Path, transport: str, 
         report = json.loads(proc.stdout)
         codes = Counter(report.get("statusCodeDistribution") or {})
         errors = Counter(d.get("error", "") for d in report.get("details") or [] if d.get("status") != "OK")
-        print(f"\nghz c=16, 16 connections, {transport}, {workers} worker(s): {dict(codes)}, {report.get('rps', 0):.0f}/s")
+        print(
+            f"\nghz c=16, 16 connections, {transport}, {workers} worker(s): {dict(codes)}, {report.get('rps', 0):.0f}/s"
+        )
         assert proc.returncode == 0, (dict(codes), errors.most_common(3), proc.stderr[-2000:])
         assert codes == Counter({"OK": CALLS}), errors.most_common(3)
         assert srv.proc.poll() is None

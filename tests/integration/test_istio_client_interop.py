@@ -171,7 +171,9 @@ def test_untrusted_server_certificate_is_rejected_by_the_client(
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_sidecar_client_renews_across_idle_and_age_limits(istio_client: IstioClient, tmp_path: Path, transport: str) -> None:
+def test_sidecar_client_renews_across_idle_and_age_limits(
+    istio_client: IstioClient, tmp_path: Path, transport: str
+) -> None:
     # istio-agent keeps one CA client (and connection) for the life of the pod. The server closes
     # idle connections (--max-connection-idle) and old ones (--max-connection-age) with GOAWAY;
     # the client must reconnect on its next renewal without an error.

@@ -36,6 +36,7 @@ from tests.support.h2wire import (
     HEADERS,
     HEALTH_CHECK,
     PREFACE,
+    PRIORITY,
     RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
@@ -133,7 +134,12 @@ _messages = st.one_of(
     st.just(grpc_message(health_pb2.HealthCheckRequest(service="x").SerializeToString())),
     st.binary(max_size=40).map(grpc_message),
     st.binary(max_size=40),
-    st.builds(lambda b, c, n: grpc_message(b, compressed=c, length=n), st.binary(max_size=20), st.booleans(), st.integers(0, 2**32 - 1)),
+    st.builds(
+        lambda b, c, n: grpc_message(b, compressed=c, length=n),
+        st.binary(max_size=20),
+        st.booleans(),
+        st.integers(0, 2**32 - 1),
+    ),
 )
 
 
@@ -141,7 +147,7 @@ _messages = st.one_of(
 def _items(draw: st.DrawFn, encoder: hpack.Encoder, next_stream: list[int]) -> bytes:
     """One thing a client sends: a call, a frame of any type, or raw bytes. Mostly on the next
     stream a client would open, so that sessions get past their first frame."""
-    choice = draw(st.integers(0, 12))
+    choice = draw(st.integers(0, 13))
     if draw(st.integers(0, 3)):
         stream = next_stream[0]
         next_stream[0] += 2
@@ -157,26 +163,57 @@ def _items(draw: st.DrawFn, encoder: hpack.Encoder, next_stream: list[int]) -> b
         block = bytes(encoder.encode(draw(_encoder_headers)))
         cut = draw(st.integers(0, len(block)))
         return frame(HEADERS, draw(st.sampled_from([0, END_STREAM])), stream, block[:cut]) + frame(
-            CONTINUATION, draw(st.sampled_from([0, END_HEADERS])), draw(st.sampled_from([stream, stream + 2])), block[cut:]
+            CONTINUATION,
+            draw(st.sampled_from([0, END_HEADERS])),
+            draw(st.sampled_from([stream, stream + 2])),
+            block[cut:],
         )
     if choice == 7:  # settings with any identifiers and values
         pairs = draw(st.lists(st.tuples(st.integers(0, 8), st.integers(0, 2**32 - 1)), max_size=4))
         payload = b"".join(struct.pack(">HI", k, v) for k, v in pairs)
         return frame(SETTINGS, draw(st.sampled_from([0, 1])), draw(st.sampled_from([0, stream])), payload)
     if choice == 8:  # a frame whose length field lies
-        return frame(draw(_kinds), draw(st.integers(0, 255)), stream, draw(st.binary(max_size=30)), length=draw(st.integers(0, 2**24 - 1)))
+        return frame(
+            draw(_kinds),
+            draw(st.integers(0, 255)),
+            stream,
+            draw(st.binary(max_size=30)),
+            length=draw(st.integers(0, 2**24 - 1)),
+        )
     if choice == 9:  # raw bytes
         return draw(st.binary(min_size=1, max_size=60))
     if choice == 10:  # a header block of random bytes (HPACK garbage), or a real one cut short
         real = bytes(encoder.encode(draw(_encoder_headers)))
-        block = draw(st.one_of(st.binary(min_size=1, max_size=40), st.integers(0, len(real) - 1).map(lambda n: real[:n])))
+        block = draw(
+            st.one_of(st.binary(min_size=1, max_size=40), st.integers(0, len(real) - 1).map(lambda n: real[:n]))
+        )
         return frame(HEADERS, END_HEADERS | END_STREAM, stream, block)
     if choice == 11:  # flow control: any increment, on the connection or a stream
         increment = draw(st.one_of(st.integers(0, 70_000), st.integers(0, 2**32 - 1)))
         return frame(WINDOW_UPDATE, 0, draw(st.sampled_from([0, stream])), struct.pack(">I", increment))
+    if choice == 12:  # a stream opened, then something that breaks it alone (or not)
+        block = bytes(encoder.encode(request_headers(HEALTH_CHECK)))
+        breaking = draw(
+            st.sampled_from(
+                [
+                    frame(WINDOW_UPDATE, 0, stream, b"\0\0\0\0"),
+                    frame(WINDOW_UPDATE, 0, stream, b"\x7f\xff\xff\xff"),
+                    frame(PRIORITY, 0, stream, b"\0\0\0"),
+                    frame(RST_STREAM, 0, stream, b"\0\0\0\x08"),
+                    frame(DATA, END_STREAM, stream, _GOOD) + frame(DATA, 0, stream, b"late"),
+                ]
+            )
+        )
+        return frame(HEADERS, END_HEADERS, stream, block) + breaking
     # any frame type, any flags, a payload of random bytes or of sizes the types care about
     kind = draw(_kinds)
-    payload = draw(st.one_of(st.binary(max_size=40), st.integers(0, 2**32 - 1).map(lambda n: struct.pack(">I", n)), st.binary(min_size=8, max_size=8)))
+    payload = draw(
+        st.one_of(
+            st.binary(max_size=40),
+            st.integers(0, 2**32 - 1).map(lambda n: struct.pack(">I", n)),
+            st.binary(min_size=8, max_size=8),
+        )
+    )
     return frame(kind, draw(st.integers(0, 255)), stream, payload)
 
 
@@ -195,7 +232,8 @@ def _check_output(written: bytes, outcomes: Counter[str], closed_by_server: bool
     buf = bytearray(written)
     frames: list[Frame] = list(parse_frames(buf))
     assert not buf, f"the server wrote a partial frame: {bytes(buf[:40])!r}"
-    assert frames and frames[0].kind == SETTINGS, "the server's SETTINGS come first"
+    assert frames, "the server wrote nothing"
+    assert frames[0].kind == SETTINGS, "the server's SETTINGS come first"
     decoder = hpack.Decoder()
     answered: dict[int, list[tuple[bytes, bytes]]] = {}
     for item in frames:
