@@ -21,6 +21,10 @@ def test_defaults_match_istio_csr() -> None:
     assert c.authenticator.name == "jwt"
     assert c.authenticator.values["token-audiences"] == ("istio-ca",)
     assert c.server.insecure_grpc_listen is None  # TLS only by default
+    assert c.server.grpc_transport == "grpcio"  # the native transport only when asked
+    assert (
+        Config.from_values(resolve({}, env={"CSR_SERVICE_GRPC_TRANSPORT": "native"})).server.grpc_transport == "native"
+    )
 
 
 def test_precedence(tmp_path: Path) -> None:
@@ -55,6 +59,12 @@ def test_file_rejects_unknown_keys(tmp_path: Path) -> None:
         ({"serving-ip-addresses": "not-an-ip"}, "--serving-ip-addresses"),
         ({"log-format": "xml"}, "--log-format"),
         ({"dev": "maybe"}, "--dev"),
+        ({"grpc-transport": "h2"}, "--grpc-transport"),
+        # The native transport has no client-certificate listener: refused, not ignored.
+        (
+            {"grpc-transport": "native", "client-cert-grpc-listen": "127.0.0.1:0", "authenticators": "client-cert,jwt"},
+            "--client-cert-grpc-listen: needs --grpc-transport grpcio",
+        ),
     ],
 )
 def test_errors_name_the_flag(flags: dict[str, str], fragment: str) -> None:
