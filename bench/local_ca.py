@@ -8,7 +8,9 @@ bed) with the same settings. The reference is the CA istiod serves, wired as ist
 (``bench.istio_ca``, test-bed component ``istio-ca-server``); ``--no-reference`` skips it.
 Rounds alternate which server goes first; the medians of ``--rounds`` are printed per server,
 CSR key type and concurrency: CSR/s, p50/p99, the server's CPU per certificate (all its
-processes), ghz's CPU per request, RSS, and the ratios csr-service / Istio.
+processes), ghz's CPU per request, RSS, and the ratios csr-service / Istio. ``--transports``
+runs one csr-service per ``--grpc-transport`` (default both: ``csr-service`` is grpcio,
+``csr-service/native`` the native HTTP/2 server), all in the same rounds.
 
 CPU per certificate is the robust figure: CSR/s depends on what else runs on the machine
 (ghz shares the cores with the server; on a shared machine so do other jobs), CPU per
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import multiprocessing
+import shutil
 import statistics
 import tempfile
 import time
@@ -125,6 +128,10 @@ class Series:
         )
 
 
+def _name(transport: str) -> str:
+    return "csr-service" if transport == "grpcio" else f"csr-service/{transport}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=12000, help="requests per run (a quarter at c=1)")
@@ -135,15 +142,32 @@ def main() -> None:
     ap.add_argument("--key-types", default="ec-p256,rsa2048")
     ap.add_argument("--no-reference", action="store_true", help="do not run Istio's CA server")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `csr-service serve` argument")
+    ap.add_argument(
+        "--transports",
+        default="grpcio,native",
+        help="csr-service's --grpc-transport values to run, each as its own server in the same run",
+    )
     args = ap.parse_args()
+    transports = args.transports.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
     key_types = args.key_types.split(",")
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         state = Path(tmp) / "state"
-        srv = stack.enter_context(running_dev_server(state, *args.server_arg, workers=args.workers))
+        targets: dict[str, tuple[str, int]] = {}
+        servers = []
+        for i, transport in enumerate(transports):
+            # One dev state (CA, token key) for all: the first server makes it, the others get a
+            # copy of it each (a server keeps its log and serving certificate in its state).
+            own = state if i == 0 else Path(tmp) / f"state-{transport}"
+            if i:
+                shutil.copytree(state, own)
+            srv = stack.enter_context(
+                running_dev_server(own, "--grpc-transport", transport, *args.server_arg, workers=args.workers)
+            )
+            servers.append(srv)
+            targets[_name(transport)] = (srv.address, srv.proc.pid)
         token = srv.token("default", "bench", ttl="24h")
-        targets: dict[str, tuple[str, int]] = {"csr-service": (srv.address, srv.proc.pid)}
         if not args.no_reference:
             istio = stack.enter_context(running_istio_ca(state))
             targets["istio-ca"] = (istio.address, istio.pid)
@@ -180,10 +204,10 @@ def main() -> None:
                             f"round {i + 1}: {result.row()}  {result.cpu_ms_per_cert:.3f} ms CPU/cert",
                             flush=True,
                         )
-        server_log = srv.log()
-        if "Traceback" in server_log:
-            print("WARNING: the server logged a traceback during the run")
-        stack.close()  # both servers stop before the ceiling runs: it needs the cores
+        for srv in servers:
+            if "Traceback" in srv.log():
+                print(f"WARNING: the server on {srv.address} logged a traceback during the run")
+        stack.close()  # the servers stop before the ceiling runs: it needs the cores
 
         ceilings: dict[str, float] = {}
         if args.ceiling_seconds > 0:
@@ -199,19 +223,21 @@ def main() -> None:
     by_key = {(s.server, s.key_type, s.concurrency): s for s in series}
     for s in series:
         ref = by_key.get(("istio-ca", s.key_type, s.concurrency))
-        if s.server == "csr-service" and ref is not None:
+        if s.server != "istio-ca" and ref is not None:
             print(
-                f"ratio {s.key_type:<8} c={s.concurrency:<3} csr-service/Istio: {s.rps / ref.rps:4.0%} of its CSR/s, "
+                f"ratio {s.key_type:<8} c={s.concurrency:<3} {s.server}/Istio: {s.rps / ref.rps:4.0%} of its CSR/s, "
                 f"{s.cpu_ms / ref.cpu_ms:4.2f}x its CPU per certificate"
             )
     for name, value in ceilings.items():
         print(f"in-process ceiling (no gRPC/TLS, {args.workers} processes, c=16 each) {name}: {value:.0f} CSR/s")
-    goal = by_key.get(("csr-service", "ec-p256", 16))
-    if goal is not None:
+    for transport in transports:
+        goal = by_key.get((_name(transport), "ec-p256", 16))
+        if goal is None:
+            continue
         ref = by_key.get(("istio-ca", "ec-p256", 16))
         share = f", {goal.rps / ref.rps:.0%} of Istio's CA server (goal >= 55%)" if ref else ""
         print(
-            f"goal, EC c=16: {goal.rps:.0f} CSR/s (goal >= 2200), "
+            f"goal, EC c=16, {goal.server}: {goal.rps:.0f} CSR/s (goal >= 2200), "
             f"p99 {_median([r.p99_ms for r in goal.runs]):.1f} ms (goal <= 25), "
             f"{goal.cpu_ms:.3f} ms CPU/cert (goal <= 0.7){share}"
         )

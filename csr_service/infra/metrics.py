@@ -138,8 +138,10 @@ SHED = Counter(
     "csr_service_requests_shed",
     "CreateCertificate calls refused before any work, by reason: concurrency (--max-concurrent-requests, "
     "RESOURCE_EXHAUSTED), identity_rate (--per-identity-rate, RESOURCE_EXHAUSTED), queue_full (refused or "
-    "expired in gRPC's queue, --max-queued-requests; clients see CANCELLED; an estimate from gRPC's channelz "
-    "call counters, which may run ahead by up to the queue's depth while it never empties).",
+    "expired in gRPC's queue, --max-queued-requests; with --grpc-transport grpcio clients see CANCELLED and "
+    "this is an estimate from gRPC's channelz call counters, which may run ahead by up to the queue's depth "
+    "while it never empties; with native, RESOURCE_EXHAUSTED and exact), queue_wait (native: waited longer "
+    "than --max-queue-wait, RESOURCE_EXHAUSTED).",
     ["reason"],
 )
 IN_FLIGHT = Gauge(

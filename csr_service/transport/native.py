@@ -44,6 +44,9 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 
 from csr_service._generated import ca_pb2
+from csr_service.common.errors import LoadShedError
+from csr_service.infra.metrics import count_shed
+from csr_service.transport.admission import ShedLog
 from csr_service.transport.grpc_server import MAX_REQUEST_BYTES, MAX_STREAMS_PER_CONNECTION, MIN_PING_INTERVAL_MS
 from csr_service.transport.grpc_server import GrpcLimits as GrpcLimits
 from csr_service.transport.servicer import IstioCertificateServicer
@@ -85,6 +88,11 @@ _WINDOW_REFILL = 16_384
 _HEADER_TABLE = 4096
 #: Keepalive pings a client may send too early before it gets GOAWAY ENHANCE_YOUR_CALM (as gRPC core).
 _PING_STRIKES = 2
+#: Streams a client may reset before their answer, per second, before GOAWAY ENHANCE_YOUR_CALM:
+#: opening and resetting streams in a loop ("rapid reset", CVE-2023-44487) would otherwise start
+#: work the client never waits for. grpc-go resets a stream when a call is cancelled or its
+#: deadline passes, at most once per call.
+_RESETS_PER_SECOND = 200
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -139,6 +147,11 @@ def _status_block(code: grpc.StatusCode, message: str, *, with_head: bool) -> by
     if message:
         block += _literal(b"grpc-message", _grpc_message(message[:_MAX_MESSAGE]))
     return block
+
+
+#: The answer to a call refused by the worker's queue limits.
+_BUSY_MESSAGE = "the server is busy; retry later"
+_BUSY = _status_block(grpc.StatusCode.RESOURCE_EXHAUSTED, _BUSY_MESSAGE, with_head=True)
 
 
 class _ConnectionError(Exception):
@@ -238,7 +251,7 @@ class NativeHealth:
 
 # --- one stream, one connection -----------------------------------------------------------------
 class _Stream:
-    __slots__ = ("body", "ended", "headers", "id", "send_window", "task", "unacked", "waiting")
+    __slots__ = ("body", "ended", "headers", "id", "queued_at", "send_window", "task", "unacked", "waiting")
 
     def __init__(self, stream_id: int, initial_window: int) -> None:
         self.id = stream_id
@@ -246,6 +259,8 @@ class _Stream:
         self.body = bytearray()
         self.ended = False  # the client sent END_STREAM
         self.task: asyncio.Task[None] | None = None
+        #: When the call was queued for its handler (monotonic); 0 once the handler started.
+        self.queued_at = 0.0
         self.send_window = initial_window
         self.unacked = 0  # request bytes received and not yet given back in a WINDOW_UPDATE
         self.waiting: bytes | None = None  # an answer held back by flow control
@@ -254,9 +269,18 @@ class _Stream:
 class _Connection(asyncio.Protocol):
     """One client connection (after TLS): frames in, calls started, answers out."""
 
-    def __init__(self, server: NativeGrpcServer) -> None:
+    def __init__(self, server: NativeGrpcServer, tls: ssl.SSLContext | None) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
+        # TLS is done here over memory BIOs rather than by asyncio's SSL transport: the
+        # connection then counts against --max-connections from its first byte (the handshake
+        # included, as in gRPC core), one timer covers handshake and preface, and a call's
+        # answer is one encryption and one socket write without asyncio's SSL state machine.
+        self._context = tls
+        self._tls: ssl.SSLObject | None = None
+        self._tls_in = ssl.MemoryBIO()
+        self._tls_out = ssl.MemoryBIO()
+        self._open = False  # TLS handshake done (or plaintext), our SETTINGS sent
         self._buf = bytearray()
         self._preface = False
         self._decoder = hpack.Decoder(max_header_list_size=_MAX_HEADER_LIST)
@@ -275,6 +299,10 @@ class _Connection(asyncio.Protocol):
         self._last_ping = 0.0
         self._strikes = 0
         self._sent_since_ping = True
+        #: Control frames to send with the next answer (see _on_ping).
+        self._held: list[bytes] = []
+        self._reset_window = 0.0
+        self._resets = 0
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -282,39 +310,87 @@ class _Connection(asyncio.Protocol):
         self._transport = transport
         server = self._server
         if not server.admit(self):
-            transport.abort()
+            transport.abort()  # before the handshake, as gRPC core: the client retries elsewhere
             return
         host_port = transport.get_extra_info("peername")
         if isinstance(host_port, tuple) and len(host_port) >= 2:
             host, port = host_port[0], host_port[1]
             self._peer = f"ipv6:[{host}]:{port}" if ":" in str(host) else f"ipv4:{host}:{port}"
         limits = server.limits
-        tls = transport.get_extra_info("ssl_object")
-        if tls is not None and tls.selected_alpn_protocol() != "h2":
-            self._close()  # gRPC needs HTTP/2, negotiated by ALPN (grpc-go refuses without it too)
-            return
-        # The HTTP/2 preface must follow the TLS handshake within the same timeout.
-        self._timer("preface", limits.handshake_timeout.total_seconds(), self._close)
+        # The TLS handshake and the client's HTTP/2 preface and SETTINGS must arrive within this.
+        self._timer("hello", limits.handshake_timeout.total_seconds(), self._close)
         if limits.max_connection_age:
             age = limits.max_connection_age.total_seconds() * random.uniform(0.9, 1.1)  # noqa: S311 (jitter)
             self._timer("age", age, self._age_reached)
+        if self._context is None:
+            self._start_http2()
+        else:
+            self._tls = self._context.wrap_bio(self._tls_in, self._tls_out, server_side=True)
+
+    def _start_http2(self) -> None:
+        """TLS is up (or there is none): check ALPN, send our SETTINGS."""
+        if self._tls is not None and self._tls.selected_alpn_protocol() != "h2":
+            # gRPC needs HTTP/2, negotiated by ALPN (grpc-go refuses a server without it too).
+            log.debug("connection from %s closed: no ALPN h2", self._peer)
+            self._close()
+            return
+        self._open = True
         self._reset_idle()
         # Our SETTINGS: at most this many calls at once; the rest at the defaults.
         settings = struct.pack(">HI", _S_MAX_CONCURRENT_STREAMS, MAX_STREAMS_PER_CONNECTION)
         settings += struct.pack(">HI", _S_MAX_HEADER_LIST_SIZE, _MAX_HEADER_LIST)
         settings += struct.pack(">HI", _S_ENABLE_PUSH, 0)
-        transport.write(_frame(_SETTINGS, 0, 0, settings))
+        self._write(_frame(_SETTINGS, 0, 0, settings))
 
-    def pause_writing(self) -> None:
-        # The client does not read what we send (answers, SETTINGS and PING ACKs): read nothing
-        # more from it until it does, as gRPC core does. Otherwise a client that sends and never
-        # reads (a SETTINGS flood) grows our write buffer without bound.
-        if self._transport is not None and not self._closed:
-            self._transport.pause_reading()
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        tls = self._tls
+        if tls is None:
+            transport.write(data)
+            return
+        tls.write(data)
+        transport.write(self._tls_out.read())
 
-    def resume_writing(self) -> None:
-        if self._transport is not None and not self._closed:
-            self._transport.resume_reading()
+    def _decrypt(self, data: bytes) -> bytes | None:
+        """What ``data`` carries for HTTP/2, after the handshake; None when the connection ends."""
+        tls = self._tls
+        assert tls is not None
+        self._tls_in.write(data)
+        try:
+            if not self._open:
+                try:
+                    tls.do_handshake()
+                except ssl.SSLWantReadError:
+                    return b""
+                finally:
+                    if self._tls_out.pending and self._transport is not None:
+                        self._transport.write(self._tls_out.read())  # handshake messages, alerts
+                self._start_http2()
+                if self._closed:
+                    return None
+            chunks = []
+            while True:
+                try:
+                    chunk = tls.read(65_536)
+                except ssl.SSLWantReadError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except ssl.SSLZeroReturnError:  # the client's close_notify
+            self._close()
+            return None
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("TLS with %s failed: %s", self._peer or "a client", exc)
+            if self._tls_out.pending and self._transport is not None:
+                self._transport.write(self._tls_out.read())
+            self._close()
+            return None
+        if self._tls_out.pending and self._transport is not None:  # e.g. a TLS 1.3 KeyUpdate answer
+            self._transport.write(self._tls_out.read())
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -322,20 +398,37 @@ class _Connection(asyncio.Protocol):
             timer.cancel()
         self._timers.clear()
         for stream in list(self._streams.values()):
-            if stream.task is not None:
-                stream.task.cancel()
+            self._cancel(stream)
         self._streams.clear()
         self._server.release(self)
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: read no more requests from it until it does,
+        # so what we hold for it stays bounded (its streams in progress, at most).
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        if self._tls is not None:
+            plain = self._decrypt(data)
+            if not plain:
+                return
+            data = plain
         try:
             self._receive(data)
         except _ConnectionError as exc:
             self._fail(exc.code, str(exc))
         except hpack.HPACKError as exc:
             self._fail(_COMPRESSION_ERROR, f"header block: {type(exc).__name__}")
+        except Exception:  # a bug here: end this connection only, and say where
+            log.exception("HTTP/2 connection from %s failed", self._peer or "a client")
+            self._fail(_INTERNAL_ERROR, "internal error")
 
     # -- frames in -------------------------------------------------------------------------------
     def _receive(self, data: bytes) -> None:
@@ -350,7 +443,6 @@ class _Connection(asyncio.Protocol):
                 raise _ConnectionError(_PROTOCOL_ERROR, "not an HTTP/2 connection preface")
             del buf[: len(_PREFACE)]
             self._preface = True
-            self._cancel_timer("preface")
         pos, end = 0, len(buf)
         out: list[bytes] = []
         try:
@@ -372,8 +464,11 @@ class _Connection(asyncio.Protocol):
                     return
         finally:
             del buf[:pos]
+            if self._held and not self._streams:
+                out += self._held
+                self._held.clear()
             if out and not self._closed and self._transport is not None:
-                self._transport.write(b"".join(out))
+                self._write(b"".join(out))
 
     def _on_frame(self, kind: int, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
         if self._continuation is not None and kind != _CONTINUATION:
@@ -395,6 +490,13 @@ class _Connection(asyncio.Protocol):
                 raise _ConnectionError(_PROTOCOL_ERROR if stream_id == 0 else _FRAME_SIZE_ERROR, "bad RST_STREAM")
             if stream_id > self._last_stream:
                 raise _ConnectionError(_PROTOCOL_ERROR, "RST_STREAM on an idle stream")
+            if stream_id in self._streams:
+                now = time.monotonic()
+                if now - self._reset_window >= 1.0:
+                    self._reset_window, self._resets = now, 0
+                self._resets += 1
+                if self._resets > _RESETS_PER_SECOND:
+                    raise _ConnectionError(_ENHANCE_YOUR_CALM, "too many stream resets")
             self._drop(stream_id, cancel=True)
         elif kind == _GOAWAY:
             if stream_id != 0 or len(payload) < 8:
@@ -419,6 +521,7 @@ class _Connection(asyncio.Protocol):
             return
         if len(payload) % 6:
             raise _ConnectionError(_FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
+        self._cancel_timer("hello")  # the client said hello in time
         for i in range(0, len(payload), 6):
             ident, value = struct.unpack_from(">HI", payload, i)
             if ident == _S_INITIAL_WINDOW_SIZE:
@@ -456,7 +559,10 @@ class _Connection(asyncio.Protocol):
                 raise _ConnectionError(_ENHANCE_YOUR_CALM, "too_many_pings")
         self._last_ping = now
         self._sent_since_ping = False
-        out.append(_frame(_PING, _ACK, 0, payload))
+        # Sent at the end of this read, or with the answer of a call in progress, in one write:
+        # grpc-go pings after every answer it reads (to size its windows), usually in the same
+        # packet as its next request; an ack a call's time late only makes that estimate larger.
+        self._held.append(_frame(_PING, _ACK, 0, payload))
 
     def _on_window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -482,7 +588,7 @@ class _Connection(asyncio.Protocol):
         out: list[bytes] = []
         self._flush_waiting(out)
         if out and self._transport is not None:
-            self._transport.write(b"".join(out))
+            self._write(b"".join(out))
 
     def _on_headers(self, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
         if stream_id == 0:
@@ -532,6 +638,14 @@ class _Connection(asyncio.Protocol):
             raise _StreamError(_REFUSED_STREAM, "connection is going away")
         if len(self._streams) >= MAX_STREAMS_PER_CONNECTION:
             raise _StreamError(_REFUSED_STREAM, "too many concurrent streams")
+        if self._server.queue_full():
+            # Shed, don't queue: refused before the request's body is even read (its DATA frames
+            # are ignored), RESOURCE_EXHAUSTED, which istio-agent retries with backoff.
+            out.append(_frame(_HEADERS, _END_HEADERS | _END_STREAM, stream_id, _BUSY))
+            self._sent_since_ping = True
+            if not flags & _END_STREAM:
+                out.append(_frame(_RST_STREAM, 0, stream_id, struct.pack(">I", _NO_ERROR)))
+            return
         stream = _Stream(stream_id, self._peer_window)
         stream.headers = headers
         self._streams[stream_id] = stream
@@ -637,9 +751,17 @@ class _Connection(asyncio.Protocol):
             return
         stream.body = bytearray()
         context = _Context(tuple(metadata), self._peer)
+        stream.queued_at = time.monotonic()
+        self._server.queued += 1
         stream.task = asyncio.get_running_loop().create_task(self._call(stream, target, request, context))
 
     async def _call(self, stream: _Stream, target: _Method, request: Message, context: _Context) -> None:
+        self._server.queued -= 1
+        waited, stream.queued_at = time.monotonic() - stream.queued_at, 0.0
+        if waited > self._server.limits.max_queue_wait.total_seconds():
+            self._server.shed("queue_wait", f"waited {waited:.1f}s for the worker (--max-queue-wait)")
+            self._send_final(stream, _BUSY, None)
+            return
         try:
             try:
                 response = await target.handler(request, context)
@@ -675,14 +797,17 @@ class _Connection(asyncio.Protocol):
         """Send an answer: a trailers-only status (``data`` None) or headers, message, OK trailers."""
         if self._closed or self._streams.get(stream.id) is not stream or self._transport is None:
             return  # the client went away or reset the stream
+        held = b"".join(self._held) if self._held else b""
+        self._held.clear()
         if data is None:
-            self._transport.write(_frame(_HEADERS, _END_HEADERS | _END_STREAM, stream.id, head))
+            self._write(held + _frame(_HEADERS, _END_HEADERS | _END_STREAM, stream.id, head))
             self._sent_since_ping = True
             self._drop(stream.id, cancel=False)
             return
         if len(data) <= min(stream.send_window, self._send_window, self._peer_max_frame):
-            self._transport.write(
-                _frame(_HEADERS, _END_HEADERS, stream.id, head)
+            self._write(
+                held
+                + _frame(_HEADERS, _END_HEADERS, stream.id, head)
                 + _frame(_DATA, 0, stream.id, data)
                 + _frame(_HEADERS, _END_HEADERS | _END_STREAM, stream.id, _OK_TRAILERS)
             )
@@ -692,12 +817,12 @@ class _Connection(asyncio.Protocol):
             self._drop(stream.id, cancel=False)
             return
         # The client's windows are smaller than the answer: send what they allow, hold the rest.
-        self._transport.write(_frame(_HEADERS, _END_HEADERS, stream.id, head))
+        self._write(held + _frame(_HEADERS, _END_HEADERS, stream.id, head))
         stream.waiting = data
         out: list[bytes] = []
         self._flush_waiting(out)
         if out:
-            self._transport.write(b"".join(out))
+            self._write(b"".join(out))
 
     def _flush_waiting(self, out: list[bytes]) -> None:
         for stream in list(self._streams.values()):
@@ -716,15 +841,27 @@ class _Connection(asyncio.Protocol):
                 self._sent_since_ping = True
                 self._drop(stream.id, cancel=False)
 
+    def _cancel(self, stream: _Stream) -> None:
+        task = stream.task
+        if task is None or task.done():
+            return
+        if stream.queued_at:  # cancelled before its handler started: it never leaves the queue itself
+            stream.queued_at = 0.0
+            self._server.queued -= 1
+        task.cancel()
+
     def _reset(self, stream_id: int, code: int, out: list[bytes]) -> None:
         out.append(_frame(_RST_STREAM, 0, stream_id, struct.pack(">I", code)))
         self._drop(stream_id, cancel=True)
 
     def _drop(self, stream_id: int, *, cancel: bool) -> None:
         stream = self._streams.pop(stream_id, None)
-        if stream is not None and cancel and stream.task is not None and not stream.task.done():
-            stream.task.cancel()
+        if stream is not None and cancel:
+            self._cancel(stream)
         if not self._streams:
+            if self._held and self._transport is not None and not self._closed:
+                self._write(b"".join(self._held))
+                self._held.clear()
             if self._goaway:
                 self._close_when_idle()
             else:
@@ -761,7 +898,7 @@ class _Connection(asyncio.Protocol):
         if not self._goaway:
             self._goaway = True
             payload = struct.pack(">II", self._last_stream, code) + reason.encode("ascii", "replace")[:256]
-            self._transport.write(_frame(_GOAWAY, 0, 0, payload))
+            self._write(_frame(_GOAWAY, 0, 0, payload))
         self._close_when_idle()
 
     def _close_when_idle(self) -> None:
@@ -773,7 +910,7 @@ class _Connection(asyncio.Protocol):
         self._goaway = False  # send this GOAWAY with its code even after a graceful one
         if self._transport is not None and not self._closed:
             payload = struct.pack(">II", self._last_stream, code) + reason.encode("ascii", "replace")[:256]
-            self._transport.write(_frame(_GOAWAY, 0, 0, payload))
+            self._write(_frame(_GOAWAY, 0, 0, payload))
         self._close()
 
     def _close(self) -> None:
@@ -781,10 +918,14 @@ class _Connection(asyncio.Protocol):
             return
         self._closed = True
         for stream in list(self._streams.values()):
-            if stream.task is not None:
-                stream.task.cancel()
+            self._cancel(stream)
         self._streams.clear()
         if self._transport is not None:
+            if self._tls is not None and self._open:
+                with contextlib.suppress(ssl.SSLError, ValueError):
+                    self._tls.unwrap()  # close_notify; the client's own is not waited for
+                if self._tls_out.pending:
+                    self._transport.write(self._tls_out.read())
             self._transport.close()
 
     @property
@@ -830,6 +971,9 @@ class NativeGrpcServer:
         self.insecure_port: int | None = None
         self.client_cert_port: int | None = None
         self._stopped = asyncio.Event()
+        #: Calls received whose handler has not started yet (the --max-queued-requests queue).
+        self.queued = 0
+        self._shed_log = ShedLog(log)
 
     def _refresh_certificate(self) -> None:
         """Load the serving certificate if it changed since the last connection (renewals)."""
@@ -848,9 +992,22 @@ class NativeGrpcServer:
         self._loaded = material
 
     def _factory(self) -> _Connection:
-        # Called for each accepted connection before its TLS handshake starts.
+        # Called for each accepted connection, before its TLS handshake.
         self._refresh_certificate()
-        return _Connection(self)
+        return _Connection(self, self._ssl)
+
+    def _plain_factory(self) -> _Connection:
+        return _Connection(self, None)
+
+    def queue_full(self) -> bool:
+        if self.queued < self.limits.max_queued_requests:
+            return False
+        self.shed("queue_full", f"{self.queued} calls waiting for this worker (--max-queued-requests)")
+        return True
+
+    def shed(self, reason: str, detail: str) -> None:
+        count_shed(reason)
+        self._shed_log.note(LoadShedError(_BUSY_MESSAGE, reason=reason, detail=detail))
 
     def admit(self, connection: _Connection) -> bool:
         if self.limits.max_connections and len(self._connections) >= self.limits.max_connections:
@@ -867,11 +1024,9 @@ class NativeGrpcServer:
         loop = asyncio.get_running_loop()
         try:
             return await loop.create_server(
-                self._factory,
+                self._factory if tls else self._plain_factory,
                 host,
                 int(port),
-                ssl=self._ssl if tls else None,
-                ssl_handshake_timeout=self.limits.handshake_timeout.total_seconds() if tls else None,
                 reuse_port=True,  # several worker processes share the port (SO_REUSEPORT)
                 backlog=1024,
             )

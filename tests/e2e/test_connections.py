@@ -265,7 +265,7 @@ def test_too_many_pings_get_goaway(tmp_path: Path, transport: str) -> None:
 
 def _refused(srv: DevServer, ctx: ssl.SSLContext) -> bool:
     """Whether a new connection is closed without a word of HTTP/2: during the TLS handshake
-    (grpcio) or right after it (native: asyncio counts a connection once its handshake is done)."""
+    (both transports count a connection from accept) or, at the latest, right after it."""
     try:
         sock = _idle_h2(srv, ctx)
     except (ssl.SSLError, OSError):

@@ -73,6 +73,11 @@ def test_lint(tmp_path: Path) -> None:
         ({"app": {"server": {"maxCertificateDuration": "one hour"}}}, "does not match pattern"),
         ({"app": {"server": {"caTrustedNodeAccounts": "ztunnel"}}}, "does not match pattern"),
         ({"app": {"logFormat": "xml"}}, "value must be one of"),
+        ({"app": {"server": {"grpcTransport": "h2"}}}, "value must be one of"),
+        (
+            {"app": {"server": {"grpcTransport": "native", "authenticators": ["client-cert", "tokenreview"]}}},
+            "grpcTransport native does not serve the client-certificate (mTLS) listener",
+        ),
         ({"app": {"extraArgs": ["serve"]}}, "does not match pattern"),
         ({"app": {"issuer": "local"}}, "app.local.secretName is required"),
         ({"app": {"issuer": "vault"}}, "app.vault.address is required"),
@@ -314,6 +319,12 @@ def test_client_cert_and_multicluster() -> None:
     assert [(scope, names) for scope, _, _, _, names in secrets] == [("mesh-ca", ())]
     assert f["multicluster-namespace"] == "mesh-ca"
     assert ("*", "authentication.k8s.io", "tokenreviews", frozenset({"create"}), ()) in granted
+
+
+def test_grpc_transport() -> None:
+    assert flags(render(CERT_MANAGER))["grpc-transport"] == "grpcio"
+    native = merge(CERT_MANAGER, {"app": {"server": {"grpcTransport": "native"}}})
+    assert flags(render(native))["grpc-transport"] == "native"
 
 
 def test_authenticator_alone_still_renders_as_before() -> None:

@@ -60,9 +60,12 @@ def test_file_rejects_unknown_keys(tmp_path: Path) -> None:
         ({"log-format": "xml"}, "--log-format"),
         ({"dev": "maybe"}, "--dev"),
         ({"grpc-transport": "h2"}, "--grpc-transport"),
-        # The native transport has no client-certificate listener: refused, not ignored.
         (
-            {"grpc-transport": "native", "client-cert-grpc-listen": "127.0.0.1:0", "authenticators": "client-cert,jwt"},
+            {
+                "grpc-transport": "native",
+                "authenticators": "client-cert,tokenreview",
+                "client-cert-grpc-listen": "0.0.0.0:6444",
+            },
             "--client-cert-grpc-listen: needs --grpc-transport grpcio",
         ),
     ],

@@ -6,8 +6,9 @@ are fed to one connection over an in-memory transport. Invariants: no exception 
 ``data_received``; nothing is logged as an error; everything the server writes is well-formed
 HTTP/2 (frames no larger than the default maximum, header blocks our decoder reads); a
 connection the server closes on its own ends with GOAWAY; every answered stream carries a
-``:status``, and a gRPC answer a ``grpc-status``. The end-to-end tests of each case are in
-``tests/e2e/test_native_h2.py``.
+``:status``, and a gRPC answer a ``grpc-status``; every call counted into the worker's queue is
+counted out again (a leak would make the worker refuse everything as queue_full). The
+end-to-end tests of each case are in ``tests/e2e/test_native_h2.py``.
 """
 
 from __future__ import annotations
@@ -79,12 +80,24 @@ class _Transport(asyncio.Transport):
 
 
 class _Server:
-    """The part of ``NativeGrpcServer`` a connection uses: limits, methods, admission."""
+    """The part of ``NativeGrpcServer`` a connection uses: limits, methods, admission, the queue."""
 
     def __init__(self) -> None:
-        self.limits = GrpcLimits()
+        # A small queue, so that sessions reach it: calls past it are shed.
+        self.limits = GrpcLimits(max_queued_requests=4)
         self.health = native.NativeHealth()
         self.methods = {HEALTH_CHECK.encode(): native._Method(health_pb2.HealthCheckRequest, self.health.Check)}
+        self.queued = 0
+        self.shed_reasons: Counter[str] = Counter()
+
+    def queue_full(self) -> bool:
+        if self.queued < self.limits.max_queued_requests:
+            return False
+        self.shed("queue_full", "")
+        return True
+
+    def shed(self, reason: str, detail: str) -> None:
+        self.shed_reasons[reason] += 1
 
     def admit(self, connection: object) -> bool:
         return True
@@ -147,7 +160,7 @@ _messages = st.one_of(
 def _items(draw: st.DrawFn, encoder: hpack.Encoder, next_stream: list[int]) -> bytes:
     """One thing a client sends: a call, a frame of any type, or raw bytes. Mostly on the next
     stream a client would open, so that sessions get past their first frame."""
-    choice = draw(st.integers(0, 13))
+    choice = draw(st.integers(0, 14))
     if draw(st.integers(0, 3)):
         stream = next_stream[0]
         next_stream[0] += 2
@@ -205,6 +218,16 @@ def _items(draw: st.DrawFn, encoder: hpack.Encoder, next_stream: list[int]) -> b
             )
         )
         return frame(HEADERS, END_HEADERS, stream, block) + breaking
+    if choice == 13:  # a burst of good calls in one write (past the queue), some reset at once
+        burst = b""
+        for _ in range(draw(st.integers(2, 8))):
+            block = bytes(encoder.encode(request_headers(HEALTH_CHECK)))
+            burst += frame(HEADERS, END_HEADERS, stream, block) + frame(DATA, END_STREAM, stream, _GOOD)
+            if draw(st.booleans()):
+                burst += frame(RST_STREAM, 0, stream, b"\0\0\0\x08")
+            stream = next_stream[0]
+            next_stream[0] += 2
+        return burst
     # any frame type, any flags, a payload of random bytes or of sizes the types care about
     kind = draw(_kinds)
     payload = draw(
@@ -257,11 +280,11 @@ def _check_output(written: bytes, outcomes: Counter[str], closed_by_server: bool
         assert frames[-1].kind == GOAWAY, f"closed without GOAWAY: {frames[-3:]}"
 
 
-async def _session(wire: bytes, cuts: list[int]) -> tuple[_Transport, bool]:
+async def _session(wire: bytes, cuts: list[int], outcomes: Counter[str]) -> tuple[_Transport, bool]:
     server = _Server()
     await server.health.set("", health_pb2.HealthCheckResponse.SERVING)
     transport = _Transport()
-    conn = native._Connection(server)  # type: ignore[arg-type]
+    conn = native._Connection(server, None)  # type: ignore[arg-type]  # plaintext: the frames are the point
     conn.connection_made(transport)  # type: ignore[arg-type]
     pos = 0
     for cut in [*cuts, len(wire)]:
@@ -274,6 +297,10 @@ async def _session(wire: bytes, cuts: list[int]) -> tuple[_Transport, bool]:
     conn.connection_lost(None)
     for _ in range(3):
         await asyncio.sleep(0)
+    # Every call that entered the worker's queue left it: answered, shed, reset or cancelled
+    # (a count that leaked would refuse every later call of the worker as queue_full).
+    assert server.queued == 0, f"{server.queued} calls still counted as queued"
+    outcomes.update({f"shed:{reason}": n for reason, n in server.shed_reasons.items()})
     return transport, closed_by_server
 
 
@@ -287,7 +314,7 @@ def test_random_frame_sequences(errors: _Errors) -> None:
     @given(_sessions())
     def run(session: tuple[bytes, list[int]]) -> None:
         wire, cuts = session
-        transport, closed_by_server = loop.run_until_complete(_session(wire, cuts))
+        transport, closed_by_server = loop.run_until_complete(_session(wire, cuts, outcomes))
         client_goaway = any(f.kind == GOAWAY for f in parse_frames(bytearray(wire[len(PREFACE) :])))
         _check_output(bytes(transport.written), outcomes, closed_by_server, client_goaway)
         assert not failures, failures
@@ -298,5 +325,5 @@ def test_random_frame_sequences(errors: _Errors) -> None:
     finally:
         loop.close()
     kinds = {label.partition(":")[0] for label in outcomes}
-    assert {"goaway", "rst", "grpc-ok", "grpc-error", "http-error"} <= kinds, dict(outcomes)
+    assert {"goaway", "rst", "grpc-ok", "grpc-error", "http-error", "shed"} <= kinds, dict(outcomes)
     print(f"\noutcomes: {dict(sorted(outcomes.items()))}")
