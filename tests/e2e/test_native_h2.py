@@ -454,6 +454,34 @@ def test_client_reset_mid_call_and_goaway(native: DevServer, token: str) -> None
         assert conn.wait_closed()
 
 
+def test_rapid_reset_gets_enhance_your_calm_and_leaks_no_queue_slot(native: DevServer, token: str) -> None:
+    # CVE-2023-44487: open a call and reset it at once, 300 times in one write. Each call was
+    # queued for the worker and cancelled before it ran: the server says ENHANCE_YOUR_CALM past
+    # its limit, and the queue count (--max-queued-requests, 128) must not keep the cancelled
+    # ones, or the autouse check's good call would be refused as busy.
+    with _conn(native) as conn:
+        block = b"".join(
+            frame(HEADERS, END_HEADERS, 2 * n + 1, conn.header_block(request_headers(token=token)))
+            + frame(DATA, END_STREAM, 2 * n + 1, grpc_message(_good_body()))
+            + frame(RST_STREAM, 0, 2 * n + 1, b"\0\0\0\x08")
+            for n in range(300)
+        )
+        conn.send(block)
+        goaway = conn.goaway()
+        assert goaway is not None, conn.frames[-5:]
+        assert goaway.error_code == ENHANCE_YOUR_CALM
+        assert b"reset" in goaway.payload[8:]
+    # More calls than the queue holds, one after another: none refused as busy.
+    with _conn(native) as conn:
+        for n in range(130):
+            conn.request(
+                2 * n + 1,
+                grpc_message(health_pb2.HealthCheckRequest().SerializeToString()),
+                request_headers(HEALTH_CHECK),
+            )
+            assert conn.answer(2 * n + 1).grpc_status == OK
+
+
 def test_the_connection_closes_on_abrupt_eof_mid_frame(native: DevServer, token: str) -> None:
     conn = _conn(native)
     conn.send(frame(HEADERS, END_HEADERS, 1, conn.header_block(request_headers(token=token)))[:20])
