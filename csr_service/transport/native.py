@@ -136,11 +136,17 @@ def _grpc_message(text: str) -> bytes:
     return bytes(out)
 
 
+#: Characters of a grpc-message we send: a status block must fit one HEADERS frame (the client's
+#: SETTINGS_MAX_FRAME_SIZE, 16 KiB by default; we send no CONTINUATION) even percent-encoded
+#: (1024 x 4 UTF-8 bytes x 3), and the unknown-method status repeats a client-chosen path.
+_MAX_MESSAGE = 1024
+
+
 def _status_block(code: grpc.StatusCode, message: str, *, with_head: bool) -> bytes:
     block = _RESPONSE_HEADERS if with_head else b""
     block += _literal(b"grpc-status", str(code.value[0]).encode())
     if message:
-        block += _literal(b"grpc-message", _grpc_message(message))
+        block += _literal(b"grpc-message", _grpc_message(message[:_MAX_MESSAGE]))
     return block
 
 

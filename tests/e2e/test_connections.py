@@ -4,7 +4,8 @@ While 1,000 idle TLS connections, clients that never send a ClientHello and clie
 trickle one byte per second are held open, a good CreateCertificate still succeeds, and the
 server closes the stalled handshakes itself (``--tls-handshake-timeout``). Also: idle
 connections get GOAWAY after ``--max-connection-idle``, ``--max-connections`` refuses the
-excess, and a client pinging too often is told so (GOAWAY too_many_pings).
+excess, and a client pinging too often is told so (GOAWAY too_many_pings). Every test runs
+against both gRPC transports (``--grpc-transport grpcio`` and ``native``).
 
 Loopback only; every socket is closed by the test. Latencies are printed (``pytest -s``);
 the only timing asserts are generous sanity bounds, because CI machines are noisy.
@@ -30,9 +31,9 @@ import pytest
 from csr_service._generated import ca_pb2, ca_pb2_grpc
 from csr_service.pki.keys import KeyType, generate_key
 from tests.support.certs import csr_pem
-from tests.support.dev_server import DevServer, running_dev_server
+from tests.support.dev_server import TRANSPORTS, DevServer, running_dev_server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("transport", TRANSPORTS)]
 
 IDLE_TLS = 1000
 SILENT = 50
@@ -159,8 +160,8 @@ class Trickler:
             sock.close()
 
 
-def test_idle_and_stalled_connections_do_not_exhaust_the_server(tmp_path: Path) -> None:
-    args = ("--tls-handshake-timeout", f"{HANDSHAKE_TIMEOUT:g}s")
+def test_idle_and_stalled_connections_do_not_exhaust_the_server(tmp_path: Path, transport: str) -> None:
+    args = ("--tls-handshake-timeout", f"{HANDSHAKE_TIMEOUT:g}s", "--grpc-transport", transport)
     idle: list[ssl.SSLSocket] = []
     silent: list[socket.socket] = []
     trickler: Trickler | None = None
@@ -229,8 +230,8 @@ def _wait_for_frame(sock: ssl.SSLSocket, kind: int, timeout: float) -> bytes | N
     return None
 
 
-def test_idle_connections_get_goaway(tmp_path: Path) -> None:
-    with running_dev_server(tmp_path / "state", "--max-connection-idle", "1s") as srv:
+def test_idle_connections_get_goaway(tmp_path: Path, transport: str) -> None:
+    with running_dev_server(tmp_path / "state", "--max-connection-idle", "1s", "--grpc-transport", transport) as srv:
         with contextlib.closing(_idle_h2(srv, _tls_context(srv))) as sock:
             t0 = time.monotonic()
             payload = _wait_for_frame(sock, GOAWAY, timeout=20)
@@ -239,9 +240,19 @@ def test_idle_connections_get_goaway(tmp_path: Path) -> None:
         _good_call(srv)  # new connections are served as before
 
 
-def test_too_many_pings_get_goaway(tmp_path: Path) -> None:
+def test_old_connections_get_goaway(tmp_path: Path, transport: str) -> None:
+    args = ("--max-connection-age", "1s", "--max-connection-idle", "1h", "--grpc-transport", transport)
+    with running_dev_server(tmp_path / "state", *args) as srv:
+        with contextlib.closing(_idle_h2(srv, _tls_context(srv))) as sock:
+            payload = _wait_for_frame(sock, GOAWAY, timeout=20)
+            assert payload is not None, "no GOAWAY for a connection past its age"
+            assert int.from_bytes(payload[4:8], "big") == 0  # NO_ERROR: a graceful one
+        _good_call(srv)
+
+
+def test_too_many_pings_get_goaway(tmp_path: Path, transport: str) -> None:
     # Pings allowed every 10 s; faster ones are strikes, and the third gets GOAWAY.
-    with running_dev_server(tmp_path / "state") as srv:
+    with running_dev_server(tmp_path / "state", "--grpc-transport", transport) as srv:
         with contextlib.closing(_idle_h2(srv, _tls_context(srv))) as sock:
             for n in range(5):
                 sock.sendall(_frame(PING, n.to_bytes(8, "big")))
@@ -252,13 +263,27 @@ def test_too_many_pings_get_goaway(tmp_path: Path) -> None:
         assert b"too_many_pings" in payload[8:]
 
 
-def test_connections_above_the_limit_are_refused(tmp_path: Path) -> None:
-    with running_dev_server(tmp_path / "state", "--max-connections", "20") as srv:
+def _refused(srv: DevServer, ctx: ssl.SSLContext) -> bool:
+    """Whether a new connection is closed without a word of HTTP/2: during the TLS handshake
+    (both transports count a connection from accept) or, at the latest, right after it."""
+    try:
+        sock = _idle_h2(srv, ctx)
+    except (ssl.SSLError, OSError):
+        return True
+    with contextlib.closing(sock):
+        sock.settimeout(20)
+        try:
+            return sock.recv(65536) == b""
+        except (ssl.SSLError, OSError):
+            return True
+
+
+def test_connections_above_the_limit_are_refused(tmp_path: Path, transport: str) -> None:
+    with running_dev_server(tmp_path / "state", "--max-connections", "20", "--grpc-transport", transport) as srv:
         ctx = _tls_context(srv)
         held = [_idle_h2(srv, ctx) for _ in range(20)]
         try:
-            with pytest.raises((ssl.SSLError, OSError)):
-                _idle_h2(srv, ctx).close()  # closed during the handshake
+            assert _refused(srv, ctx)
             with pytest.raises(grpc.RpcError):
                 _good_call(srv)
         finally:
@@ -272,3 +297,60 @@ def test_connections_above_the_limit_are_refused(tmp_path: Path) -> None:
             except grpc.RpcError:
                 assert time.monotonic() < deadline, "connections not accepted again after others closed"
                 time.sleep(0.2)
+
+
+def test_tls_done_but_no_http2_preface_is_closed_at_the_handshake_timeout(tmp_path: Path, transport: str) -> None:
+    # A client that completes TLS and then says nothing holds a connection as long as one that
+    # never finishes the handshake: the same limit closes it. One that sent its preface stays.
+    args = ("--tls-handshake-timeout", f"{HANDSHAKE_TIMEOUT:g}s", "--grpc-transport", transport)
+    with running_dev_server(tmp_path / "state", *args) as srv:
+        ctx = _tls_context(srv)
+        raw = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        with (
+            ctx.wrap_socket(raw, server_hostname="localhost") as mute,
+            contextlib.closing(_idle_h2(srv, ctx)) as talking,
+        ):
+            since = time.monotonic()
+            while not _closed_by_peer(mute):
+                assert time.monotonic() - since < HANDSHAKE_TIMEOUT + 20, "a TLS client without a preface kept open"
+                time.sleep(0.1)
+            assert time.monotonic() - since >= HANDSHAKE_TIMEOUT * 0.5  # closed by the limit, not at once
+            assert not _closed_by_peer(talking)
+        _good_call(srv)
+
+
+#: Far more than the kernel's and the server's buffers on a loopback connection hold (a few MB).
+FLOOD_BOUND = 64 * 2**20
+#: No progress for this long: the server has stopped reading (a paused reader never resumes here).
+STALLED = 10.0
+
+
+def test_a_client_that_never_reads_is_not_read_either(tmp_path: Path, transport: str) -> None:
+    # A SETTINGS flood (CVE-2019-9515): every SETTINGS asks for an ACK. A client that sends them
+    # and never reads must meet TCP back-pressure (the server stops reading it), not grow the
+    # server's write buffer without bound.
+    with running_dev_server(tmp_path / "state", "--grpc-transport", transport) as srv:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        raw.settimeout(30)
+        raw.connect(("127.0.0.1", srv.port))
+        rss_before = _rss_mib(srv.proc.pid)
+        with _tls_context(srv).wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(H2_PREFACE + _frame(SETTINGS))
+            sock.settimeout(STALLED)
+            chunk = _frame(SETTINGS) * 10_000
+            sent = 0
+            stopped: OSError | None = None  # TimeoutError: stalled (or the server closed it)
+            while sent < FLOOD_BOUND and stopped is None:
+                try:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+                except OSError as exc:
+                    stopped = exc
+            rss_held = _rss_mib(srv.proc.pid)
+        assert stopped is not None, f"the server read {sent / 2**20:.0f} MiB from a client that never reads"
+        mib = sent / 2**20
+        print(
+            f"\n{transport}: the server stopped reading after {mib:.1f} MiB; RSS {rss_before:.0f} -> {rss_held:.0f} MiB"
+        )
+        _good_call(srv)

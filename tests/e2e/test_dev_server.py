@@ -26,7 +26,7 @@ from csr_service._generated import ca_pb2, ca_pb2_grpc
 from csr_service.service.dev import dev_jwt_algorithm
 from tests.support.certs import csr_pem, uri_sans
 from tests.support.der import CN_OID, EDI, TAG_INTEGER, X400, hostile_csr, uri_name
-from tests.support.dev_server import CSR_SERVICE, DevServer, running_dev_server
+from tests.support.dev_server import BOTH_TRANSPORTS, CSR_SERVICE, TRANSPORTS, DevServer, running_dev_server
 from tests.support.pki import load_certs, new_key, verify_chain
 from tests.support.waiting import wait_for
 
@@ -45,6 +45,7 @@ def _request_cli(srv: DevServer, out: Path, token: str, *extra: str) -> subproce
     return subprocess.run(args, capture_output=True, text=True, timeout=60)
 
 
+@BOTH_TRANSPORTS
 @pytest.mark.parametrize("key_type", ["ec-p256", "ec-p384", "rsa2048"])
 def test_request_cli_writes_workload_files(dev_server: DevServer, out_dir: Path, key_type: str) -> None:
     res = _request_cli(dev_server, out_dir, dev_server.token("default", "sleep"), "--key-type", key_type)
@@ -62,6 +63,7 @@ def test_request_cli_writes_workload_files(dev_server: DevServer, out_dir: Path,
     )
 
 
+@BOTH_TRANSPORTS
 def test_request_cli_reports_status_on_failure(dev_server: DevServer, out_dir: Path) -> None:
     res = _request_cli(dev_server, out_dir, dev_server.token("default", "other"))
     assert res.returncode == 1
@@ -240,6 +242,7 @@ BAD_INPUTS: dict[str, tuple[Any, Any, dict[str, str], grpc.StatusCode]] = {
 }
 
 
+@BOTH_TRANSPORTS
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gets_clear_status(dev_server: DevServer, case: str) -> None:
     csr, tok, md, code = BAD_INPUTS[case]
@@ -255,6 +258,7 @@ def test_bad_input_gets_clear_status(dev_server: DevServer, case: str) -> None:
     assert len(details) < 300  # short message; detail stays in the log
 
 
+@BOTH_TRANSPORTS
 def test_oversized_request_is_refused_by_grpc(dev_server: DevServer) -> None:
     # Requests above 256 KiB never reach csr-service: gRPC core refuses them, which bounds the
     # memory a worker's calls in progress can hold (--max-concurrent-requests of them).
@@ -265,6 +269,7 @@ def test_oversized_request_is_refused_by_grpc(dev_server: DevServer) -> None:
     assert len(ok.cert_chain) >= 2
 
 
+@BOTH_TRANSPORTS
 def test_impersonation_is_refused(dev_server: DevServer) -> None:
     with pytest.raises(grpc.RpcError) as info:
         _call(
@@ -276,6 +281,7 @@ def test_impersonation_is_refused(dev_server: DevServer) -> None:
     assert info.value.code() == PD
 
 
+@BOTH_TRANSPORTS
 @pytest.mark.parametrize("ttl", [-1, 0, 2**62])
 def test_any_validity_duration_is_clamped(dev_server: DevServer, ttl: int) -> None:
     resp = _call(dev_server, GOOD_CSR(), dev_server.token("default", "sleep"), ttl=ttl)
@@ -284,6 +290,7 @@ def test_any_validity_duration_is_clamped(dev_server: DevServer, ttl: int) -> No
     assert life.total_seconds() <= 3600 + 120 + 5
 
 
+@BOTH_TRANSPORTS
 def test_server_survives_bad_input_and_logs_detail(dev_server: DevServer) -> None:
     for case in BAD_INPUTS:
         csr, tok, md, _ = BAD_INPUTS[case]
@@ -301,6 +308,7 @@ def test_server_survives_bad_input_and_logs_detail(dev_server: DevServer) -> Non
     assert "eyJ" not in log
 
 
+@BOTH_TRANSPORTS
 def test_concurrent_requests(dev_server: DevServer) -> None:
     token = dev_server.token("default", "sleep")
     with ThreadPoolExecutor(16) as pool:
@@ -321,6 +329,7 @@ def _tls_connect(srv: DevServer, **kw: Any) -> ssl.SSLSocket:
     return ctx.wrap_socket(sock, server_hostname=kw.pop("server_hostname", "localhost"))
 
 
+@BOTH_TRANSPORTS
 def test_tls_alpn_h2_and_names(dev_server: DevServer) -> None:
     with _tls_connect(dev_server) as s:
         assert s.selected_alpn_protocol() == "h2"
@@ -331,6 +340,7 @@ def test_tls_alpn_h2_and_names(dev_server: DevServer) -> None:
     assert [str(i) for i in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
 
 
+@BOTH_TRANSPORTS
 def test_tls_below_1_2_is_refused(dev_server: DevServer) -> None:
     import warnings
 
@@ -362,6 +372,7 @@ def test_tls_below_1_2_is_refused(dev_server: DevServer) -> None:
         assert tls.version() == "TLSv1.2"
 
 
+@BOTH_TRANSPORTS
 def test_plaintext_is_refused_on_tls_port(dev_server: DevServer) -> None:
     with grpc.insecure_channel(dev_server.address) as ch, pytest.raises(grpc.RpcError) as info:
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3)
@@ -389,8 +400,11 @@ def _peer_serial(srv: DevServer) -> int:
         return x509.load_der_x509_certificate(s.getpeercert(binary_form=True)).serial_number
 
 
-def test_serving_certificate_rotates_without_dropping_connections(tmp_path: Path) -> None:
-    with running_dev_server(tmp_path / "s", "--serving-certificate-duration", "12s") as srv:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_serving_certificate_rotates_without_dropping_connections(tmp_path: Path, transport: str) -> None:
+    # The native transport loads the renewed certificate for the next connection it accepts.
+    args = ("--serving-certificate-duration", "12s", "--grpc-transport", transport)
+    with running_dev_server(tmp_path / "s", *args) as srv:
         token = srv.token("default", "sleep")
         first = _peer_serial(srv)
         with srv.channel() as ch:
@@ -415,19 +429,22 @@ def test_dev_state_is_reused_across_restarts(tmp_path: Path) -> None:
     assert (state / "jwt-signing-key.pem").stat().st_mode & 0o777 == 0o600
 
 
-def test_insecure_listener_only_when_asked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_insecure_listener_only_when_asked(tmp_path: Path, transport: str) -> None:
     from tests.support.dev_server import free_port
 
     port = free_port()
-    with running_dev_server(tmp_path / "s", "--insecure-grpc-listen", f"127.0.0.1:{port}") as srv:
+    args = ("--insecure-grpc-listen", f"127.0.0.1:{port}", "--grpc-transport", transport)
+    with running_dev_server(tmp_path / "s", *args) as srv:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
         assert "INSECURE plaintext gRPC listener" in srv.log()
 
 
-def test_multiple_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
-    with running_dev_server(tmp_path / "s", workers=2) as srv:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_multiple_workers_share_the_port_and_stop_cleanly(tmp_path: Path, transport: str) -> None:
+    with running_dev_server(tmp_path / "s", "--grpc-transport", transport, workers=2) as srv:
         token = srv.token("default", "sleep")
         for _ in range(8):  # separate channels → separate connections, spread by the kernel
             assert len(_call(srv, GOOD_CSR(), token).cert_chain) == 2

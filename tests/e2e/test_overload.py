@@ -25,7 +25,7 @@ from bench.common import ghz_command
 from csr_service._generated import ca_pb2, ca_pb2_grpc
 from csr_service.pki.keys import KeyType, generate_key
 from tests.support.certs import csr_pem
-from tests.support.dev_server import DevServer, free_port, running_dev_server
+from tests.support.dev_server import TRANSPORTS, DevServer, free_port, running_dev_server
 
 pytestmark = pytest.mark.e2e
 
@@ -108,6 +108,8 @@ def _one_call_succeeds(srv: DevServer, sa: str = "sleep") -> None:
 
 def test_excess_calls_get_resource_exhausted_at_once(tmp_path: Path, http_port: int) -> None:
     # One call in progress per worker, and a queue deep enough that only our limit refuses.
+    # grpcio only: on the native transport a local-CA call never yields to the event loop from
+    # admission to answer, so calls run one after another and a limit of 1 is never exceeded.
     with _server(tmp_path, http_port, "--max-concurrent-requests", "1", "--max-queued-requests", "10000") as srv:
         results = _flood(srv, "sleep", calls=300, channels=10)
         codes = _report("in-flight limit 1, 300 calls", results)
@@ -124,15 +126,26 @@ def test_excess_calls_get_resource_exhausted_at_once(tmp_path: Path, http_port: 
         assert "shedding load: refused" in srv.log()
 
 
-def test_a_full_queue_refuses_in_grpc_core(tmp_path: Path, http_port: int) -> None:
+#: How each transport refuses a call past --max-queued-requests.
+QUEUE_REFUSAL = {"grpcio": "CANCELLED", "native": "RESOURCE_EXHAUSTED"}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_full_queue_refuses_in_grpc_core(tmp_path: Path, http_port: int, transport: str) -> None:
     # A queue of 2: gRPC core refuses the excess before csr-service sees it (CANCELLED, which
-    # istio-agent retries like RESOURCE_EXHAUSTED); our own limit may refuse some too.
-    with _server(tmp_path, http_port, "--max-queued-requests", "2") as srv:
+    # istio-agent retries like RESOURCE_EXHAUSTED); our own limit may refuse some too. The native
+    # transport counts the calls waiting for the event loop itself and refuses the excess with
+    # RESOURCE_EXHAUSTED ("the server is busy").
+    args = ("--max-queued-requests", "2", "--grpc-transport", transport)
+    with _server(tmp_path, http_port, *args) as srv:
         results = _flood(srv, "sleep", calls=400, channels=10)
-        codes = _report("queue of 2, 400 calls", results)
+        codes = _report(f"{transport}, queue of 2, 400 calls", results)
         assert set(codes) <= {"OK", "CANCELLED", "RESOURCE_EXHAUSTED"}, codes
         assert codes["OK"] >= 1
-        assert codes["CANCELLED"] >= 1, "the queue limit never refused anything"
+        assert codes[QUEUE_REFUSAL[transport]] >= 1, "the queue limit never refused anything"
+        if transport == "native":
+            assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
+            assert all(d.startswith("the server is busy; retry later") for c, _, d in results if c == RE), results
         assert all(seconds < SANE_REFUSAL_SECONDS for code, seconds, _ in results if code != grpc.StatusCode.OK)
         assert srv.proc.poll() is None
         _one_call_succeeds(srv)
@@ -142,12 +155,16 @@ def test_a_full_queue_refuses_in_grpc_core(tmp_path: Path, http_port: int) -> No
             time.sleep(0.5)
 
 
-def test_a_go_client_sees_the_queue_refusals_as_cancelled(tmp_path: Path, http_port: int, ghz: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_go_client_sees_the_queue_refusals_as_cancelled(
+    tmp_path: Path, http_port: int, ghz: Path, transport: str
+) -> None:
     # istio-agent's CA client is grpc-go, which checks a response's headers more strictly than
     # gRPC Python: gRPC core's refusals must reach it as CANCELLED (retried with backoff), not
     # INTERNAL "malformed header" (what GRPC_EXPERIMENTS=ph2_server makes of them in grpcio
     # 1.85: docs/operations.md, "Overload") nor a hang. 50 connections, 200 calls in flight.
-    with _server(tmp_path, http_port, "--max-queued-requests", "2") as srv:
+    # The native transport's refusals (trailers-only, RESOURCE_EXHAUSTED) must pass grpc-go too.
+    with _server(tmp_path, http_port, "--max-queued-requests", "2", "--grpc-transport", transport) as srv:
         token = srv.token("default", "sleep")
         csr = csr_pem(generate_key(KeyType.EC_P256), uris=("spiffe://cluster.local/ns/default/sa/sleep",)).decode()
         cmd = ghz_command(
@@ -167,16 +184,18 @@ def test_a_go_client_sees_the_queue_refusals_as_cancelled(tmp_path: Path, http_p
         report = json.loads(proc.stdout)
         codes = Counter(report.get("statusCodeDistribution") or {})
         errors = Counter(d.get("error", "") for d in report.get("details") or [] if d.get("status") != "OK")
-        print(f"\nghz, queue of 2, 2000 calls: {dict(codes)}; errors: {dict(errors.most_common(3))}")
+        print(f"\nghz, {transport}, queue of 2, 2000 calls: {dict(codes)}; errors: {dict(errors.most_common(3))}")
         assert set(codes) <= {"OK", "Canceled", "ResourceExhausted"}, errors.most_common(3)
         assert codes["OK"] >= 1
-        assert codes["Canceled"] >= 1, "the queue limit never refused anything"
+        refusal = {"grpcio": "Canceled", "native": "ResourceExhausted"}[transport]
+        assert codes[refusal] >= 1, "the queue limit never refused anything"
         assert srv.proc.poll() is None
         _one_call_succeeds(srv)
 
 
-def test_per_identity_rate_limits_only_that_identity(tmp_path: Path, http_port: int) -> None:
-    args = ("--per-identity-rate", "0.01", "--per-identity-burst", "3")
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_per_identity_rate_limits_only_that_identity(tmp_path: Path, http_port: int, transport: str) -> None:
+    args = ("--per-identity-rate", "0.01", "--per-identity-burst", "3", "--grpc-transport", transport)
     with _server(tmp_path, http_port, *args) as srv:
         results = [_flood(srv, "crashloop", calls=1, channels=1)[0] for _ in range(5)]
         codes = [code for code, _, _ in results]

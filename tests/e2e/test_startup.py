@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.dev_server import CSR_SERVICE, _preexec, _stop, free_port
+from tests.support.dev_server import CSR_SERVICE, TRANSPORTS, _preexec, _stop, free_port
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +41,8 @@ def test_unreachable_issuer_backend_is_retried_not_fatal(tmp_path: Path) -> None
         _stop(proc)
 
 
-def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_port_in_use_is_a_clear_error(tmp_path: Path, transport: str) -> None:
     import socket
 
     port = free_port()
@@ -50,7 +51,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         taken.listen()
         res = subprocess.run(
             [*CSR_SERVICE, "serve", "--dev", "--state-dir", str(tmp_path / "s"), "--workers", "1",
-             "--grpc-listen", f"127.0.0.1:{port}"],
+             "--grpc-listen", f"127.0.0.1:{port}", "--grpc-transport", transport],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert res.returncode == 2

@@ -1,7 +1,9 @@
 """Interop: Istio's own client code (the sidecar's CA client) against ``csr-service serve --dev``.
 
 ``istio_client`` runs istio.io/istio's citadel client + GenCSR + token plugin, i.e. exactly what
-istio-agent does; if these pass, an unmodified sidecar can get its certificate from us.
+istio-agent does; if these pass, an unmodified sidecar can get its certificate from us. Every
+test runs against both gRPC transports (``--grpc-transport grpcio`` and ``native``): the same
+certificates and the same error codes.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ SERVICE_ACCOUNT = "productpage"
 IDENTITY = f"spiffe://cluster.local/ns/{NAMESPACE}/sa/{SERVICE_ACCOUNT}"
 
 
-@pytest.fixture(scope="module")
-def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
-    with running_dev_server(tmp_path_factory.mktemp("interop") / "state") as srv:
+TRANSPORTS = ["grpcio", "native"]
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def dev_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[DevServer]:
+    state = tmp_path_factory.mktemp(f"interop-{request.param}") / "state"
+    with running_dev_server(state, "--grpc-transport", request.param) as srv:
         yield srv
 
 
@@ -98,6 +104,37 @@ def test_wrong_cluster_id_is_refused(istio_client: IstioClient, dev_server: DevS
     assert res.code == "UNAUTHENTICATED", res
 
 
+def test_csr_for_another_trust_domain_is_unauthenticated(istio_client: IstioClient, dev_server: DevServer) -> None:
+    # The token is right, but the agent's CSR asks for spiffe://evil.td/...: not the caller's identity.
+    res = istio_client(
+        ca_address=dev_server.address,
+        root_cert=dev_server.root_cert,
+        token=dev_server.token(NAMESPACE, SERVICE_ACCOUNT),
+        namespace=NAMESPACE,
+        service_account=SERVICE_ACCOUNT,
+        trust_domain="evil.td",
+        key_type="ec256",
+    )
+
+    assert not res.ok
+    assert res.code == "UNAUTHENTICATED", res
+
+
+def test_impersonation_is_permission_denied(istio_client: IstioClient, dev_server: DevServer) -> None:
+    res = istio_client(
+        ca_address=dev_server.address,
+        root_cert=dev_server.root_cert,
+        token=dev_server.token(NAMESPACE, SERVICE_ACCOUNT),
+        namespace=NAMESPACE,
+        service_account=SERVICE_ACCOUNT,
+        impersonate=f"spiffe://cluster.local/ns/{NAMESPACE}/sa/reviews",
+        key_type="ec256",
+    )
+
+    assert not res.ok
+    assert res.code == "PERMISSION_DENIED", res
+
+
 def test_missing_token_is_unauthenticated(istio_client: IstioClient, dev_server: DevServer, tmp_path: Path) -> None:
     # The agent sends no authorization header when its token file is missing.
     res = istio_client(
@@ -133,11 +170,14 @@ def test_untrusted_server_certificate_is_rejected_by_the_client(
     assert res.code == "UNAVAILABLE", res
 
 
-def test_sidecar_client_renews_across_idle_and_age_limits(istio_client: IstioClient, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sidecar_client_renews_across_idle_and_age_limits(
+    istio_client: IstioClient, tmp_path: Path, transport: str
+) -> None:
     # istio-agent keeps one CA client (and connection) for the life of the pod. The server closes
     # idle connections (--max-connection-idle) and old ones (--max-connection-age) with GOAWAY;
     # the client must reconnect on its next renewal without an error.
-    args = ("--max-connection-idle", "1s", "--max-connection-age", "2s")
+    args = ("--max-connection-idle", "1s", "--max-connection-age", "2s", "--grpc-transport", transport)
     with running_dev_server(tmp_path / "state", *args) as srv:
         res = istio_client(
             ca_address=srv.address,

@@ -23,13 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.waiting import wait_for
 
-__all__ = ["DevServer", "free_port", "running_dev_server", "running_server"]
+__all__ = ["BOTH_TRANSPORTS", "TRANSPORTS", "DevServer", "free_port", "running_dev_server", "running_server"]
 
 CSR_SERVICE = [sys.executable, "-m", "csr_service"]
+
+#: The gRPC server implementations (``--grpc-transport``).
+TRANSPORTS = ("grpcio", "native")
+#: Runs a test that uses the e2e ``dev_server`` fixture against each transport.
+BOTH_TRANSPORTS = pytest.mark.parametrize("dev_server", TRANSPORTS, indirect=True)
 
 
 def free_port() -> int:

@@ -21,6 +21,10 @@ def test_defaults_match_istio_csr() -> None:
     assert c.authenticator.name == "jwt"
     assert c.authenticator.values["token-audiences"] == ("istio-ca",)
     assert c.server.insecure_grpc_listen is None  # TLS only by default
+    assert c.server.grpc_transport == "grpcio"  # the native transport only when asked
+    assert (
+        Config.from_values(resolve({}, env={"CSR_SERVICE_GRPC_TRANSPORT": "native"})).server.grpc_transport == "native"
+    )
 
 
 def test_precedence(tmp_path: Path) -> None:
