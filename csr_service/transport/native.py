@@ -56,6 +56,9 @@ from csr_service.transport.serving_cert import ServingCertificate, ServingMateri
 __all__ = ["NativeGrpcServer", "NativeHealth"]
 
 log = logging.getLogger(__name__)
+# hpack logs every header it decodes at DEBUG, the caller's token included: never, whatever
+# --log-level says (and its disabled calls then cost less on every request).
+logging.getLogger("hpack").setLevel(logging.WARNING)
 
 # --- HTTP/2 (RFC 9113) ------------------------------------------------------------------
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -155,12 +158,12 @@ _BUSY_MESSAGE = "the server is busy; retry later"
 _BUSY = _status_block(grpc.StatusCode.RESOURCE_EXHAUSTED, _BUSY_MESSAGE, with_head=True)
 
 
+#: Request headers that are gRPC's protocol, not the caller's metadata.
+_NOT_METADATA = frozenset((b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding"))
+
+
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
     return next((value for key, value in headers if key == name), b"")
-
-
-def _is_grpc(headers: list[tuple[bytes, bytes]]) -> bool:
-    return _header(headers, b":method") == b"POST" and _header(headers, b"content-type").startswith(b"application/grpc")
 
 
 class _ConnectionError(Exception):
@@ -695,15 +698,26 @@ class _Connection(asyncio.Protocol):
         stream.headers = headers
         self._streams[stream_id] = stream
         self._cancel_timer("idle")
-        target = self._server.methods.get(_header(headers, b":path"))
-        if target is not None and target.respond is not None and _is_grpc(headers):
-            stream.method = target
-            if flags & _END_STREAM:  # no messages: no answers
-                stream.ended = stream.finishing = True
+        stream.ended = bool(flags & _END_STREAM)
+        # Answered from the headers alone when they already decide it: a client streaming its
+        # messages (grpcurl's reflection) may wait for an answer before it ends its stream.
+        method = _header(headers, b":method")
+        if method != b"POST" or not _header(headers, b"content-type").startswith(b"application/grpc"):
+            # Not a gRPC call: HTTP's own answer (gRPC's spec: 415 for a wrong content type).
+            self._end_stream(stream, None, b"415" if method == b"POST" else b"405", out)
+            return
+        path = _header(headers, b":path")
+        target = self._server.methods.get(path)
+        if target is None:
+            self._end_stream(stream, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path.decode('latin-1')}", out)
+            return
+        stream.method = target
+        if target.respond is not None:  # streaming
+            if stream.ended:  # no messages: no answers
+                stream.finishing = True
                 self._flush_waiting(out)
             return
-        if flags & _END_STREAM:
-            stream.ended = True
+        if stream.ended:
             self._start(stream, out)
 
     def _on_data(self, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
@@ -749,7 +763,7 @@ class _Connection(asyncio.Protocol):
             out.append(_frame(_RST_STREAM, 0, stream_id, struct.pack(">I", _NO_ERROR)))
             return
         stream.body += data
-        if stream.method is not None:
+        if stream.method is not None and stream.method.respond is not None:
             self._stream_messages(stream, out)
             if self._streams.get(stream_id) is not stream:
                 return  # ended by an error
@@ -768,32 +782,15 @@ class _Connection(asyncio.Protocol):
     # -- calls -------------------------------------------------------------------------------
     def _start(self, stream: _Stream, out: list[bytes]) -> None:
         """The request is complete: check it against the gRPC rules and start the call."""
-        path = b""
-        method = content_type = None
+        target = stream.method  # a unary method, checked with the headers (_header_block)
+        assert target is not None
         metadata: list[tuple[str, str]] = []
         for name, value in stream.headers:
-            if name.startswith(b":"):
-                if name == b":path":
-                    path = value
-                elif name == b":method":
-                    method = value
-                continue
-            if name == b"content-type":
-                content_type = value
-            elif name.endswith(b"-bin") or name in (b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding"):
+            if name.startswith(b":") or name.endswith(b"-bin") or name in _NOT_METADATA:
                 continue
             # Header values are ASCII by HTTP; latin-1 keeps any stray byte without an error.
             metadata.append((name.decode("latin-1").lower(), value.decode("latin-1")))
         stream.headers = []
-        if method != b"POST" or content_type is None or not content_type.startswith(b"application/grpc"):
-            # Not a gRPC call: HTTP's own answer (gRPC's spec: 415 for a wrong content type).
-            status = b"415" if method == b"POST" else b"405"
-            self._answer(stream, _literal(b":status", status), out)
-            return
-        target = self._server.methods.get(path)
-        if target is None or target.handler is None:
-            self._finish_call(stream, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {path.decode('latin-1')}", out)
-            return
         body = stream.body
         if len(body) < 5:
             self._finish_call(stream, grpc.StatusCode.INVALID_ARGUMENT, "a unary call carries exactly one message", out)
@@ -934,8 +931,16 @@ class _Connection(asyncio.Protocol):
             self._sent_since_ping = True
             self._flush_waiting(out)
 
-    def _end_stream(self, stream: _Stream, code: grpc.StatusCode, message: str, out: list[bytes]) -> None:
-        block = _status_block(code, message, with_head=not stream.head_sent)
+    def _end_stream(
+        self, stream: _Stream, code: grpc.StatusCode | None, message: str | bytes, out: list[bytes]
+    ) -> None:
+        """End ``stream`` with a gRPC status (or, ``code`` None, the HTTP status ``message``)."""
+        if code is None:
+            assert isinstance(message, bytes)
+            block = _literal(b":status", message)
+        else:
+            assert isinstance(message, str)
+            block = _status_block(code, message, with_head=not stream.head_sent)
         out.append(_frame(_HEADERS, _END_HEADERS | _END_STREAM, stream.id, block))
         if not stream.ended:  # the client is still sending: tell it to stop
             out.append(_frame(_RST_STREAM, 0, stream.id, struct.pack(">I", _NO_ERROR)))

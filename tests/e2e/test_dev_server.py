@@ -379,17 +379,34 @@ def test_plaintext_is_refused_on_tls_port(dev_server: DevServer) -> None:
     assert info.value.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-def test_reflection_lists_the_service(dev_server: DevServer) -> None:
+@BOTH_TRANSPORTS
+def test_reflection_lists_and_describes_the_service(dev_server: DevServer) -> None:
+    from google.protobuf import descriptor_pb2
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+    ask = reflection_pb2.ServerReflectionRequest
     with dev_server.channel() as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        resp = next(
-            iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+        # Several requests on one stream, each answered in turn (what grpcurl does).
+        listed, described, unknown = stub.ServerReflectionInfo(
+            iter(
+                [
+                    ask(list_services=""),
+                    ask(file_containing_symbol="istio.v1.auth.IstioCertificateService"),
+                    ask(file_containing_symbol="nope.Nope"),
+                ]
+            ),
+            timeout=5,
         )
-    names = {s.name for s in resp.list_services_response.service}
+    names = {s.name for s in listed.list_services_response.service}
     assert "istio.v1.auth.IstioCertificateService" in names
     assert "grpc.health.v1.Health" in names
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in described.file_descriptor_response.file_descriptor_proto
+    ]
+    assert any(s.name == "IstioCertificateService" for f in files for s in f.service)
+    assert unknown.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 # --- lifecycle ----------------------------------------------------------------------------

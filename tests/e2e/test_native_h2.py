@@ -390,8 +390,8 @@ GRPC_ERRORS: dict[str, tuple[list[tuple[str, str]] | None, bytes | None, str, in
         "200",
         UNIMPLEMENTED,
     ),
-    "reflection (not served)": (
-        request_headers("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+    "reflection v1 (only v1alpha is served, as by grpcio)": (
+        request_headers("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
         grpc_message(b""),
         "200",
         UNIMPLEMENTED,
