@@ -76,10 +76,10 @@ CORE_OPTIONS: list[Option] = [
     ),
     Option(
         "grpc-transport",
-        "gRPC server implementation: grpcio (gRPC core) or native (csr-service's own HTTP/2 server on "
-        "asyncio: about a quarter of grpcio's CPU per call; serves CreateCertificate and Health/Check, "
-        "no reflection, no --client-cert-grpc-listen). See docs/performance.md.",
-        "grpcio",
+        "gRPC server implementation: native (csr-service's own HTTP/2 server on asyncio: a quarter of "
+        "grpcio's CPU per call, every refusal RESOURCE_EXHAUSTED), grpcio (gRPC core), or auto: native, "
+        "unless --client-cert-grpc-listen is set (only grpcio serves that listener). See docs/performance.md.",
+        "auto",
         group="server",
     ),
     Option(
@@ -458,7 +458,7 @@ class ServerConfig:
     #: The mTLS listener (a client certificate required), for ``--authenticators client-cert``.
     client_cert_grpc_listen: str | None = None
     #: "grpcio" (gRPC core) or "native" (csr_service.transport.native).
-    grpc_transport: str = "grpcio"
+    grpc_transport: str = "native"
 
 
 @dataclass(frozen=True, slots=True)
@@ -589,10 +589,13 @@ class Config:
             default_dur = min(default_dur, max_dur)
         if v["log-format"] not in {"text", "json"}:
             raise ConfigError("--log-format: choose text or json")
-        if v["grpc-transport"] not in {"grpcio", "native"}:
-            raise ConfigError("--grpc-transport: choose grpcio or native")
-        if v["grpc-transport"] == "native" and v["client-cert-grpc-listen"]:
-            raise ConfigError("--client-cert-grpc-listen: needs --grpc-transport grpcio")
+        transport = v["grpc-transport"]
+        if transport not in {"auto", "grpcio", "native"}:
+            raise ConfigError("--grpc-transport: choose auto, native or grpcio")
+        if transport == "native" and v["client-cert-grpc-listen"]:
+            raise ConfigError("--client-cert-grpc-listen: needs --grpc-transport grpcio (or auto)")
+        if transport == "auto":
+            transport = "grpcio" if v["client-cert-grpc-listen"] else "native"
         if v["log-level"].lower() not in {"debug", "info", "warning", "error"}:
             raise ConfigError("--log-level: choose debug, info, warning or error")
         return cls(
@@ -614,7 +617,7 @@ class Config:
                 max_connection_age=v["max-connection-age"],
                 tls_handshake_timeout=v["tls-handshake-timeout"],
                 client_cert_grpc_listen=v["client-cert-grpc-listen"] or None,
-                grpc_transport=v["grpc-transport"],
+                grpc_transport=transport,
             ),
             pipeline=PipelineConfig(
                 trust_domain=v["trust-domain"],

@@ -110,7 +110,8 @@ def test_excess_calls_get_resource_exhausted_at_once(tmp_path: Path, http_port: 
     # One call in progress per worker, and a queue deep enough that only our limit refuses.
     # grpcio only: on the native transport a local-CA call never yields to the event loop from
     # admission to answer, so calls run one after another and a limit of 1 is never exceeded.
-    with _server(tmp_path, http_port, "--max-concurrent-requests", "1", "--max-queued-requests", "10000") as srv:
+    args = ("--max-concurrent-requests", "1", "--max-queued-requests", "10000", "--grpc-transport", "grpcio")
+    with _server(tmp_path, http_port, *args) as srv:
         results = _flood(srv, "sleep", calls=300, channels=10)
         codes = _report("in-flight limit 1, 300 calls", results)
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes  # never DEADLINE_EXCEEDED or UNAVAILABLE

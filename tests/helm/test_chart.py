@@ -322,7 +322,7 @@ def test_client_cert_and_multicluster() -> None:
 
 
 def test_grpc_transport() -> None:
-    assert flags(render(CERT_MANAGER))["grpc-transport"] == "grpcio"
+    assert flags(render(CERT_MANAGER))["grpc-transport"] == "auto"
     native = merge(CERT_MANAGER, {"app": {"server": {"grpcTransport": "native"}}})
     assert flags(render(native))["grpc-transport"] == "native"
 

@@ -21,10 +21,16 @@ def test_defaults_match_istio_csr() -> None:
     assert c.authenticator.name == "jwt"
     assert c.authenticator.values["token-audiences"] == ("istio-ca",)
     assert c.server.insecure_grpc_listen is None  # TLS only by default
-    assert c.server.grpc_transport == "grpcio"  # the native transport only when asked
+    assert c.server.grpc_transport == "native"  # auto: the native transport without the mTLS listener
     assert (
-        Config.from_values(resolve({}, env={"CSR_SERVICE_GRPC_TRANSPORT": "native"})).server.grpc_transport == "native"
+        Config.from_values(resolve({}, env={"CSR_SERVICE_GRPC_TRANSPORT": "grpcio"})).server.grpc_transport == "grpcio"
     )
+
+
+def test_auto_transport_is_grpcio_with_the_client_certificate_listener() -> None:
+    flags = {"authenticators": "client-cert,tokenreview", "client-cert-grpc-listen": "0.0.0.0:6444"}
+    assert Config.from_values(resolve(flags, env={})).server.grpc_transport == "grpcio"
+    assert Config.from_values(resolve({**flags, "grpc-transport": "grpcio"}, env={})).server.grpc_transport == "grpcio"
 
 
 def test_precedence(tmp_path: Path) -> None:
@@ -66,7 +72,7 @@ def test_file_rejects_unknown_keys(tmp_path: Path) -> None:
                 "authenticators": "client-cert,tokenreview",
                 "client-cert-grpc-listen": "0.0.0.0:6444",
             },
-            "--client-cert-grpc-listen: needs --grpc-transport grpcio",
+            r"--client-cert-grpc-listen: needs --grpc-transport grpcio \(or auto\)",
         ),
     ],
 )

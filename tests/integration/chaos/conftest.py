@@ -34,11 +34,13 @@ def metric_total(samples: list[tuple[str, float]], name: str, *label_parts: str)
 
 def wait_metrics_settled(port: int, timeout: float = 30.0) -> list[tuple[str, float]]:
     """/metrics once every handled CreateCertificate is also counted by the authenticator's
-    cache metrics (workers publish those every 2 s); returns that scrape."""
+    cache metrics (workers publish those every 2 s), but for the calls the servicer refused before
+    authenticating them (--max-concurrent-requests); returns that scrape."""
     deadline = time.monotonic() + timeout
     while True:
         samples = scrape(port)
         handled = metric_total(samples, "grpc_server_handled_total", 'grpc_method="CreateCertificate"')
+        handled -= metric_total(samples, "csr_service_requests_shed_total", 'reason="concurrency"')
         authenticated = metric_total(samples, "csr_service_authn_cache_requests_total")
         if handled and authenticated >= handled:
             return samples
