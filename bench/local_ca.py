@@ -9,8 +9,8 @@ bed) with the same settings. The reference is the CA istiod serves, wired as ist
 Rounds alternate which server goes first; the medians of ``--rounds`` are printed per server,
 CSR key type and concurrency: CSR/s, p50/p99, the server's CPU per certificate (all its
 processes), ghz's CPU per request, RSS, and the ratios csr-service / Istio. ``--transports``
-runs one csr-service per ``--grpc-transport`` (default both: ``csr-service`` is grpcio,
-``csr-service/native`` the native HTTP/2 server), all in the same rounds.
+runs one csr-service per ``--grpc-transport`` (default both, labelled ``csr-service/grpcio``
+and ``csr-service/native``), all in the same rounds.
 
 CPU per certificate is the robust figure: CSR/s depends on what else runs on the machine
 (ghz shares the cores with the server; on a shared machine so do other jobs), CPU per
@@ -129,7 +129,7 @@ class Series:
 
 
 def _name(transport: str) -> str:
-    return "csr-service" if transport == "grpcio" else f"csr-service/{transport}"
+    return f"csr-service/{transport}"
 
 
 def main() -> None:
