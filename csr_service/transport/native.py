@@ -6,18 +6,20 @@ completion-queue poller, the event loop; one-byte socket wake-ups between them),
 spends per certificate (docs/performance.md). csr-service serves one unary method to clients
 that all speak gRPC over HTTP/2 the same way (grpc-go in istio-agent and ztunnel's tonic/h2), so
 this module implements exactly that: TLS from the ``ssl`` module, HTTP/2 framing and flow
-control (RFC 9113) here, header decoding with ``hpack`` (RFC 7541, python-hyper), and the
-gRPC-over-HTTP/2 rules for unary calls. A call then costs ~0.07 ms on one thread.
+control (RFC 9113) here, header decoding in :mod:`~csr_service.transport.hpack_decoder` (RFC
+7541), and the gRPC-over-HTTP/2 rules for unary calls. A call then costs ~0.07 ms on one thread.
 
 What it serves: ``IstioCertificateService/CreateCertificate`` (the same servicer object as the
-grpcio transport) and ``grpc.health.v1.Health/Check``. Not served here: reflection, Health/Watch,
-and the client-certificate listener (the configuration refuses that combination). Limits are the
-same :class:`~csr_service.transport.grpc_server.GrpcLimits`: concurrent streams per connection,
+grpcio transport), ``grpc.health.v1.Health/Check`` and server reflection (v1alpha). Not served
+here: Health/Watch (UNIMPLEMENTED) and the client-certificate listener (the configuration
+refuses that combination). Limits are the same
+:class:`~csr_service.transport.grpc_server.GrpcLimits`: concurrent streams per connection,
 request size, connections per worker, TLS handshake timeout (which also covers the HTTP/2
-preface), idle and maximum connection age with GOAWAY, keepalive ping policing. There is no
-queue in front of the handler: every call starts at once, and the servicer's admission limit
-refuses calls above ``--max-concurrent-requests`` with RESOURCE_EXHAUSTED (what istio-agent
-retries with backoff).
+preface), idle and maximum connection age with GOAWAY, keepalive ping policing. Calls wait for
+the event loop in a bounded queue (``--max-queued-requests``, ``--max-queue-wait``); a call that
+finds it full is refused from its headers alone, before its body is read, with
+RESOURCE_EXHAUSTED (what istio-agent retries with backoff), and the servicer's admission limit
+refuses calls above ``--max-concurrent-requests`` the same way.
 
 Anything a client sends that breaks HTTP/2 ends the connection with GOAWAY and the RFC's error
 code, or the stream with RST_STREAM; anything that breaks the gRPC rules gets a gRPC status
@@ -39,7 +41,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import hpack
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
@@ -50,15 +51,13 @@ from csr_service.infra.metrics import count_shed
 from csr_service.transport.admission import ShedLog
 from csr_service.transport.grpc_server import MAX_REQUEST_BYTES, MAX_STREAMS_PER_CONNECTION, MIN_PING_INTERVAL_MS
 from csr_service.transport.grpc_server import GrpcLimits as GrpcLimits
+from csr_service.transport.hpack_decoder import HeaderDecoder, HPACKError
 from csr_service.transport.servicer import IstioCertificateServicer
 from csr_service.transport.serving_cert import ServingCertificate, ServingMaterial
 
 __all__ = ["NativeGrpcServer", "NativeHealth"]
 
 log = logging.getLogger(__name__)
-# hpack logs every header it decodes at DEBUG, the caller's token included: never, whatever
-# --log-level says (and its disabled calls then cost less on every request).
-logging.getLogger("hpack").setLevel(logging.WARNING)
 
 # --- HTTP/2 (RFC 9113) ------------------------------------------------------------------
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -331,8 +330,7 @@ class _Connection(asyncio.Protocol):
         self._open = False  # TLS handshake done (or plaintext), our SETTINGS sent
         self._buf = bytearray()
         self._preface = False
-        self._decoder = hpack.Decoder(max_header_list_size=_MAX_HEADER_LIST)
-        self._decoder.max_allowed_table_size = _HEADER_TABLE
+        self._decoder = HeaderDecoder(max_table_size=_HEADER_TABLE, max_header_list_size=_MAX_HEADER_LIST)
         self._streams: dict[int, _Stream] = {}
         self._last_stream = 0
         self._continuation: tuple[int, int, bytearray] | None = None  # (stream, flags, fragments)
@@ -472,7 +470,7 @@ class _Connection(asyncio.Protocol):
             self._receive(data)
         except _ConnectionError as exc:
             self._fail(exc.code, str(exc))
-        except hpack.HPACKError as exc:
+        except HPACKError as exc:
             self._fail(_COMPRESSION_ERROR, f"header block: {type(exc).__name__}")
         except Exception:  # a bug here: end this connection only, and say where
             log.exception("HTTP/2 connection from %s failed", self._peer or "a client")
@@ -671,7 +669,7 @@ class _Connection(asyncio.Protocol):
 
     def _header_block(self, stream_id: int, flags: int, block: bytes, out: list[bytes]) -> None:
         # Decoded before anything else: the HPACK table must see every block, even refused ones.
-        headers: list[tuple[bytes, bytes]] = self._decoder.decode(block, raw=True)  # type: ignore[assignment]
+        headers = self._decoder.decode(block)
         stream = self._streams.get(stream_id)
         if stream is not None:  # trailers: a unary request has none, but they may end the stream
             if stream.ended or not flags & _END_STREAM:
