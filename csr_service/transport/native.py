@@ -417,6 +417,7 @@ class _Connection(asyncio.Protocol):
                 if self._closed:
                     return None
             chunks = []
+            tls_in = self._tls_in
             while True:
                 try:
                     chunk = tls.read(65_536)
@@ -425,6 +426,10 @@ class _Connection(asyncio.Protocol):
                 if not chunk:
                     break
                 chunks.append(chunk)
+                # One record per read: stop when nothing is left to decrypt rather than on the
+                # exception the next read would raise (most reads carry one record: a call).
+                if not tls_in.pending and not tls.pending():
+                    break
         except ssl.SSLZeroReturnError:  # the client's close_notify
             self._close()
             return None
