@@ -6,8 +6,8 @@ in use), and spends ~200 us Huffman-decoding a service-account token (the first 
 connection: istio-agent's renewals come hours apart, each on a new connection). Both are paid
 for every call, refused ones included (the table must see every block), so they bound how
 cheaply an overloaded worker can refuse. Here an indexed field is a list lookup, and Huffman
-strings are decoded a byte at a time through a table of the code's 256 states x 256 bytes
-(built once per process from the code, a few tens of ms) instead of a nibble at a time.
+strings are decoded a byte at a time, not a nibble at a time, through a table of the code's
+256 states x 256 bytes (built from the code on first use: a few tens of ms, ~4.5 MiB).
 
 What it checks, as RFC 7541 requires of a decoder: indexes inside the tables, integers of
 bounded size, strings inside the block, Huffman strings without EOS and with at most 7 bits of
@@ -170,6 +170,9 @@ def _build_huffman() -> tuple[list[tuple[int, bytes]], frozenset[int]]:
                     node = 0
             nibbles.append((node, bytes(decoded)))
     nibbles += [(fail, b"")] * 16
+    # One object per distinct state key and output (65,792 entries, most outputs repeat): ~4 MiB
+    # instead of ~6 in every worker.
+    keys = [state * 256 for state in range(states + 1)]
     interned: dict[bytes, bytes] = {}
     table: list[tuple[int, bytes]] = []
     for state in range(states + 1):
@@ -177,7 +180,7 @@ def _build_huffman() -> tuple[list[tuple[int, bytes]], frozenset[int]]:
             middle, first = nibbles[state * 16 + (byte >> 4)]
             last, second = nibbles[middle * 16 + (byte & 15)]
             out = first + second
-            table.append((last * 256, interned.setdefault(out, out)))
+            table.append((keys[last], interned.setdefault(out, out)))
     # A string may end at the root or up to 7 bits into EOS's code (all ones): its padding.
     accept, node = {0}, 0
     for _ in range(7):
@@ -188,11 +191,15 @@ def _build_huffman() -> tuple[list[tuple[int, bytes]], frozenset[int]]:
     return table, frozenset(accept)
 
 
-_HUFFMAN, _ACCEPT = _build_huffman()
+_HUFFMAN: list[tuple[int, bytes]] = []
+_ACCEPT: frozenset[int] = frozenset()
 
 
 def huffman_decode(data: bytes) -> bytes:
     """Decode an HPACK Huffman string (RFC 7541 5.2); :class:`HPACKError` if it is not one."""
+    global _HUFFMAN, _ACCEPT
+    if not _ACCEPT:  # built on first use: processes that never serve the native transport skip it
+        _HUFFMAN, _ACCEPT = _build_huffman()  # _ACCEPT is set last: any thread sees both or builds
     table = _HUFFMAN
     state = 0
     out = bytearray()
