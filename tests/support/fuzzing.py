@@ -19,6 +19,10 @@ The invariants:
 - ``unverified-exp``: None or a finite NumericDate in range, never an exception.
 - ``tokenreview``: AuthenticationError or the reviewed username's identity, the same again from
   the cache.
+- ``hpack`` (the native transport's header decoder): on a sequence of header blocks (made by
+  python-hyper's ``hpack`` encoder, then possibly cut or mutated, or random bytes), it decodes
+  what ``hpack``'s decoder decodes to the same fields and table size, and refuses with
+  HPACKError what it refuses; nothing else escapes.
 - ``pipeline`` (authenticate → validate → sign → verify with a real local CA): a chain whose
   leaf's only SAN is the caller's SPIFFE URI, for the CSR's key, or a CSRServiceError that is
   not InternalError.
@@ -42,6 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import hpack
 import hypothesis
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -67,6 +72,7 @@ from csr_service.pipeline.csr import validate_csr
 from csr_service.pipeline.handler import CertificatePipeline
 from csr_service.pki.names import SubjectAltNames, subject_alt_names
 from csr_service.plugins.authenticator import Caller
+from csr_service.transport.hpack_decoder import HeaderDecoder, HPACKError
 from tests.support import der
 from tests.support.pipeline import JWT_KEY, jwks, make_pipeline
 
@@ -1122,6 +1128,61 @@ def check_pipeline(pipeline: CertificatePipeline, case: PipelineCase) -> str:
 # --- the list ------------------------------------------------------------------------------------
 
 
+# --- hpack: the native transport's header decoder against python-hyper's ----------------------
+_HEADER_NAMES = [b":method", b":path", b":authority", b"content-type", b"authorization", b"te", b"grpc-timeout"]
+
+
+@st.composite
+def hpack_cases(draw: st.DrawFn) -> list[bytes]:
+    """A connection's header blocks: made by an encoder (Huffman or not, never-indexed fields,
+    table-size updates), each then kept, cut short, mutated, or replaced by random bytes."""
+    encoder = hpack.Encoder()
+    blocks = []
+    for _ in range(draw(st.integers(1, 5))):
+        if draw(st.booleans()):
+            encoder.header_table_size = draw(st.sampled_from([0, 32, 100, 4096]))
+        fields = draw(
+            st.lists(
+                st.tuples(
+                    st.sampled_from(_HEADER_NAMES) | st.binary(min_size=1, max_size=12).map(bytes.lower),
+                    st.binary(max_size=120),
+                    st.booleans(),
+                ),
+                max_size=8,
+            )
+        )
+        headers = [hpack.NeverIndexedHeaderTuple(n, v) if never else hpack.HeaderTuple(n, v) for n, v, never in fields]
+        block = bytes(encoder.encode(headers, huffman=draw(st.booleans())))
+        how = draw(st.integers(0, 9))
+        if how == 7 and block:
+            block = block[: draw(st.integers(0, len(block) - 1))]
+        elif how == 8 and block:
+            at = draw(st.integers(0, len(block) - 1))
+            block = block[:at] + bytes([draw(st.integers(0, 255))]) + block[at + 1 :]
+        elif how == 9:
+            block = draw(st.binary(max_size=60))
+        blocks.append(block)
+    return blocks
+
+
+def check_hpack(blocks: list[bytes]) -> str:
+    reference, ours = hpack.Decoder(), HeaderDecoder()
+    for block in blocks:
+        try:
+            expected = [(bytes(n), bytes(v)) for n, v in reference.decode(block, raw=True)]
+        except hpack.HPACKError:
+            expected = None
+        try:
+            got = ours.decode(block)
+        except HPACKError:
+            got = None
+        assert got == expected, f"block {block.hex()}: ours {got!r}, hpack's {expected!r}"
+        if got is None:
+            return "HPACKError"  # the connection ends here
+        assert ours.table_size == reference.header_table._current_size, "dynamic table sizes differ"
+    return "decoded"
+
+
 def input_properties() -> tuple[Property, ...]:
     """Every property that needs no CA."""
     for name in KEY_NAMES:  # key generation is not part of any example's cost
@@ -1135,6 +1196,7 @@ def input_properties() -> tuple[Property, ...]:
         Property("jwt", token_cases(), check_jwt, frozenset({"accepted", "AuthenticationError"})),
         Property("unverified-exp", token_cases(), check_unverified_exp, frozenset({"none", "exp"})),
         Property("tokenreview", review_cases(), check_tokenreview, frozenset({"accepted", "AuthenticationError"})),
+        Property("hpack", hpack_cases(), check_hpack, frozenset({"decoded", "HPACKError"})),
     )
 
 
