@@ -319,29 +319,23 @@ class HeaderDecoder:
                 else:
                     index, pos = _integer(block, pos, 0x7F)
                     field, size = self._entry(index)
-            elif first & 0x40:  # literal with incremental indexing (6.2.1)
-                index, pos = _integer(block, pos, 0x3F)
-                if index:
-                    name = self._entry(index)[0][0]
-                else:
-                    name, pos = _string(block, pos)
-                value, pos = _string(block, pos)
-                field, size = (name, value), len(name) + len(value) + 32
-                self._add((field, size))
-            elif first & 0x20:  # dynamic table size update (6.3): only before the first field
+            elif first & 0x60 == 0x20:  # dynamic table size update (6.3): only before the first field
                 if fields:
                     raise HPACKError("dynamic table size update after a header field")
                 limit, pos = _integer(block, pos, 0x1F)
                 self._resize(limit)
                 continue
-            else:  # literal without indexing (6.2.2) or never indexed (6.2.3)
-                index, pos = _integer(block, pos, 0x0F)
+            else:  # a literal: with incremental indexing (6.2.1), without (6.2.2), never indexed (6.2.3)
+                indexing = first & 0x40
+                index, pos = _integer(block, pos, 0x3F if indexing else 0x0F)
                 if index:
                     name = self._entry(index)[0][0]
                 else:
                     name, pos = _string(block, pos)
                 value, pos = _string(block, pos)
                 field, size = (name, value), len(name) + len(value) + 32
+                if indexing:
+                    self._add((field, size))
             listed += size
             if listed > most:
                 raise HPACKError(f"header list larger than {most} bytes")
