@@ -9,8 +9,12 @@ Starts ``csr-service serve --dev`` (local CA, TLS, JWT), and:
 1. measures its **capacity**: closed loop, ghz with 32 calls in flight, each on its own
    connection (as from pods: a call per connection costs the worker more than many calls
    batched on a few connections, ``bench.local_ca``'s setting), and few enough that the
-   queue limit refuses none; successful CSR/s;
-2. offers **k x capacity** for each k in ``--levels``: ghz ``--rps`` paced over 1000
+   queue limit refuses none; successful CSR/s. It does so before every level and after it,
+   and weighs each level against the mean of the two runs around it: on a shared VM the
+   worker's speed drifts by 10-30% within minutes (one run measured the same closed loop at
+   652 and 863 us of CPU per call), so one capacity measured at the start says little about a
+   level run minutes later; the drift across each level is printed;
+2. offers **k x capacity** (the run just before) for each k in ``--levels``: ghz ``--rps`` paced over 1000
    connections (many pods, a few calls each) with enough workers to keep the rate up,
    ``--seconds`` worth of calls (a fixed count, so nothing is cut off at the end). Over the
    calls started after ``--warmup`` seconds (ghz first opens its connections: 1,000 TLS
@@ -31,7 +35,11 @@ Starts ``csr-service serve --dev`` (local CA, TLS, JWT), and:
    tells how it paced: starved of CPU (about 0.06 ms per call) it sends in bursts, which gRPC
    core refuses several per wake-up and so more cheaply than steady arrivals; compare rounds
    with similar ghz CPU (docs/operations.md, "Closer to the goal?");
-3. finally checks that a closed-loop run still succeeds (the server stayed up).
+3. the closed-loop run after each level also shows the server stayed up and serves.
+
+The summary gives, per level, goodput against the capacity around it and against what the
+1x level of the same round served (the paced saturation: at 1x the worker's core is already
+full, and paced calls cost it more each than the closed loop's, docs/operations.md).
 
 With ``--compare-unbounded`` it does the same against a second server whose limits are out
 of the way (``--max-concurrent-requests 1000000 --max-queued-requests 1000000
@@ -44,9 +52,8 @@ Each ``--variant SPEC`` is another server to weigh against the first: ``SPEC`` i
 ``GRPC_EXPERIMENTS``) followed by extra ``serve`` flags, shell-quoted as one argument. With
 variants, the rounds are interleaved (round 1: the first server, then each variant; round 2:
 again...), a fresh server each time, so the machine's changing load falls on all of them
-alike; every run offers the same rates (k x the capacity measured first) and reports goodput
-against that capacity, and prints its own closed-loop capacity too. The summary gives the
-median and range over the rounds of each.
+alike; each server's levels are weighed against its own capacity runs. The summary gives
+the median and range over the rounds of each.
 
 On a machine with at least ``workers + 1`` CPUs the server is pinned to the first
 ``workers`` CPUs and ghz to the others (``taskset``), so the load generator does not take the
@@ -182,6 +189,18 @@ class Level:
     rss_mib: float = 0.0
     ghz_cpu_ms: float = 0.0
     probe: Probe | None = None
+    #: the capacity this level is weighed against: the closed-loop runs just before and after it
+    ref: Level | None = None
+    #: their goodputs, before and after (how much the machine drifted meanwhile)
+    drift: tuple[float, float] = (float("nan"), float("nan"))
+
+    def share(self) -> float:
+        """Goodput as a share of the capacity around it."""
+        return self.goodput / self.ref.goodput if self.ref else float("nan")
+
+    def share_cpu(self) -> float:
+        """Goodput per CPU-second as a share of the capacity's per CPU-second around it."""
+        return self.per_cpu() / self.ref.per_cpu() if self.ref else float("nan")
 
     def per_cpu(self) -> float:
         """Successful CSR/s per CPU-second the server got."""
@@ -211,12 +230,18 @@ class Level:
                 parts.append(f"{kind} {self.threads[kind]:.2f} cores, {left / refused * 1e6:.0f} us/refused")
         return "; ".join(parts)
 
-    def row(self, capacity: Level | None) -> str:
-        share = self.goodput / capacity.goodput if capacity else float("nan")
-        share_cpu = self.per_cpu() / capacity.per_cpu() if capacity else float("nan")
+    def row(self) -> str:
+        capacity = self.ref
+        share, share_cpu = self.share(), self.share_cpu()
         codes = ", ".join(f"{k} {v}" for k, v in sorted(self.codes.items()))
         shed = ", ".join(f"{k} {v:.0f}" for k, v in self.shed.items() if v)
         probe = f"\n{'':<9} probe: {self.probe.summary()}" if self.probe and self.probe.results else ""
+        before, after = self.drift
+        bracket = (
+            f"\n{'':<9} capacity around it: {before:.0f}/s before, {after:.0f}/s after (closed loop)"
+            if capacity is not None and capacity is not self
+            else ""
+        )
         return (
             f"{self.label:<9} offered {self.offered_rps:6.0f}/s  goodput {self.goodput:6.0f}/s ({share:4.0%}; "
             f"per CPU-second {share_cpu:4.0%})  ghz: admitted p50 {self.p50_ok_ms:6.1f} p99 {self.p99_ok_ms:7.1f} ms, "
@@ -226,8 +251,22 @@ class Level:
             f"(left after the successful calls: {self.refusal_cost_us(capacity) if capacity else float('nan'):.0f} "
             "us per refused call), "
             f"peak RSS {self.rss_mib:4.0f} MiB; "
-            f"ghz {self.ghz_cpu_ms:4.2f} ms CPU/call; codes: {codes}{'; shed: ' + shed if shed else ''}{probe}"
+            f"ghz {self.ghz_cpu_ms:4.2f} ms CPU/call; codes: {codes}{'; shed: ' + shed if shed else ''}"
+            f"{bracket}{probe}"
         )
+
+
+def _around(before: Level, after: Level) -> Level:
+    """The capacity a level between two closed-loop runs is weighed against: their mean."""
+    threads = {k: (before.threads.get(k, 0.0) + after.threads.get(k, 0.0)) / 2 for k in before.threads}
+    return Level(
+        label="capacity",
+        target_rps=0,
+        goodput=(before.goodput + after.goodput) / 2,
+        offered_rps=(before.offered_rps + after.offered_rps) / 2,
+        server_cpu=(before.server_cpu + after.server_cpu) / 2,
+        threads=threads,
+    )
 
 
 def _variant(spec: str) -> tuple[dict[str, str], list[str]]:
@@ -348,14 +387,17 @@ def run_server(
     extra: Sequence[str],
     *,
     name: str,
-    capacity: Level | None = None,
     env: dict[str, str] | None = None,
     rounds: int | None = None,
-) -> tuple[Level, list[Level], str]:
-    """Measure one server: capacity (unless given), then each level. Returns (capacity, levels, log).
+) -> tuple[list[Level], list[Level], str]:
+    """Measure one server: each level between two closed-loop capacity runs. Returns (capacity
+    runs, levels, log).
 
-    A given ``capacity`` sets the offered rates; this server's own is then measured as well
-    (and printed) when ``env`` or ``extra`` make it a variant.
+    A level offers k x the capacity measured just before it, and its goodput is weighed against
+    the mean of that run and the one just after it: this machine's speed drifts by a quarter
+    within minutes (the same closed-loop run measured 652 and 863 us of CPU per call in one
+    bench run), so a capacity measured once at the start says little about a level run
+    minutes later.
     """
     wrapper, ghz_cpus = _cpus(args.workers, args.pin)
     http_port = free_port()
@@ -373,14 +415,19 @@ def run_server(
         )
         print(f"[{name}] RSS at start {rss0:.0f} MiB", flush=True)
         _ghz(srv, label="warm-up", rps=0, count=1000, concurrency=4, connections=4, **common)
-        if capacity is None or env or extra:
+
+        def closed_loop() -> Level:
             n, c = args.capacity_requests, args.capacity_concurrency
-            own = _ghz(srv, label="capacity", rps=0, count=n, concurrency=c, connections=c, **common)
-            print(f"[{name}] " + own.row(capacity or own), flush=True)
-            capacity = capacity or own
+            run = _ghz(srv, label="capacity", rps=0, count=n, concurrency=c, connections=c, **common)
+            run.ref = run
+            print(f"[{name}] " + run.row(), flush=True)
+            return run
+
+        capacities = [closed_loop()]
         levels = []
         for k in [k for _ in range(rounds) for k in args.levels]:
-            rps = max(int(k * capacity.goodput), 1)
+            before = capacities[-1]
+            rps = max(int(k * before.goodput), 1)
             # Enough ghz workers that the offered rate does not depend on how fast the server
             # answers: a call may take up to ~a second when queued, a refusal a few ms.
             level = _ghz(
@@ -393,17 +440,16 @@ def run_server(
                 warmup=args.warmup,
                 **common,
             )
+            after = closed_loop()  # also shows the server still serves after the level
+            capacities.append(after)
+            level.ref, level.drift = _around(before, after), (before.goodput, after.goodput)
             levels.append(level)
-            print(f"[{name}] " + level.row(capacity), flush=True)
-        after = _ghz(srv, label="after", rps=0, count=2000, concurrency=16, connections=4, **common)
-        print(
-            f"[{name}] "
-            + after.row(capacity)
-            + f"\n[{name}] RSS at start {rss0:.0f} MiB, at end {after.rss_mib:.0f} MiB"
-        )
+            print(f"[{name}] " + level.row(), flush=True)
+        rss1 = rss_mib(process_tree(srv.proc.pid))
+        print(f"[{name}] RSS at start {rss0:.0f} MiB, at end {rss1:.0f} MiB")
         alive = srv.proc.poll() is None
         print(f"[{name}] server still running: {alive}", flush=True)
-        return capacity, levels, srv.log()
+        return capacities, levels, srv.log()
 
 
 def main() -> None:
@@ -415,7 +461,7 @@ def main() -> None:
     )
     ap.add_argument("--levels", default="1,2,5", help="offered load as multiples of the measured capacity")
     ap.add_argument("--rounds", type=int, default=1, help="run the levels this many times (medians in the summary)")
-    ap.add_argument("--capacity-requests", type=int, default=8000)
+    ap.add_argument("--capacity-requests", type=int, default=4000, help="calls in each closed-loop capacity run")
     ap.add_argument(
         "--capacity-concurrency",
         type=int,
@@ -438,64 +484,48 @@ def main() -> None:
     args.levels = [float(x) for x in args.levels.split(",")]
 
     logs: list[str] = []
-    variants: dict[str, list[Level]] = {spec: [] for spec in args.variant}
+    servers: dict[str, tuple[list[Level], list[Level]]] = {}
+
+    def run(key: str, state: Path, extra: Sequence[str], env: dict[str, str] | None, rounds: int) -> None:
+        caps, levels, log = run_server(state, args, extra, name=key, env=env, rounds=rounds)
+        old = servers.setdefault(key, ([], []))
+        old[0].extend(caps)
+        old[1].extend(levels)
+        logs.append(log)
+
+    bounded = "bounded (defaults)" if not args.server_args else f"bounded ({args.server_args})"
     with tempfile.TemporaryDirectory() as tmp:
-        if not variants:
-            capacity, bounded, log = run_server(
-                Path(tmp) / "bounded", args, shlex.split(args.server_args), name="bounded"
-            )
-            logs.append(log)
-        else:
-            capacity, bounded, log = run_server(
-                Path(tmp) / "bounded-1", args, shlex.split(args.server_args), name="bounded", rounds=1
-            )
-            logs.append(log)
-            for r in range(args.rounds):
-                if r:
-                    _, more, log = run_server(
-                        Path(tmp) / f"bounded-{r + 1}",
-                        args,
-                        shlex.split(args.server_args),
-                        name="bounded",
-                        capacity=capacity,
-                        rounds=1,
-                    )
-                    bounded += more
-                    logs.append(log)
-                for i, spec in enumerate(variants):
-                    env, extra = _variant(spec)
-                    _, more, log = run_server(
-                        Path(tmp) / f"variant{i}-{r + 1}",
-                        args,
-                        [*shlex.split(args.server_args), *extra],
-                        name=f"variant {spec}",
-                        capacity=capacity,
-                        env=env,
-                        rounds=1,
-                    )
-                    variants[spec] += more
-                    logs.append(log)
-        unbounded: list[Level] = []
+        if not args.variant:
+            run(bounded, Path(tmp) / "bounded", shlex.split(args.server_args), None, args.rounds)
+        # With variants, the rounds are interleaved: a fresh server each time, so the machine's
+        # changing load falls on all of them alike.
+        for r in range(args.rounds if args.variant else 0):
+            run(bounded, Path(tmp) / f"bounded-{r + 1}", shlex.split(args.server_args), None, 1)
+            for i, spec in enumerate(args.variant):
+                env, extra = _variant(spec)
+                run(
+                    f"variant {spec}",
+                    Path(tmp) / f"variant{i}-{r + 1}",
+                    [*shlex.split(args.server_args), *extra],
+                    env,
+                    1,
+                )
         if args.compare_unbounded:
-            _, unbounded, log = run_server(
-                Path(tmp) / "unbounded", args, UNBOUNDED, name="unbounded", capacity=capacity
-            )
-            logs.append(log)
+            run("unbounded", Path(tmp) / "unbounded", UNBOUNDED, None, args.rounds)
 
     print(
-        f"\nSummary: capacity {capacity.goodput:.0f} CSR/s with {capacity.server_cpu:.2f} server cores "
-        f"({capacity.per_cpu():.0f} per CPU-second); {args.workers} worker(s), ghz {args.capacity_concurrency} "
-        "calls in flight, one per connection"
+        f"\nSummary: {args.workers} worker(s); capacity: closed loop, ghz {args.capacity_concurrency} calls in "
+        "flight, one per connection, measured before and after every level; each level is weighed "
+        "against the mean of the two around it"
     )
-    named = [("bounded (defaults)", bounded), *((f"variant {spec}", v) for spec, v in variants.items())]
-    for name, levels in [*named, ("unbounded", unbounded)]:
-        if not levels:
-            continue
-        print(f"-- {name}")
+    for key, (caps, levels) in servers.items():
+        print(f"-- {key}: capacity {_spread([c.goodput for c in caps], '.0f')} CSR/s over {len(caps)} runs")
         for level in levels:
-            print(level.row(capacity))
-    for name, levels in named:
-        print(f"-- goals, {name}")
+            print(level.row())
+    for key, (_, levels) in servers.items():
+        if key == "unbounded":
+            continue
+        print(f"-- goals, {key}")
         for label in dict.fromkeys(level.label for level in levels):
             runs = [level for level in levels if level.label == label]
             refused = Counter[str]()
@@ -506,10 +536,24 @@ def main() -> None:
                 for level in runs
                 if level.probe
             ]
+            drift = [abs(level.drift[1] / level.drift[0] - 1) for level in runs if level.drift[0]]
+            # Against the paced saturation: the same round's 1x level (both drift-corrected).
+            per_round = len(args.levels)
+            rounds = [levels[i : i + per_round] for i in range(0, len(levels), per_round)]
+            of_1x = [
+                level.share() / one.share()
+                for round_ in rounds
+                for level in round_
+                if level.label == label
+                for one in round_
+                if one.label == "1x" and one.share() > 0
+            ]
             print(
                 f"goal {label} ({len(runs)} round(s), median [min-max]): goodput "
-                f"{_spread([level.goodput / capacity.goodput for level in runs])} of capacity, "
-                f"{_spread([level.per_cpu() / capacity.per_cpu() for level in runs])} per CPU-second (>= 90%); "
+                f"{_spread([level.share() for level in runs])} of the capacity around it, "
+                f"{_spread([level.share_cpu() for level in runs])} per CPU-second (>= 90%); "
+                f"capacity changed by {_spread(drift)} across the level; "
+                f"{_spread(of_1x)} of what 1x served (paced saturation); "
                 f"admitted p99 {_spread(probe_p99, '.0f')} ms (probe), "
                 f"{_spread([level.p99_ok_ms for level in runs], '.0f')} ms (ghz); "
                 f"peak RSS {max(level.rss_mib for level in runs):.0f} MiB; "
