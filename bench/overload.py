@@ -11,8 +11,8 @@ Starts ``csr-service serve --dev`` (local CA, TLS, JWT), and:
    batched on a few connections, ``bench.local_ca``'s setting), and few enough that the
    queue limit refuses none; successful CSR/s. It does so before every level and after it,
    and weighs each level against the mean of the two runs around it: on a shared VM the
-   worker's speed drifts by 10-30% within minutes (one run measured the same closed loop at
-   652 and 863 us of CPU per call), so one capacity measured at the start says little about a
+   worker's speed drifts by up to 45% within minutes (one run measured the same closed loop at
+   882 and 1,542 CSR/s), so one capacity measured at the start says little about a
    level run minutes later; the drift across each level is printed;
 2. offers **k x capacity** (the run just before) for each k in ``--levels``: ghz ``--rps`` paced over 1000
    connections (many pods, a few calls each) with enough workers to keep the rate up,
@@ -394,10 +394,9 @@ def run_server(
     runs, levels, log).
 
     A level offers k x the capacity measured just before it, and its goodput is weighed against
-    the mean of that run and the one just after it: this machine's speed drifts by a quarter
-    within minutes (the same closed-loop run measured 652 and 863 us of CPU per call in one
-    bench run), so a capacity measured once at the start says little about a level run
-    minutes later.
+    the mean of that run and the one just after it: this machine's speed drifts by up to 45%
+    within minutes (the same closed-loop run measured 882 and 1,542 CSR/s in one bench run),
+    so a capacity measured once at the start says little about a level run minutes later.
     """
     wrapper, ghz_cpus = _cpus(args.workers, args.pin)
     http_port = free_port()
