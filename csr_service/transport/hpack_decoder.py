@@ -279,24 +279,25 @@ class HeaderDecoder:
             raise HPACKError(f"header index {index} is outside the tables")
         return self._entries[-1 - position]
 
+    def _evict(self, limit: int) -> None:
+        """Drop the oldest entries until the table holds at most ``limit`` octets (>= 0)."""
+        while self._size > limit:
+            self._size -= self._entries.pop(0)[1]
+
     def _add(self, entry: _Entry) -> None:
         size = entry[1]
-        entries = self._entries
         if size > self._limit:  # RFC 7541 4.4: the table is emptied, the field not added
-            entries.clear()
-            self._size = 0
+            self._evict(0)
             return
-        while self._size + size > self._limit:
-            self._size -= entries.pop(0)[1]
-        entries.append(entry)
+        self._evict(self._limit - size)
+        self._entries.append(entry)
         self._size += size
 
     def _resize(self, limit: int) -> None:
         if limit > self.max_table_size:
             raise HPACKError(f"dynamic table size {limit} above the {self.max_table_size} allowed")
         self._limit = limit
-        while self._size > limit:
-            self._size -= self._entries.pop(0)[1]
+        self._evict(limit)
 
     def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         """The header list a complete header block carries (names and values as octets)."""

@@ -144,15 +144,15 @@ _fields = st.lists(st.tuples(_names, st.binary(max_size=200), st.booleans()), ma
 def test_agrees_with_hpack_on_what_its_encoder_writes(
     blocks: list[tuple[list[tuple[bytes, bytes, bool]], bool, int | None]],
 ) -> None:
-    encoder, reference, ours = hpack.Encoder(), hpack.Decoder(), HeaderDecoder()
+    encoder = hpack.Encoder()
+    encoded = []
     for fields, huffman, resize in blocks:
         if resize is not None:
             encoder.header_table_size = resize  # the next block starts with a size update
         headers = [hpack.NeverIndexedHeaderTuple(n, v) if never else hpack.HeaderTuple(n, v) for n, v, never in fields]
-        block = encoder.encode(headers, huffman=huffman)
-        expected = [(bytes(n), bytes(v)) for n, v in reference.decode(block, raw=True)]
-        assert ours.decode(block) == expected
-        assert ours.table_size == reference.header_table._current_size
+        encoded.append(bytes(encoder.encode(headers, huffman=huffman)))
+    # Every block decodes, to hpack's fields, leaving hpack's table size (the fuzzing property).
+    assert check_hpack(encoded) == "decoded"
 
 
 @BUDGET
