@@ -46,7 +46,6 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from csr_service._generated import ca_pb2
-from csr_service.common.errors import LoadShedError
 from csr_service.infra.metrics import count_shed
 from csr_service.transport.admission import ShedLog
 from csr_service.transport.grpc_server import MAX_REQUEST_BYTES, MAX_STREAMS_PER_CONNECTION, MIN_PING_INTERVAL_MS
@@ -96,6 +95,13 @@ _PING_STRIKES = 2
 #: work the client never waits for. grpc-go resets a stream when a call is cancelled or its
 #: deadline passes, at most once per call.
 _RESETS_PER_SECOND = 200
+#: The payload of grpc-go's flow-control ("BDP") ping (grpc-go internal/transport/controlbuf.go,
+#: ``bdpPing``), which it sends after the first DATA frame it reads while no such ping is
+#: unanswered: after every answer, on a connection that makes a call at a time.
+_GRPC_GO_BDP_PING = bytes((2, 4, 16, 16, 9, 14, 7, 7))
+#: How long the ack of a grpc-go flow-control ping may wait for something else to travel with
+#: (_on_ping): it is written after the next frames we send, or alone after 1-2 of these.
+_LAZY_ACK_SECONDS = 1.0
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -347,8 +353,12 @@ class _Connection(asyncio.Protocol):
         self._sent_since_ping = True
         #: Control frames to send with the next answer (see _on_ping).
         self._held: list[bytes] = []
+        #: Acks of grpc-go's flow-control pings, written after whatever we send next (_on_ping).
+        self._lazy_acks: list[bytes] = []
+        self.lazy_since = 0.0
         self._reset_window = 0.0
         self._resets = 0
+        self._idle_since = 0.0  # when the last call ended (monotonic): see _reset_idle
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -392,6 +402,9 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._closed:
             return
+        if self._lazy_acks:
+            data += b"".join(self._lazy_acks)
+            self._lazy_acks.clear()
         tls = self._tls
         if tls is None:
             transport.write(data)
@@ -610,6 +623,22 @@ class _Connection(asyncio.Protocol):
                 raise _ConnectionError(_ENHANCE_YOUR_CALM, "too_many_pings")
         self._last_ping = now
         self._sent_since_ping = False
+        if payload == _GRPC_GO_BDP_PING and len(self._lazy_acks) < 4:
+            # grpc-go measures the connection with this ping after every answer it reads, and
+            # pings again only once it has the ack. Acked at once, the ping costs the server a
+            # read and a write of their own per call (a client makes its next call later, from
+            # its next packet); written after the next answer instead, the ack travels in that
+            # answer's write, and the client, having read the answer's DATA with its ping still
+            # unanswered, pings after every second answer only. The ack is a flow-control
+            # measurement, not a liveness check (grpc-go's keepalive pings carry other payloads
+            # and are answered at once): late, it only tells grpc-go the round trip is longer,
+            # which keeps its receive windows where they are (64 KiB; an answer is ~3 KiB).
+            # Connections that send nothing else get theirs within 2 x _LAZY_ACK_SECONDS.
+            if not self._lazy_acks:
+                self.lazy_since = now
+                self._server.hold_ack(self)
+            self._lazy_acks.append(_frame(_PING, _ACK, 0, payload))
+            return
         # Sent at the end of this read, or with the answer of a call in progress, in one write:
         # grpc-go pings after every answer it reads (to size its windows), usually in the same
         # packet as its next request; an ack a call's time late only makes that estimate larger.
@@ -700,7 +729,6 @@ class _Connection(asyncio.Protocol):
         stream = _Stream(stream_id, self._peer_window)
         stream.headers = headers
         self._streams[stream_id] = stream
-        self._cancel_timer("idle")
         stream.ended = bool(flags & _END_STREAM)
         # Answered from the headers alone when they already decide it: a client streaming its
         # messages (grpcurl's reflection) may wait for an answer before it ends its stream.
@@ -987,12 +1015,24 @@ class _Connection(asyncio.Protocol):
             timer.cancel()
 
     def _reset_idle(self) -> None:
+        """The connection has no calls from now on (max_connection_idle counts from here)."""
         idle = self._server.limits.max_connection_idle
         if idle and not self._closed:
-            self._timer("idle", idle.total_seconds(), self._idle_reached)
+            # One timer per connection that looks again when it fires, rather than one
+            # cancelled and scheduled anew per call: that costs ~5 us a call in asyncio's heap.
+            self._idle_since = time.monotonic()
+            if "idle" not in self._timers:
+                self._timer("idle", idle.total_seconds(), self._idle_reached)
 
     def _idle_reached(self) -> None:
-        if not self._streams:
+        del self._timers["idle"]
+        if self._streams:
+            return  # busy: the last call's end starts the count again (_reset_idle)
+        idle = self._server.limits.max_connection_idle.total_seconds()
+        left = self._idle_since + idle - time.monotonic()
+        if left > 0:
+            self._timer("idle", left, self._idle_reached)
+        else:
             self.goaway(_NO_ERROR)
 
     def _age_reached(self) -> None:
@@ -1041,6 +1081,16 @@ class _Connection(asyncio.Protocol):
     def busy(self) -> bool:
         return bool(self._streams)
 
+    @property
+    def lazy_waiting(self) -> bool:
+        return bool(self._lazy_acks)
+
+    def flush_acks(self) -> None:
+        """Write the acks of grpc-go flow-control pings still held (_on_ping), on their own."""
+        if self._lazy_acks:
+            self._write(b"")
+            self._lazy_acks.clear()  # closed: nothing more is sent
+
 
 # --- the server ---------------------------------------------------------------------------------
 class NativeGrpcServer:
@@ -1086,6 +1136,11 @@ class NativeGrpcServer:
         #: Calls received whose handler has not started yet (the --max-queued-requests queue).
         self.queued = 0
         self._shed_log = ShedLog(log)
+        # The queue is full at exactly its limit: one text for every refusal, formatted once.
+        self._queue_full_detail = f"{limits.max_queued_requests} calls waiting for this worker (--max-queued-requests)"
+        #: Connections holding acks of grpc-go flow-control pings (_Connection._on_ping).
+        self._lazy: set[_Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def _refresh_certificate(self) -> None:
         """Load the serving certificate if it changed since the last connection (renewals)."""
@@ -1114,12 +1169,29 @@ class NativeGrpcServer:
     def queue_full(self) -> bool:
         if self.queued < self.limits.max_queued_requests:
             return False
-        self.shed("queue_full", f"{self.queued} calls waiting for this worker (--max-queued-requests)")
+        self.shed("queue_full", self._queue_full_detail)
         return True
 
     def shed(self, reason: str, detail: str) -> None:
         count_shed(reason)
-        self._shed_log.note(LoadShedError(_BUSY_MESSAGE, reason=reason, detail=detail))
+        self._shed_log.count(reason, detail)
+
+    def hold_ack(self, connection: _Connection) -> None:
+        self._lazy.add(connection)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(_LAZY_ACK_SECONDS, self._sweep_acks)
+
+    def _sweep_acks(self) -> None:
+        """Write the ping acks held for at least _LAZY_ACK_SECONDS; look again in that long if any are left."""
+        self._sweeper = None
+        due = time.monotonic() - _LAZY_ACK_SECONDS
+        for connection in list(self._lazy):
+            if connection.lazy_waiting and connection.lazy_since > due:
+                continue  # held for less than _LAZY_ACK_SECONDS: the next sweep
+            connection.flush_acks()  # nothing if an answer carried them already
+            self._lazy.discard(connection)
+        if self._lazy:
+            self._sweeper = asyncio.get_running_loop().call_later(_LAZY_ACK_SECONDS, self._sweep_acks)
 
     def admit(self, connection: _Connection) -> bool:
         if self.limits.max_connections and len(self._connections) >= self.limits.max_connections:
@@ -1177,6 +1249,10 @@ class NativeGrpcServer:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self._lazy.clear()
         self._stopped.set()
 
     async def wait(self) -> None:

@@ -301,6 +301,72 @@ def test_pings_after_answers_are_not_strikes(native: DevServer, token: str) -> N
         assert not [f for f in conn.frames if f.kind == 7]
 
 
+GRPC_GO_BDP_PING = bytes((2, 4, 16, 16, 9, 14, 7, 7))  # grpc-go's flow-control ping payload
+
+
+def _ping_acks(conn: H2Conn, payload: bytes) -> list[int]:
+    """Where in ``conn.frames`` the acks of pings carrying ``payload`` are."""
+    return [i for i, f in enumerate(conn.frames) if f.kind == PING and f.flags & 1 and f.payload == payload]
+
+
+def _end_of(conn: H2Conn, stream: int) -> int:
+    return next(
+        i for i, f in enumerate(conn.frames) if f.stream == stream and f.kind == HEADERS and f.flags & END_STREAM
+    )
+
+
+def test_grpc_go_flow_control_ping_is_acked_after_the_next_answer(native: DevServer, token: str) -> None:
+    # grpc-go pings after each answer it reads; its ack travels after the next answer's frames,
+    # in the same write, instead of costing a write of its own.
+    with _conn(native) as conn:
+        conn.request(1, grpc_message(_good_body()), request_headers(token=token))
+        assert conn.answer(1).grpc_status == OK
+        conn.send(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 4096)) + frame(PING, 0, 0, GRPC_GO_BDP_PING))
+        conn.request(3, grpc_message(_good_body()), request_headers(token=token))
+        assert conn.answer(3).grpc_status == OK
+        ack = conn.wait_for(PING)
+        assert ack is not None
+        assert ack.flags & 1
+        assert ack.payload == GRPC_GO_BDP_PING
+        assert _ping_acks(conn, GRPC_GO_BDP_PING) == [_end_of(conn, 3) + 1]
+        # A refusal carries it too (here: an unknown method, answered from its headers).
+        conn.send(frame(PING, 0, 0, GRPC_GO_BDP_PING))
+        conn.request(5, None, request_headers(token=token, path="/no.Such/Method"))
+        assert conn.answer(5).grpc_status == UNIMPLEMENTED
+        deadline = time.monotonic() + 10
+        while len(_ping_acks(conn, GRPC_GO_BDP_PING)) < 2 and conn._read(deadline):
+            pass
+        assert _ping_acks(conn, GRPC_GO_BDP_PING)[1] == _end_of(conn, 5) + 1
+
+
+def test_grpc_go_flow_control_ping_without_a_next_call_is_acked_alone(native: DevServer, token: str) -> None:
+    with _conn(native) as conn:
+        conn.request(1, grpc_message(_good_body()), request_headers(token=token))
+        assert conn.answer(1).grpc_status == OK
+        sent = time.monotonic()
+        conn.send(frame(PING, 0, 0, GRPC_GO_BDP_PING))
+        ack = conn.wait_for(PING)  # within the connection's 20 s timeout, not never
+        assert ack is not None
+        assert ack.payload == GRPC_GO_BDP_PING
+        assert time.monotonic() - sent >= 0.9  # held for a second at least (a slow machine only adds)
+        assert not conn.closed
+
+
+def test_other_pings_are_acked_at_once(native: DevServer, token: str) -> None:
+    # Keepalive pings (grpc-go's carry zeros) check that the server is alive: never held.
+    with _conn(native) as conn:
+        conn.request(1, grpc_message(_good_body()), request_headers(token=token))
+        assert conn.answer(1).grpc_status == OK
+        # The next call follows at once: a held ack would come after its answer.
+        conn.send(frame(PING, 0, 0, b"\0" * 8))
+        conn.request(3, grpc_message(_good_body()), request_headers(token=token))
+        assert conn.answer(3).grpc_status == OK
+        ack = conn.wait_for(PING)
+        assert ack is not None
+        assert ack.payload == b"\0" * 8
+        assert _ping_acks(conn, b"\0" * 8)[0] < _end_of(conn, 3)
+
+
 # --- stream errors: RST_STREAM, the connection stays usable ---------------------------------------
 STREAM_ERRORS: dict[str, tuple[object, int]] = {
     "WINDOW_UPDATE of 0 on a stream": (lambda c: c.send(frame(WINDOW_UPDATE, 0, 1, b"\0\0\0\0")), PROTOCOL_ERROR),

@@ -27,7 +27,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from csr_service.transport import native
-from csr_service.transport.grpc_server import GrpcLimits
 from tests.support.h2wire import (
     CONTINUATION,
     DATA,
@@ -47,6 +46,7 @@ from tests.support.h2wire import (
     parse_frames,
     request_headers,
 )
+from tests.support.native_fakes import FakeServer, MemoryTransport
 
 BUDGET = settings(
     max_examples=500,
@@ -55,55 +55,6 @@ BUDGET = settings(
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-
-
-class _Transport(asyncio.Transport):
-    """The part of an asyncio transport ``_Connection`` uses, in memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.closed, "write after close"
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-
-class _Server:
-    """The part of ``NativeGrpcServer`` a connection uses: limits, methods, admission, the queue."""
-
-    def __init__(self) -> None:
-        # A small queue, so that sessions reach it: calls past it are shed.
-        self.limits = GrpcLimits(max_queued_requests=4)
-        self.health = native.NativeHealth()
-        self.methods = {HEALTH_CHECK.encode(): native._Method(health_pb2.HealthCheckRequest, self.health.Check)}
-        self.queued = 0
-        self.shed_reasons: Counter[str] = Counter()
-
-    def queue_full(self) -> bool:
-        if self.queued < self.limits.max_queued_requests:
-            return False
-        self.shed("queue_full", "")
-        return True
-
-    def shed(self, reason: str, detail: str) -> None:
-        self.shed_reasons[reason] += 1
-
-    def admit(self, connection: object) -> bool:
-        return True
-
-    def release(self, connection: object) -> None:
-        pass
 
 
 class _Errors(logging.Handler):
@@ -235,6 +186,7 @@ def _items(draw: st.DrawFn, encoder: hpack.Encoder, next_stream: list[int]) -> b
             st.binary(max_size=40),
             st.integers(0, 2**32 - 1).map(lambda n: struct.pack(">I", n)),
             st.binary(min_size=8, max_size=8),
+            st.just(native._GRPC_GO_BDP_PING),  # held for the next write (_Connection._on_ping)
         )
     )
     return frame(kind, draw(st.integers(0, 255)), stream, payload)
@@ -306,10 +258,10 @@ def _check_output(written: bytes, outcomes: Counter[str], closed_by_server: bool
         assert frames[-1].kind == GOAWAY, f"closed without GOAWAY: {frames[-3:]}"
 
 
-async def _session(wire: bytes, cuts: list[int], outcomes: Counter[str]) -> tuple[_Transport, bool]:
-    server = _Server()
+async def _session(wire: bytes, cuts: list[int], outcomes: Counter[str]) -> tuple[MemoryTransport, bool]:
+    server = FakeServer()
     await server.health.set("", health_pb2.HealthCheckResponse.SERVING)
-    transport = _Transport()
+    transport = MemoryTransport()
     conn = native._Connection(server, None)  # type: ignore[arg-type]  # plaintext: the frames are the point
     conn.connection_made(transport)  # type: ignore[arg-type]
     pos = 0
