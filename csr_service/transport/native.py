@@ -623,6 +623,7 @@ class _Connection(asyncio.Protocol):
                 raise _ConnectionError(_ENHANCE_YOUR_CALM, "too_many_pings")
         self._last_ping = now
         self._sent_since_ping = False
+        # (At most 4 held: a client that repeats this payload is answered at once beyond that.)
         if payload == _GRPC_GO_BDP_PING and len(self._lazy_acks) < 4:
             # grpc-go measures the connection with this ping after every answer it reads, and
             # pings again only once it has the ack. Acked at once, the ping costs the server a
@@ -639,9 +640,9 @@ class _Connection(asyncio.Protocol):
                 self._server.hold_ack(self)
             self._lazy_acks.append(_frame(_PING, _ACK, 0, payload))
             return
-        # Sent at the end of this read, or with the answer of a call in progress, in one write:
-        # grpc-go pings after every answer it reads (to size its windows), usually in the same
-        # packet as its next request; an ack a call's time late only makes that estimate larger.
+        # Any other ping (a keepalive, or another client's flow-control ping): acked at the end
+        # of this read, or with the answer of a call in progress (a call's time at most), in one
+        # write with it.
         self._held.append(_frame(_PING, _ACK, 0, payload))
 
     def _on_window_update(self, stream_id: int, payload: bytes) -> None:

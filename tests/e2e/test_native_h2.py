@@ -38,6 +38,7 @@ from tests.support.h2wire import (
     ENHANCE_YOUR_CALM,
     FLOW_CONTROL_ERROR,
     FRAME_SIZE_ERROR,
+    GRPC_GO_BDP_PING,
     HEADERS,
     HEALTH_CHECK,
     NO_ERROR,
@@ -299,9 +300,6 @@ def test_pings_after_answers_are_not_strikes(native: DevServer, token: str) -> N
             conn.request(stream, grpc_message(_good_body()), request_headers(token=token))
             assert conn.answer(stream).grpc_status == OK
         assert not [f for f in conn.frames if f.kind == 7]
-
-
-GRPC_GO_BDP_PING = bytes((2, 4, 16, 16, 9, 14, 7, 7))  # grpc-go's flow-control ping payload
 
 
 def _ping_acks(conn: H2Conn, payload: bytes) -> list[int]:

@@ -41,6 +41,9 @@ S_INITIAL_WINDOW_SIZE, S_MAX_CONCURRENT_STREAMS = 0x4, 0x3
 
 CREATE_CERTIFICATE = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+#: The payload of grpc-go's flow-control ("BDP") ping, as grpc-go sends it
+#: (internal/transport/controlbuf.go, ``bdpPing``): what the server must recognise.
+GRPC_GO_BDP_PING = bytes((2, 4, 16, 16, 9, 14, 7, 7))
 
 
 def frame(kind: int, flags: int = 0, stream: int = 0, payload: bytes = b"", *, length: int | None = None) -> bytes:

@@ -25,6 +25,7 @@ from tests.support.h2wire import (
     END_HEADERS,
     END_STREAM,
     GOAWAY,
+    GRPC_GO_BDP_PING,
     HEADERS,
     HEALTH_CHECK,
     PING,
@@ -158,16 +159,16 @@ def test_a_call_in_progress_is_never_idle(session: _Session) -> None:
 def test_grpc_go_flow_control_ping_ack_goes_after_the_next_answer(session: _Session) -> None:
     session.call(1)
     session.frames()
-    session.send(frame(PING, 0, 0, native._GRPC_GO_BDP_PING))
+    session.send(frame(PING, 0, 0, GRPC_GO_BDP_PING))
     assert session.frames() == []  # held
     assert session.server.holding == [session.conn]  # for the server's sweep, if nothing comes
     session.call(3)
     kinds = [(f.kind, f.stream, f.flags & END_STREAM) for f in session.frames()]
     assert kinds[-2:] == [(HEADERS, 3, END_STREAM), (PING, 0, 1)]  # the trailers, then the ack (flag 1)
-    session.send(frame(PING, 0, 0, native._GRPC_GO_BDP_PING))
+    session.send(frame(PING, 0, 0, GRPC_GO_BDP_PING))
     session.do(session.conn.flush_acks)  # the sweep: alone
     (ack,) = session.frames()
-    assert (ack.kind, ack.flags, ack.payload) == (PING, 1, native._GRPC_GO_BDP_PING)
+    assert (ack.kind, ack.flags, ack.payload) == (PING, 1, GRPC_GO_BDP_PING)
 
 
 def test_other_pings_are_acked_at_the_end_of_their_read(session: _Session) -> None:

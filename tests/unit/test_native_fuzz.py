@@ -33,6 +33,7 @@ from tests.support.h2wire import (
     END_HEADERS,
     END_STREAM,
     GOAWAY,
+    GRPC_GO_BDP_PING,
     HEADERS,
     HEALTH_CHECK,
     PREFACE,
@@ -186,7 +187,7 @@ def _items(draw: st.DrawFn, encoder: hpack.Encoder, next_stream: list[int]) -> b
             st.binary(max_size=40),
             st.integers(0, 2**32 - 1).map(lambda n: struct.pack(">I", n)),
             st.binary(min_size=8, max_size=8),
-            st.just(native._GRPC_GO_BDP_PING),  # held for the next write (_Connection._on_ping)
+            st.just(GRPC_GO_BDP_PING),  # held for the next write (_Connection._on_ping)
         )
     )
     return frame(kind, draw(st.integers(0, 255)), stream, payload)
