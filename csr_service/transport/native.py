@@ -161,6 +161,12 @@ def _status_block(code: grpc.StatusCode, message: str, *, with_head: bool) -> by
 #: The answer to a call refused by the worker's queue limits.
 _BUSY_MESSAGE = "the server is busy; retry later"
 _BUSY = _status_block(grpc.StatusCode.RESOURCE_EXHAUSTED, _BUSY_MESSAGE, with_head=True)
+# A queue_full refusal's two frames but their stream id (built per refusal, thousands a second
+# under overload): HEADERS with that status, and RST_STREAM(NO_ERROR).
+_BUSY_HEAD = struct.pack(">I", len(_BUSY))[1:] + bytes((_HEADERS, _END_HEADERS | _END_STREAM))
+_RST_NO_ERROR_HEAD = struct.pack(">I", 4)[1:] + bytes((_RST_STREAM, 0))
+#: A frame's 9-byte header: length (24 bits, as 16 + 8), type, flags, R bit + stream id.
+_FRAME_HEADER = struct.Struct(">HBBBI")
 
 
 #: Request headers that are gRPC's protocol, not the caller's metadata.
@@ -496,9 +502,14 @@ class _Connection(asyncio.Protocol):
 
     # -- frames in -------------------------------------------------------------------------------
     def _receive(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
+        buf: bytes | bytearray
+        if self._buf or not self._preface:
+            buf = self._buf
+            buf += data
+        else:
+            buf = data  # nothing left over from the last read (the rule): parse it as it is
         if not self._preface:
+            assert isinstance(buf, bytearray)
             if len(buf) < len(_PREFACE):
                 if not _PREFACE.startswith(bytes(buf)):
                     raise _ConnectionError(_PROTOCOL_ERROR, "not an HTTP/2 connection preface")
@@ -511,14 +522,14 @@ class _Connection(asyncio.Protocol):
         out: list[bytes] = []
         try:
             while end - pos >= 9:
-                length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+                high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(buf, pos)
+                length = high << 8 | low
                 if length > _MAX_FRAME:
                     raise _ConnectionError(_FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 if end - pos - 9 < length:
                     break
-                kind, flags = buf[pos + 3], buf[pos + 4]
-                stream_id = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                payload = bytes(buf[pos + 9 : pos + 9 + length])
+                stream_id &= 0x7FFFFFFF
+                payload = bytes(buf[pos + 9 : pos + 9 + length])  # a slice of bytes is bytes already
                 pos += 9 + length
                 try:
                     self._on_frame(kind, flags, stream_id, payload, out)
@@ -527,7 +538,11 @@ class _Connection(asyncio.Protocol):
                 if self._closed:
                     return
         finally:
-            del buf[:pos]
+            if buf is data:
+                if pos < len(data):
+                    self._buf += data[pos:]  # a frame cut by the read: completed by the next one
+            else:
+                del self._buf[:pos]
             if self._held and not self._streams:
                 out += self._held
                 self._held.clear()
@@ -722,10 +737,11 @@ class _Connection(asyncio.Protocol):
         if self._server.queue_full():
             # Shed, don't queue: refused before the request's body is even read (its DATA frames
             # are ignored), RESOURCE_EXHAUSTED, which istio-agent retries with backoff.
-            out.append(_frame(_HEADERS, _END_HEADERS | _END_STREAM, stream_id, _BUSY))
+            sid = stream_id.to_bytes(4, "big")
+            out.append(_BUSY_HEAD + sid + _BUSY)
             self._sent_since_ping = True
             if not flags & _END_STREAM:
-                out.append(_frame(_RST_STREAM, 0, stream_id, struct.pack(">I", _NO_ERROR)))
+                out.append(_RST_NO_ERROR_HEAD + sid + b"\0\0\0\0")
             return
         stream = _Stream(stream_id, self._peer_window)
         stream.headers = headers
