@@ -1,5 +1,6 @@
-"""The native transport's connection timers and ping acks, on an in-memory transport with a
-clock the test moves (``csr_service.transport.native._Connection``): no sockets, no waiting.
+"""The native transport's connection timers, ping acks, reads and refusals, on an in-memory
+transport with a clock the test moves (``csr_service.transport.native._Connection``): no
+sockets, no waiting.
 
 - ``max_connection_idle`` counts from the end of the last call: a connection keeps one timer
   that looks again when it fires (not one cancelled and rescheduled per call), so a call in
@@ -7,11 +8,16 @@ clock the test moves (``csr_service.transport.native._Connection``): no sockets,
   time gets it.
 - Acks of grpc-go's flow-control pings wait for the next thing the connection writes and go
   after it; other pings are acked at the end of the read that brought them.
+- A read is parsed where it arrived unless the one before left part of a frame: reads cut
+  anywhere are answered as one read.
+- A call refused by a full queue gets its precomputed frames: RESOURCE_EXHAUSTED, and
+  RST_STREAM(NO_ERROR) while the client is still sending.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
@@ -30,6 +36,7 @@ from tests.support.h2wire import (
     HEALTH_CHECK,
     PING,
     PREFACE,
+    RST_STREAM,
     SETTINGS,
     Frame,
     frame,
@@ -52,10 +59,10 @@ class _Clock:
 
 
 class _Session:
-    def __init__(self, loop: asyncio.AbstractEventLoop, clock: _Clock) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: _Clock, limits: GrpcLimits | None = None) -> None:
         self.loop = loop
         self.clock = clock
-        self.server = FakeServer(GrpcLimits(max_connection_idle=timedelta(seconds=IDLE)))
+        self.server = FakeServer(limits or GrpcLimits(max_connection_idle=timedelta(seconds=IDLE)))
         loop.run_until_complete(self.server.health.set("", 1))
         self.transport = MemoryTransport()
         self.conn = native._Connection(self.server, None)  # type: ignore[arg-type]  # plaintext
@@ -81,10 +88,13 @@ class _Session:
         self.do(lambda: self.conn.data_received(data))
 
     def call(self, stream: int, *, end: bool = True) -> None:
+        self.send(self.request(stream, end=end))
+
+    def request(self, stream: int, *, end: bool = True) -> bytes:
+        """A Health/Check call's frames on ``stream`` (its DATA, with END_STREAM, if ``end``)."""
         block = bytes(self.encoder.encode(request_headers(HEALTH_CHECK)))
-        self.send(
-            frame(HEADERS, END_HEADERS, stream, block)
-            + (frame(DATA, END_STREAM, stream, HEALTH_REQUEST) if end else b"")
+        return frame(HEADERS, END_HEADERS, stream, block) + (
+            frame(DATA, END_STREAM, stream, HEALTH_REQUEST) if end else b""
         )
 
     def frames(self) -> list[Frame]:
@@ -103,20 +113,26 @@ class _Session:
         self.do(lambda: callback(*args))
 
 
-@pytest.fixture
-def session(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Session]:
+@contextlib.contextmanager
+def _session(monkeypatch: pytest.MonkeyPatch, limits: GrpcLimits | None = None) -> Iterator[_Session]:
     clock = _Clock()
     monkeypatch.setattr(native, "time", clock)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        s = _Session(loop, clock)
+        s = _Session(loop, clock, limits)
         s.start()
         yield s
     finally:
         s.do(lambda: s.conn.connection_lost(None))
         loop.close()
         asyncio.set_event_loop(None)
+
+
+@pytest.fixture
+def session(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Session]:
+    with _session(monkeypatch) as s:
+        yield s
 
 
 def _goaway(frames: list[Frame]) -> bool:
@@ -177,3 +193,72 @@ def test_other_pings_are_acked_at_the_end_of_their_read(session: _Session) -> No
     (ack,) = session.frames()
     assert (ack.kind, ack.flags, ack.payload) == (PING, 1, b"\1" * 8)
     assert session.server.holding == []
+
+
+def _answers(frames: list[Frame]) -> list[tuple[int, int, int, list[tuple[str, str]] | bytes]]:
+    """Frames as (kind, flags, stream, decoded headers or payload): one decoder for the whole
+    connection, as the client keeps it."""
+    decoder = hpack.Decoder()
+    return [(f.kind, f.flags, f.stream, decoder.decode(f.payload) if f.kind == HEADERS else f.payload) for f in frames]
+
+
+def test_frames_cut_anywhere_between_reads_are_answered_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read is parsed in place when nothing is left over from the one before, and what it
+    cuts off is kept for the next: wherever the cuts fall (in a frame header, a payload, between
+    frames), the answers are those of one read."""
+    with _session(monkeypatch) as whole:
+        whole.frames()
+        whole.send(whole.request(1) + whole.request(3) + frame(PING, 0, 0, b"\1" * 8))
+        expected = _answers(whole.frames())
+    assert [(kind, stream) for kind, _, stream, _ in expected] == [
+        (PING, 0),
+        (HEADERS, 1),
+        (DATA, 1),
+        (HEADERS, 1),
+        (HEADERS, 3),
+        (DATA, 3),
+        (HEADERS, 3),
+    ]
+    size = len(whole.request(1)) * 2 + 17  # the same bytes in every session (a fresh encoder)
+    for cut in range(1, size):
+        for second in (cut + 1, size):  # one byte in the second read and a third, or the rest
+            with _session(monkeypatch) as s:
+                s.frames()
+                wire = s.request(1) + s.request(3) + frame(PING, 0, 0, b"\1" * 8)
+                s.send(wire[:cut])
+                s.send(wire[cut:second])
+                s.send(wire[second:])
+                # Each stream's frames in the same order (the ping's ack goes at the end of its read,
+                # so before or after a call's answer, depending on where the reads were cut).
+                got = sorted(_answers(s.frames()), key=lambda answer: answer[2])
+                assert got == expected, (cut, second)
+
+
+def test_a_call_refused_by_the_queue_gets_resource_exhausted_and_rst_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal's frames (built from precomputed bytes) as a client reads them: trailers-only
+    RESOURCE_EXHAUSTED on the call's stream, then RST_STREAM(NO_ERROR) when the client has not
+    ended its side yet, and none when it has; the calls after it are refused alike."""
+    with _session(monkeypatch, GrpcLimits(max_queued_requests=0)) as s:
+        s.frames()
+        s.send(s.request(1) + s.request(3))
+        s.send(s.request(5, end=False))
+        block = bytes(s.encoder.encode(request_headers(HEALTH_CHECK)))
+        s.send(frame(HEADERS, END_HEADERS | END_STREAM, 7, block))  # no body: END_STREAM on HEADERS
+        answers = _answers(s.frames())
+    busy = [
+        (":status", "200"),
+        ("content-type", "application/grpc"),
+        ("grpc-status", "8"),
+        ("grpc-message", "the server is busy; retry later"),
+    ]
+    rst = (RST_STREAM, 0)
+    assert [(kind, flags, stream, body) for kind, flags, stream, body in answers] == [
+        (HEADERS, END_HEADERS | END_STREAM, 1, busy),
+        (*rst, 1, b"\0\0\0\0"),
+        (HEADERS, END_HEADERS | END_STREAM, 3, busy),
+        (*rst, 3, b"\0\0\0\0"),
+        (HEADERS, END_HEADERS | END_STREAM, 5, busy),
+        (*rst, 5, b"\0\0\0\0"),
+        (HEADERS, END_HEADERS | END_STREAM, 7, busy),
+    ]
+    assert s.server.shed_reasons == {"queue_full": 4}
