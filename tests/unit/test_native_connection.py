@@ -9,7 +9,8 @@ sockets, no waiting.
 - Acks of grpc-go's flow-control pings wait for the next thing the connection writes and go
   after it; other pings are acked at the end of the read that brought them.
 - A read is parsed where it arrived unless the one before left part of a frame: reads cut
-  anywhere are answered as one read.
+  anywhere are answered as one read; over TLS, a read that decrypts to more than the worker's
+  decrypt buffer is parsed buffer by buffer.
 - A call refused by a full queue gets its precomputed frames: RESOURCE_EXHAUSTED, and
   RST_STREAM(NO_ERROR) while the client is still sending.
 """
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import hpack
 import pytest
@@ -45,6 +48,7 @@ from tests.support.h2wire import (
     request_headers,
 )
 from tests.support.native_fakes import FakeServer, MemoryTransport
+from tests.support.pki import KeyPair, make_ca, new_key, sign_leaf
 
 IDLE = 10.0
 HEALTH_REQUEST = grpc_message(b"")  # HealthCheckRequest(service=""): an empty message
@@ -262,3 +266,77 @@ def test_a_call_refused_by_the_queue_gets_resource_exhausted_and_rst_stream(monk
         (HEADERS, END_HEADERS | END_STREAM, 7, busy),
     ]
     assert s.server.shed_reasons == {"queue_full": 4}
+
+
+def test_a_tls_read_larger_than_the_decrypt_buffer_is_parsed_whole(tmp_path: Path) -> None:
+    """Over TLS (memory BIOs on both sides): one read whose records decrypt to more than the
+    worker's decrypt buffer (_ReadBuffers.PLAIN) is parsed buffer by buffer, a frame cut between
+    two of them included, and the call at its end is answered."""
+    ca = make_ca("test root")
+    key = new_key()
+    KeyPair(sign_leaf(ca, key.public_key(), dns=["localhost"]), key).write(tmp_path / "tls.crt", tmp_path / "tls.key")
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    server_tls.set_alpn_protocols(["h2"])
+    client_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_tls.load_verify_locations(cadata=ca.cert_pem.decode())
+    client_tls.set_alpn_protocols(["h2"])
+    to_client, from_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_tls.wrap_bio(to_client, from_client, server_hostname="localhost")
+    transport = MemoryTransport()
+    server = FakeServer()
+    conn = native._Connection(server, server_tls)  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(server.health.set("", 1))  # SERVING
+    sent = 0
+
+    def run(action: Callable[[], object]) -> None:
+        """``action`` on the loop, the calls it started run, and what the server wrote to the client."""
+        nonlocal sent
+
+        async def go() -> None:
+            action()
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        loop.run_until_complete(go())
+        to_client.write(bytes(transport.written[sent:]))
+        sent = len(transport.written)
+
+    try:
+        run(lambda: conn.connection_made(transport))
+        while True:
+            try:
+                client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                records = from_client.read()
+                run(lambda: conn.data_received(records))  # noqa: B023 (run at once)
+        hpack_block = bytes(hpack.Encoder().encode(request_headers(HEALTH_CHECK)))
+        filler = b"".join(frame(0xA0, 0, 0, bytes([i]) * 16_000) for i in range(5))  # unknown type: ignored
+        plain = (
+            PREFACE
+            + frame(SETTINGS)
+            + filler
+            + frame(HEADERS, END_HEADERS, 1, hpack_block)
+            + frame(DATA, END_STREAM, 1, HEALTH_REQUEST)
+        )
+        assert len(plain) > native._ReadBuffers.PLAIN
+        client.write(plain)
+        records = from_client.read()
+        run(lambda: conn.data_received(records))  # one read: all of it
+        answer = bytearray()
+        with contextlib.suppress(ssl.SSLWantReadError):
+            while chunk := client.read(65_536):
+                answer += chunk
+        frames = list(parse_frames(answer))
+        assert not answer
+        calls = [f for f in frames if f.stream == 1]
+        assert [f.kind for f in calls] == [HEADERS, DATA, HEADERS]
+        decoder = hpack.Decoder()
+        assert (":status", "200") in decoder.decode(calls[0].payload)
+        assert ("grpc-status", "0") in decoder.decode(calls[2].payload)
+        assert not transport.closed
+    finally:
+        conn.connection_lost(None)
+        loop.close()
