@@ -38,7 +38,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -325,35 +325,11 @@ class _Stream:
         self.method: _Method | None = None  # a streaming method, known from the headers
 
 
-class _ReadBuffers:
-    """Where a worker's connections read into: what the socket gave, and what TLS decrypted.
-
-    One pair per server, shared by its connections: the event loop runs one read at a time, and
-    a read is parsed to the end before it returns (a frame cut at the end is copied into its
-    connection). Reading into them instead of letting each read allocate its result:
-    asyncio's ``recv`` asks for 256 KiB (and ``ssl``'s ``read`` for what we ask) and shrinks it
-    to what came, a large ``malloc`` and ``realloc`` per read, which glibc serves with
-    ``mmap``/``mremap``/``munmap`` until something raises its mmap threshold.
-    """
-
-    __slots__ = ("plain", "raw")
-
-    #: A socket read (asyncio's own read size).
-    RAW = 256 * 1024
-    #: Decrypted bytes parsed at once: four full TLS records.
-    PLAIN = 64 * 1024
-
-    def __init__(self) -> None:
-        self.raw = memoryview(bytearray(self.RAW))
-        self.plain = memoryview(bytearray(self.PLAIN))
-
-
-class _Connection(asyncio.BufferedProtocol):
+class _Connection(asyncio.Protocol):
     """One client connection (after TLS): frames in, calls started, answers out."""
 
     def __init__(self, server: NativeGrpcServer, tls: ssl.SSLContext | None) -> None:
         self._server = server
-        self._buffers: _ReadBuffers = server.buffers
         self._transport: asyncio.Transport | None = None
         # TLS is done here over memory BIOs rather than by asyncio's SSL transport: the
         # connection then counts against --max-connections from its first byte (the handshake
@@ -442,36 +418,35 @@ class _Connection(asyncio.BufferedProtocol):
         tls.write(data)
         transport.write(self._tls_out.read())
 
-    def _decrypt(self) -> memoryview | None:
-        """What the TLS input decrypts to (as much as the buffer holds), once the handshake is
-        done; None when the connection ends."""
+    def _decrypt(self, data: bytes) -> bytes | None:
+        """What ``data`` carries for HTTP/2, after the handshake; None when the connection ends."""
         tls = self._tls
         assert tls is not None
+        self._tls_in.write(data)
         try:
             if not self._open:
                 try:
                     tls.do_handshake()
                 except ssl.SSLWantReadError:
-                    return self._buffers.plain[:0]
+                    return b""
                 finally:
                     if self._tls_out.pending and self._transport is not None:
                         self._transport.write(self._tls_out.read())  # handshake messages, alerts
                 self._start_http2()
                 if self._closed:
                     return None
-            plain = self._buffers.plain
-            n, size = 0, len(plain)
+            chunks = []
             tls_in = self._tls_in
-            while n < size:
+            while True:
                 try:
-                    got = cast("int", tls.read(size - n, plain[n:]))  # typeshed knows only read()'s bytes form
+                    chunk = tls.read(65_536)
                 except ssl.SSLWantReadError:
                     break
-                if not got:
+                if not chunk:
                     break
-                n += got
-                # Stop when nothing is left to decrypt rather than on the exception the next
-                # read would raise (most reads carry one record: a call).
+                chunks.append(chunk)
+                # One record per read: stop when nothing is left to decrypt rather than on the
+                # exception the next read would raise (most reads carry one record: a call).
                 if not tls_in.pending and not tls.pending():
                     break
         except ssl.SSLZeroReturnError:  # the client's close_notify
@@ -485,7 +460,7 @@ class _Connection(asyncio.BufferedProtocol):
             return None
         if self._tls_out.pending and self._transport is not None:  # e.g. a TLS 1.3 KeyUpdate answer
             self._transport.write(self._tls_out.read())
-        return plain[:n]
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -507,31 +482,14 @@ class _Connection(asyncio.BufferedProtocol):
         if self._transport is not None and not self._closed:
             self._transport.resume_reading()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._buffers.raw
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._buffers.raw[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
-        """Bytes from the client: parsed (after TLS) before this returns, nothing kept of ``data``
-        but a frame it cuts off (:class:`_ReadBuffers`)."""
+    def data_received(self, data: bytes) -> None:
         if self._closed:
             return
-        tls = self._tls
-        if tls is None:
-            self._deliver(data)
-            return
-        self._tls_in.write(data)
-        while not self._closed:
-            plain = self._decrypt()
+        if self._tls is not None:
+            plain = self._decrypt(data)
             if not plain:
                 return
-            self._deliver(plain)
-            if not self._tls_in.pending and not tls.pending():
-                return  # else more than the buffer held: the rest
-
-    def _deliver(self, data: bytes | memoryview) -> None:
+            data = plain
         try:
             self._receive(data)
         except _ConnectionError as exc:
@@ -543,13 +501,13 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(_INTERNAL_ERROR, "internal error")
 
     # -- frames in -------------------------------------------------------------------------------
-    def _receive(self, data: bytes | memoryview) -> None:
-        buf: bytes | bytearray | memoryview
+    def _receive(self, data: bytes) -> None:
+        buf: bytes | bytearray
         if self._buf or not self._preface:
             buf = self._buf
             buf += data
         else:
-            buf = data  # nothing left over from the last read (the rule): parsed where it is
+            buf = data  # nothing left over from the last read (the rule): parse it as it is
         if not self._preface:
             assert isinstance(buf, bytearray)
             if len(buf) < len(_PREFACE):
@@ -571,7 +529,7 @@ class _Connection(asyncio.BufferedProtocol):
                 if end - pos - 9 < length:
                     break
                 stream_id &= 0x7FFFFFFF
-                payload = bytes(buf[pos + 9 : pos + 9 + length])
+                payload = bytes(buf[pos + 9 : pos + 9 + length])  # a slice of bytes is bytes already
                 pos += 9 + length
                 try:
                     self._on_frame(kind, flags, stream_id, payload, out)
@@ -1166,7 +1124,6 @@ class NativeGrpcServer:
     ) -> None:
         self.limits = limits
         self.health = NativeHealth()
-        self.buffers = _ReadBuffers()
         self.methods: dict[bytes, _Method] = {
             b"/istio.v1.auth.IstioCertificateService/CreateCertificate": _Method(
                 ca_pb2.IstioCertificateRequest, servicer.CreateCertificate

@@ -38,14 +38,12 @@ class MemoryTransport(asyncio.Transport):
 
 
 class FakeServer:
-    """The part of ``NativeGrpcServer`` a connection uses: limits, methods, read buffers, admission,
-    the queue."""
+    """The part of ``NativeGrpcServer`` a connection uses: limits, methods, admission, the queue."""
 
     def __init__(self, limits: GrpcLimits | None = None) -> None:
         # A small queue by default, so that fuzzing sessions reach it: calls past it are shed.
         self.limits = limits or GrpcLimits(max_queued_requests=4)
         self.health = native.NativeHealth()
-        self.buffers = native._ReadBuffers()
         self.methods = {HEALTH_CHECK.encode(): native._Method(health_pb2.HealthCheckRequest, self.health.Check)}
         self.queued = 0
         self.shed_reasons: Counter[str] = Counter()
