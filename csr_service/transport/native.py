@@ -104,8 +104,18 @@ _GRPC_GO_BDP_PING = bytes((2, 4, 16, 16, 9, 14, 7, 7))
 _LAZY_ACK_SECONDS = 1.0
 
 
+#: A frame's 9-byte header: length (24 bits, as 16 + 8), type, flags, R bit + stream id.
+_FRAME_HEADER = struct.Struct(">HBBBI")
+
+
 def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">I", len(payload))[1:] + bytes((kind, flags)) + struct.pack(">I", stream) + payload
+    size = len(payload)
+    return _FRAME_HEADER.pack(size >> 8, size & 0xFF, kind, flags, stream) + payload
+
+
+def _split_at_stream(frame: bytes) -> tuple[bytes, bytes]:
+    """A frame built for stream 0 as the bytes before its stream id and those after it."""
+    return frame[:5], frame[9:]
 
 
 def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
@@ -161,12 +171,10 @@ def _status_block(code: grpc.StatusCode, message: str, *, with_head: bool) -> by
 #: The answer to a call refused by the worker's queue limits.
 _BUSY_MESSAGE = "the server is busy; retry later"
 _BUSY = _status_block(grpc.StatusCode.RESOURCE_EXHAUSTED, _BUSY_MESSAGE, with_head=True)
-# A queue_full refusal's two frames but their stream id (built per refusal, thousands a second
-# under overload): HEADERS with that status, and RST_STREAM(NO_ERROR).
-_BUSY_HEAD = struct.pack(">I", len(_BUSY))[1:] + bytes((_HEADERS, _END_HEADERS | _END_STREAM))
-_RST_NO_ERROR_HEAD = struct.pack(">I", 4)[1:] + bytes((_RST_STREAM, 0))
-#: A frame's 9-byte header: length (24 bits, as 16 + 8), type, flags, R bit + stream id.
-_FRAME_HEADER = struct.Struct(">HBBBI")
+# A queue_full refusal's two frames, HEADERS with that status and RST_STREAM(NO_ERROR), built
+# once around their stream id, which each refusal splices in (thousands a second under overload).
+_BUSY_HEAD, _BUSY_TAIL = _split_at_stream(_frame(_HEADERS, _END_HEADERS | _END_STREAM, 0, _BUSY))
+_RST_NO_ERROR_HEAD, _RST_NO_ERROR_TAIL = _split_at_stream(_frame(_RST_STREAM, 0, 0, struct.pack(">I", _NO_ERROR)))
 
 
 #: Request headers that are gRPC's protocol, not the caller's metadata.
@@ -738,10 +746,10 @@ class _Connection(asyncio.Protocol):
             # Shed, don't queue: refused before the request's body is even read (its DATA frames
             # are ignored), RESOURCE_EXHAUSTED, which istio-agent retries with backoff.
             sid = stream_id.to_bytes(4, "big")
-            out.append(_BUSY_HEAD + sid + _BUSY)
+            out.append(_BUSY_HEAD + sid + _BUSY_TAIL)
             self._sent_since_ping = True
             if not flags & _END_STREAM:
-                out.append(_RST_NO_ERROR_HEAD + sid + b"\0\0\0\0")
+                out.append(_RST_NO_ERROR_HEAD + sid + _RST_NO_ERROR_TAIL)
             return
         stream = _Stream(stream_id, self._peer_window)
         stream.headers = headers
