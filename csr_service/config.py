@@ -83,15 +83,6 @@ CORE_OPTIONS: list[Option] = [
         group="server",
     ),
     Option(
-        "event-loop",
-        "Event loop of the gRPC workers: uvloop (libuv's: about a third of asyncio's CPU per socket read "
-        "and write, which is most of what a refused call costs under overload), asyncio (the standard "
-        "library's), or auto: uvloop with the native transport, asyncio with grpcio (gRPC's asyncio server "
-        "is built and tested on the standard loop). See docs/performance.md.",
-        "auto",
-        group="server",
-    ),
-    Option(
         "workers",
         "gRPC worker processes sharing the port (SO_REUSEPORT); 0 means one per available CPU.",
         0,
@@ -468,8 +459,6 @@ class ServerConfig:
     client_cert_grpc_listen: str | None = None
     #: "grpcio" (gRPC core) or "native" (csr_service.transport.native).
     grpc_transport: str = "native"
-    #: "uvloop" or "asyncio": the workers' event loop (``run_event_loop``).
-    event_loop: str = "asyncio"
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,15 +596,6 @@ class Config:
             raise ConfigError("--client-cert-grpc-listen: needs --grpc-transport grpcio (or auto)")
         if transport == "auto":
             transport = "grpcio" if v["client-cert-grpc-listen"] else "native"
-        event_loop = v["event-loop"]
-        if event_loop not in {"auto", "asyncio", "uvloop"}:
-            raise ConfigError("--event-loop: choose auto, asyncio or uvloop")
-        if event_loop == "uvloop" and transport == "grpcio":
-            raise ConfigError(
-                "--event-loop uvloop: needs --grpc-transport native (grpcio's server runs on asyncio's loop)"
-            )
-        if event_loop == "auto":
-            event_loop = "uvloop" if transport == "native" else "asyncio"
         if v["log-level"].lower() not in {"debug", "info", "warning", "error"}:
             raise ConfigError("--log-level: choose debug, info, warning or error")
         return cls(
@@ -638,7 +618,6 @@ class Config:
                 tls_handshake_timeout=v["tls-handshake-timeout"],
                 client_cert_grpc_listen=v["client-cert-grpc-listen"] or None,
                 grpc_transport=transport,
-                event_loop=event_loop,
             ),
             pipeline=PipelineConfig(
                 trust_domain=v["trust-domain"],

@@ -19,9 +19,9 @@ import multiprocessing.connection
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from csr_service.common.errors import ConfigError, CSRServiceError
 from csr_service.common.readiness import ReadinessReport
@@ -33,27 +33,9 @@ from csr_service.service.health import LeaderReporter, Readiness, WorkerBoard, W
 from csr_service.service.wiring import build_service
 from csr_service.transport.http import HttpApp, HttpServer, HttpThread
 
-__all__ = ["die_with_parent", "run", "run_event_loop", "serve_forever"]
+__all__ = ["die_with_parent", "run", "serve_forever"]
 
 log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-
-
-def run_event_loop(kind: str, main: Coroutine[Any, Any, _T]) -> _T:
-    """``asyncio.run(main)`` on the event loop ``--event-loop`` chose.
-
-    Why uvloop for the native transport: its sockets are read and written by the event loop
-    itself, and asyncio's selector loop spends 5-7 us of Python per read and write (selector,
-    callback handle, transport methods), libuv ~2 us in C. A refused call is one read and one
-    write, so under overload that is a share of every refusal (docs/performance.md). Imported
-    here only: the grpcio transport and the other commands never load it."""
-    if kind == "uvloop":
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(main)
-    return asyncio.run(main)
 
 
 async def serve_forever(
@@ -138,14 +120,13 @@ def _worker_main(config: Config, conn: multiprocessing.connection.Connection, in
             conn.send(message)
 
     try:
-        run_event_loop(
-            config.server.event_loop,
+        asyncio.run(
             serve_forever(
                 config,
                 on_ready=lambda port: send(("ready", port)),
                 worker_index=index,
                 publish=lambda report: send(("status", report)),
-            ),
+            )
         )
     except (ConfigError, CSRServiceError, OSError) as exc:
         logging.getLogger(__name__).error("worker %d cannot start: %s", index, exc)
@@ -160,7 +141,7 @@ def run(config: Config, on_ready: Callable[[int], None] | None = None) -> int:
     port_zero = config.server.grpc_listen.rsplit(":", 1)[-1] == "0"
     if workers == 1 or port_zero or not config.server.grpc_listen:
         try:
-            run_event_loop(config.server.event_loop, serve_forever(config, on_ready))
+            asyncio.run(serve_forever(config, on_ready))
         except (CSRServiceError, OSError) as exc:  # ConfigError goes to the CLI, which names the flag
             log.error("cannot start: %s", exc)
             return 2

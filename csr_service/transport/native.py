@@ -38,7 +38,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -376,9 +376,8 @@ class _Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream transport, though not always an asyncio.Transport instance (uvloop's TCP
-        # transport implements the interface without deriving from it).
-        self._transport = transport = cast(asyncio.Transport, transport)
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
         server = self._server
         if not server.admit(self):
             transport.abort()  # before the handshake, as gRPC core: the client retries elsewhere
@@ -1258,9 +1257,7 @@ class NativeGrpcServer:
             )
         for service in ("", "istio.v1.auth.IstioCertificateService"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        # uvloop or asyncio (--event-loop): which one serves is worth a line when comparing figures.
-        loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
-        log.info("gRPC (native transport, %s event loop) listening on %s", loop, self._listen)
+        log.info("gRPC (native transport) listening on %s", self._listen)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, stop accepting, GOAWAY everyone, let calls finish for ``grace`` s."""

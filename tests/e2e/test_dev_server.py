@@ -469,19 +469,6 @@ def test_multiple_workers_share_the_port_and_stop_cleanly(tmp_path: Path, transp
     assert proc.returncode == 0
 
 
-@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
-@pytest.mark.parametrize("workers", [1, 2])
-def test_native_transport_serves_on_either_event_loop(tmp_path: Path, event_loop: str, workers: int) -> None:
-    # One worker runs in the serving process, more are supervised processes: both start the loop.
-    with running_dev_server(tmp_path / "s", "--event-loop", event_loop, workers=workers) as srv:
-        token = srv.token("default", "sleep")
-        for _ in range(4):
-            assert len(_call(srv, GOOD_CSR(), token).cert_chain) == 2
-        assert srv.log().count(f"gRPC (native transport, {event_loop} event loop) listening") == workers
-        proc = srv.proc
-    assert proc.returncode == 0
-
-
 def test_dev_mode_refuses_non_loopback(tmp_path: Path) -> None:
     res = subprocess.run(
         [

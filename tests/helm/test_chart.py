@@ -78,15 +78,6 @@ def test_lint(tmp_path: Path) -> None:
             {"app": {"server": {"grpcTransport": "native", "authenticators": ["client-cert", "tokenreview"]}}},
             "grpcTransport native does not serve the client-certificate (mTLS) listener",
         ),
-        ({"app": {"server": {"eventLoop": "trio"}}}, "value must be one of"),
-        (
-            {"app": {"server": {"grpcTransport": "grpcio", "eventLoop": "uvloop"}}},
-            "app.server.eventLoop uvloop needs the native transport",
-        ),
-        (
-            {"app": {"server": {"eventLoop": "uvloop", "authenticators": ["client-cert", "tokenreview"]}}},
-            "app.server.eventLoop uvloop needs the native transport",
-        ),
         ({"app": {"extraArgs": ["serve"]}}, "does not match pattern"),
         ({"app": {"issuer": "local"}}, "app.local.secretName is required"),
         ({"app": {"issuer": "vault"}}, "app.vault.address is required"),
@@ -334,9 +325,6 @@ def test_grpc_transport() -> None:
     assert flags(render(CERT_MANAGER))["grpc-transport"] == "auto"
     native = merge(CERT_MANAGER, {"app": {"server": {"grpcTransport": "native"}}})
     assert flags(render(native))["grpc-transport"] == "native"
-    assert flags(render(CERT_MANAGER))["event-loop"] == "auto"
-    asyncio_loop = merge(CERT_MANAGER, {"app": {"server": {"eventLoop": "asyncio"}}})
-    assert flags(render(asyncio_loop))["event-loop"] == "asyncio"
 
 
 def test_authenticator_alone_still_renders_as_before() -> None:

@@ -33,17 +33,6 @@ def test_auto_transport_is_grpcio_with_the_client_certificate_listener() -> None
     assert Config.from_values(resolve({**flags, "grpc-transport": "grpcio"}, env={})).server.grpc_transport == "grpcio"
 
 
-def test_event_loop_follows_the_transport() -> None:
-    def loop(flags: dict[str, str]) -> str:
-        return Config.from_values(resolve(flags, env={})).server.event_loop
-
-    assert loop({}) == "uvloop"  # auto with the native transport
-    assert loop({"grpc-transport": "grpcio"}) == "asyncio"  # auto with gRPC core's asyncio server
-    assert loop({"event-loop": "asyncio"}) == "asyncio"
-    assert loop({"grpc-transport": "native", "event-loop": "uvloop"}) == "uvloop"
-    assert loop({"grpc-transport": "grpcio", "event-loop": "asyncio"}) == "asyncio"
-
-
 def test_precedence(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('cluster-id = "from-file"\ntrust-domain = "file.td"\nmax-certificate-duration = "2h"\n')
@@ -77,8 +66,6 @@ def test_file_rejects_unknown_keys(tmp_path: Path) -> None:
         ({"log-format": "xml"}, "--log-format"),
         ({"dev": "maybe"}, "--dev"),
         ({"grpc-transport": "h2"}, "--grpc-transport"),
-        ({"event-loop": "trio"}, "--event-loop: choose auto, asyncio or uvloop"),
-        ({"grpc-transport": "grpcio", "event-loop": "uvloop"}, "--event-loop uvloop: needs --grpc-transport native"),
         (
             {
                 "grpc-transport": "native",
