@@ -57,8 +57,10 @@ the median and range over the rounds of each.
 
 On a machine with at least ``workers + 1`` CPUs the server is pinned to the first
 ``workers`` CPUs and ghz to the others (``taskset``), so the load generator does not take the
-server's cores; the CPUs are still shared with whatever else runs. Numbers are printed,
-never asserted.
+server's cores; the CPUs are still shared with whatever else runs. Each level also prints
+every CPU's steal time meanwhile (``/proc/stat``: the hypervisor running another guest while
+this one wanted the CPU), which no process's CPU figure shows: where a level's capacity drift
+comes with steal, the machine moved, not the code. Numbers are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -109,16 +111,42 @@ def thread_cpu(pids: Sequence[int]) -> dict[str, float]:
     return out
 
 
+_USER_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def steal_seconds() -> dict[str, float]:
+    """Each CPU's steal time since boot (``/proc/stat``): time the hypervisor ran something else
+    while this VM's vCPU wanted to run. None of it shows as any process's CPU, so it is where a
+    shared VM's capacity goes when it drifts with nothing else running here."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *ticks = line.split()
+            if name.startswith("cpu") and name != "cpu" and len(ticks) >= 8:
+                out[name] = int(ticks[7]) / _USER_HZ
+    return out
+
+
 class ThreadSampler(Sampler):
-    """:class:`Sampler`, plus the CPU of the server's threads by kind (:func:`thread_cpu`)."""
+    """:class:`Sampler`, plus the CPU of the server's threads by kind (:func:`thread_cpu`) and
+    each CPU's steal time (:func:`steal_seconds`)."""
 
     def __init__(self, pid: int, interval: float = 0.25) -> None:
         super().__init__(pid, interval)
         self.threads: list[tuple[float, dict[str, float]]] = []
+        self.steals: list[tuple[float, dict[str, float]]] = []
 
     def _take(self) -> None:
         super()._take()
-        self.threads.append((time.time(), thread_cpu(self._pids)))
+        now = time.time()
+        self.threads.append((now, thread_cpu(self._pids)))
+        self.steals.append((now, steal_seconds()))
+
+    def steal(self, start: float, end: float) -> dict[str, float]:
+        """Each CPU's share of time stolen between two wall-clock times."""
+        inside = [(t, c) for t, c in self.steals if start <= t <= end] or self.steals
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return {k: (c1[k] - c0[k]) / (t1 - t0) if t1 > t0 else float("nan") for k in c0 if k in c1}
 
     def split(self, start: float, end: float) -> dict[str, float]:
         """Cores used by each kind of thread between two wall-clock times."""
@@ -188,6 +216,8 @@ class Level:
     threads: dict[str, float] = field(default_factory=dict)
     rss_mib: float = 0.0
     ghz_cpu_ms: float = 0.0
+    #: each CPU's share of time stolen by the hypervisor meanwhile (steal_seconds)
+    steal: dict[str, float] = field(default_factory=dict)
     probe: Probe | None = None
     #: the capacity this level is weighed against: the closed-loop runs just before and after it
     ref: Level | None = None
@@ -251,7 +281,8 @@ class Level:
             f"(left after the successful calls: {self.refusal_cost_us(capacity) if capacity else float('nan'):.0f} "
             "us per refused call), "
             f"peak RSS {self.rss_mib:4.0f} MiB; "
-            f"ghz {self.ghz_cpu_ms:4.2f} ms CPU/call; codes: {codes}{'; shed: ' + shed if shed else ''}"
+            f"ghz {self.ghz_cpu_ms:4.2f} ms CPU/call; codes: {codes}{'; shed: ' + shed if shed else ''}; "
+            f"steal {' '.join(f'{cpu} {share:.1%}' for cpu, share in self.steal.items()) or '-'}"
             f"{bracket}{probe}"
         )
 
@@ -367,6 +398,7 @@ def _ghz(
         shed={k: shed1[k] - shed0[k] for k in SHED_REASONS},
         server_cpu=sampler.cores(start, end),
         threads=sampler.split(start, end),
+        steal=sampler.steal(start, end),
         rss_mib=sampler.peak_rss,
         ghz_cpu_ms=ghz_cpu / max(int(rep["count"]), 1) * 1000,
         probe=probe,
@@ -552,6 +584,7 @@ def main() -> None:
                 f"{_spread([level.share() for level in runs])} of the capacity around it, "
                 f"{_spread([level.share_cpu() for level in runs])} per CPU-second (>= 90%); "
                 f"capacity changed by {_spread(drift)} across the level; "
+                f"steal {_spread([max(level.steal.values(), default=0.0) for level in runs], '.1%')} (busiest CPU); "
                 f"{_spread(of_1x)} of what 1x served (paced saturation); "
                 f"admitted p99 {_spread(probe_p99, '.0f')} ms (probe), "
                 f"{_spread([level.p99_ok_ms for level in runs], '.0f')} ms (ghz); "
