@@ -144,15 +144,19 @@ class ThreadSampler(Sampler):
 
     def steal(self, start: float, end: float) -> dict[str, float]:
         """Each CPU's share of time stolen between two wall-clock times."""
-        inside = [(t, c) for t, c in self.steals if start <= t <= end] or self.steals
-        (t0, c0), (t1, c1) = inside[0], inside[-1]
-        return {k: (c1[k] - c0[k]) / (t1 - t0) if t1 > t0 else float("nan") for k in c0 if k in c1}
+        return _rates(self.steals, start, end)
 
     def split(self, start: float, end: float) -> dict[str, float]:
         """Cores used by each kind of thread between two wall-clock times."""
-        inside = [(t, c) for t, c in self.threads if start <= t <= end] or self.threads
-        (t0, c0), (t1, c1) = inside[0], inside[-1]
-        return {k: (c1[k] - c0[k]) / (t1 - t0) if t1 > t0 else float("nan") for k in c0}
+        return _rates(self.threads, start, end)
+
+
+def _rates(samples: Sequence[tuple[float, dict[str, float]]], start: float, end: float) -> dict[str, float]:
+    """Per key, seconds counted per wall-clock second between two times, from the first and last
+    samples inside them (all samples if none falls inside)."""
+    inside = [(t, c) for t, c in samples if start <= t <= end] or samples
+    (t0, c0), (t1, c1) = inside[0], inside[-1]
+    return {k: (c1[k] - c0[k]) / (t1 - t0) if t1 > t0 else float("nan") for k in c0 if k in c1}
 
 
 class Probe:
