@@ -4,8 +4,9 @@
 #
 # Stage 1 builds wheels for csr-service and all its dependencies with `pip wheel`, exactly as the
 # tests do (tests/helm/test_dockerfile.py runs this install step outside Docker). Every
-# dependency ships manylinux wheels, so no compiler is needed even here; the final stage gets
-# only the wheels, installs them offline and drops pip.
+# dependency ships manylinux wheels; csr-service's own wheel compiles one small C extension (the
+# HPACK decoder, csr_service/transport/_hpack.c), so this stage installs a C compiler. The final
+# stage gets only the wheels, installs them offline and drops pip: no compiler there.
 #
 # Build arguments (`make image` sets them from git; docs/install.md, "Building the image"):
 #   PYTHON_IMAGE  the base (the test bed builds a local stand-in where no registry is reachable)
@@ -18,6 +19,16 @@ FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
+# The C compiler for the extension, and Python's headers where the base lacks them (the official
+# image has them; a base on Debian's own python3 needs python3-dev). Versions are the base's
+# suite's, whatever its point release: the compiler does not reach the final image.
+# hadolint ignore=DL3008,SC2086
+RUN include="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+    && packages="gcc libc6-dev" \
+    && { [ -e "${include}/Python.h" ] || packages="${packages} python3-dev"; } \
+    && apt-get update \
+    && apt-get install --yes --no-install-recommends ${packages} \
+    && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 # The dependencies first, from pyproject.toml alone (empty packages stand in for ours): this
 # layer is reused until pyproject.toml changes, so a source change or a new commit does not
@@ -31,8 +42,12 @@ COPY csr_service ./csr_service
 COPY issuers ./issuers
 ARG REVISION=unknown
 # The commit goes into the wheel itself (package data), so `--version` reports what was built.
+# The extension is optional to setuptools (a checkout installs without a compiler); here it must
+# be built, so the wheel is checked for it.
 RUN printf '%s\n' "${REVISION}" > csr_service/BUILD_REVISION \
-    && pip wheel --no-deps --wheel-dir /wheels .
+    && pip wheel --no-deps --wheel-dir /wheels . \
+    && python -c "import glob, sys, zipfile; [wheel] = glob.glob('/wheels/csr_service-*.whl'); \
+sys.exit(not any(n.startswith('csr_service/transport/_hpack.') for n in zipfile.ZipFile(wheel).namelist()))"
 
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0

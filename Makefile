@@ -10,7 +10,8 @@ PEER_MARKERS := kube or vault or certmanager or istio or istiod or helm or image
 
 .PHONY: run test test-unit test-e2e testbed image lint bench proto docs clean venv lock
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# The C extension (csr_service/transport/_hpack.c) is built by the install: a changed source rebuilds it.
+$(VENV)/.installed: pyproject.toml constraints.txt csr_service/transport/_hpack.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'

@@ -16,11 +16,34 @@ size we allow; and, as HTTP/2 lets us, the decoded header list's size (RFC 9113 
 values + 32 per field). Any breach raises :class:`HPACKError`, which the connection answers with
 GOAWAY COMPRESSION_ERROR. The encoder side is not here: the transport's answers are literals
 without indexing, built where they are sent.
+
+Two implementations, one behaviour: this module's Python (``PythonHeaderDecoder``,
+``python_huffman_decode``) and the C extension ``_hpack`` (``_hpack.c``), which the package
+builds where a C compiler is present (``pip install`` does; the container image's build stage
+has one). ``HeaderDecoder`` and ``huffman_decode`` are the C ones when the extension was built,
+the Python ones otherwise (``ACCELERATED`` says which); both raise the same errors with the
+same texts for the same input and decode to the same fields, which the tests and the fuzzing
+run check against each other and against python-hyper's ``hpack``. Why C as well: every block
+a client sends is decoded, refused calls' included, and under overload refusals are most of what
+a worker does. A grpc-go request's block (one literal per call, ``grpc-timeout``) costs ~6 us in
+Python and ~0.4 us in C; the first block of a connection, its token Huffman-coded, ~73 against
+~3.5 us (docs/operations.md, "Measured").
 """
 
 from __future__ import annotations
 
-__all__ = ["HPACKError", "HeaderDecoder", "huffman_decode"]
+from collections.abc import Callable
+from typing import Protocol
+
+__all__ = [
+    "ACCELERATED",
+    "Decoder",
+    "HPACKError",
+    "HeaderDecoder",
+    "PythonHeaderDecoder",
+    "huffman_decode",
+    "python_huffman_decode",
+]
 
 
 class HPACKError(Exception):
@@ -195,7 +218,7 @@ _HUFFMAN: list[tuple[int, bytes]] = []
 _ACCEPT: frozenset[int] = frozenset()
 
 
-def huffman_decode(data: bytes) -> bytes:
+def python_huffman_decode(data: bytes) -> bytes:
     """Decode an HPACK Huffman string (RFC 7541 5.2); :class:`HPACKError` if it is not one."""
     global _HUFFMAN, _ACCEPT
     if not _ACCEPT:  # built on first use: processes that never serve the native transport skip it
@@ -242,7 +265,7 @@ def _string(block: bytes, pos: int) -> tuple[bytes, int]:
     if stop > len(block):
         raise HPACKError("string runs past the block")
     raw = block[pos:stop]
-    return (huffman_decode(raw) if huffman else raw), stop
+    return (python_huffman_decode(raw) if huffman else raw), stop
 
 
 # Each entry with its size as RFC 7541 4.1 counts it (name + value + 32), which the header-list
@@ -251,7 +274,7 @@ _Entry = tuple[tuple[bytes, bytes], int]
 _STATIC_ENTRIES: tuple[_Entry, ...] = tuple((field, len(field[0]) + len(field[1]) + 32) for field in _STATIC)
 
 
-class HeaderDecoder:
+class PythonHeaderDecoder:
     """One connection's HPACK decoding state: its dynamic table, and the limits we advertised.
 
     ``max_table_size``: our SETTINGS_HEADER_TABLE_SIZE, the most the client may use;
@@ -342,3 +365,32 @@ class HeaderDecoder:
                 raise HPACKError(f"header list larger than {most} bytes")
             fields.append(field)
         return fields
+
+
+class Decoder(Protocol):
+    """What both decoders offer (``PythonHeaderDecoder``, ``_hpack.Decoder``)."""
+
+    @property
+    def max_table_size(self) -> int: ...
+    @property
+    def max_header_list_size(self) -> int: ...
+    @property
+    def table_size(self) -> int: ...
+    def decode(self, block: bytes, /) -> list[tuple[bytes, bytes]]: ...
+
+
+class DecoderType(Protocol):
+    def __call__(self, *, max_table_size: int = 4096, max_header_list_size: int = 65_536) -> Decoder: ...
+
+
+HeaderDecoder: DecoderType
+huffman_decode: Callable[[bytes], bytes]
+try:
+    from csr_service.transport import _hpack
+except ImportError:  # built without a C compiler: the Python decoder, the same behaviour, slower
+    ACCELERATED = False
+    HeaderDecoder, huffman_decode = PythonHeaderDecoder, python_huffman_decode
+else:
+    ACCELERATED = True
+    _hpack.set_error(HPACKError)
+    HeaderDecoder, huffman_decode = _hpack.Decoder, _hpack.huffman_decode

@@ -1,9 +1,10 @@
 """The Dockerfile: hadolint, the properties we promise, and its install step run outside Docker.
 
 The image itself is built and run by ``tests/image`` (marker ``image``, root only). These run
-anywhere: what decides whether it works, the wheels `pip wheel` makes (the build stage) install
-offline, without compiling anything, into a fresh environment (the final stage), and the
-installed `csr-service` starts and serves its probes.
+anywhere: what decides whether it works, the wheels `pip wheel` makes (the build stage, which
+compiles csr-service's one C extension) install offline, without compiling anything, into a
+fresh environment (the final stage), and the installed `csr-service` starts, serves its probes
+and decodes headers with the extension.
 """
 
 from __future__ import annotations
@@ -162,6 +163,14 @@ def test_install_step_outside_docker(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(15)
-    import_check = "import csr_service, sys; print(csr_service.__file__)"
+    import_check = (
+        "import csr_service.transport.hpack_decoder as h; import csr_service.transport._hpack as c;"
+        " print(h.__file__, c.__file__, h.ACCELERATED)"
+    )
     where = subprocess.run([str(python), "-c", import_check], capture_output=True, text=True, check=True, cwd=tmp_path)
-    assert where.stdout.startswith(str(env_dir)), "the installed wheel, not the source tree"
+    module, extension, accelerated = where.stdout.split()
+    assert module.startswith(str(env_dir)), "the installed wheel, not the source tree"
+    # The wheel carries the C extension (the build stage has a compiler), and it is the one used.
+    assert extension.startswith(str(env_dir)), extension
+    assert extension.endswith(".so"), extension
+    assert accelerated == "True"

@@ -158,6 +158,12 @@ def test_runs_as_the_charts_security_context_asks(dev: DevContainer) -> None:
     assert dev.container.exec("python", "-c", write, "/tmp/csr-write-test", check=False).returncode == 0
 
 
+def test_the_c_hpack_decoder_was_built_and_is_used(dev: DevContainer) -> None:
+    """The build stage compiled the extension into the wheel (the final stage has no compiler)."""
+    check = "import csr_service.transport.hpack_decoder as h; print(h.ACCELERATED, h.HeaderDecoder.__module__)"
+    assert dev.container.exec("python", "-c", check).stdout.split() == ["True", "csr_service.transport._hpack"]
+
+
 def test_final_image_has_no_compiler_pip_cache_or_test_code(container_image: ProjectImage) -> None:
     files = image_files(container_image.ref)
     site = "usr/local/lib/python3.11/site-packages/"

@@ -19,10 +19,10 @@ The invariants:
 - ``unverified-exp``: None or a finite NumericDate in range, never an exception.
 - ``tokenreview``: AuthenticationError or the reviewed username's identity, the same again from
   the cache.
-- ``hpack`` (the native transport's header decoder): on a sequence of header blocks (made by
-  python-hyper's ``hpack`` encoder, then possibly cut or mutated, or random bytes), it decodes
-  what ``hpack``'s decoder decodes to the same fields and table size, and refuses with
-  HPACKError what it refuses; nothing else escapes.
+- ``hpack`` (the native transport's header decoder, the C one and the Python one): on a sequence
+  of header blocks (made by python-hyper's ``hpack`` encoder, then possibly cut or mutated, or
+  random bytes), both decode what ``hpack``'s decoder decodes to the same fields and table size,
+  and refuse with HPACKError (the same text from both) what it refuses; nothing else escapes.
 - ``pipeline`` (authenticate → validate → sign → verify with a real local CA): a chain whose
   leaf's only SAN is the caller's SPIFFE URI, for the CSR's key, or a CSRServiceError that is
   not InternalError.
@@ -72,7 +72,7 @@ from csr_service.pipeline.csr import validate_csr
 from csr_service.pipeline.handler import CertificatePipeline
 from csr_service.pki.names import SubjectAltNames, subject_alt_names
 from csr_service.plugins.authenticator import Caller
-from csr_service.transport.hpack_decoder import HeaderDecoder, HPACKError
+from csr_service.transport.hpack_decoder import HeaderDecoder, HPACKError, PythonHeaderDecoder
 from tests.support import der
 from tests.support.pipeline import JWT_KEY, jwks, make_pipeline
 
@@ -1166,20 +1166,30 @@ def hpack_cases(draw: st.DrawFn) -> list[bytes]:
 
 
 def check_hpack(blocks: list[bytes]) -> str:
-    reference, ours = hpack.Decoder(), HeaderDecoder()
+    """python-hyper's decoder, ours in use (the C one where built) and our Python one: the same
+    fields and table size for every block, or all three refuse it (ours two with the same text)."""
+    reference, ours, python = hpack.Decoder(), HeaderDecoder(), PythonHeaderDecoder()
     for block in blocks:
         try:
             expected = [(bytes(n), bytes(v)) for n, v in reference.decode(block, raw=True)]
         except hpack.HPACKError:
             expected = None
+        got: list[tuple[bytes, bytes]] | str
+        also: list[tuple[bytes, bytes]] | str
         try:
             got = ours.decode(block)
-        except HPACKError:
-            got = None
-        assert got == expected, f"block {block.hex()}: ours {got!r}, hpack's {expected!r}"
-        if got is None:
+        except HPACKError as exc:
+            got = str(exc)
+        try:
+            also = python.decode(block)
+        except HPACKError as exc:
+            also = str(exc)
+        assert got == also, f"block {block.hex()}: ours {got!r}, our Python one's {also!r}"
+        refused = isinstance(got, str)
+        assert (None if refused else got) == expected, f"block {block.hex()}: ours {got!r}, hpack's {expected!r}"
+        if refused:
             return "HPACKError"  # the connection ends here
-        assert ours.table_size == reference.header_table._current_size, "dynamic table sizes differ"
+        assert ours.table_size == python.table_size == reference.header_table._current_size, "table sizes differ"
     return "decoded"
 
 

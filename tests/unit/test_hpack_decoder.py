@@ -1,13 +1,17 @@
-"""The native transport's HPACK decoder (``csr_service.transport.hpack_decoder``).
+"""The native transport's HPACK decoder (``csr_service.transport.hpack_decoder``), both of it:
+the C extension (``_hpack``) and the Python one, each test run against each.
 
 Against RFC 7541's own examples (Appendix C), against python-hyper's ``hpack`` as a second
-implementation (random header lists through its encoder, and random bytes: both decoders must
-agree on what they accept and on what it decodes to), and against each rule a decoder must
-enforce. The end-to-end side (grpc-go, grpcio, h2 clients against the native transport) is in
-``tests/e2e/test_native_h2.py`` and ``test_native_interop.py``.
+implementation (random header lists through its encoder, and random bytes: the decoders must
+agree on what they accept and on what it decodes to; ours two also on the error's text), and
+against each rule a decoder must enforce. The end-to-end side (grpc-go, grpcio, h2 clients
+against the native transport) is in ``tests/e2e/test_native_h2.py`` and ``test_native_interop.py``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import hpack
 import pytest
@@ -16,11 +20,37 @@ from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csr_service.transport.hpack_decoder import HeaderDecoder, HPACKError, huffman_decode
+from csr_service.transport import hpack_decoder
+from csr_service.transport.hpack_decoder import HPACKError, PythonHeaderDecoder, python_huffman_decode
 from tests.support.fuzzing import check_hpack
 
 BUDGET = settings(max_examples=400, deadline=None, derandomize=True, database=None)
 _huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
+
+
+@dataclass(frozen=True)
+class Impl:
+    decoder: hpack_decoder.DecoderType
+    huffman: Callable[[bytes], bytes]
+
+
+@pytest.fixture(scope="module", params=["c", "python"])
+def impl(request: pytest.FixtureRequest) -> Impl:
+    if request.param == "python":
+        return Impl(PythonHeaderDecoder, python_huffman_decode)
+    # Not skipped when missing: every machine the suite runs on has a C compiler, and an install
+    # that silently fell back to Python (setuptools builds the extension as optional) must show.
+    from csr_service.transport import _hpack
+
+    return Impl(_hpack.Decoder, _hpack.huffman_decode)
+
+
+def test_the_c_decoder_is_the_one_in_use() -> None:
+    from csr_service.transport import _hpack
+
+    assert hpack_decoder.ACCELERATED
+    assert hpack_decoder.HeaderDecoder is _hpack.Decoder
+    assert hpack_decoder.huffman_decode is _hpack.huffman_decode
 
 
 def _hex(text: str) -> bytes:
@@ -28,8 +58,8 @@ def _hex(text: str) -> bytes:
 
 
 # -- RFC 7541 Appendix C -----------------------------------------------------------------------
-def test_c2_single_fields() -> None:
-    decoder = HeaderDecoder()
+def test_c2_single_fields(impl: Impl) -> None:
+    decoder = impl.decoder()
     block = _hex("400a 6375 7374 6f6d 2d6b 6579 0d63 7573 746f 6d2d 6865 6164 6572")
     assert decoder.decode(block) == [(b"custom-key", b"custom-header")]
     assert decoder.table_size == 55
@@ -38,7 +68,7 @@ def test_c2_single_fields() -> None:
         (_hex("1008 7061 7373 776f 7264 0673 6563 7265 74"), (b"password", b"secret")),  # never indexed
         (_hex("82"), (b":method", b"GET")),  # indexed
     ]:
-        assert HeaderDecoder().decode(block) == [field]
+        assert impl.decoder().decode(block) == [field]
     assert decoder.table_size == 55
 
 
@@ -82,15 +112,15 @@ REQUESTS = [
         ),
     ],
 )
-def test_c3_c4_requests_share_one_table(blocks: list[str]) -> None:
-    decoder = HeaderDecoder()
+def test_c3_c4_requests_share_one_table(impl: Impl, blocks: list[str]) -> None:
+    decoder = impl.decoder()
     for block, expected, size in zip(blocks, REQUESTS, [57, 110, 164], strict=True):
         assert decoder.decode(_hex(block)) == expected
         assert decoder.table_size == size
 
 
-def test_c5_eviction_in_a_small_table() -> None:
-    decoder = HeaderDecoder(max_table_size=256)
+def test_c5_eviction_in_a_small_table(impl: Impl) -> None:
+    decoder = impl.decoder(max_table_size=256)
     first = _hex(
         "4803 3330 3258 0770 7269 7661 7465 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133 2032 303a"
         " 3133 3a32 3120 474d 546e 1768 7474 7073 3a2f 2f77 7777 2e65 7861 6d70 6c65 2e63 6f6d"
@@ -106,30 +136,30 @@ def test_c5_eviction_in_a_small_table() -> None:
 
 
 # -- Huffman -----------------------------------------------------------------------------------
-def test_every_octet_decodes_alone_and_in_a_run() -> None:
+def test_every_octet_decodes_alone_and_in_a_run(impl: Impl) -> None:
     for octet in range(256):
         data = bytes([octet])
-        assert huffman_decode(_huffman.encode(data)) == data
+        assert impl.huffman(_huffman.encode(data)) == data
     everything = bytes(range(256)) * 3
-    assert huffman_decode(_huffman.encode(everything)) == everything
+    assert impl.huffman(_huffman.encode(everything)) == everything
 
 
 @BUDGET
 @given(st.binary(max_size=300))
-def test_huffman_round_trips(data: bytes) -> None:
-    assert huffman_decode(_huffman.encode(data)) == data
+def test_huffman_round_trips(impl: Impl, data: bytes) -> None:
+    assert impl.huffman(_huffman.encode(data)) == data
 
 
-def test_huffman_refuses_eos_and_bad_padding() -> None:
+def test_huffman_refuses_eos_and_bad_padding(impl: Impl) -> None:
     eos = (1 << 30) - 1  # EOS: thirty 1 bits; with two bits of padding, four bytes of ones
     with pytest.raises(HPACKError, match="Huffman"):
-        huffman_decode(eos.to_bytes(4, "big"))
+        impl.huffman(eos.to_bytes(4, "big"))
     with pytest.raises(HPACKError):  # "a" (00011) then 11 bits of padding: longer than 7
-        huffman_decode(bytes([0b00011111, 0xFF]))
+        impl.huffman(bytes([0b00011111, 0xFF]))
     with pytest.raises(HPACKError):  # "a" then padding that is not all ones
-        huffman_decode(bytes([0b00011010]))
-    assert huffman_decode(bytes([0b00011111])) == b"a"  # 3 bits of ones: fine
-    assert huffman_decode(b"") == b""
+        impl.huffman(bytes([0b00011010]))
+    assert impl.huffman(bytes([0b00011111])) == b"a"  # 3 bits of ones: fine
+    assert impl.huffman(b"") == b""
 
 
 # -- against python-hyper's hpack, as a second implementation -----------------------------------
@@ -158,9 +188,10 @@ def test_agrees_with_hpack_on_what_its_encoder_writes(
 @BUDGET
 @given(st.lists(st.binary(max_size=64), min_size=1, max_size=4))
 def test_agrees_with_hpack_on_random_bytes(blocks: list[bytes]) -> None:
-    """Whatever a block holds, both decoders accept it and read the same fields (leaving the same
-    table size), or both refuse it; after a refusal the connection is over, so the sequence stops
-    there. The check is the long fuzzing run's ``hpack`` property."""
+    """Whatever a block holds, the decoders (python-hyper's, our C and our Python one) accept it
+    and read the same fields (leaving the same table size), or all refuse it; after a refusal the
+    connection is over, so the sequence stops there. The check is the long fuzzing run's
+    ``hpack`` property."""
     check_hpack(blocks)
 
 
@@ -178,13 +209,13 @@ def test_agrees_with_hpack_on_random_bytes(blocks: list[bytes]) -> None:
         (b"\x82\x20", "a table size update after a field"),
     ],
 )
-def test_breaches_raise_hpack_error(block: bytes, reason: str) -> None:
+def test_breaches_raise_hpack_error(impl: Impl, block: bytes, reason: str) -> None:
     with pytest.raises(HPACKError):
-        HeaderDecoder().decode(block)
+        impl.decoder().decode(block)
 
 
-def test_table_size_updates_evict_and_bound_the_table() -> None:
-    decoder = HeaderDecoder()
+def test_table_size_updates_evict_and_bound_the_table(impl: Impl) -> None:
+    decoder = impl.decoder()
     decoder.decode(_hex("400a 6375 7374 6f6d 2d6b 6579 0d63 7573 746f 6d2d 6865 6164 6572"))
     assert decoder.table_size == 55
     assert decoder.decode(b"\x20") == []  # size 0: the table is emptied
@@ -192,15 +223,15 @@ def test_table_size_updates_evict_and_bound_the_table() -> None:
     with pytest.raises(HPACKError):
         decoder.decode(b"\xbe")  # its entry is gone
     # Up to the size we allow again, and an entry larger than the table empties it.
-    decoder = HeaderDecoder()
+    decoder = impl.decoder()
     decoder.decode(b"\x3f\x11")  # 48
     decoder.decode(b"\x40\x01a\x20" + b"x" * 32)  # 1 + 32 + 32 = 65 > 48: not added
     assert decoder.table_size == 0
 
 
-def test_the_header_list_limit_counts_what_indexes_expand_to() -> None:
+def test_the_header_list_limit_counts_what_indexes_expand_to(impl: Impl) -> None:
     """A few bytes of indexes can stand for kilobytes of headers (an HPACK bomb)."""
-    decoder = HeaderDecoder(max_header_list_size=16 * 1024)
+    decoder = impl.decoder(max_header_list_size=16 * 1024)
     big = b"\x40\x01a\x7f\xa1\x1e" + b"v" * 4000  # "a: v*4000" (127 + 33 + 30 * 128), indexed
     assert decoder.decode(big) == [(b"a", b"v" * 4000)]
     assert len(decoder.decode(b"\xbe" * 3)) == 3  # 3 x 4033: within 16 KiB

@@ -1,0 +1,631 @@
+/* HPACK header-block decoding (RFC 7541) in C: csr_service.transport._hpack.
+ *
+ * The same decoder as hpack_decoder.py (its reference, and what runs where this module was not
+ * built), with the same checks, errors and results, field for field. Why in C: the native
+ * transport decodes every header block a client sends, refused calls' included (the dynamic
+ * table must see them all), and under overload refusals are most of what a worker does. In
+ * Python a grpc-go request's block costs 2-6 us (a literal per call: grpc-timeout) and the first
+ * block on a connection ~70 us (the token, Huffman-coded); here well under a microsecond and a
+ * few microseconds. Decoded fields are tuples (name, value) of bytes; an indexed field is the
+ * table's own tuple, shared, as in Python.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+
+/* RFC 7541 Appendix A: the static table. */
+static const char *const STATIC_TABLE[61][2] = {
+    {":authority", ""},
+    {":method", "GET"},
+    {":method", "POST"},
+    {":path", "/"},
+    {":path", "/index.html"},
+    {":scheme", "http"},
+    {":scheme", "https"},
+    {":status", "200"},
+    {":status", "204"},
+    {":status", "206"},
+    {":status", "304"},
+    {":status", "400"},
+    {":status", "404"},
+    {":status", "500"},
+    {"accept-charset", ""},
+    {"accept-encoding", "gzip, deflate"},
+    {"accept-language", ""},
+    {"accept-ranges", ""},
+    {"accept", ""},
+    {"access-control-allow-origin", ""},
+    {"age", ""},
+    {"allow", ""},
+    {"authorization", ""},
+    {"cache-control", ""},
+    {"content-disposition", ""},
+    {"content-encoding", ""},
+    {"content-language", ""},
+    {"content-length", ""},
+    {"content-location", ""},
+    {"content-range", ""},
+    {"content-type", ""},
+    {"cookie", ""},
+    {"date", ""},
+    {"etag", ""},
+    {"expect", ""},
+    {"expires", ""},
+    {"from", ""},
+    {"host", ""},
+    {"if-match", ""},
+    {"if-modified-since", ""},
+    {"if-none-match", ""},
+    {"if-range", ""},
+    {"if-unmodified-since", ""},
+    {"last-modified", ""},
+    {"link", ""},
+    {"location", ""},
+    {"max-forwards", ""},
+    {"proxy-authenticate", ""},
+    {"proxy-authorization", ""},
+    {"range", ""},
+    {"referer", ""},
+    {"refresh", ""},
+    {"retry-after", ""},
+    {"server", ""},
+    {"set-cookie", ""},
+    {"strict-transport-security", ""},
+    {"transfer-encoding", ""},
+    {"user-agent", ""},
+    {"vary", ""},
+    {"via", ""},
+    {"www-authenticate", ""},
+};
+
+/* RFC 7541 Appendix B: each symbol's code (0-255, 256 = EOS) and its length in bits. */
+static const uint32_t CODES[257] = {
+    8184, 8388568, 268435426, 268435427, 268435428, 268435429, 268435430, 268435431,
+    268435432, 16777194, 1073741820, 268435433, 268435434, 1073741821, 268435435, 268435436,
+    268435437, 268435438, 268435439, 268435440, 268435441, 268435442, 1073741822, 268435443,
+    268435444, 268435445, 268435446, 268435447, 268435448, 268435449, 268435450, 268435451,
+    20, 1016, 1017, 4090, 8185, 21, 248, 2042,
+    1018, 1019, 249, 2043, 250, 22, 23, 24,
+    0, 1, 2, 25, 26, 27, 28, 29,
+    30, 31, 92, 251, 32764, 32, 4091, 1020,
+    8186, 33, 93, 94, 95, 96, 97, 98,
+    99, 100, 101, 102, 103, 104, 105, 106,
+    107, 108, 109, 110, 111, 112, 113, 114,
+    252, 115, 253, 8187, 524272, 8188, 16380, 34,
+    32765, 3, 35, 4, 36, 5, 37, 38,
+    39, 6, 116, 117, 40, 41, 42, 7,
+    43, 118, 44, 8, 9, 45, 119, 120,
+    121, 122, 123, 32766, 2044, 16381, 8189, 268435452,
+    1048550, 4194258, 1048551, 1048552, 4194259, 4194260, 4194261, 8388569,
+    4194262, 8388570, 8388571, 8388572, 8388573, 8388574, 16777195, 8388575,
+    16777196, 16777197, 4194263, 8388576, 16777198, 8388577, 8388578, 8388579,
+    8388580, 2097116, 4194264, 8388581, 4194265, 8388582, 8388583, 16777199,
+    4194266, 2097117, 1048553, 4194267, 4194268, 8388584, 8388585, 2097118,
+    8388586, 4194269, 4194270, 16777200, 2097119, 4194271, 8388587, 8388588,
+    2097120, 2097121, 4194272, 2097122, 8388589, 4194273, 8388590, 8388591,
+    1048554, 4194274, 4194275, 4194276, 8388592, 4194277, 4194278, 8388593,
+    67108832, 67108833, 1048555, 524273, 4194279, 8388594, 4194280, 33554412,
+    67108834, 67108835, 67108836, 134217694, 134217695, 67108837, 16777201, 33554413,
+    524274, 2097123, 67108838, 134217696, 134217697, 67108839, 134217698, 16777202,
+    2097124, 2097125, 67108840, 67108841, 268435453, 134217699, 134217700, 134217701,
+    1048556, 16777203, 1048557, 2097126, 4194281, 2097127, 2097128, 8388595,
+    4194282, 4194283, 33554414, 33554415, 16777204, 16777205, 67108842, 8388596,
+    67108843, 134217702, 67108844, 67108845, 134217703, 134217704, 134217705, 134217706,
+    134217707, 268435454, 134217708, 134217709, 134217710, 134217711, 134217712, 67108846,
+    1073741823,
+};
+static const uint8_t LENGTHS[257] = {
+    13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28, 28, 28, 28, 28,
+    28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 28, 6, 10, 10, 12, 13, 6, 8, 11,
+    10, 10, 8, 11, 8, 6, 6, 6, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 7, 8,
+    15, 6, 12, 10, 13, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
+    7, 7, 7, 7, 7, 7, 7, 7, 8, 7, 8, 13, 19, 13, 14, 6, 15, 5, 6, 5,
+    6, 5, 6, 6, 6, 5, 7, 7, 6, 6, 6, 5, 6, 7, 6, 5, 5, 6, 7, 7,
+    7, 7, 7, 15, 11, 14, 13, 28, 20, 22, 20, 20, 22, 22, 22, 23, 22, 23, 23, 23,
+    23, 23, 24, 23, 24, 24, 22, 23, 24, 23, 23, 23, 23, 21, 22, 23, 22, 23, 23, 24,
+    22, 21, 20, 22, 22, 23, 23, 21, 23, 22, 22, 24, 21, 22, 23, 23, 21, 21, 22, 21,
+    23, 22, 23, 23, 20, 22, 22, 22, 23, 22, 22, 23, 26, 26, 20, 19, 22, 23, 22, 25,
+    26, 26, 26, 27, 27, 26, 24, 25, 19, 21, 26, 27, 27, 26, 27, 24, 21, 21, 26, 26,
+    28, 27, 27, 27, 20, 24, 20, 21, 22, 21, 21, 23, 22, 22, 25, 25, 24, 24, 26, 23,
+    26, 27, 26, 26, 27, 27, 27, 27, 27, 28, 27, 27, 27, 27, 27, 26, 30,
+};
+
+/* ------------------------------------------------------------------ Huffman decoding */
+/* A byte-at-a-time table: entry [state][byte] is the next state and the 0-2 symbols the byte
+ * completes. States are the code tree's 256 inner nodes (0: the root) and FAIL (EOS decoded,
+ * absorbing), so the loop does one lookup per byte and checks for failure at the end. */
+#define INNER 256
+#define FAIL INNER
+#define EOS 256
+
+typedef struct {
+    uint16_t next;
+    uint8_t count;
+    uint8_t symbols[2];
+} Step;
+
+static Step huffman[(INNER + 1) * 256];
+static uint8_t accepting[INNER + 1]; /* a string may end here: the root, or 1-7 bits of EOS's ones */
+
+static int
+build_huffman(void)
+{
+    int16_t children[INNER][2]; /* >= 0: an inner node; < 0: ~symbol; 0 unset (the root is nobody's child) */
+    int nodes = 1;
+    memset(children, 0, sizeof children);
+    for (int symbol = 0; symbol <= EOS; symbol++) {
+        uint32_t code = CODES[symbol];
+        int node = 0;
+        for (int shift = LENGTHS[symbol] - 1; shift > 0; shift--) {
+            int bit = (code >> shift) & 1;
+            if (children[node][bit] == 0) {
+                if (nodes >= INNER) {
+                    return -1;
+                }
+                children[node][bit] = (int16_t)nodes++;
+            }
+            node = children[node][bit];
+        }
+        children[node][code & 1] = (int16_t)~symbol;
+    }
+    if (nodes != INNER) {
+        return -1;
+    }
+    for (int state = 0; state <= INNER; state++) {
+        for (int byte = 0; byte < 256; byte++) {
+            Step *step = &huffman[state * 256 + byte];
+            int node = state;
+            step->count = 0;
+            for (int shift = 7; shift >= 0 && node != FAIL; shift--) {
+                int child = children[node][(byte >> shift) & 1];
+                if (child > 0) {
+                    node = child;
+                }
+                else if (~child == EOS) {
+                    node = FAIL;
+                }
+                else {
+                    if (step->count >= 2) {
+                        return -1; /* cannot happen: the shortest code is 5 bits */
+                    }
+                    step->symbols[step->count++] = (uint8_t)~child;
+                    node = 0;
+                }
+            }
+            step->next = (uint16_t)node;
+        }
+    }
+    int node = 0;
+    accepting[0] = 1;
+    for (int i = 0; i < 7; i++) {
+        int child = children[node][1];
+        if (child <= 0) {
+            break;
+        }
+        node = child;
+        accepting[node] = 1;
+    }
+    return 0;
+}
+
+static PyObject *HPACKError = NULL; /* set_error(): hpack_decoder.HPACKError */
+
+static void
+fail(const char *format, ...)
+{
+    va_list args;
+    va_start(args, format);
+    PyErr_FormatV(HPACKError != NULL ? HPACKError : PyExc_ValueError, format, args);
+    va_end(args);
+}
+
+/* A new bytes object; NULL with HPACKError if the string is not a Huffman code's. */
+static PyObject *
+huffman_decode_raw(const uint8_t *data, Py_ssize_t length)
+{
+    uint8_t small[1024];
+    Py_ssize_t most = length * 8 / 5 + 1;
+    uint8_t *out = most <= (Py_ssize_t)sizeof small ? small : PyMem_Malloc((size_t)most);
+    if (out == NULL) {
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t n = 0;
+    unsigned state = 0;
+    for (Py_ssize_t i = 0; i < length; i++) {
+        const Step *step = &huffman[state * 256 + data[i]];
+        /* Both symbols stored always: count says how many are real (no branch per byte). */
+        out[n] = step->symbols[0];
+        out[n + 1] = step->symbols[1];
+        n += step->count;
+        state = step->next;
+    }
+    PyObject *result = NULL;
+    if (!accepting[state]) {
+        fail("invalid Huffman string (EOS or bad padding)");
+    }
+    else {
+        result = PyBytes_FromStringAndSize((const char *)out, n);
+    }
+    if (out != small) {
+        PyMem_Free(out);
+    }
+    return result;
+}
+
+/* ------------------------------------------------------------------ the block's primitives */
+/* An HPACK integer (RFC 7541 5.1) whose prefix is block[*pos] & mask; -1 with HPACKError. */
+static int64_t
+read_integer(const uint8_t *block, Py_ssize_t *pos, Py_ssize_t end, unsigned mask)
+{
+    int64_t value = block[*pos] & mask;
+    (*pos)++;
+    if (value < (int64_t)mask) {
+        return value;
+    }
+    int shift = 0;
+    for (;;) {
+        if (*pos >= end) {
+            fail("integer runs past the block");
+            return -1;
+        }
+        uint8_t byte = block[(*pos)++];
+        value += (int64_t)(byte & 0x7F) << shift;
+        if (!(byte & 0x80)) {
+            return value;
+        }
+        shift += 7;
+        if (shift > 28) { /* nothing we accept needs more than 2^28 */
+            fail("integer too large");
+            return -1;
+        }
+    }
+}
+
+/* An HPACK string literal (RFC 7541 5.2) as a new bytes object; NULL with HPACKError. */
+static PyObject *
+read_string(const uint8_t *block, Py_ssize_t *pos, Py_ssize_t end)
+{
+    if (*pos >= end) {
+        fail("string missing at the end of the block");
+        return NULL;
+    }
+    int huffman_coded = block[*pos] & 0x80;
+    int64_t length = read_integer(block, pos, end, 0x7F);
+    if (length < 0) {
+        return NULL;
+    }
+    if (length > end - *pos) {
+        fail("string runs past the block");
+        return NULL;
+    }
+    const uint8_t *raw = block + *pos;
+    *pos += (Py_ssize_t)length;
+    if (huffman_coded) {
+        return huffman_decode_raw(raw, (Py_ssize_t)length);
+    }
+    return PyBytes_FromStringAndSize((const char *)raw, (Py_ssize_t)length);
+}
+
+/* ------------------------------------------------------------------ the decoder */
+typedef struct {
+    PyObject *field; /* (name, value), both bytes */
+    Py_ssize_t size; /* RFC 7541 4.1: name + value + 32 */
+} Entry;
+
+static Entry static_entries[61];
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t max_table_size;       /* our SETTINGS_HEADER_TABLE_SIZE */
+    Py_ssize_t max_header_list_size; /* our SETTINGS_MAX_HEADER_LIST_SIZE */
+    Py_ssize_t limit;                /* the table's size now: the client may lower it */
+    Py_ssize_t size;                 /* octets the table holds */
+    Entry *ring;                     /* capacity entries; an entry is >= 32 octets */
+    Py_ssize_t capacity, oldest, count;
+} Decoder;
+
+static Entry *
+dynamic_entry(Decoder *self, Py_ssize_t position) /* 0: the newest (HPACK index 62) */
+{
+    return &self->ring[(self->oldest + self->count - 1 - position) % self->capacity];
+}
+
+/* The entry at an HPACK index (1-based over both tables); NULL with HPACKError. */
+static Entry *
+entry_at(Decoder *self, int64_t index)
+{
+    if (index > 0 && index <= 61) {
+        return &static_entries[index - 1];
+    }
+    if (index <= 0 || index - 62 >= self->count) {
+        fail("header index %lld is outside the tables", (long long)index);
+        return NULL;
+    }
+    return dynamic_entry(self, (Py_ssize_t)(index - 62));
+}
+
+static void
+evict(Decoder *self, Py_ssize_t limit) /* drop the oldest entries until size <= limit */
+{
+    while (self->size > limit && self->count > 0) {
+        Entry *entry = &self->ring[self->oldest];
+        self->size -= entry->size;
+        Py_CLEAR(entry->field);
+        self->oldest = (self->oldest + 1) % self->capacity;
+        self->count--;
+    }
+}
+
+static void
+add(Decoder *self, PyObject *field, Py_ssize_t size) /* borrows field */
+{
+    if (size > self->limit) { /* RFC 7541 4.4: the table is emptied, the field not added */
+        evict(self, 0);
+        return;
+    }
+    evict(self, self->limit - size);
+    Entry *entry = &self->ring[(self->oldest + self->count) % self->capacity];
+    Py_INCREF(field);
+    entry->field = field;
+    entry->size = size;
+    self->count++;
+    self->size += size;
+}
+
+static int
+Decoder_init(Decoder *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"max_table_size", "max_header_list_size", NULL};
+    Py_ssize_t max_table_size = 4096, max_header_list_size = 65536;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$nn", keywords, &max_table_size, &max_header_list_size)) {
+        return -1;
+    }
+    if (max_table_size < 0 || max_header_list_size < 0) {
+        PyErr_SetString(PyExc_ValueError, "sizes must not be negative");
+        return -1;
+    }
+    if (self->ring != NULL) {
+        evict(self, 0);
+        PyMem_Free(self->ring);
+    }
+    self->capacity = max_table_size / 32 + 1;
+    self->ring = PyMem_Calloc((size_t)self->capacity, sizeof(Entry));
+    if (self->ring == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->max_table_size = max_table_size;
+    self->max_header_list_size = max_header_list_size;
+    self->limit = max_table_size;
+    self->size = self->oldest = self->count = 0;
+    return 0;
+}
+
+static void
+Decoder_dealloc(Decoder *self)
+{
+    if (self->ring != NULL) {
+        evict(self, 0);
+        PyMem_Free(self->ring);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Decoder_decode(Decoder *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    const uint8_t *block = view.buf;
+    Py_ssize_t pos = 0, end = view.len, listed = 0;
+    PyObject *fields = PyList_New(0);
+    if (fields == NULL) {
+        goto error;
+    }
+    while (pos < end) {
+        uint8_t first = block[pos];
+        PyObject *field;
+        Py_ssize_t size;
+        if (first & 0x80) { /* indexed field (6.1) */
+            int64_t index = read_integer(block, &pos, end, 0x7F);
+            if (index < 0) {
+                goto error;
+            }
+            Entry *entry = entry_at(self, index);
+            if (entry == NULL) {
+                goto error;
+            }
+            field = entry->field;
+            Py_INCREF(field);
+            size = entry->size;
+        }
+        else if ((first & 0x60) == 0x20) { /* dynamic table size update (6.3): only before the first field */
+            if (PyList_GET_SIZE(fields) > 0) {
+                fail("dynamic table size update after a header field");
+                goto error;
+            }
+            int64_t limit = read_integer(block, &pos, end, 0x1F);
+            if (limit < 0) {
+                goto error;
+            }
+            if (limit > self->max_table_size) {
+                fail("dynamic table size %lld above the %zd allowed", (long long)limit, self->max_table_size);
+                goto error;
+            }
+            self->limit = (Py_ssize_t)limit;
+            evict(self, self->limit);
+            continue;
+        }
+        else { /* a literal: with incremental indexing (6.2.1), without (6.2.2), never indexed (6.2.3) */
+            int indexing = first & 0x40;
+            int64_t index = read_integer(block, &pos, end, indexing ? 0x3F : 0x0F);
+            if (index < 0) {
+                goto error;
+            }
+            PyObject *name;
+            if (index) {
+                Entry *entry = entry_at(self, index);
+                if (entry == NULL) {
+                    goto error;
+                }
+                name = PyTuple_GET_ITEM(entry->field, 0);
+                Py_INCREF(name);
+            }
+            else {
+                name = read_string(block, &pos, end);
+                if (name == NULL) {
+                    goto error;
+                }
+            }
+            PyObject *value = read_string(block, &pos, end);
+            if (value == NULL) {
+                Py_DECREF(name);
+                goto error;
+            }
+            size = PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 32;
+            field = PyTuple_New(2);
+            if (field == NULL) {
+                Py_DECREF(name);
+                Py_DECREF(value);
+                goto error;
+            }
+            PyTuple_SET_ITEM(field, 0, name);
+            PyTuple_SET_ITEM(field, 1, value);
+            if (indexing) {
+                add(self, field, size);
+            }
+        }
+        listed += size;
+        if (listed > self->max_header_list_size) {
+            Py_DECREF(field);
+            fail("header list larger than %zd bytes", self->max_header_list_size);
+            goto error;
+        }
+        if (PyList_Append(fields, field) < 0) {
+            Py_DECREF(field);
+            goto error;
+        }
+        Py_DECREF(field);
+    }
+    PyBuffer_Release(&view);
+    return fields;
+error:
+    Py_XDECREF(fields);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+static PyObject *
+Decoder_table_size(Decoder *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(self->size);
+}
+
+static PyMethodDef Decoder_methods[] = {
+    {"decode", (PyCFunction)Decoder_decode, METH_O,
+     "The header list a complete header block carries (names and values as octets)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Decoder_members[] = {
+    {"max_table_size", T_PYSSIZET, offsetof(Decoder, max_table_size), READONLY,
+     "Our SETTINGS_HEADER_TABLE_SIZE: the most of the dynamic table the client may use."},
+    {"max_header_list_size", T_PYSSIZET, offsetof(Decoder, max_header_list_size), READONLY,
+     "Our SETTINGS_MAX_HEADER_LIST_SIZE, enforced on what a block decodes to."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef Decoder_getset[] = {
+    {"table_size", (getter)Decoder_table_size, NULL, "Octets the dynamic table holds, as RFC 7541 4.1 counts them.",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject DecoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "csr_service.transport._hpack.Decoder",
+    .tp_doc = "One connection's HPACK decoding state: its dynamic table, and the limits we advertised.",
+    .tp_basicsize = sizeof(Decoder),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Decoder_init,
+    .tp_dealloc = (destructor)Decoder_dealloc,
+    .tp_methods = Decoder_methods,
+    .tp_members = Decoder_members,
+    .tp_getset = Decoder_getset,
+};
+
+/* ------------------------------------------------------------------ the module */
+static PyObject *
+huffman_decode(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    PyObject *result = huffman_decode_raw(view.buf, view.len);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyObject *
+set_error(PyObject *module, PyObject *cls)
+{
+    (void)module;
+    if (!PyExceptionClass_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "an exception class is needed");
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(HPACKError, cls);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"huffman_decode", huffman_decode, METH_O,
+     "Decode an HPACK Huffman string (RFC 7541 5.2); the error class if it is not one."},
+    {"set_error", set_error, METH_O, "The exception class every decoding error is raised as."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, .m_name = "csr_service.transport._hpack",
+    .m_doc = "HPACK header-block decoding (RFC 7541) in C; see hpack_decoder.py.", .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__hpack(void)
+{
+    if (build_huffman() < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the Huffman code table is not a complete code");
+        return NULL;
+    }
+    for (int i = 0; i < 61; i++) {
+        const char *name = STATIC_TABLE[i][0], *value = STATIC_TABLE[i][1];
+        PyObject *field = Py_BuildValue("(yy)", name, value);
+        if (field == NULL) {
+            return NULL;
+        }
+        static_entries[i].field = field; /* immortal for the module's life */
+        static_entries[i].size = (Py_ssize_t)(strlen(name) + strlen(value) + 32);
+    }
+    if (PyType_Ready(&DecoderType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&DecoderType);
+    if (PyModule_AddObject(module, "Decoder", (PyObject *)&DecoderType) < 0) {
+        Py_DECREF(&DecoderType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
