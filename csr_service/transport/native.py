@@ -106,6 +106,8 @@ _LAZY_ACK_SECONDS = 1.0
 
 #: A frame's 9-byte header: length (24 bits, as 16 + 8), type, flags, R bit + stream id.
 _FRAME_HEADER = struct.Struct(">HBBBI")
+#: Bytes asked of the socket per read (asyncio's own default is 256 KiB): see connection_made.
+_READ_SIZE = 65_536
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -378,6 +380,12 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        # asyncio's selector transport reads up to 256 KiB per recv into a new buffer, and glibc
+        # serves blocks that large with mmap, munmap and page faults until the process happens
+        # to free one (then its mmap threshold rises): ~25 us more per read, measured. A request
+        # is a few KiB, a TLS record at most 16 KiB: 64 KiB keeps every read on the heap.
+        if hasattr(transport, "max_size"):
+            transport.max_size = _READ_SIZE
         server = self._server
         if not server.admit(self):
             transport.abort()  # before the handshake, as gRPC core: the client retries elsewhere

@@ -13,6 +13,7 @@ sockets, no waiting.
   ``SSLObject.read`` returns is parsed whole.
 - A call refused by a full queue gets its precomputed frames: RESOURCE_EXHAUSTED, and
   RST_STREAM(NO_ERROR) while the client is still sending.
+- On a real socket, a read asks for 64 KiB, not asyncio's 256 KiB.
 """
 
 from __future__ import annotations
@@ -339,3 +340,37 @@ def test_a_tls_read_larger_than_one_decryption_is_parsed_whole(tmp_path: Path) -
     finally:
         conn.connection_lost(None)
         loop.close()
+
+
+def test_reads_ask_the_socket_for_64_kib_not_asyncios_256() -> None:
+    """On a real socket: asyncio's transport would ask for 256 KiB per read, which glibc serves
+    with mmap until the process has freed a block that large once (connection_made says why)."""
+    assert asyncio.selector_events._SelectorTransport.max_size == 256 * 1024  # what we change
+
+    async def go() -> int:
+        server = FakeServer()
+        made = asyncio.Event()
+        connections: list[native._Connection] = []
+
+        class Recorded(native._Connection):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                made.set()
+
+        def factory() -> native._Connection:
+            connections.append(Recorded(server, None))  # type: ignore[arg-type]
+            return connections[-1]
+
+        listener = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        _, writer = await asyncio.open_connection("127.0.0.1", listener.sockets[0].getsockname()[1])
+        try:
+            await made.wait()
+            return int(connections[0]._transport.max_size)  # type: ignore[union-attr]
+        finally:
+            writer.close()
+            await writer.wait_closed()
+            connections[0]._close()
+            listener.close()
+            await listener.wait_closed()
+
+    assert asyncio.run(asyncio.wait_for(go(), 10)) == native._READ_SIZE == 65_536
