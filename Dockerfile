@@ -29,10 +29,11 @@ RUN include="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include
     && apt-get update \
     && apt-get install --yes --no-install-recommends ${packages} \
     && rm -rf /var/lib/apt/lists/*
-COPY pyproject.toml README.md ./
-# The dependencies first, from pyproject.toml alone (empty packages stand in for ours): this
-# layer is reused until pyproject.toml changes, so a source change or a new commit does not
-# download them again. The vault extra (hvac) is included: one image serves every issuer.
+COPY pyproject.toml setup.py README.md ./
+# The dependencies first, from pyproject.toml and setup.py alone (empty packages stand in for
+# ours, without the extension's source: setup.py's extension is optional): this layer is reused
+# until either changes, so a source change or a new commit does not download them again. The
+# vault extra (hvac) is included: one image serves every issuer.
 RUN mkdir csr_service issuers \
     && touch csr_service/__init__.py issuers/__init__.py \
     && pip wheel --wheel-dir /wheels ".[vault]" \

@@ -415,6 +415,10 @@ Decoder_dealloc(Decoder *self)
 static PyObject *
 Decoder_decode(Decoder *self, PyObject *arg)
 {
+    if (self->ring == NULL) { /* Decoder.__new__ without __init__ */
+        PyErr_SetString(PyExc_RuntimeError, "Decoder not initialised");
+        return NULL;
+    }
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
         return NULL;

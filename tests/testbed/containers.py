@@ -102,7 +102,7 @@ _BASE_CHANGES = (
 )
 #: The build context: what .dockerignore lets in (tests/unit/test_testbed_containers.py keeps
 #: this list and .dockerignore in step).
-CONTEXT = ("pyproject.toml", "README.md", "csr_service", "issuers")
+CONTEXT = ("pyproject.toml", "setup.py", "README.md", "csr_service", "issuers")
 _BUILD_FILES = ("Dockerfile", ".dockerignore")
 #: Source-tagged project images older than this, beyond the newest few, are removed.
 _KEEP_IMAGES = 3
@@ -347,14 +347,15 @@ def git_source() -> str:
 
 
 def context_files() -> Iterator[Path]:
-    """Every file the build context holds (what ``.dockerignore`` allows, no bytecode)."""
+    """Every file the build context holds (what ``.dockerignore`` allows: no bytecode, no built extension)."""
     for name in CONTEXT:
         path = ROOT / name
         if path.is_file():
             yield path
         elif path.is_dir():
             for f in sorted(path.rglob("*")):
-                if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc":
+                # Not bytecode, nor the C extension an editable install built in place.
+                if f.is_file() and "__pycache__" not in f.parts and f.suffix not in (".pyc", ".so"):
                     yield f
 
 

@@ -237,3 +237,10 @@ def test_the_header_list_limit_counts_what_indexes_expand_to(impl: Impl) -> None
     assert len(decoder.decode(b"\xbe" * 3)) == 3  # 3 x 4033: within 16 KiB
     with pytest.raises(HPACKError, match="header list"):
         decoder.decode(b"\xbe" * 5)
+
+
+def test_an_uninitialised_c_decoder_refuses_instead_of_crashing() -> None:
+    from csr_service.transport import _hpack
+
+    with pytest.raises(RuntimeError, match="not initialised"):
+        _hpack.Decoder.__new__(_hpack.Decoder).decode(b"\x82")
