@@ -47,6 +47,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from csr_service._generated import ca_pb2
 from csr_service.infra.metrics import count_shed
+from csr_service.transport import hpack_decoder
 from csr_service.transport.admission import ShedLog
 from csr_service.transport.grpc_server import MAX_REQUEST_BYTES, MAX_STREAMS_PER_CONNECTION, MIN_PING_INTERVAL_MS
 from csr_service.transport.grpc_server import GrpcLimits as GrpcLimits
@@ -1265,7 +1266,9 @@ class NativeGrpcServer:
             )
         for service in ("", "istio.v1.auth.IstioCertificateService"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("gRPC (native transport) listening on %s", self._listen)
+        # Which header decoder: an install without a C compiler runs the Python one (slower).
+        decoder = "C" if hpack_decoder.ACCELERATED else "Python, the C extension was not built"
+        log.info("gRPC (native transport) listening on %s (HPACK decoder: %s)", self._listen, decoder)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, stop accepting, GOAWAY everyone, let calls finish for ``grace`` s."""

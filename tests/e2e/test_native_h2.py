@@ -133,6 +133,12 @@ def test_raw_call_gets_a_chain(native: DevServer, token: str) -> None:
     )
 
 
+def test_the_log_names_the_c_header_decoder(native: DevServer) -> None:
+    """Every block a client sends goes through the C decoder (an install without a compiler would
+    say "Python" here: the unit tests fail on that too)."""
+    assert "(HPACK decoder: C)" in native.log()
+
+
 # --- connection errors: GOAWAY with the RFC's code, then close ------------------------------------
 def _open_stream(conn: H2Conn, stream: int, token: str | None = None) -> None:
     """HEADERS without END_STREAM: the stream is open, the server waits for the message."""
