@@ -8,128 +8,15 @@
  * block on a connection ~70 us (the token, Huffman-coded); here well under a microsecond and a
  * few microseconds. Decoded fields are tuples (name, value) of bytes; an indexed field is the
  * table's own tuple, shared, as in Python.
+ *
+ * RFC 7541's tables (the static table, the Huffman code) are not copied here: hpack_decoder.py
+ * hands its own to setup() once, at import, with the exception class to raise, so both decoders
+ * read the same tables (and the static table's fields are the very same tuples).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
 #include <stdint.h>
-
-/* RFC 7541 Appendix A: the static table. */
-static const char *const STATIC_TABLE[61][2] = {
-    {":authority", ""},
-    {":method", "GET"},
-    {":method", "POST"},
-    {":path", "/"},
-    {":path", "/index.html"},
-    {":scheme", "http"},
-    {":scheme", "https"},
-    {":status", "200"},
-    {":status", "204"},
-    {":status", "206"},
-    {":status", "304"},
-    {":status", "400"},
-    {":status", "404"},
-    {":status", "500"},
-    {"accept-charset", ""},
-    {"accept-encoding", "gzip, deflate"},
-    {"accept-language", ""},
-    {"accept-ranges", ""},
-    {"accept", ""},
-    {"access-control-allow-origin", ""},
-    {"age", ""},
-    {"allow", ""},
-    {"authorization", ""},
-    {"cache-control", ""},
-    {"content-disposition", ""},
-    {"content-encoding", ""},
-    {"content-language", ""},
-    {"content-length", ""},
-    {"content-location", ""},
-    {"content-range", ""},
-    {"content-type", ""},
-    {"cookie", ""},
-    {"date", ""},
-    {"etag", ""},
-    {"expect", ""},
-    {"expires", ""},
-    {"from", ""},
-    {"host", ""},
-    {"if-match", ""},
-    {"if-modified-since", ""},
-    {"if-none-match", ""},
-    {"if-range", ""},
-    {"if-unmodified-since", ""},
-    {"last-modified", ""},
-    {"link", ""},
-    {"location", ""},
-    {"max-forwards", ""},
-    {"proxy-authenticate", ""},
-    {"proxy-authorization", ""},
-    {"range", ""},
-    {"referer", ""},
-    {"refresh", ""},
-    {"retry-after", ""},
-    {"server", ""},
-    {"set-cookie", ""},
-    {"strict-transport-security", ""},
-    {"transfer-encoding", ""},
-    {"user-agent", ""},
-    {"vary", ""},
-    {"via", ""},
-    {"www-authenticate", ""},
-};
-
-/* RFC 7541 Appendix B: each symbol's code (0-255, 256 = EOS) and its length in bits. */
-static const uint32_t CODES[257] = {
-    8184, 8388568, 268435426, 268435427, 268435428, 268435429, 268435430, 268435431,
-    268435432, 16777194, 1073741820, 268435433, 268435434, 1073741821, 268435435, 268435436,
-    268435437, 268435438, 268435439, 268435440, 268435441, 268435442, 1073741822, 268435443,
-    268435444, 268435445, 268435446, 268435447, 268435448, 268435449, 268435450, 268435451,
-    20, 1016, 1017, 4090, 8185, 21, 248, 2042,
-    1018, 1019, 249, 2043, 250, 22, 23, 24,
-    0, 1, 2, 25, 26, 27, 28, 29,
-    30, 31, 92, 251, 32764, 32, 4091, 1020,
-    8186, 33, 93, 94, 95, 96, 97, 98,
-    99, 100, 101, 102, 103, 104, 105, 106,
-    107, 108, 109, 110, 111, 112, 113, 114,
-    252, 115, 253, 8187, 524272, 8188, 16380, 34,
-    32765, 3, 35, 4, 36, 5, 37, 38,
-    39, 6, 116, 117, 40, 41, 42, 7,
-    43, 118, 44, 8, 9, 45, 119, 120,
-    121, 122, 123, 32766, 2044, 16381, 8189, 268435452,
-    1048550, 4194258, 1048551, 1048552, 4194259, 4194260, 4194261, 8388569,
-    4194262, 8388570, 8388571, 8388572, 8388573, 8388574, 16777195, 8388575,
-    16777196, 16777197, 4194263, 8388576, 16777198, 8388577, 8388578, 8388579,
-    8388580, 2097116, 4194264, 8388581, 4194265, 8388582, 8388583, 16777199,
-    4194266, 2097117, 1048553, 4194267, 4194268, 8388584, 8388585, 2097118,
-    8388586, 4194269, 4194270, 16777200, 2097119, 4194271, 8388587, 8388588,
-    2097120, 2097121, 4194272, 2097122, 8388589, 4194273, 8388590, 8388591,
-    1048554, 4194274, 4194275, 4194276, 8388592, 4194277, 4194278, 8388593,
-    67108832, 67108833, 1048555, 524273, 4194279, 8388594, 4194280, 33554412,
-    67108834, 67108835, 67108836, 134217694, 134217695, 67108837, 16777201, 33554413,
-    524274, 2097123, 67108838, 134217696, 134217697, 67108839, 134217698, 16777202,
-    2097124, 2097125, 67108840, 67108841, 268435453, 134217699, 134217700, 134217701,
-    1048556, 16777203, 1048557, 2097126, 4194281, 2097127, 2097128, 8388595,
-    4194282, 4194283, 33554414, 33554415, 16777204, 16777205, 67108842, 8388596,
-    67108843, 134217702, 67108844, 67108845, 134217703, 134217704, 134217705, 134217706,
-    134217707, 268435454, 134217708, 134217709, 134217710, 134217711, 134217712, 67108846,
-    1073741823,
-};
-static const uint8_t LENGTHS[257] = {
-    13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28, 28, 28, 28, 28,
-    28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 28, 6, 10, 10, 12, 13, 6, 8, 11,
-    10, 10, 8, 11, 8, 6, 6, 6, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 7, 8,
-    15, 6, 12, 10, 13, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
-    7, 7, 7, 7, 7, 7, 7, 7, 8, 7, 8, 13, 19, 13, 14, 6, 15, 5, 6, 5,
-    6, 5, 6, 6, 6, 5, 7, 7, 6, 6, 6, 5, 6, 7, 6, 5, 5, 6, 7, 7,
-    7, 7, 7, 15, 11, 14, 13, 28, 20, 22, 20, 20, 22, 22, 22, 23, 22, 23, 23, 23,
-    23, 23, 24, 23, 24, 24, 22, 23, 24, 23, 23, 23, 23, 21, 22, 23, 22, 23, 23, 24,
-    22, 21, 20, 22, 22, 23, 23, 21, 23, 22, 22, 24, 21, 22, 23, 23, 21, 21, 22, 21,
-    23, 22, 23, 23, 20, 22, 22, 22, 23, 22, 22, 23, 26, 26, 20, 19, 22, 23, 22, 25,
-    26, 26, 26, 27, 27, 26, 24, 25, 19, 21, 26, 27, 27, 26, 27, 24, 21, 21, 26, 26,
-    28, 27, 27, 27, 20, 24, 20, 21, 22, 21, 21, 23, 22, 22, 25, 25, 24, 24, 26, 23,
-    26, 27, 26, 26, 27, 27, 27, 27, 27, 28, 27, 27, 27, 27, 27, 26, 30,
-};
 
 /* ------------------------------------------------------------------ Huffman decoding */
 /* A byte-at-a-time table: entry [state][byte] is the next state and the 0-2 symbols the byte
@@ -148,8 +35,10 @@ typedef struct {
 static Step huffman[(INNER + 1) * 256];
 static uint8_t accepting[INNER + 1]; /* a string may end here: the root, or 1-7 bits of EOS's ones */
 
+/* The decoding table from each symbol's code and length (RFC 7541 Appendix B); -1 if they do
+ * not make a complete prefix code of 257 symbols. */
 static int
-build_huffman(void)
+build_huffman(const uint32_t *CODES, const uint8_t *LENGTHS)
 {
     int16_t children[INNER][2]; /* >= 0: an inner node; < 0: ~symbol; 0 unset (the root is nobody's child) */
     int nodes = 1;
@@ -157,6 +46,9 @@ build_huffman(void)
     for (int symbol = 0; symbol <= EOS; symbol++) {
         uint32_t code = CODES[symbol];
         int node = 0;
+        if (LENGTHS[symbol] < 1 || LENGTHS[symbol] > 30) {
+            return -1;
+        }
         for (int shift = LENGTHS[symbol] - 1; shift > 0; shift--) {
             int bit = (code >> shift) & 1;
             if (children[node][bit] == 0) {
@@ -166,6 +58,12 @@ build_huffman(void)
                 children[node][bit] = (int16_t)nodes++;
             }
             node = children[node][bit];
+            if (node < 0) {
+                return -1; /* a code that extends another: not a prefix code */
+            }
+        }
+        if (children[node][code & 1] != 0) {
+            return -1; /* two symbols, one code */
         }
         children[node][code & 1] = (int16_t)~symbol;
     }
@@ -209,14 +107,15 @@ build_huffman(void)
     return 0;
 }
 
-static PyObject *HPACKError = NULL; /* set_error(): hpack_decoder.HPACKError */
+static PyObject *HPACKError = NULL; /* setup(): hpack_decoder.HPACKError */
+static int ready = 0;               /* setup() done: the tables are built */
 
 static void
 fail(const char *format, ...)
 {
     va_list args;
     va_start(args, format);
-    PyErr_FormatV(HPACKError != NULL ? HPACKError : PyExc_ValueError, format, args);
+    PyErr_FormatV(HPACKError, format, args); /* set: nothing decodes before setup() */
     va_end(args);
 }
 
@@ -379,6 +278,10 @@ Decoder_init(Decoder *self, PyObject *args, PyObject *kwargs)
     static char *keywords[] = {"max_table_size", "max_header_list_size", NULL};
     Py_ssize_t max_table_size = 4096, max_header_list_size = 65536;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$nn", keywords, &max_table_size, &max_header_list_size)) {
+        return -1;
+    }
+    if (!ready) {
+        PyErr_SetString(PyExc_RuntimeError, "_hpack.setup() has not been called (hpack_decoder does it)");
         return -1;
     }
     if (max_table_size < 0 || max_header_list_size < 0) {
@@ -567,6 +470,10 @@ static PyObject *
 huffman_decode(PyObject *module, PyObject *arg)
 {
     (void)module;
+    if (!ready) {
+        PyErr_SetString(PyExc_RuntimeError, "_hpack.setup() has not been called (hpack_decoder does it)");
+        return NULL;
+    }
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
         return NULL;
@@ -576,23 +483,76 @@ huffman_decode(PyObject *module, PyObject *arg)
     return result;
 }
 
+/* setup(error, static_entries, codes, lengths): hpack_decoder.py's HPACKError, _STATIC_ENTRIES
+ * (61 of ((name, value), size)), _CODES and _LENGTHS (257 each). The first call that succeeds
+ * counts; later calls change nothing. */
 static PyObject *
-set_error(PyObject *module, PyObject *cls)
+setup(PyObject *module, PyObject *args)
 {
     (void)module;
+    PyObject *cls, *entries, *codes, *lengths;
+    if (!PyArg_ParseTuple(args, "OO!O!O!", &cls, &PyTuple_Type, &entries, &PyTuple_Type, &codes, &PyTuple_Type,
+                          &lengths)) {
+        return NULL;
+    }
+    if (ready) {
+        Py_RETURN_NONE;
+    }
     if (!PyExceptionClass_Check(cls)) {
         PyErr_SetString(PyExc_TypeError, "an exception class is needed");
         return NULL;
     }
+    if (PyTuple_GET_SIZE(entries) != 61 || PyTuple_GET_SIZE(codes) != EOS + 1 || PyTuple_GET_SIZE(lengths) != EOS + 1) {
+        PyErr_SetString(PyExc_ValueError, "RFC 7541's tables: 61 static entries, 257 codes and lengths");
+        return NULL;
+    }
+    uint32_t code_values[EOS + 1];
+    uint8_t length_values[EOS + 1];
+    for (int i = 0; i <= EOS; i++) {
+        unsigned long code = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(codes, i));
+        long length = PyLong_AsLong(PyTuple_GET_ITEM(lengths, i));
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        if (code > UINT32_MAX || length < 0 || length > UINT8_MAX) {
+            PyErr_SetString(PyExc_ValueError, "a Huffman code or length out of range");
+            return NULL;
+        }
+        code_values[i] = (uint32_t)code;
+        length_values[i] = (uint8_t)length;
+    }
+    Entry built[61];
+    for (int i = 0; i < 61; i++) {
+        PyObject *entry = PyTuple_GET_ITEM(entries, i), *field;
+        Py_ssize_t size;
+        if (!PyArg_ParseTuple(entry, "O!n", &PyTuple_Type, &field, &size) || PyTuple_GET_SIZE(field) != 2 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(field, 0)) || !PyBytes_Check(PyTuple_GET_ITEM(field, 1))) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "a static entry is not ((name, value), size) of bytes");
+            return NULL;
+        }
+        built[i].field = field;
+        built[i].size = size;
+    }
+    if (build_huffman(code_values, length_values) < 0) {
+        PyErr_SetString(PyExc_ValueError, "the Huffman code table is not a complete code");
+        return NULL;
+    }
+    for (int i = 0; i < 61; i++) {
+        Py_INCREF(built[i].field); /* kept for the module's life */
+        static_entries[i] = built[i];
+    }
     Py_INCREF(cls);
-    Py_XSETREF(HPACKError, cls);
+    HPACKError = cls;
+    ready = 1;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
     {"huffman_decode", huffman_decode, METH_O,
      "Decode an HPACK Huffman string (RFC 7541 5.2); the error class if it is not one."},
-    {"set_error", set_error, METH_O, "The exception class every decoding error is raised as."},
+    {"setup", setup, METH_VARARGS,
+     "setup(error, static_entries, codes, lengths): the error class and RFC 7541's tables (hpack_decoder.py's)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -605,19 +565,6 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__hpack(void)
 {
-    if (build_huffman() < 0) {
-        PyErr_SetString(PyExc_RuntimeError, "the Huffman code table is not a complete code");
-        return NULL;
-    }
-    for (int i = 0; i < 61; i++) {
-        const char *name = STATIC_TABLE[i][0], *value = STATIC_TABLE[i][1];
-        PyObject *field = Py_BuildValue("(yy)", name, value);
-        if (field == NULL) {
-            return NULL;
-        }
-        static_entries[i].field = field; /* immortal for the module's life */
-        static_entries[i].size = (Py_ssize_t)(strlen(name) + strlen(value) + 32);
-    }
     if (PyType_Ready(&DecoderType) < 0) {
         return NULL;
     }

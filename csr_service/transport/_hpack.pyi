@@ -1,7 +1,13 @@
 """Stub of the C extension ``_hpack.c``: hpack_decoder.py's decoder, in C (see there)."""
 
 def huffman_decode(data: bytes, /) -> bytes: ...
-def set_error(cls: type[Exception], /) -> None: ...
+def setup(
+    error: type[Exception],
+    static_entries: tuple[tuple[tuple[bytes, bytes], int], ...],
+    codes: tuple[int, ...],
+    lengths: tuple[int, ...],
+    /,
+) -> None: ...
 
 class Decoder:
     def __init__(self, *, max_table_size: int = 4096, max_header_list_size: int = 65_536) -> None: ...

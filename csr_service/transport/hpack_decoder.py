@@ -392,5 +392,6 @@ except ImportError:  # built without a C compiler: the Python decoder, the same 
     HeaderDecoder, huffman_decode = PythonHeaderDecoder, python_huffman_decode
 else:
     ACCELERATED = True
-    _hpack.set_error(HPACKError)
+    # The extension takes RFC 7541's tables from here: one copy of them, for both decoders.
+    _hpack.setup(HPACKError, _STATIC_ENTRIES, _CODES, _LENGTHS)
     HeaderDecoder, huffman_decode = _hpack.Decoder, _hpack.huffman_decode

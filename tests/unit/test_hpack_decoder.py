@@ -244,3 +244,15 @@ def test_an_uninitialised_c_decoder_refuses_instead_of_crashing() -> None:
 
     with pytest.raises(RuntimeError, match="not initialised"):
         _hpack.Decoder.__new__(_hpack.Decoder).decode(b"\x82")
+
+
+def test_both_decoders_read_one_copy_of_the_rfc_tables() -> None:
+    """The extension has no tables of its own: hpack_decoder.py hands it its own (_hpack.setup),
+    so a static field decodes to the very tuple the Python decoder returns."""
+    from csr_service.transport import _hpack
+
+    static = hpack_decoder._STATIC_ENTRIES
+    assert _hpack.Decoder().decode(b"\x82")[0] is static[1][0] is PythonHeaderDecoder().decode(b"\x82")[0]
+    _hpack.setup(ValueError, (), (), ())  # set up already: a later call changes nothing
+    with pytest.raises(HPACKError):
+        _hpack.Decoder().decode(b"\x80")
