@@ -14,6 +14,7 @@ sockets, no waiting.
 - A call refused by a full queue gets its precomputed frames: RESOURCE_EXHAUSTED, and
   RST_STREAM(NO_ERROR) while the client is still sending.
 - On a real socket, a read asks for 64 KiB, not asyncio's 256 KiB.
+- A call reset while it waits in the queue never starts, and leaves the queue.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import hpack
 import pytest
+from grpc_health.v1 import health_pb2
 
 from csr_service.transport import native
 from csr_service.transport.grpc_server import GrpcLimits
@@ -374,3 +376,22 @@ def test_reads_ask_the_socket_for_64_kib_not_asyncios_256() -> None:
             await listener.wait_closed()
 
     assert asyncio.run(asyncio.wait_for(go(), 10)) == native._READ_SIZE == 65_536
+
+
+def test_a_call_reset_while_queued_never_starts(session: _Session) -> None:
+    starts: list[object] = []
+
+    async def handler(request: object, context: object) -> health_pb2.HealthCheckResponse:
+        starts.append(request)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    session.server.methods[HEALTH_CHECK.encode()] = native._Method(health_pb2.HealthCheckRequest, handler)
+    session.frames()
+    # Three calls and, in the same read, the client's reset of the second: it leaves the queue
+    # without its handler ever running, and the others are answered.
+    rst = frame(RST_STREAM, 0, 3, (8).to_bytes(4, "big"))  # CANCEL
+    session.send(session.request(1) + session.request(3) + session.request(5) + rst)
+    assert len(starts) == 2
+    answers = [f.stream for f in session.frames() if f.kind == HEADERS and f.flags & END_STREAM]
+    assert answers == [1, 5]
+    assert session.server.queued == 0
