@@ -633,11 +633,11 @@ def main() -> None:
                 for one in round_
                 if one.label == "1x" and one.share() > 0
             ]
+            shares = [level.share() for level in runs]
             print(
                 f"goal {label} ({len(runs)} round(s), median [min-max]): goodput "
-                f"{_spread([level.share() for level in runs])} of the capacity around it, "
-                f"{verdict([level.share() for level in runs], GOAL)}; "
-                f"{_spread([level.share_cpu() for level in runs])} per CPU-second (>= 90%); "
+                f"{_spread(shares)} of the capacity around it, {verdict(shares, GOAL)}; "
+                f"{_spread([level.share_cpu() for level in runs])} per CPU-second (>= {GOAL:.0%}); "
                 f"capacity changed by {_spread(drift)} across the level; "
                 f"steal {_spread([max(level.steal.values(), default=0.0) for level in runs], '.1%')} (busiest CPU); "
                 f"{_spread(of_1x)} of what 1x served (paced saturation); "
