@@ -239,6 +239,11 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = make_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.command == "serve":
+        # Only as the process's own command line: a caller passing argv runs it in its process.
+        from csr_service.infra.malloc import restart_with_malloc_tuning
+
+        restart_with_malloc_tuning()  # returns only when there is nothing to do (or it failed)
     handlers = {"serve": cmd_serve, "dev-token": cmd_dev_token, "request": cmd_request, "agent": cmd_agent}
     try:
         code = handlers[args.command](args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import ssl
@@ -22,7 +23,9 @@ from cryptography.x509.oid import NameOID
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.common import process_tree
 from csr_service._generated import ca_pb2, ca_pb2_grpc
+from csr_service.infra.malloc import TCACHE_COUNT
 from csr_service.service.dev import dev_jwt_algorithm
 from tests.support.certs import csr_pem, uri_sans
 from tests.support.der import CN_OID, EDI, TAG_INTEGER, X400, hostile_csr, uri_name
@@ -540,3 +543,36 @@ def test_ca_rotation_reaches_requests_and_serving_cert_without_restart(tmp_path:
             what="the serving certificate to move to the new root",
             ignoring=(ssl.SSLError,),
         )
+
+
+def _glibc_tunables(pid: int) -> str | None:
+    """GLIBC_TUNABLES as the process ``pid`` was started with. glibc, parsing it at start, writes
+    a NUL over each ':' of the original (which /proc shows): the pieces are joined again."""
+    items = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    for i, item in enumerate(items):
+        if item.startswith("GLIBC_TUNABLES="):
+            pieces = [item.removeprefix("GLIBC_TUNABLES=")]
+            pieces += itertools.takewhile(lambda x: x.startswith("glibc."), items[i + 1 :])
+            return ":".join(pieces)
+    return None
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("", f"glibc.malloc.tcache_count={TCACHE_COUNT}"),  # "" as unset, whatever runs the tests has
+        ("glibc.malloc.mxfast=0", f"glibc.malloc.mxfast=0:glibc.malloc.tcache_count={TCACHE_COUNT}"),
+        ("glibc.malloc.tcache_count=7", "glibc.malloc.tcache_count=7"),  # the operator's choice is kept
+    ],
+)
+def test_the_service_and_its_workers_run_with_the_malloc_tunable(tmp_path: Path, given: str, expected: str) -> None:
+    # glibc reads GLIBC_TUNABLES at process start only: `serve` restarts itself once with it
+    # (csr_service/infra/malloc.py), in the same process (exec), and the workers inherit it.
+    with running_dev_server(tmp_path / "s", env={"GLIBC_TUNABLES": given}, workers=2) as srv:
+        token = srv.token("default", "sleep")
+        assert len(_call(srv, GOOD_CSR(), token).cert_chain) == 2
+        supervisor = srv.proc.pid  # the pid the test started: the restart replaced its program only
+        workers = [p for p in process_tree(supervisor) if p != supervisor]
+        assert len(workers) >= 2, workers
+        for pid in (supervisor, *workers):
+            assert _glibc_tunables(pid) == expected, pid
