@@ -6,12 +6,11 @@ few sizes per operation. glibc keeps 7 freed blocks per size in a thread cache (
 the rest go to its "fast bins", which it merges into larger free blocks whenever a block above
 ~1 KiB is asked for. Under load from many connections, every read and answer asks for such
 blocks (the read buffer, OpenSSL's TLS record buffers, request bytes), so the big-number code
-keeps finding its sizes gone and takes malloc's slow path: ``_int_malloc`` was 4.5% of a
-worker's CPU at 5x its capacity over 1,000 connections, 1.0% in closed loop over 32 (``perf``).
-The heap is also left in a state in which the worker stays slower after the overload ends
-(closed-loop capacity 10-25% lower right after a 5x level). With a cache of
-:data:`TCACHE_COUNT` blocks per size, those blocks never leave it: goodput at 5x rose by 13
-points against the capacity (and by 9% in calls per second), closed-loop capacity did not move.
+keeps finding its sizes gone and takes malloc's slow path. At 5x the capacity over 1,000
+connections, malloc and free took 8.7% of the worker's CPU with glibc's default cache, 6.6%
+with :data:`TCACHE_COUNT` blocks per size, 5.9% with 2,048 (``perf``; 3.7-4.3% in closed loop
+over 32 connections, any size). 512 takes most of that for a fraction of 2,048's memory (the
+cache keeps that many freed blocks per size: peak RSS of a worker +46 MiB with 2,048).
 
 How: glibc reads its tunables once, when a process starts, from ``GLIBC_TUNABLES``. So
 ``csr-service serve`` starts itself again, once, with ``glibc.malloc.tcache_count`` added when
@@ -32,7 +31,7 @@ __all__ = ["TCACHE_COUNT", "restart_with_malloc_tuning", "tuned_environment"]
 log = logging.getLogger(__name__)
 
 #: Freed blocks glibc keeps per size and thread (its default is 7, its maximum 65535).
-TCACHE_COUNT = 2048
+TCACHE_COUNT = 512
 _TUNABLE = "glibc.malloc.tcache_count"
 
 
