@@ -55,5 +55,5 @@ def restart_with_malloc_tuning() -> None:
     argv = [sys.executable, *sys.orig_argv[1:]]
     try:
         os.execve(sys.executable, argv, env)  # noqa: S606 (this very command again, no shell)
-    except OSError as exc:  # e.g. a read-only /proc in odd sandboxes: run untuned, and say so
+    except OSError as exc:  # e.g. the interpreter replaced or removed under us: run untuned, and say so
         log.warning("running with glibc's default malloc cache: cannot restart with %s set: %s", _TUNABLE, exc)
