@@ -1225,12 +1225,11 @@ class NativeGrpcServer:
         self._refused_timer = None
         refused, self._refused = self._refused, 0
         if refused:
-            count_shed("queue_full", refused)
-            self._shed_log.count("queue_full", self._queue_full_detail, refused)
+            self.shed("queue_full", self._queue_full_detail, refused)
 
-    def shed(self, reason: str, detail: str) -> None:
-        count_shed(reason)
-        self._shed_log.count(reason, detail)
+    def shed(self, reason: str, detail: str, n: int = 1) -> None:
+        count_shed(reason, n)
+        self._shed_log.count(reason, detail, n)
 
     def hold_ack(self, connection: _Connection) -> None:
         self._lazy.add(connection)
